@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo demo-local test test-slow bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+# Fetch trex_star (official URL, or the mirror in TREX_HUB_BASE_URL), extract features of the
+# sample photos and print their cosine similarities.
+demo: install
+	$(PY) examples/demo.py
+
+# The same job against a mirror on 127.0.0.1 serving generated (random) weights in the released
+# format: for machines without internet.
+demo-local: install
+	$(PY) examples/local_mirror.py --run "$(PY) examples/demo.py"
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m "slow"
+
+bench: install
+	$(PY) benchmarks/extract_bench.py
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache

@@ -1,0 +1,409 @@
+"""Read every supported checkpoint format safely; write the zoo's safetensors format.
+
+This is the only module that knows the released key layouts. Whatever it reads, it returns a
+:class:`Checkpoint`: a *canonical* state dict (``backbone.*`` torchvision names, ``head.layers.*``,
+``classifier.prototypes``) plus the config needed to rebuild the :class:`~trex_hub.model.TReX`.
+
+Formats:
+
+* ``backbone``: a bare torchvision ResNet state dict (the released ``trex.pth`` files).
+* ``full``: the released full training checkpoint ``{"model", "optimizer", "epoch", "args",
+  "fp16_scaler"}`` whose ``model`` holds ``module.model.{encoder,head}.*``, the EMA copy under
+  ``module.model_ema.*`` and the OCM memory ``module.memory.*`` (or ``module.clf.fc.weight``).
+* ``safetensors``: our export folder (``model.safetensors`` + ``config.json``), or a lone
+  ``.safetensors`` file.
+
+``torch.load`` always runs with ``weights_only=True``; the only extra globals allowed are the ones
+the released training checkpoints need (``argparse.Namespace`` and what pickles a numpy array).
+There is no unsafe fallback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+
+import torch
+
+from .model import BACKBONE_DIMS, TReX, prototypes_from_memory
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable t-ReX checkpoint; the message names the file and the fix."""
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint in canonical form."""
+
+    state_dict: Dict[str, torch.Tensor]
+    config: Dict[str, Any]
+    format: str
+    source: str = ""
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_projector(self) -> bool:
+        return self.config.get("projector") is not None
+
+    @property
+    def has_classifier(self) -> bool:
+        return self.config.get("classifier") is not None
+
+
+# --------------------------------------------------------------------------------------------
+# Safe torch.load
+# --------------------------------------------------------------------------------------------
+def _numpy_globals() -> List[Any]:
+    """The numpy objects that pickle an ndarray, under both numpy 1.x and 2.x names."""
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        return []
+    core = getattr(np, "_core", None) or np.core
+    reconstruct = core.multiarray._reconstruct
+    allowed: List[Any] = [np.ndarray, np.dtype,
+                          (reconstruct, "numpy.core.multiarray._reconstruct"),
+                          (reconstruct, "numpy._core.multiarray._reconstruct")]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None and hasattr(dtypes, "Float64DType"):
+        allowed.append(dtypes.Float64DType)
+    return allowed
+
+
+def safe_globals() -> List[Any]:
+    """The complete allow-list used for ``torch.load(weights_only=True)``."""
+    return [argparse.Namespace, *_numpy_globals()]
+
+
+def torch_load(path: PathLike) -> Any:
+    """``torch.load`` with ``weights_only=True`` and our allow-list; clear errors for bad files."""
+    path = os.fspath(path)
+    try:
+        with torch.serialization.safe_globals(safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        msg = str(exc)
+        bad = re.findall(r"GLOBAL ([\w.]+)", msg) or re.findall(r"global ([\w.]+)", msg)
+        what = f" (it asks for {', '.join(sorted(set(bad)))})" if bad else ""
+        raise CheckpointError(
+            f"{path}: refused to load: the file needs Python objects that are not plain tensors"
+            f"{what}. trex_hub only loads checkpoints with torch.load(weights_only=True) and never "
+            "falls back to an unsafe load. If the file is yours, re-save its state dict with "
+            "torch.save(model.state_dict(), ...) or convert it to safetensors.") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError,
+            AttributeError, IndexError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise CheckpointError(f"{path}: no such file") from None
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({size} bytes; it may be truncated or "
+            f"corrupted: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})."
+            " Delete it and download it again (`trex-download --verify` checks the cache)."
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Architecture inference from key names
+# --------------------------------------------------------------------------------------------
+_BLOCKS = {  # (bottleneck?, blocks per stage) -> arch
+    (False, (2, 2, 2, 2)): "resnet18",
+    (False, (3, 4, 6, 3)): "resnet34",
+    (True, (3, 4, 6, 3)): "resnet50",
+    (True, (3, 4, 23, 3)): "resnet101",
+    (True, (3, 8, 36, 3)): "resnet152",
+}
+
+
+def infer_arch(backbone_keys: Iterable[str], source: str = "") -> str:
+    keys = list(backbone_keys)
+    counts = []
+    for stage in range(1, 5):
+        idx = {int(m.group(1)) for k in keys if (m := re.match(rf"layer{stage}\.(\d+)\.", k))}
+        counts.append(len(idx))
+    bottleneck = any(k.startswith("layer1.0.conv3.") for k in keys)
+    arch = _BLOCKS.get((bottleneck, tuple(counts)))
+    if arch is None:
+        raise CheckpointError(
+            f"{source}: the backbone weights match no supported ResNet "
+            f"(blocks per stage {counts}, bottleneck={bottleneck}); supported: "
+            f"{', '.join(BACKBONE_DIMS)}")
+    return arch
+
+
+def _projector_config(head: Dict[str, torch.Tensor], l2_norm: bool,
+                      source: str) -> Optional[Dict[str, Any]]:
+    """Projector hyper-parameters from ``layers.*`` keys (prefix already stripped)."""
+    if not head:
+        return None
+    fc = sorted(int(m.group(1)) for k in head if (m := re.match(r"layers\.(\d+)\.fc\.weight$", k)))
+    num_layers = len(fc)
+    if fc != list(range(1, num_layers + 1)):
+        raise CheckpointError(f"{source}: projector hidden blocks are not numbered 1..L: {fc}")
+    last = f"layers.{num_layers + 1}.weight"
+    if last not in head:
+        raise CheckpointError(f"{source}: projector bottleneck '{last}' is missing")
+    out_dim = head[last].shape[0]
+    hidden = head["layers.1.fc.weight"].shape[0] if num_layers else head[last].shape[1]
+    return {"num_layers": num_layers, "hidden_dim": int(hidden), "out_dim": int(out_dim),
+            "l2_norm": bool(l2_norm)}
+
+
+def _strip(state: Dict[str, Any], prefix: str) -> Dict[str, Any]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+# --------------------------------------------------------------------------------------------
+# Readers
+# --------------------------------------------------------------------------------------------
+def _tensor_dict(obj: Any, source: str) -> Dict[str, torch.Tensor]:
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{source}: expected a state dict (a dict of tensors), found "
+                              f"{type(obj).__name__}")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{source}: state dict entries are not tensors: {bad[:5]}")
+    return obj
+
+
+def _from_state_dict(state: Dict[str, torch.Tensor], source: str,
+                     fmt: str = "backbone") -> Checkpoint:
+    """A bare backbone state dict, or a canonical TReX state dict, possibly ``module.``-prefixed."""
+    state = _tensor_dict(state, source)
+    if all(k.startswith("module.") for k in state):
+        state = _strip(state, "module.")
+    if any(k.startswith("backbone.") for k in state):
+        canonical = dict(state)
+    else:
+        # torchvision classifier weights are not part of t-ReX: ignore them explicitly
+        canonical = {f"backbone.{k}": v for k, v in state.items() if not k.startswith("fc.")}
+    backbone = _strip(canonical, "backbone.")
+    head = _strip(canonical, "head.")
+    arch = infer_arch(backbone, source)
+    config: Dict[str, Any] = {"arch": arch, "num_features": BACKBONE_DIMS[arch],
+                              "projector": _projector_config(head, True, source),
+                              "classifier": None}
+    if "classifier.prototypes" in canonical:
+        config["classifier"] = {"type": "prototypes",
+                                "num_classes": int(canonical["classifier.prototypes"].shape[0]),
+                                "tau": 0.1}
+    return Checkpoint(canonical, config, fmt, source)
+
+
+_FULL_GROUPS = ("model.", "model_ema.", "memory.", "clf.")
+
+
+def _is_full(obj: Any) -> bool:
+    if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
+        return False
+    return any(re.match(r"(module\.)?model\.encoder\.", k) for k in obj["model"])
+
+
+def _from_full(obj: Dict[str, Any], source: str, ema: bool) -> Checkpoint:
+    model_sd = _tensor_dict(obj["model"], source)
+    prefix = "module." if all(k.startswith("module.") for k in model_sd) else ""
+    sd = _strip(model_sd, prefix)
+    unknown = sorted(k for k in sd if not k.startswith(_FULL_GROUPS))
+    if unknown:
+        raise CheckpointError(f"{source}: unexpected entries in the training checkpoint: "
+                              f"{[prefix + k for k in unknown[:10]]}")
+    branch = "model_ema." if ema else "model."
+    encoder = _strip(sd, branch + "encoder.")
+    head = _strip(sd, branch + "head.")
+    if not encoder:
+        raise CheckpointError(f"{source}: no '{prefix}{branch}encoder.*' weights in the training "
+                              "checkpoint" + (" (it has no EMA copy; drop ema=True)" if ema else ""))
+    stray = sorted(k for k in _strip(sd, branch) if not k.startswith(("encoder.", "head.")))
+    if stray:
+        raise CheckpointError(f"{source}: unexpected entries: {[prefix + branch + k for k in stray[:10]]}")
+    args = obj.get("args")
+    l2_norm = bool(getattr(args, "projector_l2_norm", True))
+    arch = infer_arch(encoder, source)
+    if getattr(args, "arch", arch) != arch:
+        raise CheckpointError(f"{source}: args.arch is '{args.arch}' but the weights are {arch}")
+    proj = _projector_config(head, l2_norm, source)
+    state = {f"backbone.{k}": v for k, v in encoder.items() if not k.startswith("fc.")}
+    state.update({f"head.{k}": v for k, v in head.items()})
+    config: Dict[str, Any] = {"arch": arch, "num_features": BACKBONE_DIMS[arch],
+                              "projector": proj, "classifier": None}
+    tau = float(getattr(args, "tau", 0.1) or 0.1)
+    if "memory.features" in sd:
+        feats, labels = sd["memory.features"], sd.get("memory.labels")
+        if labels is None:
+            raise CheckpointError(f"{source}: '{prefix}memory.features' without "
+                                  f"'{prefix}memory.labels'")
+        num_classes = getattr(args, "num_classes", None)
+        if not num_classes:
+            num_classes = max(1000, int(labels.max()) + 1) if labels.numel() else 1000
+        try:
+            protos = prototypes_from_memory(feats, labels, int(num_classes))
+        except ValueError as exc:
+            raise CheckpointError(f"{source}: bad OCM memory: {exc}") from None
+        state["classifier.prototypes"] = protos
+        config["classifier"] = {"type": "prototypes", "num_classes": int(num_classes),
+                                "tau": tau, "from": "ocm_memory"}
+    elif "clf.fc.weight" in sd:
+        w = sd["clf.fc.weight"].float()
+        state["classifier.prototypes"] = torch.nn.functional.normalize(w, dim=-1)
+        config["classifier"] = {"type": "prototypes", "num_classes": int(w.shape[0]),
+                                "tau": tau, "from": "linear"}
+    extra = {"epoch": obj.get("epoch"), "args": vars(args) if args is not None else None}
+    return Checkpoint(state, config, "full", source, extra)
+
+
+def _read_safetensors_file(path: Path) -> Dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError as exc:  # pragma: no cover - dependency
+        raise CheckpointError("reading .safetensors needs the 'safetensors' package: "
+                              "pip install safetensors") from exc
+    try:
+        return load_file(os.fspath(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own SafetensorError
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); delete it and "
+                              "export or download it again") from None
+
+
+def _from_folder(folder: Path) -> Checkpoint:
+    cfg_path, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{folder}: a model folder needs '{WEIGHTS_NAME}' (and "
+                              f"'{CONFIG_NAME}'); found: {sorted(p.name for p in folder.iterdir())}")
+    state = _read_safetensors_file(weights)
+    if not cfg_path.is_file():
+        return _from_state_dict(state, str(weights), "safetensors")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{cfg_path}: invalid JSON ({exc})") from None
+    if not isinstance(config, dict) or "arch" not in config:
+        raise CheckpointError(f"{cfg_path}: not a trex_hub config (no 'arch' key)")
+    return Checkpoint(state, config, "safetensors", str(folder))
+
+
+def read_checkpoint(path: PathLike, *, ema: bool = False) -> Checkpoint:
+    """Read any supported checkpoint file or folder into canonical form.
+
+    ``ema=True`` selects the EMA copy of a full training checkpoint (the online encoder, which the
+    published evaluations use, is the default).
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or folder")
+    if p.is_dir():
+        ckpt = _from_folder(p)
+    elif p.suffix == ".safetensors":
+        state = _read_safetensors_file(p)
+        cfg = p.with_name(CONFIG_NAME)
+        ckpt = _from_folder(p.parent) if cfg.is_file() and p.name == WEIGHTS_NAME else \
+            _from_state_dict(state, str(p), "safetensors")
+    else:
+        obj = torch_load(p)
+        if _is_full(obj):
+            return _from_full(obj, str(p), ema)
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+        ckpt = _from_state_dict(obj, str(p))
+    if ema:
+        raise CheckpointError(f"{p}: ema=True needs a full training checkpoint (the EMA copy is "
+                              f"only saved there); this file is a {ckpt.format} checkpoint")
+    return ckpt
+
+
+# --------------------------------------------------------------------------------------------
+# Into a model
+# --------------------------------------------------------------------------------------------
+def _list(keys: List[str], n: int = 8) -> str:
+    more = f" ... and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def load_into(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: str = "") -> None:
+    """Strictly copy ``state`` into ``model``: any missing, unexpected or mis-shaped tensor is an
+    error naming the keys. (Only BatchNorm ``num_batches_tracked`` counters may be absent.)"""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"missing: {_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected: {_list(unexpected)}")
+    if shapes:
+        problems.append(f"wrong shape: {_list(shapes)}")
+    if problems:
+        raise CheckpointError(f"{source or 'checkpoint'} does not fit the "
+                              f"{getattr(model, 'arch', '')} t-ReX model; " + "; ".join(problems))
+    full = {k: state.get(k, v) for k, v in expected.items()}
+    model.load_state_dict(full, strict=True)
+
+
+def build_model(ckpt: Checkpoint, *, projector: bool = True, name: Optional[str] = None) -> TReX:
+    """A :class:`TReX` with the checkpoint's weights. ``projector=False`` drops the projector and
+    the classifier (backbone-only model)."""
+    cfg = dict(ckpt.config)
+    state = ckpt.state_dict
+    if not projector:
+        cfg["projector"] = None
+        cfg["classifier"] = None
+        state = {k: v for k, v in state.items() if k.startswith("backbone.")}
+    if name:
+        cfg["name"] = name
+    model = TReX.from_config(cfg)
+    load_into(model, state, ckpt.source)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+def _atomic_write_bytes(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_safetensors(model: TReX, folder: PathLike,
+                     extra_config: Optional[Dict[str, Any]] = None) -> Path:
+    """Write ``model.safetensors`` (tensors only) + ``config.json`` into ``folder`` atomically."""
+    from safetensors.torch import save
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    config = model.config()
+    config.update({"format": "trex_hub", "format_version": FORMAT_VERSION})
+    if extra_config:
+        config.update(extra_config)
+    blob = save(tensors, metadata={"format": "pt"})
+    _atomic_write_bytes(folder / WEIGHTS_NAME, lambda fh: fh.write(blob))
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _atomic_write_bytes(folder / CONFIG_NAME, lambda fh: fh.write(text.encode()))
+    return folder
+
+
+__all__: Tuple[str, ...] = ("Checkpoint", "CheckpointError", "read_checkpoint", "build_model",
+                            "load_into", "save_safetensors", "torch_load", "safe_globals")

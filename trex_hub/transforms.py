@@ -1,0 +1,139 @@
+"""Evaluation presets and robust image opening.
+
+Presets (``preprocess=``):
+
+* ``"transfer"`` (default): Resize(224, bicubic, shorter side) -> CenterCrop(224) -> ImageNet
+  mean/std. The paper's feature-extraction protocol.
+* ``"imagenet"``: Resize(256, bilinear) -> CenterCrop(224) -> mean/std. The usual ImageNet eval.
+* ``None``: only ToTensor + mean/std (images must already share one size).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional, Tuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision import transforms as T
+
+from .model import IMAGENET_MEAN, IMAGENET_STD
+
+PRESETS = ("transfer", "imagenet")
+# (resize, crop, interpolation)
+_PRESET_SIZES = {
+    "transfer": (224, 224, T.InterpolationMode.BICUBIC),
+    "imagenet": (256, 224, T.InterpolationMode.BILINEAR),
+}
+
+
+class ImageLoadError(ValueError):
+    """An input that cannot be turned into an RGB image; the message names the item."""
+
+
+def preset_geometry(preset: Optional[str]) -> Optional[Tuple[int, int, T.InterpolationMode]]:
+    if preset is None:
+        return None
+    if preset not in _PRESET_SIZES:
+        raise ValueError(f"unknown preprocess '{preset}'; choose one of {PRESETS} or None")
+    return _PRESET_SIZES[preset]
+
+
+def build_transform(preset: Optional[str] = "transfer") -> Callable[[Image.Image], torch.Tensor]:
+    """PIL RGB image -> normalised float tensor [3, H, W] for a preset."""
+    ops = []
+    geo = preset_geometry(preset)
+    if geo is not None:
+        resize, crop, interp = geo
+        ops += [T.Resize(resize, interpolation=interp, antialias=True), T.CenterCrop(crop)]
+    ops += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return T.Compose(ops)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: EXIF orientation applied, 16-bit and float scaled, palettes and alpha
+    flattened onto white, CMYK/YCbCr/LAB converted."""
+    img = ImageOps.exif_transpose(img)
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if mode.startswith("I;16"):
+            arr = arr / 257.0
+        elif mode == "I":
+            top = arr.max() if arr.size else 0
+            arr = arr / 257.0 if top > 255 else arr
+        else:  # float images: 0..1 if they look normalised, else clip to 0..255
+            arr = arr * 255.0 if arr.size and arr.max() <= 1.0 else arr
+        arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _array_to_pil(arr: np.ndarray, what: str) -> Image.Image:
+    if arr.dtype != np.uint8:
+        raise ImageLoadError(f"{what}: numpy arrays must be uint8 HxW or HxWxC (got dtype "
+                             f"{arr.dtype}); convert with (x * 255).astype('uint8') or pass a "
+                             "normalised float tensor")
+    if arr.ndim == 2:
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if arr.ndim == 3 and arr.shape[2] in (1, 3, 4):
+        if arr.shape[2] == 1:
+            return Image.fromarray(arr[:, :, 0], mode="L").convert("RGB")
+        if arr.shape[2] == 4:
+            return to_rgb(Image.fromarray(arr, mode="RGBA"))
+        return Image.fromarray(np.ascontiguousarray(arr), mode="RGB")
+    raise ImageLoadError(f"{what}: array of shape {arr.shape} is not an HxW or HxWxC image "
+                         "(C = 1, 3 or 4)")
+
+
+def open_image(item: Any, what: str = "image", draft_size: Optional[int] = None) -> Image.Image:
+    """Turn a path, PIL image, uint8 numpy array or uint8 CxHxW tensor into an RGB PIL image.
+
+    ``draft_size`` lets JPEG decoding skip resolution it would throw away (the image stays at
+    least that large on its shorter side). Raises :class:`ImageLoadError` naming ``what``.
+    """
+    if isinstance(item, (str, os.PathLike)):
+        path = Path(item)
+        what = f"{what} ({path})"
+        try:
+            with Image.open(path) as img:
+                if draft_size and img.format == "JPEG":
+                    w, h = img.size
+                    scale = min(w, h) / draft_size
+                    if scale >= 2:
+                        img.draft("RGB", (int(w / scale + 0.999), int(h / scale + 0.999)))
+                img.load()
+                return to_rgb(img)
+        except FileNotFoundError:
+            raise ImageLoadError(f"{what}: no such file") from None
+        except Image.DecompressionBombError as exc:
+            raise ImageLoadError(f"{what}: refused, too many pixels ({exc})") from None
+        except (OSError, ValueError, SyntaxError) as exc:
+            size = path.stat().st_size if path.exists() else 0
+            hint = "empty file" if size == 0 else f"{type(exc).__name__}: {exc}"
+            raise ImageLoadError(f"{what}: not a readable image ({hint})") from None
+    if isinstance(item, Image.Image):
+        try:
+            item.load()
+            return to_rgb(item)
+        except (OSError, ValueError) as exc:
+            raise ImageLoadError(f"{what}: unusable PIL image ({exc})") from None
+    if isinstance(item, np.ndarray):
+        return _array_to_pil(item, what)
+    if isinstance(item, torch.Tensor):
+        if item.dtype != torch.uint8 or item.ndim != 3 or item.shape[0] not in (1, 3, 4):
+            raise ImageLoadError(f"{what}: tensors must be uint8 CxHxW (C = 1, 3 or 4) or a "
+                                 f"normalised float batch; got {item.dtype} {tuple(item.shape)}")
+        return _array_to_pil(item.permute(1, 2, 0).cpu().numpy(), what)
+    raise ImageLoadError(f"{what}: unsupported input type {type(item).__name__}; pass a path, "
+                         "a PIL image, a uint8 numpy array or tensor, or a float batch")
