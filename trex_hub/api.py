@@ -131,7 +131,7 @@ def load(name_or_path: PathLike, *, projector: bool = False,
                 cfg["projector"] = None
             model = TReX.from_config(cfg)
         else:
-            model = _from_checkpoint(ckpt, projector, path.name)
+            model = _from_checkpoint(ckpt, projector, ckpt.config.get("name") or path.name)
     return model.to(dev).eval()
 
 

@@ -1,0 +1,220 @@
+import argparse
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import factories as fx
+import trex_hub
+from trex_hub.checkpoint import (CheckpointError, build_model, read_checkpoint, safe_globals,
+                                 save_safetensors)
+from trex_hub.model import prototypes_from_memory
+
+X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+def _forward(model, x=X):
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def test_backbone_file_loads_into_torchvision_names(tmp_path):
+    sd = fx.write_backbone_file(tmp_path / "trex.pth", arch="resnet50", seed=4)
+    ckpt = read_checkpoint(tmp_path / "trex.pth")
+    assert ckpt.format == "backbone" and ckpt.config["arch"] == "resnet50"
+    assert not ckpt.has_projector and not ckpt.has_classifier
+    model = trex_hub.load(tmp_path / "trex.pth")
+    ref = fx.torchvision_backbone("resnet50", seed=4)
+    assert (_forward(model) - _forward(ref)).abs().max() <= 1e-5
+    for k, v in sd.items():
+        assert torch.equal(model.backbone.state_dict()[k], v)
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_full_checkpoint_online_ema_and_prototypes(tmp_path, layers):
+    path = tmp_path / "full.pth"
+    ck = fx.write_full_checkpoint(path, num_layers=layers, arch="resnet18", seed=layers,
+                                  num_classes=1000, memory_size=512)
+    assert set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))) <= {
+        "argparse.Namespace", "numpy.dtype", "numpy.ndarray",
+        "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",
+        "numpy.dtypes.Float64DType"}
+    model = trex_hub.load(path, projector=True)
+    assert model.has_projector and model.head.num_layers == layers
+    sd = ck["model"]
+    online = fx.torchvision_backbone("resnet18", seed=layers)
+    feats = _forward(online)
+    ref = fx.reference_projector(feats, fx.strip(sd, "module.model.head."), layers)
+    assert torch.allclose(_forward(model), ref, atol=1e-5, rtol=1e-4)
+    # the online encoder by default, the EMA copy on request
+    ema = trex_hub.load(path, projector=True, ema=True)
+    ema_ref = fx.torchvision_backbone("resnet18", seed=layers + 100)
+    assert torch.allclose(ema.forward_features(X), _forward(ema_ref), atol=1e-5)
+    assert not torch.allclose(ema.forward_features(X), model.forward_features(X))
+    # prototypes: normalised per-class sums of the memory, computed by hand
+    feats_m, labels = sd["module.memory.features"], sd["module.memory.labels"]
+    hand = torch.zeros(1000, 256)
+    for f, y in zip(feats_m, labels):
+        hand[y] += f
+    norms = hand.norm(dim=1, keepdim=True)
+    hand = torch.where(norms > 0, hand / norms.clamp_min(1e-12), hand)
+    assert torch.allclose(model.classifier.prototypes, hand, atol=1e-5)
+    assert model.classifier.tau == 0.1
+    # backbone-only view of the same file
+    bb = trex_hub.load(path)
+    assert not bb.has_projector and bb.classifier is None
+    assert torch.allclose(_forward(bb), feats, atol=1e-5)
+
+
+def test_classify_matches_hand_computation(tmp_path):
+    path = tmp_path / "full.pth"
+    labels = torch.arange(512) % 1000
+    fx.write_full_checkpoint(path, num_layers=1, arch="resnet18", memory_size=512, labels=labels)
+    model = trex_hub.load(path, projector=True)
+    img = np.random.default_rng(0).integers(0, 255, (80, 90, 3), dtype=np.uint8)
+    top = model.classify([img, img], topk=5)
+    assert len(top) == 2 and len(top[0]) == 5
+    z = model.extract([img])
+    logits = torch.nn.functional.normalize(z, dim=-1) @ model.classifier.prototypes.t() / 0.1
+    probs = logits.softmax(-1)[0]
+    want = probs.topk(5)
+    assert [p.index for p in top[0]] == want.indices.tolist()
+    assert np.allclose([p.prob for p in top[0]], want.values.tolist(), atol=1e-5)
+    assert top[0][0].label == trex_hub.model.imagenet_categories()[top[0][0].index]
+    assert top[0] == top[1]
+
+
+def test_plain_classifier_variant(tmp_path):
+    path = tmp_path / "plain.pth"
+    ck = fx.write_full_checkpoint(path, num_layers=1, arch="resnet18", ocm=False, num_classes=10)
+    model = trex_hub.load(path, projector=True)
+    w = ck["model"]["module.clf.fc.weight"]
+    assert torch.allclose(model.classifier.prototypes, torch.nn.functional.normalize(w, dim=-1))
+    assert model.classifier.num_classes == 10 and model.classifier.class_names is None
+
+
+def test_allow_list_is_minimal():
+    names = {getattr(g[0] if isinstance(g, tuple) else g, "__name__", "") for g in safe_globals()}
+    assert names <= {"Namespace", "ndarray", "dtype", "_reconstruct", "Float64DType"}
+
+
+class _Evil:
+    marker = ""
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_pickle_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = _Evil()
+    evil.marker = str(marker)
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"x": torch.zeros(1)}, "payload": evil}, path)
+    with pytest.raises(CheckpointError) as err:
+        trex_hub.load(path)
+    assert "refused" in str(err.value) and "weights_only" in str(err.value)
+    assert not marker.exists()
+    # also as a raw pickle stream (legacy format)
+    raw = tmp_path / "evil_legacy.pth"
+    raw.write_bytes(pickle.dumps(evil))
+    with pytest.raises(CheckpointError):
+        read_checkpoint(raw)
+    assert not marker.exists()
+
+
+def test_truncated_and_non_checkpoint_files_get_clear_errors(tmp_path):
+    fx.write_backbone_file(tmp_path / "ok.pth", arch="resnet18")
+    data = (tmp_path / "ok.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.pth.*truncated or corrupted"):
+        trex_hub.load(tmp_path / "cut.pth")
+    (tmp_path / "notes.pth").write_text("hello, not a checkpoint")
+    with pytest.raises(CheckpointError, match="notes.pth"):
+        trex_hub.load(tmp_path / "notes.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty.pth"):
+        trex_hub.load(tmp_path / "empty.pth")
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match="expected a state dict"):
+        trex_hub.load(tmp_path / "list.pth")
+
+
+def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path):
+    sd = fx.backbone_state_dict("resnet18")
+    bad = dict(sd)
+    del bad["layer4.1.bn2.weight"]
+    bad["layer9.extra"] = torch.zeros(3)
+    bad["conv1.weight"] = torch.zeros(64, 3, 5, 5)
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError) as err:
+        trex_hub.load(tmp_path / "bad.pth")
+    msg = str(err.value)
+    assert "missing: layer4.1.bn2.weight" in msg.replace("backbone.", "")
+    assert "layer9.extra" in msg and "conv1.weight (64, 3, 5, 5)" in msg
+
+
+def test_unexpected_entries_in_full_checkpoint_are_named(tmp_path):
+    path = tmp_path / "full.pth"
+    ck = fx.write_full_checkpoint(path, num_layers=1, arch="resnet18", memory_size=64)
+    ck["model"]["module.teacher.weight"] = torch.zeros(2)
+    torch.save(ck, path)
+    with pytest.raises(CheckpointError, match="module.teacher.weight"):
+        read_checkpoint(path)
+
+
+def test_torchvision_classifier_and_ddp_prefix_are_accepted(tmp_path):
+    import torchvision
+
+    net = torchvision.models.resnet18(weights=None)
+    torch.save({f"module.{k}": v for k, v in net.state_dict().items()}, tmp_path / "tv.pth")
+    model = trex_hub.load(tmp_path / "tv.pth")
+    net.fc = torch.nn.Identity()
+    assert torch.allclose(_forward(model), _forward(net), atol=1e-5)
+
+
+def test_ema_needs_a_full_checkpoint(tmp_path):
+    fx.write_backbone_file(tmp_path / "b.pth", arch="resnet18")
+    with pytest.raises(CheckpointError, match="ema=True needs a full training checkpoint"):
+        read_checkpoint(tmp_path / "b.pth", ema=True)
+
+
+def test_safetensors_folder_round_trip_is_bit_identical(tmp_path):
+    path = tmp_path / "full.pth"
+    fx.write_full_checkpoint(path, num_layers=3, arch="resnet18", memory_size=256, num_classes=7,
+                             hidden=64, out=32)
+    model = trex_hub.load(path, projector=True)
+    folder = save_safetensors(model, tmp_path / "export")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    again = trex_hub.load(folder, projector=True)
+    assert torch.equal(_forward(model), _forward(again))
+    assert torch.equal(model.classifier.prototypes, again.classifier.prototypes)
+    assert again.config() == model.config()
+    # a lone safetensors file of backbone weights also loads
+    from safetensors.torch import save_file
+
+    save_file(fx.backbone_state_dict("resnet18"), str(tmp_path / "bb.safetensors"))
+    assert trex_hub.load(tmp_path / "bb.safetensors").arch == "resnet18"
+
+
+def test_build_model_can_drop_the_projector(tmp_path):
+    path = tmp_path / "full.pth"
+    fx.write_full_checkpoint(path, num_layers=1, arch="resnet18", memory_size=64)
+    ckpt = read_checkpoint(path)
+    full, bb = build_model(ckpt), build_model(ckpt, projector=False)
+    assert full.has_projector and not bb.has_projector
+    assert torch.equal(_forward(bb), full.eval().forward_features(X).detach())
+
+
+def test_namespace_args_survive(tmp_path):
+    path = tmp_path / "full.pth"
+    fx.write_full_checkpoint(path, num_layers=1, arch="resnet18", memory_size=64)
+    ckpt = read_checkpoint(path)
+    assert isinstance(ckpt.extra["args"]["lr_schedule"], np.ndarray)
+    assert ckpt.extra["args"]["lr_schedule"].dtype == np.float64
+    assert ckpt.extra["epoch"] == 100
+    assert isinstance(argparse.Namespace(**ckpt.extra["args"]), argparse.Namespace)
+    assert prototypes_from_memory is not None
