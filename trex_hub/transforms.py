@@ -96,30 +96,58 @@ def _array_to_pil(arr: np.ndarray, what: str) -> Image.Image:
                          "(C = 1, 3 or 4)")
 
 
-def open_image(item: Any, what: str = "image", draft_size: Optional[int] = None) -> Image.Image:
+def _pixel_limit(max_pixels: Optional[int]) -> Optional[int]:
+    if max_pixels is None:
+        return Image.MAX_IMAGE_PIXELS
+    return max_pixels if max_pixels > 0 else None
+
+
+def _draft(img: Image.Image, draft_size: Optional[int]) -> None:
+    """Let the JPEG decoder scale by 1/2, 1/4 or 1/8 while the shorter side stays at least
+    ``draft_size`` (only when that saves at least half of each side)."""
+    if not draft_size or img.format != "JPEG":
+        return
+    w, h = img.size
+    scale = min(w, h) / draft_size
+    if scale >= 2:
+        img.draft("RGB", (int(w / scale + 0.999), int(h / scale + 0.999)))
+
+
+def open_image(item: Any, what: str = "image", draft_size: Optional[int] = None,
+               max_pixels: Optional[int] = None) -> Image.Image:
     """Turn a path, PIL image, uint8 numpy array or uint8 CxHxW tensor into an RGB PIL image.
 
     ``draft_size`` lets JPEG decoding skip resolution it would throw away (the image stays at
-    least that large on its shorter side). Raises :class:`ImageLoadError` naming ``what``.
+    least that large on its shorter side). Files with more than ``max_pixels`` pixels are refused
+    as decompression bombs before decoding (default: ``PIL.Image.MAX_IMAGE_PIXELS``, about 89
+    megapixels; ``0`` disables the check). Raises :class:`ImageLoadError` naming ``what``.
     """
     if isinstance(item, (str, os.PathLike)):
         path = Path(item)
         what = f"{what} ({path})"
+        limit = _pixel_limit(max_pixels)
         try:
             with Image.open(path) as img:
-                if draft_size and img.format == "JPEG":
-                    w, h = img.size
-                    scale = min(w, h) / draft_size
-                    if scale >= 2:
-                        img.draft("RGB", (int(w / scale + 0.999), int(h / scale + 0.999)))
+                w, h = img.size
+                if limit is not None and w * h > limit:
+                    raise Image.DecompressionBombError(
+                        f"{w}x{h} = {w * h} pixels, over the limit of {limit}")
+                _draft(img, draft_size)
                 img.load()
                 return to_rgb(img)
         except FileNotFoundError:
             raise ImageLoadError(f"{what}: no such file") from None
+        except IsADirectoryError:
+            raise ImageLoadError(f"{what}: is a directory") from None
         except Image.DecompressionBombError as exc:
-            raise ImageLoadError(f"{what}: refused, too many pixels ({exc})") from None
-        except (OSError, ValueError, SyntaxError) as exc:
-            size = path.stat().st_size if path.exists() else 0
+            raise ImageLoadError(f"{what}: decompression bomb refused ({exc})") from None
+        except MemoryError:
+            raise ImageLoadError(f"{what}: out of memory while decoding") from None
+        except Exception as exc:  # PIL raises many types on malformed files
+            try:
+                size = path.stat().st_size
+            except OSError:
+                size = -1
             hint = "empty file" if size == 0 else f"{type(exc).__name__}: {exc}"
             raise ImageLoadError(f"{what}: not a readable image ({hint})") from None
     if isinstance(item, Image.Image):
@@ -137,3 +165,39 @@ def open_image(item: Any, what: str = "image", draft_size: Optional[int] = None)
         return _array_to_pil(item.permute(1, 2, 0).cpu().numpy(), what)
     raise ImageLoadError(f"{what}: unsupported input type {type(item).__name__}; pass a path, "
                          "a PIL image, a uint8 numpy array or tensor, or a float batch")
+
+
+class Decoder:
+    """An input item -> uint8 ``[H, W, 3]`` numpy array, resized and cropped by a preset.
+
+    The geometry is torchvision's own ``Resize`` / ``CenterCrop`` on the PIL image (so pixels
+    match ``build_transform`` exactly when ``draft`` is off); the float conversion and mean/std
+    normalisation are left to the batch (:class:`trex_hub.inference.InferenceModel`), where
+    they run once per batch, in place, in channels_last layout.
+
+    ``draft=True`` decodes large JPEGs at a reduced scale (see :func:`open_image`): several
+    times faster on photos much larger than the target, at the price of slightly different
+    pixels. Images that are already small are decoded exactly either way.
+    """
+
+    def __init__(self, preset: Optional[str] = "transfer", draft: bool = True,
+                 max_pixels: Optional[int] = None):
+        geo = preset_geometry(preset)
+        self.preset = preset
+        self.max_pixels = max_pixels
+        self.draft_size = geo[0] if (geo and draft) else None
+        self.ops = []
+        if geo is not None:
+            resize, crop, interp = geo
+            self.ops = [T.Resize(resize, interpolation=interp, antialias=True),
+                        T.CenterCrop(crop)]
+
+    def __call__(self, item: Any, what: str = "image") -> np.ndarray:
+        img = open_image(item, what, draft_size=self.draft_size, max_pixels=self.max_pixels)
+        for op in self.ops:
+            img = op(img)
+        arr = np.asarray(img)
+        if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:  # pragma: no cover
+            raise ImageLoadError(f"{what}: decoded to an unexpected array {arr.dtype} "
+                                 f"{arr.shape}")
+        return arr

@@ -1,0 +1,203 @@
+"""``trex-extract``: features of a folder (or list) of images, streamed to one file.
+
+    trex-extract MODEL INPUT... -o OUT.{npy,safetensors,pt} [options]
+
+MODEL is a registry name (``trex_star``), a checkpoint path or ``hf-hub:org/repo``. INPUTs are
+image files, folders (searched recursively) or text files listing one image per line
+(``path`` or ``path<TAB>label``). Rows follow the sorted relative paths of a folder and the
+order of a list. Next to OUT go ``<stem>.manifest.jsonl`` (one row per input: index, path,
+label, status, error) and ``<stem>.meta.json``; see :mod:`trex_hub.extract`.
+
+Runs are resumable (``--resume`` after Ctrl-C, SIGKILL or a power cut recomputes nothing that was
+committed) and scale out with torchrun::
+
+    torchrun --nproc_per_node=4 -m trex_hub.cli.extract trex_star /data/images -o feats.npy
+
+Exit codes: 0 done (bad files skipped are listed in the manifest), 1 failure, 2 usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from typing import List, Optional
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..extract import IMAGE_EXTENSIONS, PRECISIONS
+
+    p = argparse.ArgumentParser(
+        prog="trex-extract",
+        description="Extract t-ReX features of images into a .npy / .safetensors / .pt file "
+                    "plus a manifest mapping rows back to files.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", help="registry name (e.g. trex_star), checkpoint path or "
+                                 "hf-hub:org/repo")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files, folders (recursive) or text files listing images")
+    p.add_argument("-o", "--output", required=True,
+                   help="features file: .npy, .safetensors or .pt")
+    p.add_argument("--head", choices=("backbone", "projector"), default="backbone",
+                   help="2048-d backbone features or 256-d projector embeddings")
+    p.add_argument("--preprocess", choices=("transfer", "imagenet"), default="transfer",
+                   help="transfer: Resize 224 bicubic + CenterCrop 224 (the paper's protocol); "
+                        "imagenet: Resize 256 + CenterCrop 224")
+    p.add_argument("--normalize", action="store_true", help="L2-normalise every feature")
+    p.add_argument("--labels", choices=("none", "folder"), default="none",
+                   help="folder: label each image by its parent folder's name")
+    p.add_argument("--extensions", default=",".join(IMAGE_EXTENSIONS),
+                   help="comma-separated file extensions picked up in folders")
+    p.add_argument("-b", "--batch-size", type=int, default=32)
+    p.add_argument("-j", "--workers", type=int, default=None,
+                   help="decoding threads (default: one per core, at most 8)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="bf16/fp16 autocast is meant for CUDA")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (slow start; for long runs)")
+    p.add_argument("--no-draft", dest="draft", action="store_false",
+                   help="decode JPEGs at full size even when the preset shrinks them a lot "
+                        "(exact pixels, slower on large photos)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="refuse images with more pixels (decompression bombs; default: "
+                        "PIL's limit, about 89M; 0 = no limit)")
+    p.add_argument("--chunk-size", type=int, default=1024,
+                   help="images per committed chunk (rounded up to a multiple of the batch)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run into the same OUT")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT or unfinished run")
+    p.add_argument("--strict", action="store_true",
+                   help="fail on the first bad image instead of skipping it")
+    p.add_argument("--keep-parts", action="store_true",
+                   help="keep the committed chunks folder after merging")
+    p.add_argument("--ema", action="store_true",
+                   help="use the EMA network of a full training checkpoint")
+    p.add_argument("--cache-dir", default=None, help="download cache")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    return p
+
+
+def _dist_env() -> tuple:
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    return rank, world, local
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.chunk_size < 1:
+        parser.error("--batch-size and --chunk-size must be >= 1")
+    if args.workers is not None and args.workers < 0:
+        parser.error("--workers must be >= 0")
+
+    import torch
+
+    from ..api import ModelLoadError, load
+    from ..checkpoint import CheckpointError
+    from ..extract import ExtractError, collect_inputs, output_paths
+    from ..registry import UnknownModelError
+
+    rank, world, local_rank = _dist_env()
+    quiet = args.quiet or rank != 0
+
+    def say(msg: str) -> None:
+        if not quiet:
+            print(f"trex-extract: {msg}", file=sys.stderr, flush=True)
+
+    def fail(msg: str, code: int = EXIT_FAIL) -> int:
+        print(f"trex-extract: error: {msg}" + (f" [rank {rank}]" if world > 1 else ""),
+              file=sys.stderr, flush=True)
+        return code
+
+    try:
+        output_paths(args.output)
+    except ValueError as exc:
+        return fail(str(exc), EXIT_USAGE)
+    if args.device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    else:
+        device = args.device
+        if world > 1 and device == "cuda":
+            device = f"cuda:{local_rank}"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return fail(f"--device {args.device}: CUDA is not available here", EXIT_USAGE)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    barrier = None
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            # gloo is only used to wait for each other; features never cross processes
+            dist.init_process_group("gloo", timeout=datetime.timedelta(days=3))
+        barrier = dist.barrier
+
+    try:
+        try:
+            entries = collect_inputs(args.inputs, extensions=args.extensions.split(","),
+                                     labels=args.labels)
+        except (FileNotFoundError, ValueError) as exc:
+            return fail(str(exc), EXIT_USAGE)
+        if not entries:
+            say("warning: no images found in the inputs")
+        try:
+            model = load(args.model, projector=args.head == "projector", ema=args.ema,
+                         cache_dir=args.cache_dir, progress=not quiet)
+        except (ModelLoadError, UnknownModelError, CheckpointError) as exc:
+            return fail(str(exc))
+        say(f"{len(entries)} images, model {args.model} ({args.head}, {model.out_dim}-d), "
+            f"device {device}, {args.precision}" + (f", {world} processes" if world > 1 else ""))
+        info = {"model": args.model, "head": args.head, "arch": getattr(model, "arch", None),
+                "inputs": [os.fspath(i) for i in args.inputs], "labels": args.labels}
+        try:
+            summary = extract_to_file_cli(model, entries, args, device, rank, world, barrier,
+                                          info, say)
+        except ExtractError as exc:
+            return fail(str(exc))
+        except KeyboardInterrupt:
+            return fail("interrupted; committed chunks are kept: rerun with --resume to "
+                        "continue", 130)
+        if rank == 0 and summary.out is not None and summary.ok >= 0:
+            rate = summary.images_per_second
+            say(f"{summary.total} images -> {summary.out} [{summary.ok} x {summary.dim}], "
+                f"{summary.failed} failed, {summary.seconds:.1f} s"
+                + (f", {rate:.1f} img/s" if summary.computed else ""))
+            for rel, why in summary.failures[:5]:
+                say(f"  skipped {rel}: {why}")
+            if summary.failed > 5:
+                say(f"  ... {summary.failed - 5} more in "
+                    f"{output_paths(args.output)['manifest']}")
+        return EXIT_OK
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def extract_to_file_cli(model, entries, args, device, rank, world, barrier, info, say):
+    from ..extract import extract_to_file
+
+    return extract_to_file(
+        model, entries, args.output, batch_size=args.batch_size, num_workers=args.workers,
+        preprocess=args.preprocess, normalize=args.normalize, precision=args.precision,
+        device=device, compile=args.compile, draft=args.draft, max_pixels=args.max_pixels,
+        chunk_size=args.chunk_size, resume=args.resume, overwrite=args.overwrite,
+        strict=args.strict, keep_parts=args.keep_parts, progress=args.progress and not args.quiet,
+        rank=rank, world_size=world, barrier=barrier, info=info, log=say)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
