@@ -523,10 +523,121 @@ class ImageFolderDataset(ImageDataset):
         super().__init__(parts[split], transform)
 
 
+# ---------------------------------------------------------------------------------------------
+# torchvision classes of the paper's small transfer sets (local files only, download=False)
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TorchvisionSpec:
+    cls: str
+    train_splits: Optional[Tuple[str, ...]]  # None: one pool, split with per_class_split
+    test_split: Optional[str]
+    kwargs: Tuple[Tuple[str, Any], ...] = ()
+    note: str = ""
+
+
+TORCHVISION_DATASETS: Dict[str, TorchvisionSpec] = {
+    "aircraft": TorchvisionSpec("FGVCAircraft", ("trainval",), "test",
+                                (("annotation_level", "variant"),), "FGVC-Aircraft variants"),
+    "cars": TorchvisionSpec("StanfordCars", ("train",), "test", (), "needs scipy"),
+    "dtd": TorchvisionSpec("DTD", ("train", "val"), "test", (("partition", 1),), "split 1"),
+    "eurosat": TorchvisionSpec("EuroSAT", None, None, (), "no official split: seeded split"),
+    "flowers102": TorchvisionSpec("Flowers102", ("train", "val"), "test", (), "needs scipy"),
+    "pets": TorchvisionSpec("OxfordIIITPet", ("trainval",), "test",
+                            (("target_types", "category"),)),
+    "food101": TorchvisionSpec("Food101", ("train",), "test"),
+    "sun397": TorchvisionSpec("SUN397", None, None, (), "no official split: seeded split"),
+}
+TORCHVISION_ALIASES = {
+    "fgvc_aircraft": "aircraft", "fgvcaircraft": "aircraft", "stanford_cars": "cars",
+    "stanfordcars": "cars", "cars196": "cars", "flowers": "flowers102",
+    "oxford_iiit_pet": "pets", "oxfordiiitpet": "pets", "oxford_pets": "pets",
+}
+
+
+def torchvision_dataset_name(name: str) -> Optional[str]:
+    """Canonical key of a torchvision transfer set (``None`` when ``name`` is not one)."""
+    key = name.lower().replace("-", "_")
+    key = TORCHVISION_ALIASES.get(key, key)
+    return key if key in TORCHVISION_DATASETS else None
+
+
+def _tv_paths_labels(ds: Any) -> Tuple[List[str], List[int]]:
+    if hasattr(ds, "_image_files") and hasattr(ds, "_labels"):
+        return [str(p) for p in ds._image_files], [int(t) for t in ds._labels]
+    if hasattr(ds, "_samples"):  # StanfordCars
+        return [str(p) for p, _ in ds._samples], [int(t) for _, t in ds._samples]
+    if hasattr(ds, "samples"):  # ImageFolder subclasses (EuroSAT)
+        return [str(p) for p, _ in ds.samples], [int(t) for _, t in ds.samples]
+    raise DatasetFormatError(f"cannot list the images of {type(ds).__name__}")
+
+
+def load_torchvision_dataset(name: str, root: PathLike, *, test_fraction: float = 0.2,
+                             seed: int = 0) -> Dict[str, LabeledImages]:
+    """One of the paper's small sets via its torchvision class, from local files only.
+
+    Returns ``{"train": trainval, "test": test}`` as image paths + labels. The files must already
+    be under ``root`` in torchvision's layout (``download=False``); otherwise
+    :class:`DatasetNotFoundError` says where they were expected. Sets without an official split
+    (EuroSAT, SUN397) are split per class with :func:`per_class_split` (``test_fraction``,
+    ``seed``).
+    """
+    import torchvision.datasets as tvd
+
+    key = torchvision_dataset_name(name)
+    if key is None:
+        raise ValueError(f"unknown torchvision dataset '{name}'; known: "
+                         f"{', '.join(TORCHVISION_DATASETS)}")
+    spec = TORCHVISION_DATASETS[key]
+    cls = getattr(tvd, spec.cls)
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise DatasetNotFoundError(f"{spec.cls}: root folder {base} does not exist")
+
+    def build(split: Optional[str]):
+        kw = dict(spec.kwargs)
+        if split is not None:
+            kw["split"] = split
+        try:
+            return cls(str(base), download=False, **kw)
+        except RuntimeError as exc:
+            msg = str(exc)
+            if "scipy" in msg.lower():
+                raise DatasetError(f"{spec.cls}: {msg}") from None
+            raise DatasetNotFoundError(
+                f"{spec.cls} files not found under {base} (split {split or 'all'}): {msg.split('.')[0]}. "
+                f"Place the dataset there in torchvision's layout (see the torchvision.datasets."
+                f"{spec.cls} documentation); trex-eval never downloads.") from None
+
+    if spec.train_splits is None:
+        ds = build(None)
+        paths, labels = _tv_paths_labels(ds)
+        full = LabeledImages(paths, np.asarray(labels), [str(c) for c in ds.classes], key,
+                             paths=list(paths))
+        tr, te = per_class_split(full.labels, test_fraction, seed)
+        train, test = full.subset(tr), full.subset(te)
+    else:
+        paths: List[str] = []
+        labels: List[int] = []
+        classes: List[str] = []
+        for split in spec.train_splits:
+            ds = build(split)
+            p, t = _tv_paths_labels(ds)
+            paths += p
+            labels += t
+            classes = [str(c) for c in ds.classes]
+        train = LabeledImages(paths, np.asarray(labels), classes, key, paths=list(paths))
+        ds = build(spec.test_split)
+        p, t = _tv_paths_labels(ds)
+        test = LabeledImages(p, np.asarray(t), classes, key, paths=list(p))
+    train.name, test.name = f"{key}/trainval", f"{key}/test"
+    return {"train": train, "test": test}
+
+
 __all__ = [
     "DatasetError", "DatasetNotFoundError", "DatasetFormatError", "LabeledImages",
     "parse_classes", "select_classes", "per_class_split", "balanced_subset", "read_idx",
     "write_idx", "fashion_mnist_files", "load_fashion_mnist", "ImageDataset", "FashionMNIST",
     "load_image_folder", "ImageFolderDataset", "FASHION_MNIST_CLASSES",
-    "DEFAULT_FASHION_MNIST_ROOT",
+    "DEFAULT_FASHION_MNIST_ROOT", "TORCHVISION_DATASETS", "torchvision_dataset_name",
+    "load_torchvision_dataset",
 ]

@@ -1,0 +1,246 @@
+"""``trex-eval``: transfer evaluation with the paper's linear-probe protocol.
+
+    trex-eval run --models trex trex_star path/to/ckpt.pth --format fashion-mnist \\
+        --out results/ --seeds 0 1 2
+    trex-eval report results/ --markdown table.md --csv table.csv --plot table.png
+
+Exit codes: 0 success, 1 failure (missing data, unreadable checkpoint...), 2 usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+PROG = "trex-eval"
+
+_RUN_EPILOG = """\
+formats:
+  imagefolder      --data ROOT with ROOT/train/<class>/* + ROOT/test/<class>/* (trainval/ and
+                   val/ accepted), or one tree ROOT/<class>/* split per class with
+                   --test-fraction / --split-seed
+  fashion-mnist    --data DIR holding the idx files (default /usr/share/datasets/fashion-mnist,
+                   from `apt-get install dataset-fashion-mnist`); plain or .gz
+  features         --data DIR of trex-extract outputs: DIR/train* + DIR/test* for one model, or
+                   DIR/<model>/train* + DIR/<model>/test* for each of several --models
+  aircraft, cars, dtd, eurosat, flowers102, pets, food101, sun397
+                   the paper's small sets via torchvision, read from --data ROOT with
+                   download=False (never downloads)
+
+models: registry names (trex, trex_star, ...), checkpoint paths (.pth, .safetensors, exported
+folders), hf-hub:org/repo, or random:NAME for NAME's architecture with random weights.
+
+protocol (TREX_SPEC section 4): trainval is split 80/20 per class (>= 1 val image, seeded by the
+seed); the probe's hyper-parameters are searched log-uniformly on that split over --trials trials
+(Optuna TPE when installed, else a log grid); the probe is refitted on all of trainval and scored
+on test. logreg: raw features, L-BFGS multinomial logistic regression, C in [1e-5, 1e6], at most
+--max-iter iterations. sgd: L2-normalised features, linear layer with bias, SGD momentum 0.9,
+batch --sgd-batch-size, cosine schedule over --epochs epochs, lr in [0.1, 100], weight decay in
+[1e-12, 1e-4]. One result JSON per (model, dataset, seed) is written to --out.
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Evaluate t-ReX models by linear-probe transfer, as in the paper.")
+    sub = parser.add_subparsers(dest="command", metavar="{run,report}")
+
+    r = sub.add_parser("run", help="evaluate models on a dataset, write one JSON per seed",
+                       description="Extract features once per model, then run the linear-probe "
+                       "protocol for every seed.", epilog=_RUN_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = r.add_argument_group("what to evaluate")
+    g.add_argument("--models", nargs="+", default=[], metavar="MODEL",
+                   help="models to compare side by side (optional with --format features)")
+    g.add_argument("--names", nargs="+", metavar="NAME",
+                   help="display names for --models, one each (default: the name, or the file "
+                   "name of a path)")
+    g.add_argument("--format", required=True, metavar="FORMAT",
+                   help="imagefolder | fashion-mnist | features | aircraft | cars | dtd | "
+                   "eurosat | flowers102 | pets | food101 | sun397")
+    g.add_argument("--data", metavar="ROOT", help="dataset root (see formats below)")
+    g.add_argument("--dataset-name", metavar="NAME",
+                   help="name of the dataset in results and reports (default from the format "
+                   "or folder)")
+    g.add_argument("--out", required=True, metavar="RESULTS_DIR",
+                   help="folder for the result JSON files (created)")
+
+    d = r.add_argument_group("dataset subset")
+    d.add_argument("--classes", metavar="SPEC",
+                   help="keep these classes, relabelled in this order: '0-4', '5,6,7,8,9'")
+    d.add_argument("--train-limit", type=_positive_int, metavar="N",
+                   help="class-balanced seeded subset of N trainval images")
+    d.add_argument("--test-limit", type=_positive_int, metavar="N",
+                   help="class-balanced seeded subset of N test images")
+    d.add_argument("--subset-seed", type=int, default=0, metavar="S",
+                   help="seed of the --train-limit/--test-limit subsets (default 0; fixed "
+                   "across --seeds)")
+    d.add_argument("--test-fraction", type=_fraction, default=0.2, metavar="F",
+                   help="test share per class for datasets without a test split (default 0.2)")
+    d.add_argument("--split-seed", type=int, default=0, metavar="S",
+                   help="seed of that train/test split (default 0)")
+
+    p = r.add_argument_group("protocol")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED",
+                   help="one evaluation per seed: validation split, search and SGD init "
+                   "(default 0)")
+    p.add_argument("--trials", type=_positive_int, default=30, metavar="N",
+                   help="hyper-parameter trials per seed (default 30)")
+    p.add_argument("--probe", choices=("auto", "logreg", "sgd"), default="auto",
+                   help="logreg (small sets), sgd (large sets) or auto: sgd from 200,000 "
+                   "trainval images on (default auto)")
+    p.add_argument("--search", choices=("auto", "optuna", "grid"), default="auto",
+                   help="Optuna TPE (auto when importable) or a log grid (default auto)")
+    p.add_argument("--max-iter", type=_positive_int, default=2000, metavar="N",
+                   help="L-BFGS iterations for logreg (default 2000)")
+    p.add_argument("--epochs", type=_positive_int, default=100, metavar="N",
+                   help="SGD probe epochs (default 100)")
+    p.add_argument("--sgd-batch-size", type=_positive_int, default=1024, metavar="N",
+                   help="SGD probe batch size (default 1024)")
+
+    f = r.add_argument_group("feature extraction")
+    f.add_argument("--device", default="cpu",
+                   help="cpu, cuda or cuda:N, for the model and the SGD probe (default cpu)")
+    f.add_argument("--batch-size", type=_positive_int, default=64, metavar="N",
+                   help="images per forward pass (default 64)")
+    f.add_argument("--image-size", type=_positive_int, default=224, metavar="PX",
+                   help="Resize(PX, bicubic) -> CenterCrop(PX); 224 is the paper's protocol "
+                   "(default 224)")
+    f.add_argument("--num-workers", type=int, default=0, metavar="N",
+                   help="image decoding threads (default 0)")
+    r.add_argument("-q", "--quiet", action="store_true", help="print only the final table")
+
+    rep = sub.add_parser("report", help="aggregate result folders into tables and a plot",
+                         description="Mean and std over seeds per (model, dataset), and the "
+                         "mean log-odds over datasets: mean of log(p / (1 - p)) with p = "
+                         "top-1 / 100 (top-1 averaged over seeds first).")
+    rep.add_argument("results", nargs="+", metavar="RESULTS_DIR",
+                     help="folders (searched recursively) or result JSON files")
+    rep.add_argument("--markdown", metavar="FILE", help="write the Markdown table here "
+                     "(it is always printed)")
+    rep.add_argument("--csv", metavar="FILE", help="write a CSV table here")
+    rep.add_argument("--plot", metavar="FILE", help="write a PNG bar plot here (matplotlib)")
+    return parser
+
+
+def _log(quiet: bool):
+    def say(msg: str) -> None:
+        if not quiet:
+            print(msg, file=sys.stderr, flush=True)
+    return say
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ..datasets import DatasetError
+    from ..evaluation import report as rpt
+    from ..evaluation.protocol import ProtocolConfig
+    from ..evaluation.runner import DataOptions, EvalError, FeatureOptions, normalise_format, run
+
+    try:
+        fmt = normalise_format(args.format)
+    except EvalError as exc:
+        print(f"{PROG} run: error: {exc}", file=sys.stderr)
+        return 2
+    if not args.models and fmt != "features":
+        print(f"{PROG} run: error: --models is required with --format {fmt}", file=sys.stderr)
+        return 2
+    if fmt in ("imagefolder",) or (fmt not in ("fashion-mnist", "features") and not args.data):
+        if not args.data:
+            print(f"{PROG} run: error: --format {fmt} needs --data ROOT", file=sys.stderr)
+            return 2
+    if fmt == "features" and not args.data:
+        print(f"{PROG} run: error: --format features needs --data DIR", file=sys.stderr)
+        return 2
+    if args.names and len(args.names) != len(args.models):
+        print(f"{PROG} run: error: {len(args.names)} --names for {len(args.models)} --models",
+              file=sys.stderr)
+        return 2
+    data = DataOptions(fmt, args.data, classes=args.classes, train_limit=args.train_limit,
+                       test_limit=args.test_limit, subset_seed=args.subset_seed,
+                       test_fraction=args.test_fraction, split_seed=args.split_seed,
+                       name=args.dataset_name)
+    cfg = ProtocolConfig(probe=args.probe, trials=args.trials, search=args.search,
+                         max_iter=args.max_iter, epochs=args.epochs,
+                         batch_size=args.sgd_batch_size, device=args.device)
+    feats = FeatureOptions(batch_size=args.batch_size, image_size=args.image_size,
+                           num_workers=args.num_workers, device=args.device)
+    try:
+        summary = run(args.models, data, args.out, seeds=args.seeds, protocol=cfg,
+                      features=feats, names=args.names, log=_log(args.quiet))
+    except (DatasetError, EvalError, ValueError, RuntimeError, OSError, ImportError,
+            KeyError) as exc:
+        print(f"{PROG} run: error: {exc}", file=sys.stderr)
+        return 1
+    print(rpt.to_markdown(rpt.aggregate(summary.results)))
+    print(f"{len(summary.files)} result file(s) in {args.out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from ..evaluation import report as rpt
+    from ..evaluation.results import ResultsError, load_results
+
+    try:
+        results = load_results(args.results)
+    except ResultsError as exc:
+        print(f"{PROG} report: error: {exc}", file=sys.stderr)
+        return 1
+    if not results:
+        print(f"{PROG} report: error: no trex-eval result files under "
+              f"{', '.join(args.results)}", file=sys.stderr)
+        return 1
+    rep = rpt.aggregate(results)
+    md = rpt.to_markdown(rep)
+    print(md)
+    try:
+        if args.markdown:
+            Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.markdown).write_text(md)
+        if args.csv:
+            Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.csv).write_text(rpt.to_csv(rep))
+        if args.plot:
+            rpt.plot(rep, args.plot)
+    except (OSError, ImportError) as exc:
+        print(f"{PROG} report: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: 0 for --help, 2 for usage errors
+        return int(exc.code or 0)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    if args.command == "run":
+        return _cmd_run(args)
+    return _cmd_report(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

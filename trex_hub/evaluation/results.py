@@ -1,0 +1,135 @@
+"""One JSON file per (model, dataset, seed), and reading folders of them back."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Union
+
+SCHEMA = "trex_hub.eval.result/1"
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def slug(text: str) -> str:
+    """A file-name-safe version of a model or dataset name."""
+    s = re.sub(r"[^A-Za-z0-9._+-]+", "-", str(text)).strip("-.")
+    return s or "x"
+
+
+def result_filename(model: str, dataset: str, seed: int) -> str:
+    return f"{slug(model)}__{slug(dataset)}__seed{int(seed)}.json"
+
+
+def versions() -> Dict[str, str]:
+    out: Dict[str, str] = {"python": sys.version.split()[0]}
+    import numpy
+    import torch
+
+    from .. import __version__
+
+    out.update(trex_hub=__version__, torch=torch.__version__, numpy=numpy.__version__)
+    try:
+        import sklearn
+
+        out["scikit-learn"] = sklearn.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import optuna
+
+        out["optuna"] = optuna.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def make_result(model: str, dataset: str, protocol_result: Dict[str, Any],
+                **extra: Any) -> Dict[str, Any]:
+    """Wrap a :func:`~trex_hub.evaluation.protocol.evaluate_features` result with its context."""
+    res: Dict[str, Any] = {"schema": SCHEMA, "model": model, "dataset": dataset}
+    res.update(protocol_result)
+    res.update(extra)
+    res["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    res["versions"] = versions()
+    return res
+
+
+def write_result(out_dir: PathLike, result: Dict[str, Any]) -> Path:
+    """Write atomically to ``out_dir/<model>__<dataset>__seed<seed>.json``; returns the path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / result_filename(result["model"], result["dataset"], result["seed"])
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(result, fh, indent=2, sort_keys=False, default=_jsonable)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _jsonable(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+class ResultsError(ValueError):
+    """No usable result files."""
+
+
+def find_result_files(paths: Iterable[PathLike]) -> List[Path]:
+    files: List[Path] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            files.extend(sorted(q for q in p.rglob("*.json") if not q.name.startswith(".")))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ResultsError(f"{p}: no such file or folder")
+    return files
+
+
+def load_results(paths: Iterable[PathLike], warn=None) -> List[Dict[str, Any]]:
+    """Every result JSON below ``paths`` (files or folders, recursive).
+
+    Files that are not results (other JSON) are skipped with a warning. When the same
+    (model, dataset, seed) appears more than once, the most recently created one wins.
+    """
+    say = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
+    best: Dict[tuple, Dict[str, Any]] = {}
+    order: List[tuple] = []
+    for f in find_result_files(paths):
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, ValueError) as exc:
+            say(f"{f}: skipped, unreadable JSON ({exc})")
+            continue
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            say(f"{f}: skipped, not a trex-eval result")
+            continue
+        data["_file"] = str(f)
+        key = (data["model"], data["dataset"], data["seed"])
+        if key in best:
+            say(f"{f}: duplicate of {best[key]['_file']} for {key}; keeping the newer one")
+            if data.get("created", "") < best[key].get("created", ""):
+                continue
+        else:
+            order.append(key)
+        best[key] = data
+    return [best[k] for k in order]
