@@ -44,36 +44,110 @@ def _projector_holders() -> str:
     return ", ".join(e.name for e in registry.MODELS.values() if e.has_projector)
 
 
+SOURCES = ("url", "hf")
+
+
 def _fetch_registry_file(entry: registry.ModelEntry, file: registry.FileInfo, *,
                          cache_dir: Optional[PathLike], progress: bool,
-                         base_url: Optional[str]) -> Path:
+                         base_url: Optional[str], validate: Any = None) -> Path:
+    """The verified cached path of one released file (downloaded by local rank 0 under DDP)."""
     from .hub import download
 
-    return download.fetch(file.filename, base_url=base_url, cache_dir=cache_dir,
-                          sha256=file.sha256, progress=progress)
+    return download.fetch_distributed(file.filename, base_url=base_url, cache_dir=cache_dir,
+                                      sha256=file.sha256, size=file.size, progress=progress,
+                                      model=entry.name, validate=validate)
+
+
+def _check_released(entry: registry.ModelEntry, file: registry.FileInfo, ckpt: Checkpoint,
+                    where: str) -> None:
+    """Raise unless ``ckpt`` is what ``file`` of ``entry`` must hold (architecture and layout)."""
+    if ckpt.config["arch"] != entry.arch:
+        raise CheckpointError(f"{where} holds a {ckpt.config['arch']}, but '{entry.name}' is a "
+                              f"{entry.arch}")
+    if file.kind == "full" and ckpt.format != "full":
+        raise CheckpointError(f"{where} is a {ckpt.format} checkpoint, but '{file.filename}' "
+                              "must be a full training checkpoint")
+    if file.kind == "backbone" and ckpt.has_projector:
+        raise CheckpointError(f"{where} carries a projector, but '{file.filename}' must be a "
+                              "backbone-only state dict")
+
+
+def _read_hf_mirror(entry: registry.ModelEntry, *, projector: bool, ema: bool,
+                    cache_dir: Optional[PathLike]) -> Checkpoint:
+    if not entry.hf_repo:
+        with_hf = [e.name for e in registry.MODELS.values() if e.hf_repo]
+        raise ModelLoadError(
+            f"'{entry.name}' has no Hugging Face Hub mirror, so source='hf' is not available; "
+            "drop source='hf' to download the released file"
+            + (f" (models with an HF mirror: {', '.join(with_hf)})" if with_hf else ""))
+    if ema:
+        raise ModelLoadError(f"the Hugging Face Hub mirror of '{entry.name}' holds the online "
+                             "network only; ema=True needs source='url'")
+    from .hub import hf
+
+    folder = hf.download_model(entry.hf_repo, cache_dir=cache_dir)
+    ckpt = read_checkpoint(folder)
+    if ckpt.config["arch"] != entry.arch:
+        raise CheckpointError(f"hf-hub:{entry.hf_repo} holds a {ckpt.config['arch']}, but "
+                              f"'{entry.name}' is a {entry.arch}")
+    return ckpt
 
 
 def _read_registry_checkpoint(entry: registry.ModelEntry, *, projector: bool, ema: bool,
                               cache_dir: Optional[PathLike], progress: bool,
-                              base_url: Optional[str]) -> Checkpoint:
+                              base_url: Optional[str], source: Optional[str] = None
+                              ) -> Checkpoint:
+    """Fetch (or find in the cache) and read the released file a request needs.
+
+    A freshly downloaded file is read before it is renamed into the cache: one that is not a
+    loadable checkpoint of the expected architecture and layout is rejected and not kept. A
+    cached file that cannot be read is deleted (with its trust-on-first-use manifest when the
+    manifest vouches for those very bytes) so that the next call downloads it again.
+    """
+    if source not in (None, *SOURCES):
+        raise ModelLoadError(f"source={source!r} is not one of {', '.join(map(repr, SOURCES))}")
+    if source == "hf":
+        return _read_hf_mirror(entry, projector=projector, ema=ema, cache_dir=cache_dir)
     file = entry.full_file if (projector or ema) else entry.backbone_file
     assert file is not None
+    from .hub import download
+
+    fresh: dict = {}
+
+    def validate(tmp: Path) -> None:
+        url = download.file_url(file.filename, base_url, entry.name)
+        try:
+            ckpt = read_checkpoint(tmp, ema=ema)
+            _check_released(entry, file, ckpt, f"the file downloaded from {url}")
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"{exc} -- rejected, not kept in the cache: '{entry.name}' needs a loadable "
+                f"{entry.arch} checkpoint in the released layout. Check the mirror setting "
+                "TREX_HUB_BASE_URL / base_url=.") from None
+        fresh["ckpt"] = ckpt
+
     path = _fetch_registry_file(entry, file, cache_dir=cache_dir, progress=progress,
-                                base_url=base_url)
-    try:
-        ckpt = read_checkpoint(path, ema=ema)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{exc} [model '{entry.name}', cached file {path}]") from None
-    if ckpt.config["arch"] != entry.arch:
-        raise CheckpointError(f"{path}: holds a {ckpt.config['arch']} but '{entry.name}' is a "
-                              f"{entry.arch}; delete the file and download it again")
+                                base_url=base_url, validate=validate)
+    ckpt = fresh.get("ckpt")
+    if ckpt is None:  # served from the cache
+        try:
+            ckpt = read_checkpoint(path, ema=ema)
+            _check_released(entry, file, ckpt, str(path))
+        except CheckpointError as exc:
+            man = download.read_manifest(path)
+            bad_bytes_recorded = man is not None and download.sha256_of(path) == man["sha256"]
+            download.remove_cached(path, manifest=bad_bytes_recorded)
+            raise CheckpointError(f"{exc} [model '{entry.name}': the cached file {path} has been "
+                                  "deleted; run again to download it]") from None
+    ckpt.source = str(path)
     return ckpt
 
 
 def load(name_or_path: PathLike, *, projector: bool = False,
          device: Union[str, torch.device, None] = None, pretrained: bool = True,
          ema: bool = False, cache_dir: Optional[PathLike] = None, progress: bool = True,
-         base_url: Optional[str] = None, **kwargs: Any) -> TReX:
+         base_url: Optional[str] = None, source: Optional[str] = None,
+         **kwargs: Any) -> TReX:
     """Load a t-ReX model, ready for inference (eval mode).
 
     Args:
@@ -88,7 +162,10 @@ def load(name_or_path: PathLike, *, projector: bool = False,
         ema: use the EMA copy of a full training checkpoint instead of the online network.
         cache_dir: download cache (default ``$TREX_HUB_CACHE`` or ``~/.cache/trex_hub``).
         progress: show a download progress bar.
-        base_url: mirror to download from instead of ``$TREX_HUB_BASE_URL`` / the official URL.
+        base_url: mirror to download from instead of ``$TREX_HUB_BASE_URL`` / the official URL
+            (``trex_hub.hub.download.set_mirror(name, url)`` sets one per model).
+        source: for registry models, ``"hf"`` loads the entry's Hugging Face Hub mirror instead
+            of the released file (only when asked: the default never changes silently).
         **kwargs: passed to the Hugging Face Hub download for ``hf-hub:`` ids (``revision``,
             ``token``...).
     """
@@ -116,7 +193,7 @@ def load(name_or_path: PathLike, *, projector: bool = False,
         else:
             ckpt = _read_registry_checkpoint(entry, projector=projector, ema=ema,
                                              cache_dir=cache_dir, progress=progress,
-                                             base_url=base_url)
+                                             base_url=base_url, source=source)
             model = _from_checkpoint(ckpt, projector, entry.name)
     else:
         if kwargs:
