@@ -1,0 +1,384 @@
+"""The extraction engine: fast path equivalence, BN folding, decode pipeline, bad files, formats."""
+import io
+import struct
+import time
+import zlib
+
+import factories as fx
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import trex_hub
+from trex_hub import extract as ex
+from trex_hub.inference import InferenceModel, fold_batchnorm, prepare
+from trex_hub.transforms import Decoder, ImageLoadError, build_transform, open_image
+
+
+def rel_err(a, b):
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+@pytest.fixture(scope="module")
+def r18_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "r18.pth"
+    fx.write_backbone_file(path, arch="resnet18", seed=4)
+    return path
+
+
+@pytest.fixture(scope="module")
+def r50_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt50") / "trex.pth"
+    fx.write_backbone_file(path, arch="resnet50", seed=5)
+    return path
+
+
+@pytest.fixture(scope="module")
+def proj_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckptp") / "full.pth"
+    fx.write_full_checkpoint(path, num_layers=3, arch="resnet18", memory_size=64, seed=6)
+    return path
+
+
+def photos(n, size=(70, 50), seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        base = rng.integers(0, 255, (size[1] // 10 + 1, size[0] // 10 + 1, 3), dtype=np.uint8)
+        img = Image.fromarray(base).resize(size, Image.BILINEAR)
+        arr = np.asarray(img).astype(np.int16) + rng.integers(-20, 20, (size[1], size[0], 3))
+        out.append(np.clip(arr, 0, 255).astype(np.uint8))
+    return out
+
+
+# --------------------------------------------------------------------------- fast path ------
+def test_bn_folding_resnet50_within_1e4(r50_path):
+    model = trex_hub.load(r50_path)
+    runner = InferenceModel(model, torch.device("cpu"))
+    assert runner.folded == 53  # stem + 3 per bottleneck x 16 + 4 downsamples
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in runner.module.modules())
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(x)
+    got = runner(x)
+    assert rel_err(got, want) < 1e-4
+    # the user's model is untouched
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+def test_projector_bn_folded(proj_path):
+    model = trex_hub.load(proj_path, projector=True)
+    runner = InferenceModel(model, torch.device("cpu"))
+    assert runner.folded == 20 + 3
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x)
+    assert want.shape == (3, 256)
+    assert rel_err(runner(x), want) < 1e-4
+
+
+class _ReluFirstBlock(torchvision.models.resnet.BasicBlock):
+    """bn1 is not applied right after conv1 here: folding it would be wrong."""
+
+    def forward(self, x):
+        out = self.bn1(torch.relu(self.conv1(x)) - 0.5)
+        out = self.bn2(self.conv2(self.relu(out)))
+        return self.relu(out + x)
+
+
+def test_fold_leaves_unknown_layouts_alone():
+    net = fx.torchvision_backbone("resnet18", seed=0)
+    net.layer1[0].__class__ = _ReluFirstBlock
+    runner = InferenceModel(net, torch.device("cpu"))
+    assert runner.folded == 20 - 2
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(runner(x), net(x)) < 1e-5
+
+
+def test_uint8_batch_is_normalised_like_totensor(r18_path):
+    model = trex_hub.load(r18_path)
+    runner = prepare(model)
+    u8 = torch.from_numpy(np.stack(photos(2, (64, 64))))
+    ref = torch.stack([build_transform(None)(Image.fromarray(a.numpy())) for a in u8])
+    assert torch.allclose(runner.to_input(u8), ref, atol=1e-6)
+    assert runner.to_input(u8).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_prepare_cached_and_refreshed_when_weights_change(r18_path):
+    model = trex_hub.load(r18_path)
+    a = prepare(model)
+    assert prepare(model) is a
+    x = torch.randn(1, 3, 64, 64)
+    before = a(x)
+    with torch.no_grad():
+        model.backbone.conv1.weight.mul_(2.0)
+    b = prepare(model)
+    assert b is not a
+    with torch.no_grad():
+        want = model(x)
+    assert rel_err(b(x), want) < 1e-4 and rel_err(before, want) > 1e-3
+    assert prepare(model, precision="bf16") is not b
+
+
+def test_extract_fast_equals_plain_eval(r18_path):
+    model = trex_hub.load(r18_path)
+    imgs = photos(5)
+    fast = model.extract(imgs, batch_size=2)
+    plain = model.extract(imgs, batch_size=2, fast=False, num_workers=0)
+    with torch.no_grad():
+        ref = model(torch.stack([build_transform("transfer")(Image.fromarray(a)) for a in imgs]))
+    assert fast.shape == (5, 512) and fast.dtype == torch.float32
+    assert rel_err(plain, ref) < 1e-5
+    assert rel_err(fast, ref) < 1e-4
+
+
+def test_extract_inputs_and_options(r18_path, tmp_path):
+    model = trex_hub.load(r18_path)
+    imgs = photos(3)
+    paths = []
+    for i, a in enumerate(imgs):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(a).save(paths[-1])
+    mixed = [paths[0], Image.fromarray(imgs[1]), torch.from_numpy(imgs[2]).permute(2, 0, 1)]
+    want = model.extract(imgs)
+    got = model.extract(mixed, num_workers=2, output="numpy")
+    assert isinstance(got, np.ndarray) and rel_err(got, want) < 1e-6
+    # a single image, normalised output, an empty list, a float batch
+    one = model.extract(str(paths[0]), normalize=True)
+    assert one.shape == (1, 512) and torch.allclose(one.norm(dim=1), torch.ones(1))
+    assert model.extract([]).shape == (0, 512)
+    batch = torch.stack([build_transform("transfer")(Image.fromarray(a)) for a in imgs])
+    assert rel_err(model.extract(batch, batch_size=2), want) < 1e-5
+    # float [3,H,W] items mix with decoded ones
+    mixed2 = [batch[0], imgs[1]]
+    assert rel_err(model.extract(mixed2), want[:2]) < 1e-5
+    with pytest.raises(ImageLoadError, match="different sizes"):
+        model.extract([imgs[0], photos(1, (30, 30))[0]], preprocess=None)
+    with pytest.raises(ValueError, match="precision"):
+        model.extract(imgs, precision="int8")
+
+
+def test_extract_bad_file_names_it(r18_path, tmp_path):
+    model = trex_hub.load(r18_path)
+    bad = tmp_path / "empty.jpg"
+    bad.write_bytes(b"")
+    with pytest.raises(ImageLoadError, match="empty.jpg.*empty file"):
+        model.extract([photos(1)[0], bad], num_workers=2)
+
+
+def test_bf16_autocast_cpu_is_close(r18_path):
+    model = trex_hub.load(r18_path)
+    imgs = photos(2)
+    ref = model.extract(imgs)
+    got = model.extract(imgs, precision="bf16")
+    assert got.dtype == torch.float32
+    assert rel_err(got, ref) < 0.1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_paths_match_cpu(r18_path):
+    model = trex_hub.load(r18_path)
+    imgs = photos(4)
+    ref = model.extract(imgs)
+    assert rel_err(model.extract(imgs, device="cuda"), ref) < 1e-3
+    for precision in ("bf16", "fp16"):
+        assert rel_err(model.extract(imgs, device="cuda", precision=precision), ref) < 5e-2
+
+
+# ------------------------------------------------------------------------------ decoding ----
+def test_decoder_matches_torchvision_transform_exactly(tmp_path):
+    img = Image.fromarray(photos(1, (333, 250))[0])
+    path = tmp_path / "a.jpg"
+    img.save(path, quality=90)
+    for preset in ("transfer", "imagenet"):
+        dec = Decoder(preset, draft=False)(path)
+        ref = build_transform(preset)(Image.open(path).convert("RGB"))
+        got = (torch.from_numpy(np.array(dec)).permute(2, 0, 1).float() / 255.0
+               - torch.tensor(trex_hub.model.IMAGENET_MEAN).view(3, 1, 1)) \
+            / torch.tensor(trex_hub.model.IMAGENET_STD).view(3, 1, 1)
+        assert got.shape == ref.shape == (3, 224, 224)
+        assert torch.allclose(got, ref, atol=1e-6)
+
+
+def test_jpeg_draft_decodes_large_photos_at_reduced_scale(tmp_path):
+    big = Image.fromarray(photos(1, (1800, 1200), seed=3)[0])
+    path = tmp_path / "big.jpg"
+    big.save(path, quality=92)
+    with Image.open(path) as im:
+        im.draft("RGB", (336, 224))
+        assert min(im.size) >= 224 and im.size[0] < 1800  # the decoder does reduce
+    exact = Decoder("transfer", draft=False)(path).astype(np.float64)
+    fast = Decoder("transfer", draft=True)(path).astype(np.float64)
+    assert fast.shape == exact.shape == (224, 224, 3)
+    assert np.abs(fast - exact).mean() < 3.0  # same picture, slightly different pixels
+    # small images are decoded exactly either way
+    small = tmp_path / "small.jpg"
+    Image.fromarray(photos(1, (400, 300))[0]).save(small)
+    assert np.array_equal(Decoder("transfer", draft=True)(small),
+                          Decoder("transfer", draft=False)(small))
+
+
+def _png_header_only(width, height):
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+
+
+def make_bad_files(folder):
+    """One file per kind of bad input; returns {name: expected words in the error}."""
+    good = io.BytesIO()
+    Image.fromarray(photos(1, (120, 90))[0]).save(good, format="JPEG")
+    data = good.getvalue()
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (folder / "corrupt.jpg").write_bytes(data[:20] + bytes(range(256)) * 8)
+    (folder / "notimage.png").write_text("this is not an image\n")
+    (folder / "bomb.png").write_bytes(_png_header_only(40000, 40000))
+    return {"zero.jpg": "empty file", "truncated.jpg": "not a readable image",
+            "corrupt.jpg": "not a readable image", "notimage.png": "not a readable image",
+            "bomb.png": "decompression bomb"}
+
+
+def test_bad_files_raise_image_load_error(tmp_path):
+    expected = make_bad_files(tmp_path)
+    dec = Decoder("transfer")
+    for name, words in expected.items():
+        with pytest.raises(ImageLoadError, match=words):
+            dec(tmp_path / name)
+    # a configurable pixel limit
+    ok = tmp_path / "ok.png"
+    Image.fromarray(photos(1, (100, 100))[0]).save(ok)
+    with pytest.raises(ImageLoadError, match="decompression bomb"):
+        open_image(ok, max_pixels=5000)
+    assert open_image(ok, max_pixels=0).size == (100, 100)
+
+
+def test_any_mode_and_exif_orientation(tmp_path):
+    arr = photos(1, (60, 40))[0]
+    rgb = Image.fromarray(arr)
+    for img in (rgb.convert("L"), rgb.convert("P"), rgb.convert("RGBA"), rgb.convert("CMYK"),
+                rgb.convert("I;16"), rgb.convert("F"), rgb.convert("LA")):
+        out = Decoder("transfer")(img)
+        assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+    # EXIF orientation 6 (rotate 90) is applied: a 60x40 image becomes 40x60
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rot.jpg"
+    rgb.save(path, exif=exif.tobytes())
+    assert open_image(path).size == (40, 60)
+
+
+def test_decode_pipeline_keeps_order_and_reports_failures(tmp_path):
+    make_bad_files(tmp_path)
+    goods = []
+    for i, a in enumerate(photos(5)):
+        goods.append(tmp_path / f"g{i}.png")
+        Image.fromarray(a).save(goods[-1])
+    items = [goods[0], tmp_path / "zero.jpg", goods[1], goods[2], tmp_path / "bomb.png",
+             goods[3], goods[4]]
+    groups = [[0, 1, 2], [3, 4, 5], [6]]
+    for workers in (0, 3):
+        batches = list(ex.decode_batches(groups, items.__getitem__, Decoder("transfer"),
+                                         num_workers=workers, strict=False))
+        assert [b.positions for b in batches] == [[0, 2], [3, 5], [6]]
+        assert [[p for p, _ in b.failures] for b in batches] == [[1], [4], []]
+        assert batches[0].data.shape == (2, 224, 224, 3) and batches[0].data.dtype == torch.uint8
+    with pytest.raises(ImageLoadError):
+        list(ex.decode_batches(groups, items.__getitem__, Decoder("transfer"), num_workers=2))
+
+
+# ------------------------------------------------------------------------------- outputs ----
+def test_read_features_all_formats(r18_path, tmp_path):
+    model = trex_hub.load(r18_path)
+    folder = tmp_path / "imgs"
+    (folder / "a").mkdir(parents=True)
+    for i, a in enumerate(photos(3)):
+        Image.fromarray(a).save(folder / "a" / f"{i}.png")
+    (folder / "a" / "zz_bad.jpg").write_bytes(b"")
+    entries = ex.collect_inputs([folder], labels="folder")
+    results = {}
+    for fmt in (".npy", ".safetensors", ".pt"):
+        s = ex.extract_to_file(model, entries, tmp_path / f"f{fmt}", batch_size=2, chunk_size=2)
+        assert (s.ok, s.failed, s.total) == (3, 1, 4)
+        assert not (tmp_path / f"f{fmt}.parts").exists()
+        results[fmt] = ex.read_features(tmp_path / f"f{fmt}")
+    feats, rows = results[".npy"]
+    assert feats.dtype == np.float32 and feats.shape == (3, 512)
+    assert [r["path"] for r in rows] == ["a/0.png", "a/1.png", "a/2.png", "a/zz_bad.jpg"]
+    assert [r["index"] for r in rows] == [0, 1, 2, None]
+    assert rows[3]["status"] == "failed" and "empty file" in rows[3]["error"]
+    assert all(r["label"] == "a" for r in rows)
+    for fmt in (".safetensors", ".pt"):
+        assert np.array_equal(results[fmt][0], feats) and results[fmt][1] == rows
+    from safetensors.numpy import load_file
+
+    assert np.array_equal(load_file(str(tmp_path / "f.safetensors"))["features"], feats)
+    want = model.extract([folder / "a" / f"{i}.png" for i in range(3)]).numpy()
+    assert rel_err(feats, want) < 1e-5
+
+
+def test_collect_inputs_orders(tmp_path):
+    for rel in ("b/2.jpg", "b/10.jpg", "a/x.PNG", "a/sub/y.jpeg", "a/notes.txt", "c.bmp"):
+        p = tmp_path / "root" / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    entries = ex.collect_inputs([tmp_path / "root"], labels="folder")
+    assert [e.rel for e in entries] == ["a/sub/y.jpeg", "a/x.PNG", "b/10.jpg", "b/2.jpg", "c.bmp"]
+    assert [e.label for e in entries] == ["sub", "a", "b", "b", "root"]
+    lst = tmp_path / "list.txt"
+    lst.write_text("# comment\nroot/c.bmp\troad\n\nroot/b/2.jpg\n")
+    entries = ex.collect_inputs([lst, tmp_path / "root" / "a" / "x.PNG"],
+                                extensions=["png", "jpg"])
+    assert [(e.rel, e.label) for e in entries] == [("root/c.bmp", "road"), ("root/b/2.jpg", None),
+                                                   (str(tmp_path / "root/a/x.PNG"), None)]
+    assert entries[0].path == str(tmp_path / "root" / "c.bmp")
+    with pytest.raises(FileNotFoundError):
+        ex.collect_inputs([tmp_path / "missing"])
+
+
+def test_chunks_are_committed_while_running(r18_path, tmp_path):
+    """Memory stays flat: chunk files appear before the run ends."""
+    model = trex_hub.load(r18_path)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, a in enumerate(photos(6, (40, 40))):
+        Image.fromarray(a).save(folder / f"{i}.png")
+    entries = ex.collect_inputs([folder])
+    seen = []
+    real_write = ex._write_chunk
+
+    def spy(parts, k, feats, rows):
+        seen.append((k, feats.shape[0], sorted(p.name for p in parts.glob("chunk-*.jsonl"))))
+        real_write(parts, k, feats, rows)
+
+    ex._write_chunk = spy
+    try:
+        ex.extract_to_file(model, entries, tmp_path / "o.npy", batch_size=2, chunk_size=2,
+                           normalize=True, num_workers=2)
+    finally:
+        ex._write_chunk = real_write
+    assert [(k, n) for k, n, _ in seen] == [(0, 2), (1, 2), (2, 2)]
+    assert seen[2][2] == ["chunk-00000000.jsonl", "chunk-00000001.jsonl"]
+    feats, _ = ex.read_features(tmp_path / "o.npy")
+    assert np.allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_threads_overlap_decoding_with_forward(r18_path, tmp_path):
+    model = trex_hub.load(r18_path)
+    imgs = [Image.fromarray(a) for a in photos(16, (500, 375))]
+    model.extract(imgs[:2])
+    t0 = time.perf_counter()
+    a = model.extract(imgs, num_workers=0)
+    t1 = time.perf_counter()
+    b = model.extract(imgs, num_workers=2)
+    t2 = time.perf_counter()
+    assert torch.equal(a, b)
+    assert t2 - t1 < (t1 - t0) * 1.5
