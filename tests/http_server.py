@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import http.server
 import os
+import re
 import socket
 import struct
 import threading
-import urllib.parse
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 
 @dataclass
@@ -225,6 +226,248 @@ class FileServer:
                 if e[0] == "GET" and urllib.parse.urlsplit(e[1]).path.lstrip("/") == name]
 
     def __enter__(self) -> "FileServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+# --------------------------------------------------------------------------------------------
+# A minimal Hugging Face Hub on 127.0.0.1 (what huggingface_hub's download and upload calls use)
+# --------------------------------------------------------------------------------------------
+class _HubRepo:
+    def __init__(self) -> None:
+        self.commits: Dict[str, Dict[str, bytes]] = {}  # commit sha -> {path: bytes}
+        self.refs: Dict[str, str] = {}                    # branch or tag -> commit sha
+        self.private = False
+
+    def resolve(self, revision: str) -> Optional[str]:
+        if revision in self.refs:
+            return self.refs[revision]
+        return revision if revision in self.commits else None
+
+    def commit(self, files: Dict[str, bytes], branch: str = "main", message: str = "") -> str:
+        import hashlib
+
+        parent = self.refs.get(branch)
+        tree = dict(self.commits.get(parent, {})) if parent else {}
+        tree.update(files)
+        sha = hashlib.sha1(f"{parent}:{message}:{sorted(tree)}:{len(self.commits)}".encode()
+                           + b"".join(tree[k] for k in sorted(tree))).hexdigest()
+        self.commits[sha] = tree
+        self.refs[branch] = sha
+        return sha
+
+
+class _HubHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _reply(self, status: int, body: bytes = b"", headers: Optional[Dict[str, str]] = None,
+               head: bool = False) -> None:
+        self.server.log.append((self.command, self.path, status))
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if body and not head:
+            self.wfile.write(body)
+
+    def _json(self, status: int, obj: Any, headers: Optional[Dict[str, str]] = None) -> None:
+        import json
+
+        self._reply(status, json.dumps(obj).encode(),
+                    {"Content-Type": "application/json", **(headers or {})})
+
+    def _error(self, status: int, code: str, message: str,
+               headers: Optional[Dict[str, str]] = None) -> None:
+        self._json(status, {"error": message}, {"X-Error-Code": code, "X-Error-Message": message,
+                                               **(headers or {})})
+
+    def _body(self) -> bytes:
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n else b""
+
+    def _authorised(self, repo: "_HubRepo") -> bool:
+        if not repo.private:
+            return True
+        return self.headers.get("Authorization") == f"Bearer {self.server.token}"
+
+    # -- routes ---------------------------------------------------------------------------------
+    def do_HEAD(self):  # noqa: N802
+        self._resolve(head=True)
+
+    def do_GET(self):  # noqa: N802
+        self._resolve(head=False)
+
+    def _resolve(self, head: bool) -> None:
+        import hashlib
+
+        server = self.server
+        server.auth.append(self.headers.get("Authorization"))
+        parts = urllib.parse.urlsplit(self.path).path.lstrip("/").split("/")
+        # /{org}/{repo}/resolve/{revision}/{filename...}
+        if len(parts) < 5 or parts[2] != "resolve":
+            self._error(404, "EntryNotFound", f"no route {self.path}")
+            return
+        repo_id = f"{parts[0]}/{parts[1]}"
+        revision = urllib.parse.unquote(parts[3])
+        filename = urllib.parse.unquote("/".join(parts[4:]))
+        with server.lock:
+            repo = server.repos.get(repo_id)
+            if server.fail_statuses and not head:
+                status = server.fail_statuses.pop(0)
+                self._reply(status)
+                return
+        if repo is None or not self._authorised(repo):
+            self._error(401 if repo is not None else 404, "RepoNotFound",
+                        "Repository not found")
+            return
+        sha = repo.resolve(revision)
+        if sha is None:
+            self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+            return
+        tree = repo.commits[sha]
+        if filename not in tree:
+            self._error(404, "EntryNotFound", f"{filename} does not exist",
+                        {"X-Repo-Commit": sha})
+            return
+        data = tree[filename]
+        etag = hashlib.sha256(data).hexdigest()
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes",
+                   "Content-Type": "application/octet-stream"}
+        rng = self.headers.get("Range")
+        if rng and rng.startswith("bytes=") and not head:
+            start = int(rng[6:].split("-")[0] or 0)
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+            self._reply(206, data[start:], headers)
+            return
+        self._reply(200, data, headers, head=head)
+        if head:
+            return
+        server.downloads.append((repo_id, sha, filename))
+
+    def do_POST(self):  # noqa: N802
+        import base64
+        import json
+
+        server = self.server
+        server.auth.append(self.headers.get("Authorization"))
+        path = urllib.parse.urlsplit(self.path).path
+        body = self._body()
+        if path == "/api/repos/create":
+            req = json.loads(body or b"{}")
+            repo_id = f"{req['organization']}/{req['name']}" if req.get("organization") \
+                else f"{server.user}/{req['name']}"
+            with server.lock:
+                if repo_id in server.repos:
+                    self._error(409, "RepoExists", "You already created this model repo",
+                                {})
+                    return
+                repo = server.repos[repo_id] = _HubRepo()
+                repo.private = bool(req.get("private"))
+                repo.commit({".gitattributes": b"*.safetensors filter=lfs\n"},
+                            message="initial commit")
+            self._json(200, {"url": f"{server.url}{repo_id}", "name": repo_id})
+            return
+        if path == "/api/validate-yaml":  # the README.md front matter, checked before upload
+            import yaml
+
+            content = json.loads(body)["content"]
+            m = re.match(r"^---\n(.*?)\n---", content, re.S)
+            try:
+                meta = yaml.safe_load(m.group(1)) if m else None
+            except yaml.YAMLError as exc:
+                meta, err = None, str(exc)
+            else:
+                err = None if isinstance(meta, dict) else "no YAML metadata block"
+            if err:
+                self._json(400, {"errors": [{"message": err}]})
+            else:
+                self._json(200, {"warnings": []})
+            return
+        m = re.match(r"^/api/models/([^/]+/[^/]+)/(preupload|commit)/(.+)$", path)
+        if not m:
+            self._error(404, "EntryNotFound", f"no route {path}")
+            return
+        repo_id, action, revision = m.group(1), m.group(2), urllib.parse.unquote(m.group(3))
+        repo = server.repos.get(repo_id)
+        if repo is None or not self._authorised(repo):
+            self._error(404, "RepoNotFound", "Repository not found")
+            return
+        if action == "preupload":
+            files = json.loads(body)["files"]
+            self._json(200, {"files": [{"path": f["path"], "uploadMode": "regular",
+                                        "shouldIgnore": False, "oid": None} for f in files],
+                             "commitOid": repo.resolve(revision)})
+            return
+        lines = [json.loads(x) for x in body.splitlines() if x.strip()]
+        header = next(x["value"] for x in lines if x["key"] == "header")
+        files = {x["value"]["path"]: base64.b64decode(x["value"]["content"])
+                 for x in lines if x["key"] == "file"}
+        with server.lock:
+            sha = repo.commit(files, branch=revision, message=header.get("summary", ""))
+        self._json(200, {"commitUrl": f"{server.url}{repo_id}/commit/{sha}", "commitOid": sha,
+                         "pullRequestUrl": None})
+
+
+class _HubHTTPServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+
+class HubServer:
+    """An in-memory Hugging Face Hub on a free loopback port; point ``HF_ENDPOINT`` at ``.url``.
+
+    ``add(repo_id, {path: bytes})`` publishes a commit; ``private=True`` repos need
+    ``Authorization: Bearer <token>`` (``.token``). ``.downloads`` lists the file GETs served,
+    ``.auth`` the Authorization headers seen, ``.log`` every request, ``.fail_statuses`` makes the
+    next GETs fail with those statuses.
+    """
+
+    def __init__(self, user: str = "tester", token: str = "hf_test_token") -> None:
+        self.httpd = _HubHTTPServer(("127.0.0.1", 0), _HubHandler)
+        self.httpd.repos: Dict[str, _HubRepo] = {}
+        self.httpd.lock = threading.Lock()
+        self.httpd.log = []
+        self.httpd.auth = []
+        self.httpd.downloads = []
+        self.httpd.fail_statuses = []
+        self.httpd.user = user
+        self.httpd.token = token
+        self.httpd.url = self.url
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+
+    @property
+    def token(self) -> str:
+        return self.httpd.token
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("repos", "log", "auth", "downloads", "fail_statuses"):
+            return getattr(self.httpd, name)
+        raise AttributeError(name)
+
+    def add(self, repo_id: str, files: Dict[str, bytes], *, branch: str = "main",
+            private: bool = False, tag: Optional[str] = None) -> str:
+        with self.httpd.lock:
+            repo = self.httpd.repos.setdefault(repo_id, _HubRepo())
+            repo.private = private or repo.private
+            sha = repo.commit(files, branch=branch, message="add")
+            if tag:
+                repo.refs[tag] = sha
+        return sha
+
+    def __enter__(self) -> "HubServer":
         self.thread.start()
         return self
 
