@@ -546,9 +546,10 @@ def _merge(paths: Dict[str, Path], n_chunks: int, dim: int, meta: Dict[str, Any]
     out = paths["features"]
     n_ok = n_failed = 0
     for k in range(n_chunks):
-        arr = np.load(_chunk_names(parts, k)[0], mmap_mode="r")
-        n_ok += arr.shape[0]
-    meta = dict(meta, count=n_ok)
+        n_ok += np.load(_chunk_names(parts, k)[0], mmap_mode="r").shape[0]
+        with open(_chunk_names(parts, k)[1], "r", encoding="utf-8") as src:
+            n_failed += sum(1 for line in src if '"status": "failed"' in line)
+    meta = dict(meta, ok=n_ok, failed=n_failed)
 
     def copy_rows(fh) -> None:
         for k in range(n_chunks):
@@ -570,7 +571,6 @@ def _merge(paths: Dict[str, Path], n_chunks: int, dim: int, meta: Dict[str, Any]
         _atomic_write(out, lambda fh: torch.save({"features": tensor, "meta": meta}, fh))
 
     def write_manifest(fh) -> None:
-        nonlocal n_failed
         index = 0
         for k in range(n_chunks):
             with open(_chunk_names(parts, k)[1], "r", encoding="utf-8") as src:
@@ -579,12 +579,9 @@ def _merge(paths: Dict[str, Path], n_chunks: int, dim: int, meta: Dict[str, Any]
                     if row["status"] == "ok":
                         row["index"] = index
                         index += 1
-                    else:
-                        n_failed += 1
                     fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     _atomic_write(paths["manifest"], write_manifest, "w")
-    meta.update(ok=n_ok, failed=n_failed)
     _atomic_write(paths["meta"], lambda fh: fh.write(json.dumps(meta, indent=2) + "\n"), "w")
     return n_ok, n_failed
 
@@ -646,7 +643,13 @@ def extract_to_file(model: torch.nn.Module, entries: Sequence[Entry],
                     old = None
                 if old is None:  # killed before the state was written: nothing committed
                     shutil.rmtree(parts)
-                elif old != fingerprint:
+                else:
+                    # batch and chunk sizes only shape the work: keep the run's own
+                    for key in ("batch_size", "chunk_size"):
+                        if key in old and old[key] != fingerprint[key]:
+                            log(f"resuming with the run's {key.replace('_', ' ')} {old[key]}")
+                            fingerprint[key] = old[key]
+                if old is not None and old != fingerprint:
                     diff = sorted(k for k in set(old) | set(fingerprint)
                                   if old.get(k) != fingerprint.get(k))
                     raise ExtractError(f"cannot resume {parts}: the run changed ({', '.join(diff)}"
@@ -665,6 +668,8 @@ def extract_to_file(model: torch.nn.Module, entries: Sequence[Entry],
     barrier()
     if rank != 0 and not parts.exists():  # rank 0 found the run already complete
         return Summary(len(entries), -1, -1, dim, 0.0, 0, [], None)
+    state = json.loads(state_path.read_text())
+    batch_size, chunk_size = int(state["batch_size"]), int(state["chunk_size"])
 
     n_chunks = max(1, math.ceil(len(entries) / chunk_size)) if entries else 0
     mine = [k for k in range(rank, n_chunks, world_size) if not _chunk_done(parts, k)]

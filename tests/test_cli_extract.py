@@ -1,0 +1,171 @@
+"""`trex-extract`: folders and lists, manifest, bad files, --strict, formats, resume after SIGKILL."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import factories as fx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import trex_hub
+from trex_hub.cli.extract import main
+from trex_hub.extract import read_features
+from test_extract import make_bad_files, photos
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "r18.pth"
+    fx.write_backbone_file(path, arch="resnet18", seed=9)
+    return path
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """cats/ and dogs/ of tiny photos, plus one bad file of each kind under bad/."""
+    root = tmp_path_factory.mktemp("data") / "imgs"
+    for c, cls in enumerate(("dogs", "cats")):
+        (root / cls).mkdir(parents=True)
+        for i, a in enumerate(photos(3, (36, 28), seed=c)):
+            Image.fromarray(a).save(root / cls / f"{i}.{'jpg' if i % 2 else 'png'}")
+    (root / "bad").mkdir()
+    expected = make_bad_files(root / "bad")
+    (root / "cats" / "readme.txt").write_text("not picked up: not an image extension")
+    return root, expected
+
+
+def run(*args):
+    return main([str(a) for a in args] + ["--no-progress"])
+
+
+def test_folder_manifest_labels_and_bad_files(ckpt, folder, tmp_path, capsys):
+    root, expected = folder
+    out = tmp_path / "feats.npy"
+    assert run(ckpt, root, "-o", out, "--labels", "folder", "-b", "2") == 0
+    err = capsys.readouterr().err
+    assert "5 failed" in err and "11 images" in err
+    feats, rows = read_features(out)
+    paths = [r["path"] for r in rows]
+    assert paths == sorted(paths) and len(rows) == 11
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert [r["index"] for r in ok] == list(range(6)) and feats.shape == (6, 512)
+    assert {r["label"] for r in ok} == {"cats", "dogs"}
+    failed = {Path(r["path"]).name: r for r in rows if r["status"] == "failed"}
+    assert set(failed) == set(expected)
+    for name, words in expected.items():
+        assert failed[name]["index"] is None and words in failed[name]["error"]
+        assert failed[name]["label"] == "bad"
+    model = trex_hub.load(ckpt)
+    want = model.extract([root / r["path"] for r in ok]).numpy()
+    assert np.abs(feats - want).max() / np.abs(want).max() < 1e-5
+    meta = json.loads((tmp_path / "feats.meta.json").read_text())
+    assert (meta["ok"], meta["failed"], meta["dim"], meta["head"]) == (6, 5, 512, "backbone")
+
+
+def test_strict_fails_on_first_bad_file(ckpt, folder, tmp_path, capsys):
+    root, _ = folder
+    assert run(ckpt, root, "-o", tmp_path / "f.npy", "--strict") == 1
+    assert "--strict" in capsys.readouterr().err
+    assert not (tmp_path / "f.npy").exists()
+
+
+def test_list_order_formats_and_existing_outputs(ckpt, folder, tmp_path, capsys):
+    root, _ = folder
+    lst = tmp_path / "list.txt"
+    names = ["cats/2.png", "dogs/0.png", "cats/1.jpg"]
+    lst.write_text("".join(f"{root / n}\tlabel{i}\n" for i, n in enumerate(names)))
+    out = tmp_path / "f.safetensors"
+    assert run(ckpt, lst, "-o", out, "--normalize") == 0
+    feats, rows = read_features(out)
+    assert [r["label"] for r in rows] == ["label0", "label1", "label2"]
+    assert [Path(r["path"]).relative_to(root).as_posix() for r in rows] == names
+    assert np.allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-6)
+    # an existing output is not replaced silently; --resume of a finished run does nothing
+    assert run(ckpt, lst, "-o", out) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert run(ckpt, lst, "-o", out, "--resume") == 0
+    assert run(ckpt, lst, "-o", out, "--overwrite", "--head", "backbone") == 0
+    pt = tmp_path / "f.pt"
+    assert run(ckpt, lst, "-o", pt) == 0
+    obj = torch.load(pt, weights_only=True)
+    assert obj["features"].shape == (3, 512) and obj["meta"]["ok"] == 3
+
+
+def test_usage_errors(ckpt, folder, tmp_path, capsys):
+    root, _ = folder
+    assert run(ckpt, root, "-o", tmp_path / "f.csv") == 2
+    assert run(ckpt, tmp_path / "missing", "-o", tmp_path / "f.npy") == 2
+    assert run("no_such_model", root, "-o", tmp_path / "f.npy") == 1
+    assert run(ckpt, root, "-o", tmp_path / "f.npy", "--head", "projector") == 1
+    err = capsys.readouterr().err
+    assert "must end with" in err and "neither a file nor a folder" in err
+    assert "projector" in err
+
+
+def test_resume_refuses_a_changed_run(ckpt, folder, tmp_path, capsys):
+    root, _ = folder
+    out = tmp_path / "f.npy"
+    assert run(ckpt, root / "cats", "-o", out, "--keep-parts", "-b", "2") == 0
+    assert (tmp_path / "f.npy.parts").is_dir()
+    assert run(ckpt, root / "cats", "-o", out, "--preprocess", "imagenet") == 1
+    assert run(ckpt, root / "cats", "-o", out, "--resume", "--preprocess", "imagenet") == 1
+    assert "the run changed (preprocess)" in capsys.readouterr().err
+    assert run(ckpt, root / "cats", "-o", out, "--resume") == 0  # adopts the run's -b 2
+    assert not (tmp_path / "f.npy.parts").exists()
+
+
+def _run_main_threads1(*args):
+    before = torch.get_num_threads()
+    try:
+        return run(*args, "--threads", "1")
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_resume_after_sigkill_gives_identical_file(ckpt, tmp_path):
+    data = tmp_path / "many"
+    data.mkdir()
+    for i, a in enumerate(photos(96, (24, 24), seed=5)):
+        Image.fromarray(a).save(data / f"{i:03d}.png")
+    (data / "050.png").write_bytes(b"")  # a failure inside a chunk that gets resumed
+    out = tmp_path / "killed.npy"
+    parts = tmp_path / "killed.npy.parts"
+    opts = ["-b", "4", "--chunk-size", "8", "-j", "1", "--threads", "1", "--no-progress", "-q"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "trex_hub.cli.extract", str(ckpt), str(data),
+                             "-o", str(out), *opts], env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list(parts.glob("chunk-*.jsonl"))) >= 3:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    committed = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
+                 for p in parts.glob("chunk-*") if not p.name.endswith(".tmp")}
+    assert 3 <= len([n for n in committed if n.endswith(".jsonl")]) < 12
+
+    assert _run_main_threads1(ckpt, data, "-o", out, *opts[:6], "--resume",
+                              "--keep-parts") == 0
+    kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in parts.glob("chunk-*")}
+    for name, stamp in committed.items():
+        if name.endswith(".jsonl"):  # committed chunks were not recomputed
+            assert kept[name] == stamp and kept[name[:-6] + ".npy"] == committed[name[:-6] + ".npy"]
+    ref = tmp_path / "ref.npy"
+    assert _run_main_threads1(ckpt, data, "-o", ref, *opts[:6]) == 0
+    assert out.read_bytes() == ref.read_bytes()
+    assert (tmp_path / "killed.manifest.jsonl").read_text() == \
+        (tmp_path / "ref.manifest.jsonl").read_text()
+    feats, rows = read_features(out)
+    assert feats.shape == (95, 512) and rows[50]["status"] == "failed"
+
