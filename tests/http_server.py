@@ -190,7 +190,8 @@ class FileServer:
         self.httpd.requests = []
         self.httpd.log = []
         self.httpd.headers = []
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,),
+                                       daemon=True)
 
     @property
     def url(self) -> str:
@@ -442,7 +443,8 @@ class HubServer:
         self.httpd.user = user
         self.httpd.token = token
         self.httpd.url = self.url
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,),
+                                       daemon=True)
 
     @property
     def url(self) -> str:

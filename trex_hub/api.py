@@ -118,12 +118,13 @@ def _read_registry_checkpoint(entry: registry.ModelEntry, *, projector: bool, em
         url = download.file_url(file.filename, base_url, entry.name)
         try:
             ckpt = read_checkpoint(tmp, ema=ema)
-            _check_released(entry, file, ckpt, f"the file downloaded from {url}")
+            _check_released(entry, file, ckpt, "it")
         except CheckpointError as exc:
+            reason = str(exc).replace(f"{tmp}: ", "").replace(str(tmp), "the file")
             raise CheckpointError(
-                f"{exc} -- rejected, not kept in the cache: '{entry.name}' needs a loadable "
-                f"{entry.arch} checkpoint in the released layout. Check the mirror setting "
-                "TREX_HUB_BASE_URL / base_url=.") from None
+                f"'{entry.name}': the file downloaded from {url} is not a loadable {entry.arch} "
+                f"checkpoint in the released layout ({reason}); rejected, not kept in the cache. "
+                "Check the mirror setting TREX_HUB_BASE_URL / base_url=.") from None
         fresh["ckpt"] = ckpt
 
     path = _fetch_registry_file(entry, file, cache_dir=cache_dir, progress=progress,

@@ -1,0 +1,553 @@
+"""Downloads under faults, all against servers on 127.0.0.1 started by the tests.
+
+Byte-level behaviour (resume, retries, integrity, locks) uses small random blobs; loading
+behaviour uses files in the released layouts (``released_files``, tests/factories.py). Tests that
+need several processes start them from one forkserver that has imported torch once, so each extra
+process costs a fork, not an import.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import trex_hub
+from http_server import FileServer
+from trex_hub import registry
+from trex_hub.checkpoint import CheckpointError
+from trex_hub.hub import download as dl
+
+FAST = dict(backoff=0.01, progress=False)
+
+
+@pytest.fixture(scope="module")
+def blobs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("blobs")
+    rng = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 256, (600_000,), generator=rng, dtype=torch.uint8).numpy().tobytes()
+    (root / "blob.bin").write_bytes(data)
+    (root / "big.bin").write_bytes(data * 4)  # 2.4 MB, for throttled downloads
+    return root
+
+
+@pytest.fixture
+def server(blobs):
+    with FileServer(blobs) as srv:
+        yield srv
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return tmp_path / "cache"
+
+
+def served(blobs, name="blob.bin") -> bytes:
+    return (blobs / name).read_bytes()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def leftovers(folder: Path):
+    """Files other than final files and manifests (partials, temp files)."""
+    return sorted(p.name for p in folder.iterdir()
+                  if p.is_file() and (p.name.endswith(dl.PARTIAL_SUFFIX) or p.name.startswith(".")))
+
+
+# --------------------------------------------------------------------------------------------
+# Plain downloads, cache and manifest
+# --------------------------------------------------------------------------------------------
+def test_download_records_a_manifest_and_is_served_from_the_cache(server, blobs, cache):
+    path = dl.fetch("blob.bin", base_url=server.url, cache_dir=cache, **FAST)
+    assert path == cache / "blob.bin" and path.read_bytes() == served(blobs)
+    man = json.loads((cache / "blob.bin.manifest.json").read_text())
+    assert man["sha256"] == sha(served(blobs)) and man["size"] == len(served(blobs))
+    assert man["url"] == server.url + "blob.bin" and man["source"] == "download"
+    assert dl.fetch("blob.bin", base_url=server.url, cache_dir=cache, **FAST) == path
+    assert len(server.gets("blob.bin")) == 1
+    assert leftovers(cache) == []
+    ua = server.headers[0]["User-Agent"]
+    assert ua.startswith(f"trex_hub/{trex_hub.__version__}")
+
+
+def test_a_dropped_connection_resumes_with_range(server, blobs, cache):
+    server.faults.drop_after = 200_000
+    path = dl.fetch("blob.bin", base_url=server.url, cache_dir=cache, **FAST)
+    gets = server.gets("blob.bin")
+    assert [g[3] for g in gets] == [200, 206]
+    assert gets[1][2] == "bytes=200000-"
+    assert path.read_bytes() == served(blobs)
+    assert dl.read_manifest(path)["sha256"] == sha(served(blobs))  # verified as a whole
+
+
+def test_a_server_ignoring_range_gets_a_full_download(blobs, cache):
+    with FileServer(blobs, honour_range=False) as srv:
+        srv.faults.drop_after = 200_000
+        path = dl.fetch("blob.bin", base_url=srv.url, cache_dir=cache, **FAST)
+        gets = srv.gets("blob.bin")
+    assert [g[3] for g in gets] == [200, 200] and gets[1][2] == "bytes=200000-"
+    assert path.read_bytes() == served(blobs)
+
+
+def test_a_truncated_body_under_a_full_content_length_is_resumed(server, blobs, cache):
+    server.faults.truncate_after = 123_457
+    path = dl.fetch("blob.bin", base_url=server.url, cache_dir=cache, **FAST)
+    assert [g[2] for g in server.gets("blob.bin")] == [None, "bytes=123457-"]
+    assert path.read_bytes() == served(blobs)
+
+
+def test_503_twice_then_success_backs_off_and_retries(server, blobs, cache):
+    server.faults.statuses = [503, 503]
+    t0 = time.monotonic()
+    path = dl.fetch("blob.bin", base_url=server.url, cache_dir=cache, backoff=0.1,
+                    progress=False)
+    assert [g[3] for g in server.gets("blob.bin")] == [503, 503, 200]
+    assert time.monotonic() - t0 >= 0.1 * 0.75 + 0.2 * 0.75  # exponential back-off
+    assert path.read_bytes() == served(blobs)
+
+
+def test_persistent_5xx_gives_up_with_a_clear_error(server, cache):
+    server.faults.statuses = [502] * 10
+    with pytest.raises(dl.DownloadError) as err:
+        dl.fetch("blob.bin", base_url=server.url, cache_dir=cache, retries=2, **FAST)
+    msg = str(err.value)
+    assert "giving up after 3 attempts" in msg and "HTTP 502" in msg
+    assert "TREX_HUB_BASE_URL" in msg and "\n" not in msg
+    assert len(server.gets("blob.bin")) == 3
+    assert not (cache / "blob.bin").exists()
+
+
+def test_404_fails_at_once_naming_the_url_and_the_mirror_setting(server, cache, monkeypatch):
+    monkeypatch.setenv("TREX_HUB_BASE_URL", server.url)
+    with pytest.raises(dl.NotFoundError) as err:
+        dl.fetch("missing.pth", cache_dir=cache, **FAST)
+    msg = str(err.value)
+    assert server.url + "missing.pth" in msg and "HTTP 404" in msg
+    assert f"TREX_HUB_BASE_URL (now '{server.url}')" in msg
+    assert len(server.requests) == 1  # no retry
+    assert not cache.exists() or leftovers(cache) == []
+
+
+def test_a_stalled_server_times_out_and_resumes(server, blobs, cache):
+    server.faults.stall_after = 50_000
+    server.faults.stall_seconds = 3.0
+    t0 = time.monotonic()
+    path = dl.fetch("blob.bin", base_url=server.url, cache_dir=cache, timeout=0.4, **FAST)
+    assert time.monotonic() - t0 < 2.5
+    assert [g[2] for g in server.gets("blob.bin")] == [None, "bytes=50000-"]
+    assert path.read_bytes() == served(blobs)
+
+
+# --------------------------------------------------------------------------------------------
+# Integrity
+# --------------------------------------------------------------------------------------------
+def test_wrong_bytes_fail_the_published_hash_and_are_not_kept(server, blobs, cache):
+    server.faults.corrupt = True
+    with pytest.raises(dl.IntegrityError) as err:
+        dl.fetch("blob.bin", base_url=server.url, cache_dir=cache,
+                 sha256=sha(served(blobs)), **FAST)
+    assert sha(served(blobs)) in str(err.value) and "deleted" in str(err.value)
+    assert sorted(p.name for p in cache.iterdir() if p.is_file()) == []
+
+
+def test_a_resumed_download_with_a_stale_partial_is_redone_from_scratch(server, blobs, cache):
+    cache.mkdir()
+    (cache / "blob.bin.incomplete").write_bytes(b"x" * 1000)  # not a prefix of the real file
+    path = dl.fetch("blob.bin", base_url=server.url, cache_dir=cache,
+                    sha256=sha(served(blobs)), **FAST)
+    assert path.read_bytes() == served(blobs)
+    assert [g[2] for g in server.gets("blob.bin")] == ["bytes=1000-", None]
+
+
+def test_trust_on_first_use_catches_a_mirror_that_changed_its_bytes(server, blobs, cache):
+    path = dl.fetch("blob.bin", base_url=server.url, cache_dir=cache, **FAST)
+    path.unlink()  # e.g. the user cleaned the file but not the manifest
+    server.faults.corrupt = True
+    with pytest.raises(dl.IntegrityError) as err:
+        dl.fetch("blob.bin", base_url=server.url, cache_dir=cache, **FAST)
+    msg = str(err.value)
+    assert "Trust on first use" in msg and "blob.bin.manifest.json" in msg
+    assert not path.exists() and leftovers(cache) == []
+    server.faults.corrupt = False
+    assert dl.fetch("blob.bin", base_url=server.url, cache_dir=cache, **FAST).read_bytes() \
+        == served(blobs)
+
+
+def test_a_registry_size_that_the_server_contradicts_is_refused(server, blobs, cache):
+    with pytest.raises(dl.IntegrityError, match="announces 600000 bytes but 5 are expected"):
+        dl.fetch("blob.bin", base_url=server.url, cache_dir=cache, size=5, **FAST)
+    assert not (cache / "blob.bin").exists()
+
+
+def test_every_cached_load_checks_the_size_and_replaces_a_bad_file(server, blobs, cache):
+    path = dl.fetch("blob.bin", base_url=server.url, cache_dir=cache, **FAST)
+    with open(path, "ab") as fh:
+        fh.write(b"junk")
+    with pytest.warns(RuntimeWarning, match="corrupt .*size 600004 bytes, the manifest recorded "
+                                            "600000.*deleted"):
+        again = dl.fetch("blob.bin", base_url=server.url, cache_dir=cache, **FAST)
+    assert again.read_bytes() == served(blobs) and len(server.gets("blob.bin")) == 2
+
+
+def test_a_file_placed_by_hand_is_hashed_once_and_adopted(blobs, cache):
+    cache.mkdir()
+    shutil.copy(blobs / "blob.bin", cache / "blob.bin")
+    path = dl.fetch("blob.bin", base_url="http://127.0.0.1:9/", cache_dir=cache, **FAST)
+    man = dl.read_manifest(path)
+    assert man["source"] == "adopted" and man["sha256"] == sha(served(blobs))
+
+
+def test_full_check_rehashes(server, blobs, cache):
+    path = dl.fetch("blob.bin", base_url=server.url, cache_dir=cache, **FAST)
+    assert dl.check_cached(path, full=True).ok
+    data = bytearray(path.read_bytes())
+    data[10] ^= 1
+    path.write_bytes(bytes(data))
+    assert dl.check_cached(path).ok  # the cheap check only sees sizes
+    res = dl.check_cached(path, full=True)
+    assert not res.ok and "manifest recorded" in res.reason
+
+
+# --------------------------------------------------------------------------------------------
+# Offline, mirrors, proxies, progress
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("var", ["TREX_HUB_OFFLINE", "HF_HUB_OFFLINE"])
+def test_offline_mode_never_touches_the_network(server, cache, monkeypatch, var):
+    monkeypatch.setenv("TREX_HUB_BASE_URL", server.url)
+    monkeypatch.setenv(var, "1")
+    with pytest.raises(dl.OfflineError) as err:
+        dl.fetch("trexstar.pth", cache_dir=cache, **FAST)
+    msg = str(err.value)
+    assert f"expected at {cache / 'trexstar.pth'}" in msg
+    assert f"`trex-download trex_star --cache-dir {cache}`" in msg and "\n" not in msg
+    monkeypatch.delenv(var)
+    dl.fetch("blob.bin", cache_dir=cache, **FAST)
+    n = len(server.requests)
+    monkeypatch.setenv(var, "1")
+    assert dl.fetch("blob.bin", cache_dir=cache, **FAST).is_file()  # warm cache: fine
+    assert len(server.requests) == n
+
+
+def test_load_offline_with_cold_and_warm_cache(released_files, monkeypatch):
+    with FileServer(released_files) as srv:
+        monkeypatch.setenv("TREX_HUB_BASE_URL", srv.url)
+        monkeypatch.setenv("TREX_HUB_OFFLINE", "1")
+        with pytest.raises(dl.OfflineError, match="trex-download trex_star_repro --full"):
+            trex_hub.load("trex_star_repro", projector=True, progress=False)
+        monkeypatch.delenv("TREX_HUB_OFFLINE")
+        trex_hub.load("trex_star", progress=False)
+        n = len(srv.requests)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        assert trex_hub.load("trex_star").arch == "resnet50"
+        assert len(srv.requests) == n
+
+
+def test_per_model_mirror_and_argument_precedence(released_files, tmp_path, monkeypatch):
+    monkeypatch.setenv("TREX_HUB_BASE_URL", "http://127.0.0.1:9/dead/")
+    with FileServer(released_files) as a, FileServer(released_files) as b:
+        dl.set_mirror("t-ReX*", a.url)
+        try:
+            trex_hub.load("trex_star", progress=False)
+            assert len(a.gets("trexstar.pth")) == 1
+            trex_hub.load("trex_star", progress=False, base_url=b.url,
+                          cache_dir=tmp_path / "other")
+            assert len(b.gets("trexstar.pth")) == 1 and len(a.gets("trexstar.pth")) == 1
+        finally:
+            dl.set_mirror("trex_star", None)
+    assert dl.get_base_url(model="trex_star") == "http://127.0.0.1:9/dead/"
+
+
+def test_proxies_come_from_the_environment(server, blobs, cache, monkeypatch):
+    for var in ("https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("http_proxy", server.url)  # our loopback server acts as the proxy
+    monkeypatch.setenv("HTTP_PROXY", server.url)
+    path = dl.fetch("blob.bin", base_url="http://trex-mirror.invalid/", cache_dir=cache, **FAST)
+    assert path.read_bytes() == served(blobs)
+    assert server.log[0][1] == "http://trex-mirror.invalid/blob.bin"  # absolute-form = proxied
+    # loopback addresses never go through a proxy
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9/")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9/")
+    assert dl.fetch("big.bin", base_url=server.url, cache_dir=cache, **FAST).is_file()
+
+
+def test_progress_bar_only_on_a_tty_and_when_asked(monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert dl._progress_bar(True, 10, 0, "x") is None
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert dl._progress_bar(False, 10, 0, "x") is None
+    bar = dl._progress_bar(True, 10, 4, "x")
+    assert bar is not None and bar.n == 4 and bar.total == 10
+    bar.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Locks
+# --------------------------------------------------------------------------------------------
+def test_threads_share_one_download(blobs, cache):
+    with FileServer(blobs) as srv:
+        srv.faults.throttle = 0.01
+        results, errors = [], []
+
+        def worker():
+            try:
+                results.append(dl.fetch("big.bin", base_url=srv.url, cache_dir=cache, **FAST))
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert not errors and len(results) == 4 and len(srv.gets("big.bin")) == 1
+    assert results[0].read_bytes() == served(blobs, "big.bin")
+
+
+def test_lock_timeout_falls_back_to_a_private_download(server, blobs, cache):
+    import filelock
+
+    held = filelock.FileLock(str(dl.lock_path(cache / "blob.bin")))
+    dl.lock_path(cache / "blob.bin").parent.mkdir(parents=True)
+    with held:
+        path = dl.fetch("blob.bin", base_url=server.url, cache_dir=cache, lock_timeout=0.2,
+                        **FAST)
+    assert path.read_bytes() == served(blobs) and leftovers(cache) == []
+
+
+def test_no_lock_support_still_gives_a_correct_file(server, blobs, cache, monkeypatch):
+    import filelock
+
+    def broken(*a, **k):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(filelock, "FileLock", broken)
+    server.faults.truncate_after = 1000  # a private temp file is retried from the start
+    path = dl.fetch("blob.bin", base_url=server.url, cache_dir=cache, **FAST)
+    assert path.read_bytes() == served(blobs) and leftovers(cache) == []
+
+
+# --------------------------------------------------------------------------------------------
+# load(): files that are not the expected checkpoint are rejected
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def fake_mirror(tmp_path, monkeypatch):
+    root = tmp_path / "mirror"
+    root.mkdir()
+    with FileServer(root) as srv:
+        monkeypatch.setenv("TREX_HUB_BASE_URL", srv.url)
+        yield root, srv
+
+
+def test_a_downloaded_non_checkpoint_is_rejected_and_not_kept(fake_mirror, tmp_path):
+    root, srv = fake_mirror
+    (root / "trex.pth").write_bytes(b"<html>Service temporarily moved</html>")
+    with pytest.raises(CheckpointError) as err:
+        trex_hub.load("trex", progress=False)
+    msg = str(err.value)
+    assert "rejected, not kept" in msg and srv.url + "trex.pth" in msg
+    cache = tmp_path / "cache"
+    assert sorted(p.name for p in cache.iterdir() if p.is_file()) == []
+
+
+def test_a_checkpoint_of_the_wrong_architecture_or_layout_is_rejected(fake_mirror, tmp_path):
+    import factories as fx
+
+    root, srv = fake_mirror
+    fx.write_backbone_file(root / "trexstar.pth", arch="resnet18")
+    with pytest.raises(CheckpointError, match="holds a resnet18, but 'trex_star' is a resnet50"):
+        trex_hub.load("trex_star", progress=False)
+    fx.write_full_checkpoint(root / "trexstar_2.pth", num_layers=1, arch="resnet18",
+                             memory_size=64, hidden=32, out=16)
+    with pytest.raises(CheckpointError, match="rejected"):
+        trex_hub.load("trex_star_repro", progress=False)
+    assert not any(p.is_file() for p in (tmp_path / "cache").iterdir())
+
+
+def test_an_unloadable_cached_file_is_deleted_and_downloaded_again(released_files, tmp_path,
+                                                                  monkeypatch):
+    with FileServer(released_files) as srv:
+        monkeypatch.setenv("TREX_HUB_BASE_URL", srv.url)
+        trex_hub.load("trex", progress=False)
+        cached = tmp_path / "cache" / "trex.pth"
+        size = cached.stat().st_size
+        cached.write_bytes(b"\0" * size)  # same size: passes the cheap check, cannot be read
+        with pytest.raises(CheckpointError, match="has been deleted; run again"):
+            trex_hub.load("trex", progress=False)
+        assert not cached.exists() and dl.manifest_path(cached).exists()  # manifest kept
+        model = trex_hub.load("trex", progress=False)  # verified against the manifest
+        assert len(srv.gets("trex.pth")) == 2 and model.arch == "resnet50"
+        assert dl.sha256_of(cached) == dl.sha256_of(released_files / "trex.pth")
+
+
+def test_load_verifies_against_the_first_download(released_files, tmp_path, monkeypatch):
+    with FileServer(released_files) as srv:
+        monkeypatch.setenv("TREX_HUB_BASE_URL", srv.url)
+        trex_hub.load("trex_star", progress=False)
+        (tmp_path / "cache" / "trexstar.pth").unlink()
+        srv.faults.corrupt = True
+        with pytest.raises(dl.IntegrityError, match="Trust on first use"):
+            trex_hub.load("trex_star", progress=False)
+        assert not (tmp_path / "cache" / "trexstar.pth").exists()
+
+
+def test_registry_hashes_are_checked_when_published(released_files, monkeypatch):
+    entry = registry.MODELS["trex"]
+    bad = dataclasses.replace(entry.backbone_file, sha256="0" * 64)
+    monkeypatch.setitem(registry.MODELS, "trex", dataclasses.replace(entry, backbone_file=bad))
+    with FileServer(released_files) as srv:
+        monkeypatch.setenv("TREX_HUB_BASE_URL", srv.url)
+        with pytest.raises(dl.IntegrityError, match="0{64} was expected"):
+            trex_hub.load("trex", progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Several processes (forked from one forkserver that imported torch once)
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def procs():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torchvision", "trex_hub", "filelock"])
+    return ctx
+
+
+def _load_and_digest(name, cache_dir, base_url, barrier, queue):
+    torch.set_num_threads(1)
+    barrier.wait(60)
+    try:
+        model = trex_hub.load(name, cache_dir=cache_dir, base_url=base_url, progress=False)
+        h = hashlib.sha256()
+        for k, v in sorted(model.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.numpy().tobytes())
+        queue.put(("ok", h.hexdigest()))
+    except Exception as exc:  # pragma: no cover - reported by the test
+        queue.put(("error", repr(exc)))
+
+
+def test_eight_processes_loading_at_once_share_one_download(released_files, procs, tmp_path):
+    cache = tmp_path / "shared_cache"
+    with FileServer(released_files) as srv:
+        srv.faults.chunk = 1 << 20
+        srv.faults.throttle = 0.005  # ~0.5 s: everyone asks while the download runs
+        barrier, queue = procs.Barrier(8), procs.Queue()
+        ps = [procs.Process(target=_load_and_digest,
+                            args=("trex", str(cache), srv.url, barrier, queue))
+              for _ in range(8)]
+        for p in ps:
+            p.start()
+        results = [queue.get(timeout=120) for _ in ps]
+        for p in ps:
+            p.join(30)
+        assert len(srv.gets("trex.pth")) == 1
+    assert all(r[0] == "ok" for r in results), results
+    assert len({r[1] for r in results}) == 1
+    ref = trex_hub.load(released_files / "trex.pth")
+    h = hashlib.sha256()
+    for k, v in sorted(ref.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.numpy().tobytes())
+    assert results[0][1] == h.hexdigest()
+    assert leftovers(cache) == []
+
+
+def _load_forever(cache_dir, base_url):
+    torch.set_num_threads(1)
+    trex_hub.load("trex", cache_dir=cache_dir, base_url=base_url, progress=False)
+
+
+def test_sigkill_mid_download_then_load_resumes(released_files, procs, tmp_path):
+    cache = tmp_path / "cache"
+    total = (released_files / "trex.pth").stat().st_size
+    partial = cache / "trex.pth.incomplete"
+    with FileServer(released_files) as srv:
+        srv.faults.chunk = 1 << 20
+        srv.faults.throttle = 0.05
+        p = procs.Process(target=_load_forever, args=(str(cache), srv.url))
+        p.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if partial.exists() and partial.stat().st_size > total // 4:
+                break
+            time.sleep(0.02)
+        p.kill()  # SIGKILL: no clean-up code runs
+        p.join(10)
+        assert p.exitcode == -9
+        kept = partial.stat().st_size
+        assert 0 < kept < total and not (cache / "trex.pth").exists()
+        srv.faults.throttle = 0.0
+        model = trex_hub.load("trex", base_url=srv.url, progress=False)
+        ranges = [g[2] for g in srv.gets("trex.pth")]
+    assert ranges[0] is None and ranges[1] is not None
+    assert int(ranges[1][len("bytes="):-1]) >= kept - (1 << 20)  # resumed, not restarted
+    assert (cache / "trex.pth").read_bytes() == (released_files / "trex.pth").read_bytes()
+    assert dl.read_manifest(cache / "trex.pth")["sha256"] == dl.sha256_of(
+        released_files / "trex.pth")
+    assert model.arch == "resnet50" and not partial.exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_rank(rank, port, cache_dir, base_url, queue):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ["LOCAL_RANK"] = str(rank)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    calls = []
+    real = dl.fetch
+
+    def spy(*a, **k):
+        calls.append(time.monotonic())
+        out = real(*a, **k)
+        calls.append(time.monotonic())
+        return out
+
+    dl.fetch = spy
+    try:
+        path = dl.fetch_distributed("big.bin", cache_dir=cache_dir, base_url=base_url,
+                                    progress=False)
+        queue.put((rank, str(path), calls))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_helper_rank0_downloads_others_wait_at_a_barrier(blobs, procs, tmp_path):
+    with FileServer(blobs) as srv:
+        srv.faults.throttle = 0.01
+        queue, port = procs.Queue(), _free_port()
+        ps = [procs.Process(target=_ddp_rank, args=(r, port, str(tmp_path / "c"), srv.url, queue))
+              for r in range(2)]
+        for p in ps:
+            p.start()
+        out = dict((r, (path, calls)) for r, path, calls in (queue.get(timeout=60)
+                                                              for _ in ps))
+        for p in ps:
+            p.join(30)
+        assert len(srv.gets("big.bin")) == 1
+    assert out[0][0] == out[1][0]
+    rank0_done, rank1_start = out[0][1][1], out[1][1][0]
+    assert rank1_start >= rank0_done  # rank 1 only looked after rank 0 had finished
+
+
+def test_fetch_distributed_without_a_process_group_is_fetch(server, blobs, cache):
+    path = dl.fetch_distributed("blob.bin", base_url=server.url, cache_dir=cache, **FAST)
+    assert path.read_bytes() == served(blobs)
+
