@@ -278,7 +278,7 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if body and not head:
+        if body and not head and self.command != "HEAD":  # a HEAD reply has no body
             self.wfile.write(body)
 
     def _json(self, status: int, obj: Any, headers: Optional[Dict[str, str]] = None) -> None:
@@ -369,8 +369,8 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
                 else f"{server.user}/{req['name']}"
             with server.lock:
                 if repo_id in server.repos:
-                    self._error(409, "RepoExists", "You already created this model repo",
-                                {})
+                    self._json(409, {"error": "You already created this model repo",
+                                     "url": f"{server.url}{repo_id}"})
                     return
                 repo = server.repos[repo_id] = _HubRepo()
                 repo.private = bool(req.get("private"))

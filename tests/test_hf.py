@@ -1,0 +1,240 @@
+"""Hugging Face Hub: the real huggingface_hub client against a Hub emulator on 127.0.0.1."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+
+import trex_hub
+from http_server import FileServer, HubServer
+from trex_hub import registry
+from trex_hub.api import ModelLoadError
+from trex_hub.hub import download as dl
+from trex_hub.hub import hf
+from trex_hub.model import TReX
+
+X = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+FILES = ("config.json", "model.safetensors", "README.md")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny forwards: a second OpenMP thread only adds contention on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small_model(seed: int = 0, name: str = "mini") -> TReX:
+    """A resnet18 t-ReX with projector and prototypes: every kind of tensor, small enough."""
+    torch.manual_seed(seed)
+    model = TReX("resnet18", projector={"num_layers": 2, "hidden_dim": 64, "out_dim": 16},
+                 num_classes=10, name=name)
+    with torch.no_grad():
+        model.classifier.prototypes.copy_(torch.nn.functional.normalize(torch.randn(10, 16), dim=-1))
+        for m in model.modules():
+            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def outputs(model: TReX):
+    with torch.no_grad():
+        return model(X), model.forward_logits(X), model.forward_features(X)
+
+
+def assert_same(a: TReX, b: TReX) -> None:
+    for x, y in zip(outputs(a), outputs(b)):
+        assert torch.equal(x, y)  # bit-identical
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    model = small_model()
+    folder = trex_hub.save_pretrained(model, tmp_path_factory.mktemp("export") / "mini")
+    return model, folder
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    with HubServer() as srv:
+        monkeypatch.setenv("HF_ENDPOINT", srv.url.rstrip("/"))
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+        for var in ("HF_HUB_CACHE", "HF_TOKEN", "HF_HUB_OFFLINE"):
+            monkeypatch.delenv(var, raising=False)
+        yield srv
+
+
+def publish(hub: HubServer, repo: str, folder: Path, **kw) -> str:
+    return hub.add(repo, {n: (folder / n).read_bytes() for n in FILES}, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# save_pretrained
+# --------------------------------------------------------------------------------------------
+def test_save_pretrained_round_trip_is_bit_identical(exported):
+    model, folder = exported
+    assert sorted(p.name for p in folder.iterdir()) == sorted(FILES)
+    loaded = trex_hub.load(folder, projector=True)
+    assert_same(model, loaded)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["arch"] == "resnet18" and config["projector"]["num_layers"] == 2
+    assert config["classifier"]["num_classes"] == 10 and config["format"] == "trex_hub"
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as fh:  # tensors only
+        assert set(fh.keys()) == set(model.state_dict())
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "trex_hub"
+    assert 'trex_hub.load("path/to/this/folder", projector=True)' in card.text
+
+
+@pytest.mark.parametrize("name", registry.list_models())
+def test_cards_of_released_models_carry_the_registry_facts(name):
+    entry = registry.get_entry(name)
+    cfg = {"arch": "resnet50", "num_features": 2048, "projector": None, "classifier": None}
+    card = hf.render_card(cfg, name=name, repo_id=f"org/{name}")
+    data = card.data.to_dict()
+    assert data["license"] == "cc-by-nc-sa-4.0" and data["library_name"] == "trex_hub"
+    results = {r.dataset_type: r.metric_value for r in card.data.eval_results}
+    assert results["imagenet-1k"] == pytest.approx(entry.imagenet_top1)
+    assert results["trex-transfer-15"] == pytest.approx(entry.transfer_log_odds)
+    assert "CC BY-NC-SA 4.0" in card.text and f'trex_hub.load("hf-hub:org/{name}")' in card.text
+
+
+def test_card_from_registry_facts_when_no_card_file(monkeypatch, tmp_path):
+    monkeypatch.setattr(hf, "_CARDS_DIR", tmp_path / "none")
+    cfg = {"arch": "resnet50", "num_features": 2048, "projector": None, "classifier": None}
+    card = hf.render_card(cfg, name="t-ReX*")
+    assert card.data.license == "cc-by-nc-sa-4.0" and "2206.15369" in card.text
+    assert {r.metric_value for r in card.data.eval_results} == {80.2, 0.8829}
+
+
+# --------------------------------------------------------------------------------------------
+# hf-hub: loading
+# --------------------------------------------------------------------------------------------
+def test_load_hf_hub_id_through_the_real_client(hub, exported, tmp_path):
+    model, folder = exported
+    sha = publish(hub, "org/mini", folder)
+    loaded = trex_hub.load("hf-hub:org/mini", projector=True)
+    assert_same(model, loaded)
+    snap = tmp_path / "hf_home" / "hub" / "models--org--mini" / "snapshots" / sha
+    assert (snap / "model.safetensors").is_file() and (snap / "config.json").is_file()
+    n = len(hub.downloads)
+    assert n == 2
+    backbone_only = trex_hub.load("hf-hub:org/mini")  # from the HF cache, no new GET
+    assert len(hub.downloads) == n and not backbone_only.has_projector
+    with torch.no_grad():
+        assert torch.equal(backbone_only(X), model.forward_features(X))
+
+
+def test_revisions_branches_tags_and_commits(hub, exported, tmp_path):
+    model, folder = exported
+    v1 = publish(hub, "org/mini", folder, tag="v1")
+    newer = trex_hub.save_pretrained(small_model(seed=1), tmp_path / "v2")
+    v2 = publish(hub, "org/mini", newer)
+    assert v1 != v2
+    assert_same(model, trex_hub.load("hf-hub:org/mini@v1", projector=True))
+    assert_same(model, trex_hub.load(f"hf-hub:org/mini@{v1}", projector=True))
+    assert_same(model, trex_hub.load("hf-hub:org/mini", revision="v1", projector=True))
+    latest = trex_hub.load("hf-hub:org/mini", projector=True)
+    assert not torch.equal(outputs(latest)[0], outputs(model)[0])
+    with pytest.raises(ValueError, match="use one"):
+        trex_hub.load("hf-hub:org/mini@v1", revision="main")
+    with pytest.raises(dl.NotFoundError, match="revision 'nope' does not exist"):
+        trex_hub.load("hf-hub:org/mini@nope")
+
+
+def test_hf_offline_with_and_without_a_warm_cache(hub, exported, monkeypatch):
+    model, folder = exported
+    publish(hub, "org/mini", folder)
+    for var in ("HF_HUB_OFFLINE", "TREX_HUB_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+        with pytest.raises(dl.OfflineError) as err:
+            trex_hub.load("hf-hub:org/mini")
+        assert "trex-download hf-hub:org/mini" in str(err.value)
+        monkeypatch.delenv(var)
+    assert hub.log == []
+    trex_hub.load("hf-hub:org/mini")
+    n = len(hub.log)
+    for var in ("HF_HUB_OFFLINE", "TREX_HUB_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+        assert_same(trex_hub.load("hf-hub:org/mini", projector=True),
+                    trex_hub.load(folder, projector=True))
+        monkeypatch.delenv(var)
+    assert len(hub.log) == n  # not one request
+
+
+def test_private_repos_need_the_token(hub, exported):
+    _, folder = exported
+    publish(hub, "org/secret", folder, private=True)
+    with pytest.raises(dl.NotFoundError, match="pass token="):
+        trex_hub.load("hf-hub:org/secret")
+    assert trex_hub.load("hf-hub:org/secret", token=hub.token).arch == "resnet18"
+    assert f"Bearer {hub.token}" in hub.auth
+
+
+def test_clear_errors_for_missing_repos_and_non_trex_repos(hub):
+    with pytest.raises(dl.NotFoundError, match="repository not found"):
+        trex_hub.load("hf-hub:org/absent")
+    hub.add("org/other", {"pytorch_model.bin": b"123"})
+    with pytest.raises(dl.NotFoundError, match="not a trex_hub model.*push_to_hub"):
+        trex_hub.load("hf-hub:org/other")
+    with pytest.raises(ValueError, match="not a Hub model id"):
+        trex_hub.load("hf-hub:a/b/c")
+
+
+# --------------------------------------------------------------------------------------------
+# push_to_hub
+# --------------------------------------------------------------------------------------------
+def test_push_to_hub_then_load(hub, exported):
+    model, _ = exported
+    url = trex_hub.push_to_hub(model, "tester/pushed", token=hub.token)
+    assert url.startswith(hub.url + "tester/pushed/commit/")
+    repo = hub.repos["tester/pushed"]
+    tree = repo.commits[repo.refs["main"]]
+    assert set(FILES) <= set(tree)
+    assert "library_name: trex_hub" in tree["README.md"].decode()
+    assert f"Bearer {hub.token}" in hub.auth
+    assert_same(model, trex_hub.load("hf-hub:tester/pushed", projector=True))
+    # a second push is a new commit on the same repo
+    trex_hub.push_to_hub(small_model(seed=3), "tester/pushed", token=hub.token,
+                         commit_message="v2")
+    assert len(repo.commits) == 3  # initial + 2 pushes
+
+
+# --------------------------------------------------------------------------------------------
+# source="hf" for registry entries with an HF mirror
+# --------------------------------------------------------------------------------------------
+def test_registry_hf_mirror_is_used_only_when_asked(hub, released_files, monkeypatch, tmp_path):
+    ref = trex_hub.load(released_files / "trexstar.pth")
+    folder = trex_hub.save_pretrained(ref, tmp_path / "trex_star_export", name="trex_star")
+    publish(hub, "naver/trex_star", folder)
+    entry = registry.MODELS["trex_star"]
+    monkeypatch.setitem(registry.MODELS, "trex_star",
+                        dataclasses.replace(entry, hf_repo="naver/trex_star"))
+    with FileServer(released_files) as srv:
+        monkeypatch.setenv("TREX_HUB_BASE_URL", srv.url)
+        via_hf = trex_hub.load("trex_star", source="hf")
+        assert srv.requests == [] and len(hub.downloads) == 2
+        default = trex_hub.load("trex_star", progress=False)
+        assert len(srv.gets("trexstar.pth")) == 1 and len(hub.downloads) == 2
+    with torch.no_grad():
+        assert torch.equal(via_hf(X[:1]), default(X[:1]))
+    repro = registry.MODELS["trex_star_repro"]
+    monkeypatch.setitem(registry.MODELS, "trex_star_repro",
+                        dataclasses.replace(repro, hf_repo="naver/trex_star_repro"))
+    with pytest.raises(ModelLoadError, match="ema=True needs source='url'"):
+        trex_hub.load("trex_star_repro", source="hf", ema=True)
+    with pytest.raises(ModelLoadError, match="'trex' has no Hugging Face Hub mirror.*trex_star"):
+        trex_hub.load("trex", source="hf")
+    with pytest.raises(ModelLoadError, match="source='ftp' is not one of"):
+        trex_hub.load("trex", source="ftp")
