@@ -382,3 +382,23 @@ def test_threads_overlap_decoding_with_forward(r18_path, tmp_path):
     t2 = time.perf_counter()
     assert torch.equal(a, b)
     assert t2 - t1 < (t1 - t0) * 1.5
+
+
+@pytest.mark.benchmark
+def test_benchmark_script_runs(tmp_path):
+    """`benchmarks/extract_bench.py` end to end on a handful of images (timings meaningless)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "extract_bench.py"
+    out = tmp_path / "bench.json"
+    res = subprocess.run([sys.executable, str(script), "--images", "8", "--batch-size", "4",
+                          "--rounds", "1", "--e2e-rounds", "1", "--skip-memory",
+                          "--work-dir", str(tmp_path / "work"), "--json", str(out)],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["model_only"]["rel_err"] < 1e-4 and results["e2e"]["rel_err"] < 1e-2
+    assert "ratio_best" in results["e2e"] and "| model-only" in res.stdout

@@ -544,11 +544,15 @@ def _merge(paths: Dict[str, Path], n_chunks: int, dim: int, meta: Dict[str, Any]
     """Concatenate the committed chunks into the final files; returns (ok, failed)."""
     parts = paths["parts"]
     out = paths["features"]
+    missing = [k for k in range(n_chunks) if not _chunk_done(parts, k)]
+    if missing:
+        raise ExtractError(f"{parts}: chunk(s) {missing[:10]} were never committed (did a rank "
+                           "fail?); rerun with --resume")
     n_ok = n_failed = 0
     for k in range(n_chunks):
         n_ok += np.load(_chunk_names(parts, k)[0], mmap_mode="r").shape[0]
         with open(_chunk_names(parts, k)[1], "r", encoding="utf-8") as src:
-            n_failed += sum(1 for line in src if '"status": "failed"' in line)
+            n_failed += sum(1 for line in src if json.loads(line)["status"] != "ok")
     meta = dict(meta, ok=n_ok, failed=n_failed)
 
     def copy_rows(fh) -> None:

@@ -194,7 +194,6 @@ class InferenceModel:
             self.compiled = True
         self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        self.lock = threading.Lock()
 
     # -- batches -------------------------------------------------------------------------------
     def to_input(self, batch: torch.Tensor) -> torch.Tensor:
