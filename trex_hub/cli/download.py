@@ -1,0 +1,278 @@
+"""``trex-download``: fetch, list, verify and convert the released t-ReX weights.
+
+    trex-download --list                      models, metrics, sizes, what is cached (--json)
+    trex-download trex_star trex              download (verified) into the cache
+    trex-download --all --full                every model, plus the full training checkpoints
+    trex-download hf-hub:org/repo@rev         a model folder from the Hugging Face Hub
+    trex-download --verify                    re-hash every cached file; exit 1 on a mismatch
+    trex-download trex_star_repro --full --to-safetensors exported/
+
+Exit codes: 0 ok, 1 failure (one line on stderr saying what and how to fix it), 2 usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+PROG = "trex-download"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Download the released t-ReX / t-ReX* weights into the trex_hub cache "
+                    "(verified, resumable, shared safely between processes).",
+        epilog="Environment: TREX_HUB_CACHE (cache folder), TREX_HUB_BASE_URL (mirror), "
+               "TREX_HUB_OFFLINE=1 (never use the network), HF_ENDPOINT / HF_TOKEN for hf-hub: "
+               "ids.")
+    p.add_argument("models", nargs="*", metavar="MODEL",
+                   help="registry names or aliases (trex, trex_star, t-ReX*, ...) or "
+                        "hf-hub:org/repo[@revision]")
+    p.add_argument("--all", action="store_true", help="every released model")
+    p.add_argument("--full", action="store_true",
+                   help="also the full training checkpoint (projector, OCM memory, EMA copy) "
+                        "where one is released")
+    p.add_argument("--list", action="store_true", help="table of models and of what is cached")
+    p.add_argument("--json", action="store_true", help="with --list or --verify: JSON output")
+    p.add_argument("--cache-dir", default=None,
+                   help="cache folder (default $TREX_HUB_CACHE or ~/.cache/trex_hub; for hf-hub: "
+                        "ids the Hugging Face cache)")
+    p.add_argument("--base-url", default=None, help="mirror to download from (default "
+                   "$TREX_HUB_BASE_URL, else the official server)")
+    p.add_argument("--offline", action="store_true",
+                   help="do not use the network: only check that the files are cached")
+    p.add_argument("--verify", action="store_true",
+                   help="re-hash the cached files (all, or the MODELs named) against their "
+                        "manifest and the registry; delete mismatches and exit 1")
+    p.add_argument("--to-safetensors", metavar="DIR", default=None,
+                   help="also write each model as DIR/<name>/ (model.safetensors + config.json + "
+                        "README.md); with --full the projector and prototypes are included")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, no output but "
+                                                              "errors")
+    return p
+
+
+class _Usage(Exception):
+    pass
+
+
+def _human(n: Optional[int]) -> str:
+    if n is None:
+        return "?"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _file_status(file, cache_dir) -> Dict[str, Any]:
+    from ..hub import download
+
+    path = download.get_cache_dir(cache_dir) / file.filename
+    man = download.read_manifest(path)
+    partial = download.partial_path(path)
+    cached = path.is_file()
+    size = path.stat().st_size if cached else (man["size"] if man else file.size)
+    return {"filename": file.filename, "kind": file.kind, "path": str(path), "cached": cached,
+            "partial_bytes": partial.stat().st_size if partial.is_file() else 0,
+            "size": size, "sha256": (man or {}).get("sha256") or file.sha256,
+            "published_sha256": file.sha256}
+
+
+def _listing(cache_dir) -> List[Dict[str, Any]]:
+    from .. import registry
+
+    rows = []
+    for name in registry.list_models():
+        e = registry.MODELS[name]
+        rows.append({"name": e.name, "title": e.title, "aliases": list(e.aliases),
+                     "imagenet_top1": e.imagenet_top1, "transfer_log_odds": e.transfer_log_odds,
+                     "has_projector": e.has_projector, "hf_repo": e.hf_repo,
+                     "files": [_file_status(f, cache_dir) for f in e.files()]})
+    return rows
+
+
+def _print_table(rows: List[Dict[str, Any]]) -> None:
+    header = ("name", "top-1", "log-odds", "projector", "size", "cached")
+    lines = [header]
+    for r in rows:
+        back = r["files"][0]
+        full = r["files"][1] if len(r["files"]) > 1 else None
+
+        def state(f):
+            if f["cached"]:
+                return "yes"
+            return f"partial ({_human(f['partial_bytes'])})" if f["partial_bytes"] else "no"
+
+        cached = state(back) + (f", full: {state(full)}" if full else "")
+        size = _human(back["size"]) + (f" + {_human(full['size'])}" if full else "")
+        lines.append((r["name"], f"{r['imagenet_top1']:.1f}", f"{r['transfer_log_odds']:.4f}",
+                      "yes" if r["has_projector"] else "no", size, cached))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    for line in lines:
+        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip())
+
+
+def _resolve(names: Sequence[str], everything: bool) -> List[str]:
+    from .. import registry
+
+    out: List[str] = []
+    for n in (registry.list_models() if everything else []) + list(names):
+        if n.startswith("hf-hub:"):
+            key = n
+        else:
+            try:
+                key = registry.get_entry(n).name
+            except registry.UnknownModelError as exc:
+                raise _Usage(str(exc)) from None
+        if key not in out:
+            out.append(key)
+    return out
+
+
+def _verify(names: List[str], cache_dir, as_json: bool, quiet: bool) -> int:
+    from .. import registry
+    from ..hub import download
+
+    root = download.get_cache_dir(cache_dir)
+    known = {f.filename: f for e in registry.MODELS.values() for f in e.files()}
+    if names:
+        targets = [f for n in names if not n.startswith("hf-hub:")
+                   for f in registry.MODELS[n].files()]
+        files = [(root / f.filename, f) for f in targets if (root / f.filename).is_file()]
+    else:
+        seen = {p.name[:-len(download.MANIFEST_SUFFIX)]
+                for p in root.glob("*" + download.MANIFEST_SUFFIX)} if root.is_dir() else set()
+        seen |= {n for n in known if (root / n).is_file()}
+        files = [(root / n, known.get(n)) for n in sorted(seen) if (root / n).is_file()]
+    results = []
+    bad = 0
+    for path, info in files:
+        res = download.check_cached(path, sha256=info.sha256 if info else None,
+                                    size=info.size if info else None, full=True)
+        if not res.ok:
+            bad += 1
+            download.remove_cached(path)  # the manifest stays: a new download must match it
+        results.append({"file": str(path), "ok": res.ok, "sha256": res.sha256, "size": res.size,
+                        "problem": res.reason or None})
+    if as_json:
+        print(json.dumps({"cache_dir": str(root), "files": results, "mismatches": bad},
+                         indent=2))
+    else:
+        for r in results:
+            if r["ok"] and not quiet:
+                print(f"ok        {r['file']}  ({_human(r['size'])}, sha256 {r['sha256']})")
+            elif not r["ok"]:
+                print(f"MISMATCH  {r['file']}: {r['problem']}; deleted, download it again",
+                      file=sys.stderr)
+        if not results and not quiet:
+            print(f"nothing cached in {root}")
+        elif bad and not quiet:
+            print(f"{bad} of {len(results)} cached files failed verification", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def _download(names: List[str], args: argparse.Namespace) -> int:
+    from .. import api, registry
+    from ..checkpoint import build_model, read_checkpoint
+    from ..hub import download, hf
+
+    progress = not args.quiet
+    out_dir = Path(args.to_safetensors) if args.to_safetensors else None
+    for name in names:
+        if name.startswith("hf-hub:"):
+            folder = hf.download_model(name[len("hf-hub:"):], cache_dir=args.cache_dir,
+                                       offline=args.offline or None, progress=progress)
+            if not args.quiet:
+                print(folder)
+            if out_dir is not None:
+                ckpt = read_checkpoint(folder)
+                model = build_model(ckpt, projector=ckpt.has_projector,
+                                    name=ckpt.config.get("name"))
+                _export(model, out_dir / name[len("hf-hub:"):].replace("/", "--"), args)
+            continue
+        entry = registry.get_entry(name)
+        wanted = [(entry.backbone_file, False)]
+        if args.full and entry.full_file is not None:
+            wanted.append((entry.full_file, True))
+        elif args.full and not args.quiet:
+            print(f"{entry.name}: no full training checkpoint is released (backbone only)",
+                  file=sys.stderr)
+        last = None
+        for file, full in wanted:
+            if args.offline:
+                path = download.fetch(file.filename, cache_dir=args.cache_dir, offline=True,
+                                      sha256=file.sha256, size=file.size, model=entry.name)
+                ckpt = None
+            else:
+                ckpt = api._read_registry_checkpoint(entry, projector=full, ema=False,
+                                                     cache_dir=args.cache_dir,
+                                                     progress=progress,
+                                                     base_url=args.base_url)
+                path = Path(ckpt.source)
+            last = (ckpt, path, full)
+            if not args.quiet:
+                print(path)
+        if out_dir is not None and last is not None:
+            ckpt, path, full = last
+            if ckpt is None:
+                ckpt = read_checkpoint(path)
+            model = build_model(ckpt, projector=full, name=entry.name)
+            _export(model, out_dir / entry.name, args)
+    return 0
+
+
+def _export(model, folder: Path, args: argparse.Namespace) -> None:
+    from ..hub import hf
+
+    hf.save_pretrained(model, folder)
+    if not args.quiet:
+        print(f"wrote {folder}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else 2
+    from ..api import ModelLoadError
+    from ..checkpoint import CheckpointError
+    from ..hub.download import DownloadError
+
+    try:
+        if args.json and not (args.list or args.verify):
+            raise _Usage("--json goes with --list or --verify")
+        names = _resolve(args.models, args.all)
+        if args.list:
+            rows = _listing(args.cache_dir)
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            else:
+                _print_table(rows)
+            if not names and not args.verify:
+                return 0
+        if args.verify:
+            return _verify(names, args.cache_dir, args.json, args.quiet)
+        if not names:
+            raise _Usage("name at least one MODEL (see --list), or use --all, --list or --verify")
+        return _download(names, args)
+    except _Usage as exc:
+        print(f"{PROG}: usage error: {exc}", file=sys.stderr)
+        return 2
+    except (DownloadError, CheckpointError, ModelLoadError, ValueError, OSError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
