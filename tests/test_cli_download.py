@@ -57,7 +57,8 @@ def test_list_table_and_json(mirror, capsys, cache):
     assert data["trex_repro"]["has_projector"] and not data["trex"]["has_projector"]
     assert not data["trex"]["files"][0]["cached"]
     code, out, _ = run(capsys, "--list")
-    assert "MiB" in out and "yes" in [ln for ln in out.splitlines() if ln.startswith("trex_star ")][0]
+    [star_row] = [ln for ln in out.splitlines() if ln.startswith("trex_star ")]
+    assert "MiB" in star_row and " yes" in star_row
 
 
 def test_download_named_models_and_aliases(mirror, capsys, cache):

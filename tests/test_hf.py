@@ -36,7 +36,8 @@ def small_model(seed: int = 0, name: str = "mini") -> TReX:
     model = TReX("resnet18", projector={"num_layers": 2, "hidden_dim": 64, "out_dim": 16},
                  num_classes=10, name=name)
     with torch.no_grad():
-        model.classifier.prototypes.copy_(torch.nn.functional.normalize(torch.randn(10, 16), dim=-1))
+        protos = torch.nn.functional.normalize(torch.randn(10, 16), dim=-1)
+        model.classifier.prototypes.copy_(protos)
         for m in model.modules():
             if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
                 m.running_mean.uniform_(-0.1, 0.1)

@@ -155,6 +155,9 @@ def _export_section(config: Dict[str, Any], repo_id: Optional[str]) -> str:
     if clf:
         parts.append(f"- classifier: cosine prototypes, {clf['num_classes']} classes, "
                      f"tau = {clf['tau']}")
+    training = config.get("training")
+    if isinstance(training, dict) and training:
+        parts.append("- training: " + ", ".join(f"{k} = {v}" for k, v in training.items()))
     target = f'"hf-hub:{repo_id}"' if repo_id else '"path/to/this/folder"'
     return (
         "\n## Files of this export\n\n"
