@@ -26,6 +26,7 @@ import os
 import random
 import re
 import socket
+import ssl
 import sys
 import time
 import urllib.error
@@ -375,6 +376,10 @@ def _attempt(url: str, tmp: Path, *, timeout: float, expected_size: Optional[int
     except (urllib.error.URLError, socket.timeout, ConnectionError, http.client.HTTPException,
             OSError) as exc:
         reason = getattr(exc, "reason", exc)
+        if isinstance(reason, ssl.SSLCertVerificationError):  # retrying will not help
+            raise DownloadError(f"{url}: TLS certificate verification failed ({reason}); fix "
+                                "the system certificates (SSL_CERT_FILE) or use a mirror "
+                                "(TREX_HUB_BASE_URL).") from None
         raise _Transient(f"{type(reason).__name__}: {reason}") from None
     with resp:
         status = resp.status
