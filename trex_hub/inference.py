@@ -29,6 +29,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 from .model import IMAGENET_MEAN, IMAGENET_STD
 
@@ -61,8 +62,8 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> nn.Con
     scale, shift = _bn_scale_shift(bn)
     w = conv.weight.detach().double()
     b = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(scale)
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                      conv.padding, conv.dilation, conv.groups, bias=True,
+    fused = skip_init(nn.Conv2d, conv.in_channels, conv.out_channels, conv.kernel_size,
+                      conv.stride, conv.padding, conv.dilation, conv.groups, bias=True,
                       padding_mode=conv.padding_mode, device=conv.weight.device,
                       dtype=conv.weight.dtype)
     with torch.no_grad():
@@ -76,7 +77,7 @@ def fold_linear_bn(linear: nn.Linear, bn: nn.modules.batchnorm._BatchNorm) -> nn
     scale, shift = _bn_scale_shift(bn)
     w = linear.weight.detach().double()
     b = linear.bias.detach().double() if linear.bias is not None else torch.zeros_like(scale)
-    fused = nn.Linear(linear.in_features, linear.out_features, bias=True,
+    fused = skip_init(nn.Linear, linear.in_features, linear.out_features, bias=True,
                       device=linear.weight.device, dtype=linear.weight.dtype)
     with torch.no_grad():
         fused.weight.copy_(w * scale.view(-1, 1))
