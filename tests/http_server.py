@@ -3,7 +3,8 @@
 ``with FileServer(folder) as srv: srv.url`` serves ``folder`` on a free loopback port. Faults are
 set on ``srv.faults`` (a :class:`Faults`) and apply to GET requests, each as many times as asked:
 
-* ``statuses = [503, 503]``: answer those statuses first (one per request), then serve normally;
+* ``statuses = [503, 503]``: answer those statuses first (one per request), then serve normally
+  (with ``Retry-After: retry_after``);
 * ``drop_after = n`` (``drop_times``): send ``n`` body bytes, then reset the connection;
 * ``truncate_after = n`` (``truncate_times``): announce the full ``Content-Length`` but send only
   ``n`` bytes and close cleanly (the header lies);
@@ -46,6 +47,7 @@ class Faults:
     replace: Dict[str, bytes] = field(default_factory=dict)
     throttle: float = 0.0
     chunk: int = 64 * 1024
+    retry_after: str = "0"
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -86,7 +88,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._record(status)
             self.send_response(status)
             self.send_header("Content-Length", "0")
-            self.send_header("Retry-After", "0")
+            self.send_header("Retry-After", faults.retry_after)
             self.end_headers()
             return
         # a proxy request carries the absolute URL: serve its path

@@ -127,6 +127,45 @@ def test_503_twice_then_success_backs_off_and_retries(server, blobs, cache):
     assert path.read_bytes() == served(blobs)
 
 
+def test_retry_after_is_honoured(server, blobs, cache):
+    server.faults.statuses = [429]
+    server.faults.retry_after = "0.4"
+    t0 = time.monotonic()
+    dl.fetch("blob.bin", base_url=server.url, cache_dir=cache, **FAST)
+    assert time.monotonic() - t0 >= 0.4
+    assert [g[3] for g in server.gets("blob.bin")] == [429, 200]
+
+
+def test_a_complete_partial_is_verified_and_renamed_without_downloading_again(server, blobs,
+                                                                               cache):
+    cache.mkdir()
+    (cache / "blob.bin.incomplete").write_bytes(served(blobs))  # killed just before the rename
+    path = dl.fetch("blob.bin", base_url=server.url, cache_dir=cache, **FAST)
+    assert [g[3] for g in server.gets("blob.bin")] == [416]
+    assert path.read_bytes() == served(blobs) and leftovers(cache) == []
+
+
+def test_ctrl_c_keeps_a_resumable_partial(server, blobs, cache, monkeypatch):
+    import http.client
+
+    real, calls = http.client.HTTPResponse.read1, []
+
+    def interrupted(self, n=-1):
+        calls.append(n)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, min(n, 50_000) if len(calls) < 3 else n)
+
+    monkeypatch.setattr(http.client.HTTPResponse, "read1", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        dl.fetch("blob.bin", base_url=server.url, cache_dir=cache, **FAST)
+    partial = cache / "blob.bin.incomplete"
+    assert partial.stat().st_size == 100_000 and not (cache / "blob.bin").exists()
+    path = dl.fetch("blob.bin", base_url=server.url, cache_dir=cache, **FAST)
+    assert [g[2] for g in server.gets("blob.bin")] == [None, "bytes=100000-"]
+    assert path.read_bytes() == served(blobs)
+
+
 def test_persistent_5xx_gives_up_with_a_clear_error(server, cache):
     server.faults.statuses = [502] * 10
     with pytest.raises(dl.DownloadError) as err:
@@ -483,7 +522,7 @@ def test_sigkill_mid_download_then_load_resumes(released_files, procs, tmp_path)
     partial = cache / "trex.pth.incomplete"
     with FileServer(released_files) as srv:
         srv.faults.chunk = 1 << 20
-        srv.faults.throttle = 0.05
+        srv.faults.throttle = 0.1  # ~10 s in all: plenty of time to catch it mid-way
         p = procs.Process(target=_load_forever, args=(str(cache), srv.url))
         p.start()
         deadline = time.monotonic() + 60

@@ -323,6 +323,18 @@ def _opener(url: str) -> urllib.request.OpenerDirector:
 class _Transient(Exception):
     """A failure worth retrying (connection lost, timeout, 5xx, short body)."""
 
+    def __init__(self, message: str, retry_after: Optional[float] = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _retry_after(value: Optional[str]) -> Optional[float]:
+    """Seconds from a ``Retry-After`` header (delta-seconds form only)."""
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
 
 def _backoff(attempt: int, base: float) -> float:
     delay = min(MAX_BACKOFF, base * (2 ** attempt))
@@ -365,13 +377,17 @@ def _attempt(url: str, tmp: Path, *, timeout: float, expected_size: Optional[int
     except urllib.error.HTTPError as exc:
         code = exc.code
         exc.close()
-        if code == 416 and offset:  # our partial is no prefix the server recognises: start over
-            tmp.unlink()
-            raise _Transient(f"HTTP 416 for a resumed download; restarting") from None
+        if code == 416 and offset:
+            m = re.match(r"bytes \*/(\d+)", exc.headers.get("Content-Range") or "")
+            if m and int(m.group(1)) == offset:
+                return offset  # the partial already holds every byte (verified next)
+            tmp.unlink()  # our partial is no prefix the server recognises: start over
+            raise _Transient("HTTP 416 for a resumed download; restarting") from None
         if code in (401, 403, 404, 410):
             raise NotFoundError(f"{url}: HTTP {code} {exc.reason}; {_mirror_hint()}.") from None
         if code >= 500 or code in (408, 429):
-            raise _Transient(f"HTTP {code} {exc.reason}") from None
+            raise _Transient(f"HTTP {code} {exc.reason}",
+                             _retry_after(exc.headers.get("Retry-After"))) from None
         raise DownloadError(f"{url}: HTTP {code} {exc.reason}; {_mirror_hint()}.") from None
     except (urllib.error.URLError, socket.timeout, ConnectionError, http.client.HTTPException,
             OSError) as exc:
@@ -471,6 +487,8 @@ def download_url(url: str, dest: PathLike, *, sha256: Optional[str] = None,
                         f"{url}: giving up after {attempt + 1} attempts ({exc}).{more} Check the "
                         f"network or use a mirror (TREX_HUB_BASE_URL).") from None
                 delay = _backoff(attempt, backoff)
+                if exc.retry_after is not None:  # the server said how long to wait
+                    delay = min(MAX_BACKOFF, max(delay, exc.retry_after))
                 log.warning("%s: %s; retrying in %.1fs", url, exc, delay)
                 attempt += 1
                 time.sleep(delay)
