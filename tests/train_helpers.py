@@ -1,0 +1,46 @@
+"""Shared helpers of the training tests: a generated learnable image folder and small-run options."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List
+
+import numpy as np
+from PIL import Image
+
+CLASSES = ("checker", "horizontal", "vertical")
+
+
+def make_pattern_folder(root, n_train: int = 24, n_val: int = 12, size: int = 24,
+                        seed: int = 0) -> Path:
+    """An ImageFolder with train/ and val/ of 3 learnable classes: horizontal stripes, vertical
+    stripes, checkerboards, with random period, phase, two random colours and pixel noise (the
+    orientation survives crops, flips and colour jitter; colour carries no signal)."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for split, n in (("train", n_train), ("val", n_val)):
+        for name in CLASSES:
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                period, phase = rng.uniform(3, 7), rng.uniform(0, 2 * np.pi)
+                if name == "horizontal":
+                    pat = np.sin(2 * np.pi * yy / period + phase)
+                elif name == "vertical":
+                    pat = np.sin(2 * np.pi * xx / period + phase)
+                else:
+                    pat = np.sin(2 * np.pi * xx / period + phase) * np.sin(2 * np.pi * yy / period)
+                a, b = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+                t = (pat[..., None] > 0).astype(np.float64)
+                img = t * a + (1 - t) * b + rng.normal(0, 10, (size, size, 3))
+                Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(d / f"{i:03d}.png")
+    return root
+
+
+def small_args(data, out, *extra: str, preset: str = "trex") -> List[str]:
+    """trex-train options of a tiny CPU run: resnet18, 16 px global / 8 px local crops."""
+    return ["--preset", preset, "--arch", "resnet18", "--data", str(data), "--output-dir",
+            str(out), "--global-size", "16", "--local-size", "8", "--local-crops", "2",
+            "--projector-hidden", "64", "--projector-dim", "32", "--memory-size", "32",
+            "--batch-size", "8", "--workers", "0", "--epochs", "2", "--warmup-epochs", "1",
+            "--print-freq", "0", "--device", "cpu", *extra]

@@ -1,0 +1,233 @@
+"""Options of ``trex-train``: every hyper-parameter of the recipe, with the paper's defaults, and the
+presets that fill the ones that differ between t-ReX, t-ReX* and the plain supervised baseline."""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Dict, List, Optional, Sequence
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # t-ReX: 3 hidden projector blocks, global crops (0.25, 1), local crops (0.05, 0.25)
+    "trex": {"projector_layers": 3, "no_projector": False, "global_scale": (0.25, 1.0),
+             "local_scale": (0.05, 0.25), "local_crops": 8, "memory_size": 8192,
+             "classifier": "cosine", "simple_aug": False},
+    # t-ReX*: 1 hidden projector block, global crops (0.40, 1), local crops (0.05, 0.40)
+    "trex_star": {"projector_layers": 1, "no_projector": False, "global_scale": (0.40, 1.0),
+                  "local_scale": (0.05, 0.40), "local_crops": 8, "memory_size": 8192,
+                  "classifier": "cosine", "simple_aug": False},
+    # plain supervised: no projector, one crop (random-resized-crop + flip), linear classifier
+    "baseline": {"projector_layers": 0, "no_projector": True, "global_scale": (0.08, 1.0),
+                 "local_scale": (0.05, 0.25), "local_crops": 0, "memory_size": 0,
+                 "classifier": "linear", "simple_aug": True},
+}
+PRESET_ALIASES = {"trex-star": "trex_star", "trexstar": "trex_star", "t-rex": "trex",
+                  "t-rex*": "trex_star", "supervised": "baseline"}
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+DESCRIPTION = """\
+Train t-ReX / t-ReX* (Sariyildiz et al., ICLR 2023) or a plain supervised baseline.
+
+Recipe (defaults = the paper's ImageNet-1K recipe, 4 GPUs x 64 images):
+  network    torchvision ResNet (--arch) + expendable projector: L2-norm -> L x
+             [Linear(2048) -> BatchNorm1d -> GELU] -> Linear(256, no bias); L=3 (t-ReX) or 1 (t-ReX*)
+  classifier cosine softmax, tau 0.1, over OCM prototypes: the L2-normalised per-class sums of a
+             FIFO memory of 8192 EMA-projector outputs on the global crops (all processes, rank
+             order); prototypes are computed before each step's memory update.
+             --memory-size 0: a learnable cosine classifier instead.
+  EMA        full copy of backbone + projector, p_ema = 0.999 p_ema + 0.001 p (parameters only,
+             batch statistics in train mode)
+  crops      1 global 224 px + 8 local 96 px, RandomResizedCrop (bicubic); scales t-ReX global
+             (0.25, 1) local (0.05, 0.25), t-ReX* global (0.40, 1) local (0.05, 0.40); every crop:
+             flip 0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8, grayscale 0.2; global crops blur 0.2 +
+             solarise 0.2, local crops blur 0.5. The backbone runs once per crop resolution, the
+             projector once over all crops; cross-entropy over all crops, equal weights.
+  optimiser  SGD momentum 0.9 (not Nesterov), weight decay 1e-4 on ndim > 1 parameters only;
+             lr 0.1 x global batch / 256, set every iteration: 10 warm-up epochs from 0, then
+             cosine to 1e-6; 100 epochs; drop_last.
+  precision  fp16 autocast + GradScaler on CUDA; fp32 (or --amp bf16) on CPU.
+  multi-GPU  torchrun --nproc_per_node=N [--nnodes ...] -m trex_hub.cli.train ...: DDP (NCCL on
+             GPUs, gloo on CPU) with SyncBatchNorm on CUDA; on CPU/gloo each process keeps
+             per-process BatchNorm statistics (SyncBatchNorm needs CUDA) and DDP broadcasts rank
+             0's running statistics every step.
+
+Outputs in --output-dir: checkpoint.pth (released full-checkpoint layout, written atomically every
+epoch; trex_hub.load(path, projector=True) reads it), log.jsonl (one JSON line per epoch: loss,
+top-1, lr, images/s), and with --resume the run continues bit-for-bit where it stopped.
+
+Export for the zoo:  trex-train export OUTPUT_DIR/checkpoint.pth EXPORT_DIR
+"""
+
+EPILOG = """\
+Presets (--preset, default trex):
+  trex       projector L=3, global scale (0.25, 1), local scale (0.05, 0.25), OCM memory 8192
+  trex_star  projector L=1, global scale (0.40, 1), local scale (0.05, 0.40), OCM memory 8192
+  baseline   no projector, one crop (RandomResizedCrop (0.08, 1) + flip only), no local crops,
+             learnable linear classifier with bias (plain supervised training)
+Any option given explicitly overrides the preset.
+
+Examples:
+  # t-ReX* on ImageNet-1K, 4 GPUs
+  torchrun --nproc_per_node=4 -m trex_hub.cli.train --preset trex_star --data /data/imagenet \\
+      --output-dir runs/trex_star
+  # small CPU run on Fashion-MNIST classes 0-4
+  trex-train --preset trex --arch resnet18 --dataset fashion-mnist --classes 0-4 \\
+      --global-size 32 --local-size 16 --epochs 5 --batch-size 64 --output-dir runs/fm
+  trex-train export runs/fm/checkpoint.pth exported/fm
+"""
+
+
+def _pair(text: str) -> float:
+    return float(text)
+
+
+def build_parser(prog: str = "trex-train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="trex",
+                   help="trex | trex_star | baseline (default: trex)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None,
+                   help="ImageFolder root with train/ and val/ (or test/) class folders; for "
+                        "--dataset fashion-mnist the folder of the idx files (default "
+                        "/usr/share/datasets/fashion-mnist or $TREX_FASHION_MNIST)")
+    g.add_argument("--dataset", default="imagefolder", choices=("imagefolder", "fashion-mnist"))
+    g.add_argument("--classes", default=None,
+                   help="train on a class subset, e.g. 0-4 or 0,3,7 (relabelled 0..k-1)")
+    g.add_argument("--train-limit", type=int, default=None,
+                   help="use a seeded class-balanced subset of this many training images")
+    g.add_argument("--val-limit", type=int, default=None,
+                   help="use a seeded class-balanced subset of this many validation images")
+    g.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the --train-limit / --val-limit subsets (0; kept apart from "
+                        "--seed so that runs with different seeds see the same images)")
+    g.add_argument("--no-val", action="store_true", help="skip validation")
+    g.add_argument("--workers", type=int, default=8, help="data-loader processes per GPU/process")
+
+    g = p.add_argument_group("network")
+    g.add_argument("--arch", default="resnet50", choices=ARCHS)
+    g.add_argument("--projector-layers", type=int, default=None,
+                   help="hidden projector blocks L (preset: 3 t-ReX, 1 t-ReX*)")
+    g.add_argument("--no-projector", action="store_true", default=None,
+                   help="no projector: the classifier sits on the pooled backbone feature")
+    g.add_argument("--projector-hidden", type=int, default=2048, help="hidden width (2048)")
+    g.add_argument("--projector-dim", type=int, default=256, help="bottleneck width (256)")
+    g.add_argument("--no-projector-l2-norm", dest="projector_l2_norm", action="store_false",
+                   help="do not L2-normalise the projector input (normalised by default)")
+    g.add_argument("--tau", type=float, default=0.1, help="cosine softmax temperature (0.1)")
+    g.add_argument("--memory-size", type=int, default=None,
+                   help="OCM memory entries (8192); 0 = learnable cosine classifier")
+    g.add_argument("--classifier", choices=("cosine", "linear"), default=None,
+                   help="classifier when --memory-size is 0 (cosine for trex*, linear for baseline)")
+    g.add_argument("--ema-momentum", type=float, default=0.999, help="EMA momentum (0.999)")
+
+    g = p.add_argument_group("multi-crop augmentation")
+    g.add_argument("--global-crops", type=int, default=1, help="global crops per image (1)")
+    g.add_argument("--global-size", type=int, default=224, help="global crop size (224)")
+    g.add_argument("--global-scale", type=_pair, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="RandomResizedCrop scale of global crops (preset)")
+    g.add_argument("--local-crops", type=int, default=None, help="local crops per image (8)")
+    g.add_argument("--local-size", type=int, default=96, help="local crop size (96)")
+    g.add_argument("--local-scale", type=_pair, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="RandomResizedCrop scale of local crops (preset)")
+    g.add_argument("--blur-radius", type=_pair, nargs=2, default=(0.1, 2.0),
+                   metavar=("MIN", "MAX"), help="Gaussian blur radius range in pixels (0.1 2.0)")
+    g.add_argument("--simple-aug", action="store_true", default=None,
+                   help="crop + flip only (no colour jitter, grayscale, blur, solarise)")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=100)
+    g.add_argument("--batch-size", type=int, default=64, help="images per process (64)")
+    g.add_argument("--lr", type=float, default=0.1,
+                   help="learning rate per --lr-ref-batch images (0.1)")
+    g.add_argument("--lr-ref-batch", type=int, default=256,
+                   help="linear scaling: peak lr = lr x global batch / this (256; 0 = no scaling)")
+    g.add_argument("--warmup-epochs", type=float, default=10.0,
+                   help="linear warm-up from 0 (10 epochs)")
+    g.add_argument("--min-lr", type=float, default=1e-6, help="final lr of the cosine (1e-6)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0.9, not Nesterov)")
+    g.add_argument("--weight-decay", "--wd", type=float, default=1e-4,
+                   help="weight decay on parameters with ndim > 1 (1e-4)")
+    g.add_argument("--wd-all", action="store_true",
+                   help="also decay biases and 1-D (BatchNorm) parameters")
+    g.add_argument("--amp", choices=("auto", "fp16", "bf16", "none"), default="auto",
+                   help="autocast: auto = fp16 + GradScaler on CUDA, fp32 on CPU")
+    g.add_argument("--sync-bn", choices=("auto", "on", "off"), default="auto",
+                   help="SyncBatchNorm under DDP (auto: on with CUDA; CPU cannot)")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", default="runs/trex", help="checkpoints and logs")
+    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
+                   help="continue from CKPT (default: OUTPUT_DIR/checkpoint.pth)")
+    g.add_argument("--save-every", type=int, default=0,
+                   help="also keep checkpoint{EPOCH:04d}.pth every N epochs (0: only the latest)")
+    g.add_argument("--eval-every", type=int, default=1, help="validate every N epochs (1)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic cuDNN kernels (slower; CPU runs are deterministic anyway)")
+    g.add_argument("--print-freq", type=int, default=50, help="progress line every N steps")
+    g.add_argument("--stop-after-epoch", type=int, default=None,
+                   help="exit after this epoch as if interrupted (the schedule still spans "
+                        "--epochs; continue with --resume)")
+    g.add_argument("--debug-dump", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
+    name = PRESET_ALIASES.get(args.preset.lower(), args.preset.lower())
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset '{args.preset}'; choose one of {', '.join(PRESETS)}")
+    args.preset = name
+    for key, value in PRESETS[name].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.global_scale = tuple(float(x) for x in args.global_scale)
+    args.local_scale = tuple(float(x) for x in args.local_scale)
+    args.blur_radius = tuple(float(x) for x in args.blur_radius)
+    if args.no_projector and args.memory_size > 0:
+        raise ValueError("the OCM memory stores projector outputs; with --no-projector use "
+                         "--memory-size 0")
+    return args
+
+
+def projector_config(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    if args.no_projector:
+        return None
+    return {"num_layers": int(args.projector_layers), "hidden_dim": int(args.projector_hidden),
+            "out_dim": int(args.projector_dim), "l2_norm": bool(args.projector_l2_norm)}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return apply_preset(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+        raise  # pragma: no cover
+
+
+def plain_namespace(args: argparse.Namespace, **extra: Any) -> argparse.Namespace:
+    """A copy of ``args`` holding only plain Python values (safe for ``weights_only`` loading)."""
+
+    def plain(v: Any) -> Any:
+        if v is None:
+            return None
+        for kind in (bool, int, float, str):  # numpy scalars subclass these: unwrap them
+            if isinstance(v, kind):
+                return kind(v)
+        if isinstance(v, (list, tuple)):
+            return type(v)(plain(x) for x in v)
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        return str(v)
+
+    ns = argparse.Namespace(**{k: plain(v) for k, v in vars(args).items()})
+    for k, v in extra.items():
+        setattr(ns, k, v)
+    return ns
+
+
+__all__: List[str] = ["PRESETS", "build_parser", "apply_preset", "parse_args",
+                      "projector_config", "plain_namespace"]
