@@ -160,9 +160,10 @@ def test_ctrl_c_keeps_a_resumable_partial(server, blobs, cache, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         dl.fetch("blob.bin", base_url=server.url, cache_dir=cache, **FAST)
     partial = cache / "blob.bin.incomplete"
-    assert partial.stat().st_size == 100_000 and not (cache / "blob.bin").exists()
+    kept = partial.stat().st_size
+    assert 0 < kept <= 100_000 and not (cache / "blob.bin").exists()
     path = dl.fetch("blob.bin", base_url=server.url, cache_dir=cache, **FAST)
-    assert [g[2] for g in server.gets("blob.bin")] == [None, "bytes=100000-"]
+    assert [g[2] for g in server.gets("blob.bin")] == [None, f"bytes={kept}-"]
     assert path.read_bytes() == served(blobs)
 
 
