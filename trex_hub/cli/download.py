@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -245,6 +246,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..api import ModelLoadError
     from ..checkpoint import CheckpointError
     from ..hub.download import DownloadError
+
+    if args.quiet:  # retry notices are warnings; only errors remain
+        logging.getLogger("trex_hub").setLevel(logging.ERROR)
 
     try:
         if args.json and not (args.list or args.verify):
