@@ -243,12 +243,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
+    logger = logging.getLogger("trex_hub")
+    level = logger.level
+    if args.quiet:  # retry notices are warnings; only errors remain
+        logger.setLevel(logging.ERROR)
+    try:
+        return _run(args)
+    finally:
+        logger.setLevel(level)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..api import ModelLoadError
     from ..checkpoint import CheckpointError
     from ..hub.download import DownloadError
-
-    if args.quiet:  # retry notices are warnings; only errors remain
-        logging.getLogger("trex_hub").setLevel(logging.ERROR)
 
     try:
         if args.json and not (args.list or args.verify):
