@@ -172,7 +172,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             rate = summary.images_per_second
             say(f"{summary.total} images -> {summary.out} [{summary.ok} x {summary.dim}], "
                 f"{summary.failed} failed, {summary.seconds:.1f} s"
-                + (f", {rate:.1f} img/s" if summary.computed else ""))
+                + (f", {rate:.1f} img/s" + (" on rank 0" if world > 1 else "")
+                   if summary.computed else ""))
             for rel, why in summary.failures[:5]:
                 say(f"  skipped {rel}: {why}")
             if summary.failed > 5:
