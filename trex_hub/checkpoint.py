@@ -98,7 +98,12 @@ def torch_load(path: PathLike) -> Any:
     except pickle.UnpicklingError as exc:
         msg = str(exc)
         bad = re.findall(r"GLOBAL ([\w.]+)", msg) or re.findall(r"global ([\w.]+)", msg)
-        what = f" (it asks for {', '.join(sorted(set(bad)))})" if bad else ""
+        if not bad:  # not a refused object: the bytes are simply not a pickle we can read
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch checkpoint ({os.path.getsize(path)} bytes; it "
+                "may be truncated, corrupted, or an error page saved in its place). Delete it "
+                "and download it again (`trex-download --verify` checks the cache).") from None
+        what = f" (it asks for {', '.join(sorted(set(bad)))})"
         raise CheckpointError(
             f"{path}: refused to load: the file needs Python objects that are not plain tensors"
             f"{what}. trex_hub only loads checkpoints with torch.load(weights_only=True) and never "
