@@ -13,7 +13,9 @@
 #
 # Settings (environment):
 #   OUT=benchmarks/results/fmnist  DATA=/usr/share/datasets/fashion-mnist  IMAGE_SIZE=224
-#   TRAIN_LIMIT=2000  TEST_LIMIT=1000  SEEDS="0 1 2"  TRIALS=30  DEVICE=cpu  BATCH_SIZE=64
+#   TRAIN_LIMIT=2000  TEST_LIMIT=1000  SEEDS="0 1 2"  TRIALS=30  MAX_ITER=2000  DEVICE=cpu
+#   BATCH_SIZE=64  THREADS=(unset: libraries' default; 1 is fastest on a busy machine)
+#   CACHE=$OUT/features (computed features, reused by a rerun with more seeds)
 #   PYTHON=(.venv/bin/python if present, else python3)
 # Writes $OUT/results/*.json, $OUT/report.md, $OUT/report.csv, $OUT/report.png.
 set -euo pipefail
@@ -31,9 +33,14 @@ SEEDS="${SEEDS:-0 1 2}"
 TRIALS="${TRIALS:-30}"
 DEVICE="${DEVICE:-cpu}"
 BATCH_SIZE="${BATCH_SIZE:-64}"
+MAX_ITER="${MAX_ITER:-2000}"
+CACHE="${CACHE:-$OUT/features}"
+THREADS="${THREADS:-}"
+extra=()
+[[ -n "$THREADS" ]] && extra+=(--threads "$THREADS")
 
 if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
-    sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     [[ $# -lt 1 ]] && exit 2 || exit 0
 fi
 if ! ls "$DATA"/train-images*idx3-ubyte* >/dev/null 2>&1; then
@@ -46,7 +53,8 @@ start=$(date +%s)
 "$PYTHON" -m trex_hub.cli.eval run --models "$@" --format fashion-mnist --data "$DATA" \
     --train-limit "$TRAIN_LIMIT" --test-limit "$TEST_LIMIT" --subset-seed 0 \
     --image-size "$IMAGE_SIZE" --seeds $SEEDS --trials "$TRIALS" --device "$DEVICE" \
-    --batch-size "$BATCH_SIZE" --dataset-name "fmnist-${TRAIN_LIMIT}-${TEST_LIMIT}-${IMAGE_SIZE}px" \
+    --batch-size "$BATCH_SIZE" --max-iter "$MAX_ITER" --cache "$CACHE" "${extra[@]}" \
+    --dataset-name "fmnist-${TRAIN_LIMIT}-${TEST_LIMIT}-${IMAGE_SIZE}px" \
     --out "$OUT/results"
 "$PYTHON" -m trex_hub.cli.eval report "$OUT/results" --markdown "$OUT/report.md" \
     --csv "$OUT/report.csv" --plot "$OUT/report.png"

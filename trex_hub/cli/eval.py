@@ -29,7 +29,8 @@ formats:
                    download=False (never downloads)
 
 models: registry names (trex, trex_star, ...), checkpoint paths (.pth, .safetensors, exported
-folders), hf-hub:org/repo, or random:NAME for NAME's architecture with random weights.
+folders), hf-hub:org/repo, or random:NAME for NAME's architecture with random weights (drawn
+with torch seed 0, so the same in every run).
 
 protocol (TREX_SPEC section 4): trainval is split 80/20 per class (>= 1 val image, seeded by the
 seed); the probe's hyper-parameters are searched log-uniformly on that split over --trials trials
@@ -129,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 224)")
     f.add_argument("--num-workers", type=int, default=0, metavar="N",
                    help="image decoding threads (default 0)")
+    f.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="CPU threads for torch and for the probe's BLAS (default: the "
+                   "libraries' choice; 1 is often fastest on a busy machine)")
+    f.add_argument("--cache", metavar="DIR",
+                   help="keep computed features in DIR and reuse them when the model file, "
+                   "dataset, subset and image size are unchanged")
     r.add_argument("-q", "--quiet", action="store_true", help="print only the final table")
 
     rep = sub.add_parser("report", help="aggregate result folders into tables and a plot",
@@ -182,9 +189,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
                        name=args.dataset_name)
     cfg = ProtocolConfig(probe=args.probe, trials=args.trials, search=args.search,
                          max_iter=args.max_iter, epochs=args.epochs,
-                         batch_size=args.sgd_batch_size, device=args.device)
+                         batch_size=args.sgd_batch_size, device=args.device,
+                         threads=args.threads)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     feats = FeatureOptions(batch_size=args.batch_size, image_size=args.image_size,
-                           num_workers=args.num_workers, device=args.device)
+                           num_workers=args.num_workers, device=args.device,
+                           cache=args.cache)
     try:
         summary = run(args.models, data, args.out, seeds=args.seeds, protocol=cfg,
                       features=feats, names=args.names, log=_log(args.quiet))
@@ -193,7 +206,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"{PROG} run: error: {exc}", file=sys.stderr)
         return 1
     print(rpt.to_markdown(rpt.aggregate(summary.results)))
-    print(f"{len(summary.files)} result file(s) in {args.out}", file=sys.stderr)
+    _log(args.quiet)(f"{len(summary.files)} result file(s) in {args.out}")
     return 0
 
 

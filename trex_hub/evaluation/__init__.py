@@ -15,8 +15,7 @@ from .protocol import C_RANGE, LR_RANGE, WD_RANGE, ProtocolConfig, evaluate_feat
     validation_split
 from .report import aggregate, to_csv, to_markdown
 from .results import load_results, write_result
-from .search import log_grid, search
 
 __all__ = ["evaluate_features", "validation_split", "ProtocolConfig", "C_RANGE", "LR_RANGE",
-           "WD_RANGE", "log_odds", "mean_log_odds", "topk_accuracy", "search", "log_grid",
+           "WD_RANGE", "log_odds", "mean_log_odds", "topk_accuracy",
            "aggregate", "to_markdown", "to_csv", "load_results", "write_result"]

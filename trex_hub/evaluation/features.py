@@ -1,9 +1,10 @@
 """Frozen features of a labelled dataset, computed once per model with ``extract_features``."""
 from __future__ import annotations
 
+import inspect
 import sys
 import time
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -24,6 +25,15 @@ def build_resize_transform(image_size: int) -> Callable[[Any], torch.Tensor]:
                                antialias=True),
                       T.CenterCrop(image_size), T.ToTensor(),
                       T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def _extract_kwargs() -> Dict[str, Any]:
+    """Exact decoding (no reduced-scale JPEG drafts) where the extraction engine offers it."""
+    try:
+        params = inspect.signature(extract_features).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return {}
+    return {"draft": False} if "draft" in params else {}
 
 
 def _chunk(items: Any, start: int, stop: int) -> List[Any]:
@@ -53,7 +63,8 @@ def compute_features(model: torch.nn.Module, items: Any, *, batch_size: int = 64
         part = _chunk(items, s, min(n, s + chunk))
         if tf is None:
             feats = extract_features(model, part, batch_size=batch_size, preprocess="transfer",
-                                     normalize=False, output="numpy", num_workers=num_workers)
+                                     normalize=False, output="numpy", num_workers=num_workers,
+                                     **_extract_kwargs())
         else:
             batch = torch.stack([tf(open_image(x, f"{what} item {s + i}"))
                                  for i, x in enumerate(part)])

@@ -18,6 +18,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 IMAGE_FORMATS = ("imagefolder", "fashion-mnist")
 FORMATS = IMAGE_FORMATS + ("features",) + tuple(dsets.TORCHVISION_DATASETS)
 RANDOM_PREFIX = "random:"
+RANDOM_INIT_SEED = 0
 
 
 class EvalError(RuntimeError):
@@ -46,6 +47,59 @@ class FeatureOptions:
     image_size: int = TRANSFER_SIZE
     num_workers: int = 0
     device: str = "cpu"
+    cache: Optional[str] = None  # folder of cached features (reused when everything matches)
+
+
+def _model_fingerprint(spec: str) -> Dict[str, Any]:
+    raw = spec[len(RANDOM_PREFIX):] if spec.startswith(RANDOM_PREFIX) else spec
+    p = Path(raw).expanduser()
+    if p.is_file():
+        st = p.stat()
+        return {"spec": spec, "path": str(p.resolve()), "size": st.st_size,
+                "mtime_ns": st.st_mtime_ns}
+    return {"spec": spec}
+
+
+def _cache_key(spec: str, dname: str, data: "DataOptions", fopts: "FeatureOptions",
+               parts: Dict[str, dsets.LabeledImages]) -> Tuple[str, Dict[str, Any]]:
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for key in ("train", "test"):
+        h.update(np.asarray(parts[key].labels).tobytes())
+        items = parts[key].items
+        if isinstance(items, np.ndarray):
+            h.update(items.tobytes())
+        else:
+            h.update("\n".join(map(str, items)).encode())
+    desc = {"model": _model_fingerprint(spec), "dataset": dname, "data": data.describe(),
+            "image_size": fopts.image_size, "inputs_sha256": h.hexdigest()}
+    digest = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
+    return digest[:20], desc
+
+
+def _cached_features(spec, dname, data, fopts, parts, compute, log):
+    """(Xtr, Xte) from ``fopts.cache`` when an identical run cached them, else computed+stored."""
+    if not fopts.cache:
+        return compute()
+    import json
+
+    from .results import slug
+
+    key, desc = _cache_key(spec, dname, data, fopts, parts)
+    folder = Path(fopts.cache)
+    path = folder / f"{slug(display_name(spec))}__{slug(dname)}__{key}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            log(f"  features from cache {path}")
+            return z["train"], z["test"]
+    Xtr, Xte = compute()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, train=Xtr, test=Xte, meta=np.array(json.dumps(desc, default=str)))
+    os.replace(tmp, path)
+    return Xtr, Xte
 
 
 @dataclass
@@ -121,13 +175,14 @@ _TRAIN_NAMES = ("trainval", "train")
 _TEST_NAMES = ("test", "val")
 
 
+FEATURE_SUFFIXES = (".npy", ".safetensors", ".pt")
+
+
 def _find_split(base: Path, names: Sequence[str]) -> Optional[Path]:
     for n in names:
-        if (base / n).exists():
-            return base / n
-        hits = sorted(p for p in base.glob(f"{n}.*") if not p.name.startswith("."))
-        if hits:
-            return hits[0]
+        for suffix in FEATURE_SUFFIXES:
+            if (base / f"{n}{suffix}").is_file():
+                return base / f"{n}{suffix}"
     return None
 
 
@@ -141,16 +196,13 @@ def _read_feature_split(path: Path) -> Tuple[np.ndarray, List[Any]]:
     feats = np.asarray(feats, dtype=np.float32)
     if feats.ndim != 2:
         raise EvalError(f"{path}: features of shape {feats.shape}, expected [N, D]")
-    rows = list(rows)
-    if len(rows) == len(feats):
-        keep = [i for i, r in enumerate(rows) if r.get("status", "ok") == "ok"]
-        feats, rows = feats[keep], [rows[i] for i in keep]
-    else:
-        ok = [r for r in rows if r.get("status", "ok") == "ok"]
-        if len(ok) != len(feats):
-            raise EvalError(f"{path}: {len(feats)} feature rows but {len(rows)} manifest rows "
-                            f"({len(ok)} ok); the files do not belong together")
-        rows = ok
+    # row i of the features belongs to the manifest row whose "index" is i; failed files have
+    # no features (index None) and are left out
+    rows = [r for r in rows if r.get("index") is not None and r.get("status", "ok") == "ok"]
+    idx = [int(r["index"]) for r in rows]
+    if any(i < 0 or i >= len(feats) for i in idx):
+        raise EvalError(f"{path}: manifest indices outside the {len(feats)} feature rows")
+    feats = feats[idx]
     labels = [r.get("label") for r in rows]
     missing = sum(1 for x in labels if x is None or x == "")
     if missing:
@@ -213,7 +265,12 @@ def load_model(spec: str, device: str):
     import trex_hub
 
     if spec.startswith(RANDOM_PREFIX):
-        return trex_hub.load(spec[len(RANDOM_PREFIX):], pretrained=False, device=device)
+        import torch
+
+        # deterministic random weights: the same random:NAME gives the same model every run
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            return trex_hub.load(spec[len(RANDOM_PREFIX):], pretrained=False, device=device)
     return trex_hub.load(spec, device=device)
 
 
@@ -252,12 +309,15 @@ def run(models: Sequence[str], data: DataOptions, out_dir: PathLike, *,
         else:
             log(f"model {mname}: loading {spec}")
             model = load_model(spec, fopts.device)
-            Xtr = compute_features(model, parts["train"].items, batch_size=fopts.batch_size,
-                                   image_size=fopts.image_size, num_workers=fopts.num_workers,
-                                   log=log, what=f"{dname} trainval")
-            Xte = compute_features(model, parts["test"].items, batch_size=fopts.batch_size,
-                                   image_size=fopts.image_size, num_workers=fopts.num_workers,
-                                   log=log, what=f"{dname} test")
+
+            def compute(model=model, parts=parts):
+                kw = dict(batch_size=fopts.batch_size, image_size=fopts.image_size,
+                          num_workers=fopts.num_workers, log=log)
+                return (compute_features(model, parts["train"].items, what=f"{dname} trainval",
+                                         **kw),
+                        compute_features(model, parts["test"].items, what=f"{dname} test", **kw))
+
+            Xtr, Xte = _cached_features(spec, dname, data, fopts, parts, compute, log)
             ytr, yte = parts["train"].labels, parts["test"].labels
             classes = parts["train"].class_names
             feat_info = {"source": "computed", "model_spec": spec, "arch": model.arch,

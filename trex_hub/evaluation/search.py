@@ -65,7 +65,9 @@ def log_grid(space: Space, n_trials: int) -> List[Dict[str, float]]:
         if m == 1:
             axes.append(np.array([math.sqrt(lo * hi)]))
         else:
-            axes.append(np.logspace(math.log10(lo), math.log10(hi), m))
+            ax = np.logspace(math.log10(lo), math.log10(hi), m)
+            ax[0], ax[-1] = lo, hi  # exact bounds (logspace can round just outside them)
+            axes.append(np.clip(ax, lo, hi))
     mesh = np.meshgrid(*axes, indexing="ij")
     names = list(space)
     return [{n: float(v[idx]) for n, v in zip(names, mesh)} for idx in np.ndindex(*mesh[0].shape)]

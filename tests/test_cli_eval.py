@@ -1,0 +1,193 @@
+"""``trex-eval`` end to end on CPU: generated image folders, generated checkpoints, seconds."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from trex_hub.cli import eval as cli
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+
+
+@pytest.fixture(scope="module")
+def r18_ckpt(tmp_path_factory):
+    import factories as fx
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny_r18.pth"
+    fx.write_backbone_file(path, arch="resnet18", seed=0)
+    return path
+
+
+def write_images(root: Path, classes=("a", "b", "c"), n=6, size=24, seed=0):
+    """Class-dependent colours plus noise, so even random features separate them a bit."""
+    rng = np.random.default_rng(seed)
+    colours = {"a": (220, 30, 30), "b": (30, 220, 30), "c": (30, 30, 220)}
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            arr = np.clip(np.array(colours[c]) + rng.normal(0, 25, (size, size, 3)), 0, 255)
+            Image.fromarray(arr.astype(np.uint8)).save(root / c / f"{c}{i}.png")
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "colours"
+    write_images(root / "train", n=6)
+    write_images(root / "test", n=3, seed=1)
+    return root
+
+
+def run_cli(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_documents_every_option(capsys):
+    code, out, _ = run_cli(["run", "--help"], capsys)
+    assert code == 0
+    for opt in ("--models", "--names", "--format", "--data", "--dataset-name", "--out",
+                "--classes", "--train-limit", "--test-limit", "--subset-seed",
+                "--test-fraction", "--split-seed", "--seeds", "--trials", "--probe", "--search",
+                "--max-iter", "--epochs", "--sgd-batch-size", "--device", "--batch-size",
+                "--image-size", "--num-workers", "--quiet", "imagefolder", "fashion-mnist",
+                "features", "random:NAME", "[1e-5, 1e6]"):
+        assert opt in out, opt
+    code, out, _ = run_cli(["report", "--help"], capsys)
+    assert code == 0
+    for opt in ("--markdown", "--csv", "--plot", "RESULTS_DIR", "log(p / (1 - p))"):
+        assert opt in out, opt
+    code, out, _ = run_cli(["--help"], capsys)
+    assert code == 0 and "run" in out and "report" in out
+
+
+@pytest.mark.parametrize("argv", [
+    [],
+    ["run", "--format", "imagefolder", "--models", "x"],  # no --out
+    ["run", "--format", "bogus", "--models", "x", "--out", "o"],
+    ["run", "--format", "imagefolder", "--out", "o"],  # no --models
+    ["run", "--format", "imagefolder", "--models", "x", "--out", "o"],  # no --data
+    ["run", "--format", "features", "--out", "o"],  # no --data
+    ["run", "--format", "fashion-mnist", "--models", "x", "--out", "o", "--trials", "0"],
+    ["run", "--format", "fashion-mnist", "--models", "x", "y", "--names", "a", "--out", "o"],
+    ["report"],
+])
+def test_usage_errors_exit_2(argv, capsys):
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2, err
+
+
+def test_end_to_end_two_models_two_seeds_then_report(tmp_path, r18_ckpt, image_folder, capsys):
+    out = tmp_path / "results"
+    code, md, err = run_cli(["run", "--models", r18_ckpt, f"random:{r18_ckpt}",
+                             "--names", "generated", "random",
+                             "--format", "imagefolder", "--data", image_folder,
+                             "--out", out, "--seeds", 0, 1, "--trials", 3, "--search", "grid",
+                             "--image-size", 32, "--batch-size", 8], capsys)
+    assert code == 0, err
+    files = sorted(p.name for p in out.glob("*.json"))
+    assert files == ["generated__colours__seed0.json", "generated__colours__seed1.json",
+                     "random__colours__seed0.json", "random__colours__seed1.json"]
+    res = json.loads((out / "generated__colours__seed1.json").read_text())
+    assert res["model"] == "generated" and res["dataset"] == "colours" and res["seed"] == 1
+    assert res["probe"] == "logreg" and 1e-5 <= res["hparams"]["C"] <= 1e6
+    assert res["sizes"]["trainval"] == 18 and res["sizes"]["test"] == 9
+    assert res["sizes"]["val"] == 3 and res["sizes"]["feature_dim"] == 512
+    assert res["features"]["image_size"] == 32 and res["features"]["arch"] == "resnet18"
+    assert res["class_names"] == ["a", "b", "c"] and res["search"]["trials"] == 3
+    assert "| generated |" in md and "| random |" in md
+
+    code, md, err = run_cli(["report", out, "--markdown", tmp_path / "r.md", "--csv",
+                             tmp_path / "r.csv", "--plot", tmp_path / "r.png"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "r.md").read_text().strip() == md.strip()
+    assert (tmp_path / "r.csv").read_text().splitlines()[0].startswith("model,dataset,n_seeds")
+    assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_fashion_mnist_format_with_class_subset(tmp_path, r18_ckpt, capsys):
+    from test_datasets import write_fmnist
+
+    write_fmnist(tmp_path / "fm", n_train=60, n_test=30)
+    code, md, err = run_cli(["run", "--models", r18_ckpt, "--format", "fashion-mnist",
+                             "--data", tmp_path / "fm", "--classes", "5-9", "--train-limit", 20,
+                             "--test-limit", 10, "--out", tmp_path / "res", "--trials", 2,
+                             "--search", "grid", "--image-size", 32, "-q"], capsys)
+    assert code == 0, err
+    (f,) = list((tmp_path / "res").glob("*.json"))
+    res = json.loads(f.read_text())
+    assert res["dataset"] == "fashion-mnist[5-9]" and res["sizes"]["num_classes"] == 5
+    assert res["sizes"]["trainval"] == 20 and res["sizes"]["test"] == 10
+    assert res["class_names"][0] == "Sandal" and err == ""
+
+
+def test_features_format_reads_trex_extract_outputs(tmp_path, r18_ckpt, image_folder, capsys):
+    from trex_hub.cli import extract as extract_cli
+
+    feats = tmp_path / "feats"
+    for split in ("train", "test"):
+        code = extract_cli.main([str(r18_ckpt), str(image_folder / split), "-o",
+                                 str(feats / f"{split}.npy"), "--labels", "folder", "-j", "0"])
+        assert code == 0
+    capsys.readouterr()
+    code, md, err = run_cli(["run", "--format", "features", "--data", feats, "--out",
+                             tmp_path / "res", "--trials", 2, "--search", "grid"], capsys)
+    assert code == 0, err
+    (f,) = list((tmp_path / "res").glob("*.json"))
+    res = json.loads(f.read_text())
+    assert res["model"] == "feats" and res["sizes"]["trainval"] == 18
+    assert res["sizes"]["feature_dim"] == 512 and res["class_names"] == ["a", "b", "c"]
+    assert res["features"]["source"] == "trex-extract files"
+
+
+def test_missing_data_and_bad_model_exit_1(tmp_path, r18_ckpt, capsys):
+    code, _, err = run_cli(["run", "--models", r18_ckpt, "--format", "fashion-mnist", "--data",
+                            tmp_path / "nothing", "--out", tmp_path / "o"], capsys)
+    assert code == 1 and "dataset-fashion-mnist" in err
+    code, _, err = run_cli(["run", "--models", r18_ckpt, "--format", "dtd", "--data", tmp_path,
+                            "--out", tmp_path / "o"], capsys)
+    assert code == 1 and "never downloads" in err
+    code, _, err = run_cli(["run", "--models", r18_ckpt, "--format", "imagefolder", "--data",
+                            tmp_path / "nope", "--out", tmp_path / "o"], capsys)
+    assert code == 1 and "does not exist" in err
+    code, _, err = run_cli(["run", "--models", tmp_path / "missing.pth", "--format", "features",
+                            "--data", tmp_path, "--out", tmp_path / "o"], capsys)
+    assert code == 1 and "train*" in err
+    code, _, err = run_cli(["report", tmp_path / "o"], capsys)
+    assert code == 1
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(["report", tmp_path / "empty"], capsys)
+    assert code == 1 and "no trex-eval result" in err
+
+
+def test_feature_cache_and_threads(tmp_path, r18_ckpt, capsys):
+    from test_datasets import write_fmnist
+
+    write_fmnist(tmp_path / "fm", n_train=30, n_test=20)
+    argv = ["run", "--models", r18_ckpt, "--format", "fashion-mnist", "--data", tmp_path / "fm",
+            "--out", tmp_path / "res", "--trials", 2, "--search", "grid", "--image-size", 32,
+            "--cache", tmp_path / "cache", "--threads", 1]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err
+    first = json.loads(next((tmp_path / "res").glob("*.json")).read_text())
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0 and "features from cache" in err
+    second = json.loads(next((tmp_path / "res").glob("*.json")).read_text())
+    assert second["top1"] == first["top1"] and second["settings"]["threads"] == 1
+
+
+def test_random_init_is_deterministic(r18_ckpt):
+    import torch
+
+    from trex_hub.evaluation.runner import load_model
+
+    a, b = load_model(f"random:{r18_ckpt}", "cpu"), load_model(f"random:{r18_ckpt}", "cpu")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
+                                                 b.state_dict().values()))
+    loaded = load_model(str(r18_ckpt), "cpu")  # the generated file has its own BN statistics
+    assert not torch.equal(a.backbone.bn1.running_var, loaded.backbone.bn1.running_var)

@@ -1,0 +1,226 @@
+"""The transfer protocol (TREX_SPEC section 4) on tiny synthetic features."""
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from trex_hub.evaluation import metrics, protocol, report, results, search
+from trex_hub.evaluation.probes import cosine_lr, fit_logistic, fit_sgd_linear
+from trex_hub.evaluation.protocol import ProtocolConfig, evaluate_features, validation_split
+
+
+def blobs(n_per_class=20, classes=4, dim=16, sep=6.0, seed=0):
+    """Well separated Gaussian blobs: (features float32, labels)."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(classes, dim))
+    centers *= sep / np.linalg.norm(centers, axis=1, keepdims=True)
+    y = np.repeat(np.arange(classes), n_per_class)
+    x = centers[y] + rng.normal(scale=0.5, size=(len(y), dim))
+    return x.astype(np.float32), y
+
+
+# ---- split ---------------------------------------------------------------------------------------
+def test_validation_split_is_20_percent_per_class_at_least_one_and_seeded():
+    y = np.repeat(np.arange(4), [10, 7, 1, 3])
+    tr, va = validation_split(y, seed=0)
+    assert np.bincount(y[va], minlength=4).tolist() == [2, 1, 1, 1]
+    assert set(tr) | set(va) == set(range(len(y))) and not set(tr) & set(va)
+    np.testing.assert_array_equal(va, validation_split(y, seed=0)[1])
+    assert any(not np.array_equal(va, validation_split(y, seed=s)[1]) for s in range(1, 6))
+    assert protocol.VAL_FRACTION == 0.2
+
+
+# ---- search --------------------------------------------------------------------------------------
+def test_log_grid_covers_the_c_range_log_uniformly():
+    pts = search.log_grid({"C": protocol.C_RANGE}, 30)
+    cs = np.array([p["C"] for p in pts])
+    assert len(cs) == 30 and protocol.C_RANGE == (1e-5, 1e6)
+    assert cs[0] == pytest.approx(1e-5) and cs[-1] == pytest.approx(1e6)
+    np.testing.assert_allclose(np.diff(np.log(cs)), np.log(1e11) / 29)
+    two = search.log_grid({"lr": protocol.LR_RANGE, "weight_decay": protocol.WD_RANGE}, 30)
+    assert len(two) == 25  # 5 x 5 <= 30
+    assert min(p["lr"] for p in two) == pytest.approx(0.1)
+    assert max(p["weight_decay"] for p in two) == pytest.approx(1e-4)
+
+
+def test_search_ties_go_to_the_first_trial_and_bad_ranges_fail():
+    res = search.search(lambda p: 1.0, {"C": (1e-2, 1e2)}, n_trials=5, method="grid")
+    assert res.best_params["C"] == pytest.approx(1e-2) and len(res.trials) == 5
+    with pytest.raises(ValueError):
+        search.search(lambda p: 0, {"C": (0.0, 1.0)}, 3, method="grid")
+    with pytest.raises(ValueError):
+        search.resolve_method("random")
+
+
+def test_optuna_missing_gives_a_clear_error(monkeypatch):
+    monkeypatch.setattr(search, "optuna_available", lambda: False)
+    assert search.resolve_method("auto") == "grid"
+    with pytest.raises(ImportError, match="pip install optuna"):
+        search.resolve_method("optuna")
+
+
+def test_optuna_tpe_stays_in_bounds_and_is_seeded():
+    pytest.importorskip("optuna")
+
+    def f(p):
+        return -abs(math.log10(p["C"]) - 1.0)
+
+    a = search.search(f, {"C": (1e-5, 1e6)}, n_trials=12, seed=3, method="optuna")
+    b = search.search(f, {"C": (1e-5, 1e6)}, n_trials=12, seed=3, method="optuna")
+    assert a.method == "optuna" and [t["params"] for t in a.trials] == [t["params"]
+                                                                       for t in b.trials]
+    assert all(1e-5 <= t["params"]["C"] <= 1e6 for t in a.trials)
+
+
+# ---- protocol ------------------------------------------------------------------------------------
+def test_separable_features_reach_99_percent():
+    x, y = blobs(seed=0)
+    xt, yt = blobs(n_per_class=25, seed=0)[0][::-1].copy(), blobs(n_per_class=25, seed=0)[1][::-1]
+    cfg = ProtocolConfig(trials=6, search="grid")
+    res = evaluate_features(x, y, xt, yt, config=cfg, seed=0)
+    assert res["probe"] == "logreg" and res["top1"] >= 99.0 and res["top5"] == 100.0
+    assert res["sizes"] == {"trainval": 80, "train": 64, "val": 16, "test": 100,
+                            "num_classes": 4, "feature_dim": 16}
+    assert res["settings"]["features"] == "raw" and res["settings"]["max_iter"] == 2000
+    assert res["log_odds"] == pytest.approx(metrics.log_odds(res["top1"]))
+
+
+def test_shuffled_labels_stay_at_chance():
+    x, y = blobs(n_per_class=40, classes=4, seed=1)
+    xt, yt = blobs(n_per_class=100, classes=4, seed=1)
+    rng = np.random.default_rng(0)
+    res = evaluate_features(x, rng.permutation(y), xt, rng.permutation(yt),
+                            config=ProtocolConfig(trials=4, search="grid"), seed=0)
+    assert abs(res["top1"] - 25.0) < 10.0
+
+
+def test_c_search_bounds_trial_count_and_refit_on_trainval(monkeypatch):
+    calls = []
+    real = protocol.fit_logistic
+
+    def spy(X, y, C, **kw):
+        calls.append((len(X), C))
+        return real(X, y, C, **kw)
+
+    monkeypatch.setattr(protocol, "fit_logistic", spy)
+    x, y = blobs(n_per_class=10, classes=3)
+    res = evaluate_features(x, y, x, y, config=ProtocolConfig(trials=7, search="grid"), seed=2)
+    search_calls, refit = calls[:-1], calls[-1]
+    assert len(search_calls) == 7 == res["search"]["trials"]
+    assert all(1e-5 <= c <= 1e6 for _, c in search_calls)
+    assert {n for n, _ in search_calls} == {24}  # train part only: 30 - 3 x 2 val
+    assert refit == (30, res["hparams"]["C"])  # refit on train + val with the best C
+    assert res["refit"]["on"] == "trainval" and res["refit"]["n"] == 30
+    assert res["search"]["space"] == {"C": [1e-5, 1e6]}
+    best = max(res["search"]["history"], key=lambda t: t["score"])
+    assert res["val_top1"] == best["score"]
+
+
+def test_logistic_probe_uses_raw_features_and_handles_two_classes():
+    x, y = blobs(n_per_class=15, classes=2, dim=5)
+    probe = fit_logistic(x, y, C=1.0)
+    assert probe.normalize is False and probe.weight.shape == (2, 5)
+    assert metrics.topk_accuracy(probe.scores(x), y) >= 99.0
+    from sklearn.linear_model import LogisticRegression
+
+    ref = LogisticRegression(C=1.0, max_iter=2000).fit(x.astype(np.float64), y)
+    np.testing.assert_allclose(probe.scores(x).argmax(1), ref.predict(x))
+    # scaling the features changes a raw-feature probe's decision (no hidden normalisation)
+    assert fit_logistic(x * 100, y, C=1e-4).info["C"] == 1e-4
+
+
+def test_sgd_probe_separable_and_searched_in_its_ranges():
+    x, y = blobs(n_per_class=30, classes=3, dim=8, seed=4)
+    cfg = ProtocolConfig(probe="sgd", trials=4, search="grid", epochs=15, batch_size=32)
+    res = evaluate_features(x, y, x, y, config=cfg, seed=0)
+    assert res["probe"] == "sgd" and res["top1"] >= 99.0
+    assert res["settings"]["features"] == "l2-normalised"
+    assert res["settings"]["momentum"] == 0.9
+    for t in res["search"]["history"]:
+        assert 0.1 <= t["params"]["lr"] <= 100 and 1e-12 <= t["params"]["weight_decay"] <= 1e-4
+    probe = fit_sgd_linear(x, y, 1.0, 1e-6, epochs=3, batch_size=16)
+    assert probe.normalize and probe.bias.shape == (3,) and probe.info["steps"] == 3 * 6
+    # features are L2-normalised: scaling inputs does not change the scores
+    np.testing.assert_allclose(probe.scores(x), probe.scores(x * 7.0), rtol=1e-6)
+
+
+def test_cosine_schedule():
+    assert cosine_lr(2.0, 0, 10) == pytest.approx(2.0)
+    assert cosine_lr(2.0, 5, 10) == pytest.approx(1.0)
+    assert cosine_lr(2.0, 10, 10) == pytest.approx(0.0)
+
+
+def test_auto_probe_choice():
+    cfg = ProtocolConfig()
+    assert cfg.resolve_probe(10_000) == "logreg" and cfg.resolve_probe(1_281_167) == "sgd"
+
+
+# ---- metrics -------------------------------------------------------------------------------------
+def test_topk_and_log_odds_by_hand():
+    scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
+    labels = np.array([1, 1, 0, 2])
+    assert metrics.topk_accuracy(scores, labels, 1) == 25.0
+    assert metrics.topk_accuracy(scores, labels, 2) == 50.0
+    assert metrics.topk_accuracy(scores, labels, 5) == 100.0
+    assert metrics.log_odds(50.0) == 0.0
+    assert metrics.log_odds(80.0) == pytest.approx(math.log(4.0))
+    # mean over datasets of log(p / (1 - p)), p = top-1 / 100
+    hand = (math.log(0.9 / 0.1) + math.log(0.25 / 0.75) + math.log(0.6 / 0.4)) / 3
+    assert metrics.mean_log_odds([90.0, 25.0, 60.0]) == pytest.approx(hand)
+    assert math.isfinite(metrics.log_odds(100.0)) and metrics.log_odds(100.0) > 13
+    with pytest.raises(ValueError):
+        metrics.log_odds(101.0)
+
+
+# ---- results and report --------------------------------------------------------------------------
+def fake(model, dataset, seed, top1, top5=99.0):
+    return results.make_result(model, dataset, {"probe": "logreg", "top1": top1, "top5": top5,
+                                                "log_odds": metrics.log_odds(top1),
+                                                "hparams": {"C": 1.0}, "seed": seed})
+
+
+def test_results_roundtrip_and_duplicates(tmp_path):
+    p = results.write_result(tmp_path / "a", fake("t-ReX*", "pets", 0, 90.0))
+    assert p.name == "t-ReX__pets__seed0.json"
+    data = json.loads(p.read_text())
+    assert data["schema"] == results.SCHEMA and "versions" in data and "created" in data
+    (tmp_path / "a" / "other.json").write_text('{"hello": 1}')
+    newer = fake("t-ReX*", "pets", 0, 91.0)
+    newer["created"] = "9999-01-01T00:00:00+00:00"
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "copy.json").write_text(json.dumps(newer))
+    warnings = []
+    loaded = results.load_results([tmp_path], warn=warnings.append)
+    assert len(loaded) == 1 and loaded[0]["top1"] == 91.0
+    assert any("not a trex-eval result" in w for w in warnings)
+    with pytest.raises(results.ResultsError):
+        results.load_results([tmp_path / "missing"])
+
+
+def test_report_mean_std_log_odds_tables_and_plot(tmp_path):
+    res = [fake("trex", "pets", 0, 90.0), fake("trex", "pets", 1, 92.0),
+           fake("trex", "dtd", 0, 70.0), fake("trex", "dtd", 1, 74.0),
+           fake("random", "pets", 0, 10.0), fake("random", "dtd", 0, 20.0)]
+    rep = report.aggregate(res)
+    cell = rep.cell("trex", "pets")
+    assert cell.top1_mean == pytest.approx(91.0) and cell.top1_std == pytest.approx(math.sqrt(2))
+    hand = (math.log(0.91 / 0.09) + math.log(0.72 / 0.28)) / 2
+    assert rep.mean_log_odds["trex"] == pytest.approx(hand)
+    assert rep.mean_log_odds["random"] == pytest.approx((math.log(1 / 9) + math.log(0.25)) / 2)
+    md = report.to_markdown(rep)
+    assert "| model | pets | dtd | mean log-odds |" in md
+    assert "91.00 ± 1.41" in md and f"{hand:.4f}" in md
+    rows = list(csv.DictReader(report.to_csv(rep).splitlines()))
+    assert len(rows) == 4 and rows[0]["model"] == "trex" and rows[0]["n_seeds"] == "2"
+    assert float(rows[0]["model_mean_log_odds"]) == pytest.approx(hand, abs=1e-6)
+    out = report.plot(rep, tmp_path / "plots" / "bars.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_marks_models_with_fewer_datasets():
+    rep = report.aggregate([fake("a", "x", 0, 50.0), fake("a", "y", 0, 60.0),
+                            fake("b", "x", 0, 70.0)])
+    assert "(1 of 2 sets)" in report.to_markdown(rep)
+    assert rep.n_datasets == {"a": 2, "b": 1}
