@@ -39,8 +39,9 @@ def make_pattern_folder(root, n_train: int = 24, n_val: int = 12, size: int = 24
 
 def small_args(data, out, *extra: str, preset: str = "trex") -> List[str]:
     """trex-train options of a tiny CPU run: resnet18, 16 px global / 8 px local crops."""
+    crops = [] if preset == "baseline" else ["--local-crops", "2", "--memory-size", "32"]
     return ["--preset", preset, "--arch", "resnet18", "--data", str(data), "--output-dir",
-            str(out), "--global-size", "16", "--local-size", "8", "--local-crops", "2",
-            "--projector-hidden", "64", "--projector-dim", "32", "--memory-size", "32",
+            str(out), "--global-size", "16", "--local-size", "8", *crops,
+            "--projector-hidden", "64", "--projector-dim", "32",
             "--batch-size", "8", "--workers", "0", "--epochs", "2", "--warmup-epochs", "1",
             "--print-freq", "0", "--device", "cpu", *extra]

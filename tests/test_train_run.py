@@ -1,0 +1,156 @@
+"""End-to-end trex-train runs on CPU: released checkpoint layout, load/export/classify, resume
+bit-for-bit, non-finite loss, and learning a generated image folder."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import trex_hub
+from trex_hub.checkpoint import torch_load
+from trex_hub.cli.train import main
+from trex_hub.model import prototypes_from_memory
+from train_helpers import CLASSES, make_pattern_folder, small_args
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_pattern_folder(tmp_path_factory.mktemp("patterns"), n_train=8, n_val=4)
+
+
+@pytest.fixture(scope="module")
+def straight_run(folder, tmp_path_factory):
+    """Two epochs without interruption (3 iterations of 8 images each)."""
+    out = tmp_path_factory.mktemp("straight")
+    assert main(small_args(folder, out)) == 0
+    return out
+
+
+def test_help_documents_the_recipe(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for words in ("--preset", "trex_star", "OCM", "0.999", "SyncBatchNorm", "torchrun",
+                  "export", "cosine", "1e-6", "Nesterov", "solarise"):
+        assert words in text, words
+    assert main(["export", "--help"]) == 0
+    assert main(["--preset", "nope"]) == 2
+
+
+def test_checkpoint_is_the_released_layout(straight_run):
+    ckpt = torch_load(straight_run / "checkpoint.pth")  # weights_only=True with the allow-list
+    assert {"model", "optimizer", "epoch", "args", "fp16_scaler"} <= set(ckpt)
+    assert ckpt["epoch"] == 2
+    keys = list(ckpt["model"])
+    assert all(k.startswith("module.") for k in keys)
+    groups = {k.split(".")[1] for k in keys}
+    assert groups == {"model", "model_ema", "memory"}
+    assert "module.model.encoder.conv1.weight" in keys
+    assert "module.model.encoder.layer4.1.bn2.running_var" in keys
+    assert not any(k.startswith("module.model.encoder.fc.") for k in keys)
+    # t-ReX preset: 3 hidden blocks, layers.0 is the parameter-free L2 norm, layers.4 bottleneck
+    assert "module.model.head.layers.3.bn.num_batches_tracked" in keys
+    assert ckpt["model"]["module.model.head.layers.4.weight"].shape == (32, 64)
+    assert not any(".layers.0." in k for k in keys)
+    online = {k[len("module.model."):] for k in keys if k.startswith("module.model.")}
+    ema = {k[len("module.model_ema."):] for k in keys if k.startswith("module.model_ema.")}
+    assert online == ema
+    assert ckpt["model"]["module.memory.features"].shape == (32, 32)
+    assert ckpt["model"]["module.memory.labels"].dtype == torch.int64
+    assert ckpt["model"]["module.memory.ptr"].shape == (1,)
+    args = ckpt["args"]
+    assert isinstance(args, argparse.Namespace)
+    assert isinstance(args.lr_schedule, np.ndarray) and args.lr_schedule.dtype == np.float64
+    assert len(args.lr_schedule) == 6
+    assert (args.arch, args.num_classes, args.tau, args.projector_l2_norm) == \
+        ("resnet18", 3, 0.1, True)
+    assert args.class_names == list(CLASSES)
+    assert len(ckpt["optimizer"]["param_groups"]) == 2
+    log = [json.loads(line) for line in (straight_run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert {"loss", "train_top1", "val_top1", "lr", "images_per_s"} <= set(log[0])
+
+
+def test_load_export_and_classify(straight_run, folder, tmp_path):
+    raw = torch_load(straight_run / "checkpoint.pth")["model"]
+    model = trex_hub.load(straight_run / "checkpoint.pth", projector=True)
+    assert model.arch == "resnet18" and model.head.num_layers == 3
+    assert torch.equal(model.backbone.conv1.weight, raw["module.model.encoder.conv1.weight"])
+    protos = prototypes_from_memory(raw["module.memory.features"], raw["module.memory.labels"], 3)
+    assert torch.allclose(model.classifier.prototypes, protos)
+
+    out = tmp_path / "exported"
+    assert main(["export", str(straight_run / "checkpoint.pth"), str(out)]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    assert (out / "README.md").is_file()
+    exported = trex_hub.load(out, projector=True)
+    assert torch.equal(exported.backbone.conv1.weight, model.backbone.conv1.weight)
+    assert torch.allclose(exported.classifier.prototypes, protos)
+    images = sorted((folder / "val" / "vertical").glob("*.png"))[:2]
+    preds = exported.classify(images, topk=3, preprocess=None)
+    assert len(preds) == 2 and {p.label for p in preds[0]} == set(CLASSES)
+    backbone_only = trex_hub.load(out)
+    assert backbone_only.out_dim == 512
+
+
+def test_resume_is_bit_for_bit(straight_run, folder, tmp_path):
+    out = tmp_path / "resumed"
+    assert main(small_args(folder, out, "--stop-after-epoch", "1")) == 0
+    assert torch_load(out / "checkpoint.pth")["epoch"] == 1
+    assert main(small_args(folder, out, "--resume")) == 0
+    a = torch_load(straight_run / "checkpoint.pth")
+    b = torch_load(out / "checkpoint.pth")
+    assert a["epoch"] == b["epoch"] == 2
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for i, st in a["optimizer"]["state"].items():
+        assert torch.equal(st["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"])
+    la = (straight_run / "log.jsonl").read_text().splitlines()
+    lb = (out / "log.jsonl").read_text().splitlines()
+    strip = lambda r: {k: v for k, v in json.loads(r).items()  # noqa: E731
+                       if k not in ("images_per_s", "epoch_time_s")}
+    assert [strip(r) for r in la] == [strip(r) for r in lb]
+
+
+def test_resume_refuses_a_different_schedule(straight_run, folder, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "other"
+    out.mkdir()
+    shutil.copy(straight_run / "checkpoint.pth", out / "checkpoint.pth")
+    assert main(small_args(folder, out, "--resume", "--epochs", "3")) == 1
+    assert "lr schedule" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_with_a_message(folder, tmp_path, monkeypatch, capsys):
+    real = torch.nn.functional.cross_entropy
+
+    def poisoned(*args, **kwargs):
+        return real(*args, **kwargs) * float("nan")
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", poisoned)
+    assert main(small_args(folder, tmp_path / "nan")) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "epoch 1, iteration 0" in err
+
+
+def test_cpu_refuses_fp16(folder, tmp_path, capsys):
+    assert main(small_args(folder, tmp_path / "fp16", "--amp", "fp16")) == 1
+    assert "needs CUDA" in capsys.readouterr().err
+
+
+def test_baseline_preset_and_plain_classifier(folder, tmp_path):
+    out = tmp_path / "base"
+    assert main(small_args(folder, out, "--epochs", "1", preset="baseline")) == 0
+    sd = torch_load(out / "checkpoint.pth")["model"]
+    assert "module.clf.fc.weight" in sd and "module.clf.fc.bias" in sd
+    assert not any(k.startswith(("module.memory.", "module.model.head.")) for k in sd)
+    assert trex_hub.load(out / "checkpoint.pth").out_dim == 512
+    out2 = tmp_path / "plain"
+    assert main(small_args(folder, out2, "--epochs", "1", "--memory-size", "0")) == 0
+    sd = torch_load(out2 / "checkpoint.pth")["model"]
+    assert sd["module.clf.fc.weight"].shape == (3, 32) and "module.clf.fc.bias" not in sd
+    assert trex_hub.load(out2 / "checkpoint.pth", projector=True).classifier.num_classes == 3
