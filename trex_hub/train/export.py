@@ -69,17 +69,24 @@ def export_checkpoint(ckpt_path: Union[str, "os.PathLike[str]"],
     training["epochs_done"] = (ckpt.extra or {}).get("epoch")
     training["weights"] = "EMA copy" if ema else "online network"
     extra = {"training": training, "source_checkpoint": os.path.basename(os.fspath(ckpt_path))}
-    try:  # the Hub writer (with its own model card), when this install has it
-        from ..hub.hf import save_pretrained  # type: ignore[attr-defined]
-    except ImportError:
-        save_pretrained = None
-    if save_pretrained is not None:
+    from .. import registry
+
+    # the Hub writer (model card from huggingface_hub), except under a released model's name,
+    # whose card would describe the released weights
+    save_pretrained = None
+    if not registry.is_known(model_name):
         try:
-            save_pretrained(model, out, extra_config=extra)
-            return out
-        except TypeError:
-            save_pretrained(model, out)
-            return out
+            from ..hub.hf import save_pretrained
+        except ImportError:
+            save_pretrained = None
+    if save_pretrained is not None:
+        save_pretrained(model, out, extra_config=extra)
+        card = out / "README.md"
+        section = _card(model_name, model.config(), training).split("## Training", 1)[1]
+        section = section.split("## Use", 1)[0]
+        card.write_text(card.read_text().rstrip() + "\n\n## Training (trex-train)\n\nTrained with "
+                        "`trex-train`; not one of the released t-ReX checkpoints.\n" + section)
+        return out
     save_safetensors(model, out, extra_config=extra)
     (out / "README.md").write_text(_card(model_name, model.config(), training))
     return out
