@@ -53,8 +53,8 @@ def test_help_documents_every_option(capsys):
     for opt in ("--models", "--names", "--format", "--data", "--dataset-name", "--out",
                 "--classes", "--train-limit", "--test-limit", "--subset-seed",
                 "--test-fraction", "--split-seed", "--seeds", "--trials", "--probe", "--search",
-                "--max-iter", "--epochs", "--sgd-batch-size", "--device", "--batch-size",
-                "--image-size", "--num-workers", "--quiet", "imagefolder", "fashion-mnist",
+                "--max-iter", "--probe-dtype", "--epochs", "--sgd-batch-size", "--device", "--batch-size",
+                "--image-size", "--num-workers", "--threads", "--cache", "--quiet", "imagefolder", "fashion-mnist",
                 "features", "random:NAME", "[1e-5, 1e6]"):
         assert opt in out, opt
     code, out, _ = run_cli(["report", "--help"], capsys)

@@ -224,3 +224,13 @@ def test_report_marks_models_with_fewer_datasets():
                             fake("b", "x", 0, 70.0)])
     assert "(1 of 2 sets)" in report.to_markdown(rep)
     assert rep.n_datasets == {"a": 2, "b": 1}
+
+
+def test_probe_precision_setting():
+    x, y = blobs(n_per_class=8, classes=3, dim=6)
+    cfg = ProtocolConfig(trials=2, search="grid", dtype="float64")
+    res = evaluate_features(x, y, x, y, config=cfg, seed=0)
+    assert res["settings"]["dtype"] == "float64" and res["top1"] >= 99.0
+    assert all("n_iter" in t and "converged" in t for t in res["search"]["history"])
+    with pytest.raises(ValueError, match="dtype"):
+        evaluate_features(x, y, x, y, config=ProtocolConfig(dtype="float16"), seed=0)

@@ -604,7 +604,8 @@ def load_torchvision_dataset(name: str, root: PathLike, *, test_fraction: float 
             if "scipy" in msg.lower():
                 raise DatasetError(f"{spec.cls}: {msg}") from None
             raise DatasetNotFoundError(
-                f"{spec.cls} files not found under {base} (split {split or 'all'}): {msg.split('.')[0]}. "
+                f"{spec.cls} files not found under {base} (split {split or 'all'}): "
+                f"{msg.split('.')[0]}. "
                 f"Place the dataset there in torchvision's layout (see the torchvision.datasets."
                 f"{spec.cls} documentation); trex-eval never downloads.") from None
 

@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Optuna TPE (auto when importable) or a log grid (default auto)")
     p.add_argument("--max-iter", type=_positive_int, default=2000, metavar="N",
                    help="L-BFGS iterations for logreg (default 2000)")
+    p.add_argument("--probe-dtype", choices=("float32", "float64"), default="float32",
+                   help="precision of the probe fits: float32 (scikit-learn's choice for float32 "
+                   "features) or float64 (slower; L-BFGS gets further on badly scaled features)")
     p.add_argument("--epochs", type=_positive_int, default=100, metavar="N",
                    help="SGD probe epochs (default 100)")
     p.add_argument("--sgd-batch-size", type=_positive_int, default=1024, metavar="N",
@@ -172,12 +175,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not args.models and fmt != "features":
         print(f"{PROG} run: error: --models is required with --format {fmt}", file=sys.stderr)
         return 2
-    if fmt in ("imagefolder",) or (fmt not in ("fashion-mnist", "features") and not args.data):
-        if not args.data:
-            print(f"{PROG} run: error: --format {fmt} needs --data ROOT", file=sys.stderr)
-            return 2
-    if fmt == "features" and not args.data:
-        print(f"{PROG} run: error: --format features needs --data DIR", file=sys.stderr)
+    if fmt != "fashion-mnist" and not args.data:
+        what = "DIR of trex-extract outputs" if fmt == "features" else "ROOT"
+        print(f"{PROG} run: error: --format {fmt} needs --data {what}", file=sys.stderr)
         return 2
     if args.names and len(args.names) != len(args.models):
         print(f"{PROG} run: error: {len(args.names)} --names for {len(args.models)} --models",
@@ -190,7 +190,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = ProtocolConfig(probe=args.probe, trials=args.trials, search=args.search,
                          max_iter=args.max_iter, epochs=args.epochs,
                          batch_size=args.sgd_batch_size, device=args.device,
-                         threads=args.threads)
+                         threads=args.threads, dtype=args.probe_dtype)
     if args.threads:
         import torch
 

@@ -16,7 +16,7 @@ TRANSFER_SIZE = 224
 
 
 def build_resize_transform(image_size: int) -> Callable[[Any], torch.Tensor]:
-    """The transfer preset at another size: Resize(size, bicubic) -> CenterCrop(size) -> mean/std."""
+    """The transfer preset at another size: Resize(size, bicubic) -> CenterCrop(size) -> norm."""
     from torchvision import transforms as T
 
     from ..model import IMAGENET_MEAN, IMAGENET_STD

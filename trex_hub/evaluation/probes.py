@@ -60,7 +60,11 @@ def fit_logistic(features: np.ndarray, labels: np.ndarray, C: float, *,
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    X = np.asarray(features, dtype=np.float64)
+    # float32 features stay float32: scikit-learn's L-BFGS works in the input precision (as it
+    # does for features saved as float32); pass float64 features for a float64 fit
+    X = np.asarray(features)
+    if X.dtype not in (np.float32, np.float64):
+        X = X.astype(np.float64)
     y = np.asarray(labels, dtype=np.int64)
     if num_classes is None:
         num_classes = int(y.max()) + 1

@@ -55,6 +55,9 @@ class ProtocolConfig:
     device: str = "cpu"
     large_threshold: int = LARGE_DATASET
     threads: Optional[int] = None  # BLAS / OpenMP threads for the probe fits (None: default)
+    # precision of the probe fits: float32 is what scikit-learn does with float32 features (as
+    # extracted); float64 is slower but lets L-BFGS go further on badly scaled features
+    dtype: str = "float32"
 
     def resolve_probe(self, n_trainval: int) -> str:
         if self.probe not in PROBES:
@@ -110,9 +113,11 @@ def evaluate_features(train_features: np.ndarray, train_labels: np.ndarray,
     ``seed`` drives the validation split, the search sampler and the SGD probe's init/shuffle.
     """
     cfg = config or ProtocolConfig()
-    Xtv = np.asarray(train_features, dtype=np.float32)
+    if cfg.dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', not {cfg.dtype!r}")
+    Xtv = np.asarray(train_features, dtype=cfg.dtype)
     ytv = np.asarray(train_labels, dtype=np.int64)
-    Xte = np.asarray(test_features, dtype=np.float32)
+    Xte = np.asarray(test_features, dtype=cfg.dtype)
     yte = np.asarray(test_labels, dtype=np.int64)
     if Xtv.ndim != 2 or Xte.ndim != 2 or Xtv.shape[1] != Xte.shape[1]:
         raise ValueError(f"features must be [N, D] with one D; got {Xtv.shape} and {Xte.shape}")
@@ -133,8 +138,11 @@ def evaluate_features(train_features: np.ndarray, train_labels: np.ndarray,
     else:
         space = {"lr": tuple(cfg.lr_range), "weight_decay": tuple(cfg.wd_range)}
 
+    fit_info: list = []
+
     def objective(params: Dict[str, float]) -> float:
         probe = _fit(kind, Xtv[tr_idx], ytv[tr_idx], params, num_classes, cfg, seed)
+        fit_info.append({k: v for k, v in probe.info.items() if k not in params})
         return topk_accuracy(probe.scores(Xtv[val_idx]), ytv[val_idx], 1)
 
     def report(i: int, params: Dict[str, float], score: float) -> None:
@@ -145,6 +153,8 @@ def evaluate_features(train_features: np.ndarray, train_labels: np.ndarray,
         found = search(objective, space, n_trials=cfg.trials, seed=seed, method=cfg.search,
                        callback=report)
         t_search = time.time() - t0
+        for trial, info in zip(found.trials, fit_info):
+            trial.update(info)
         final = _fit(kind, Xtv, ytv, found.best_params, num_classes, cfg, seed)
     scores = final.scores(Xte)
     top1 = topk_accuracy(scores, yte, 1)
