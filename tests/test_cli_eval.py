@@ -87,7 +87,7 @@ def test_end_to_end_two_models_two_seeds_then_report(tmp_path, r18_ckpt, image_f
                              "--names", "generated", "random",
                              "--format", "imagefolder", "--data", image_folder,
                              "--out", out, "--seeds", 0, 1, "--trials", 3, "--search", "grid",
-                             "--image-size", 32, "--batch-size", 8], capsys)
+                             "--image-size", 32, "--batch-size", 8, "--threads", 1], capsys)
     assert code == 0, err
     files = sorted(p.name for p in out.glob("*.json"))
     assert files == ["generated__colours__seed0.json", "generated__colours__seed1.json",
@@ -116,7 +116,8 @@ def test_fashion_mnist_format_with_class_subset(tmp_path, r18_ckpt, capsys):
     code, md, err = run_cli(["run", "--models", r18_ckpt, "--format", "fashion-mnist",
                              "--data", tmp_path / "fm", "--classes", "5-9", "--train-limit", 20,
                              "--test-limit", 10, "--out", tmp_path / "res", "--trials", 2,
-                             "--search", "grid", "--image-size", 32, "-q"], capsys)
+                             "--search", "grid", "--image-size", 32, "--threads", 1, "-q"],
+                            capsys)
     assert code == 0, err
     (f,) = list((tmp_path / "res").glob("*.json"))
     res = json.loads(f.read_text())
@@ -131,11 +132,13 @@ def test_features_format_reads_trex_extract_outputs(tmp_path, r18_ckpt, image_fo
     feats = tmp_path / "feats"
     for split in ("train", "test"):
         code = extract_cli.main([str(r18_ckpt), str(image_folder / split), "-o",
-                                 str(feats / f"{split}.npy"), "--labels", "folder", "-j", "0"])
+                                 str(feats / f"{split}.npy"), "--labels", "folder", "-j", "0",
+                                 "--threads", "1"])
         assert code == 0
     capsys.readouterr()
     code, md, err = run_cli(["run", "--format", "features", "--data", feats, "--out",
-                             tmp_path / "res", "--trials", 2, "--search", "grid"], capsys)
+                             tmp_path / "res", "--trials", 2, "--search", "grid", "--threads", 1],
+                            capsys)
     assert code == 0, err
     (f,) = list((tmp_path / "res").glob("*.json"))
     res = json.loads(f.read_text())
@@ -167,6 +170,9 @@ def test_missing_data_and_bad_model_exit_1(tmp_path, r18_ckpt, capsys):
 def test_feature_cache_and_threads(tmp_path, r18_ckpt, capsys):
     from test_datasets import write_fmnist
 
+    import torch
+
+    before = torch.get_num_threads()
     write_fmnist(tmp_path / "fm", n_train=30, n_test=20)
     argv = ["run", "--models", r18_ckpt, "--format", "fashion-mnist", "--data", tmp_path / "fm",
             "--out", tmp_path / "res", "--trials", 2, "--search", "grid", "--image-size", 32,
@@ -179,6 +185,9 @@ def test_feature_cache_and_threads(tmp_path, r18_ckpt, capsys):
     assert code == 0 and "features from cache" in err
     second = json.loads(next((tmp_path / "res").glob("*.json")).read_text())
     assert second["top1"] == first["top1"] and second["settings"]["threads"] == 1
+    import torch
+
+    assert torch.get_num_threads() == before  # the CLI restores the thread count
 
 
 def test_random_init_is_deterministic(r18_ckpt):

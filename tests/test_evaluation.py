@@ -92,7 +92,7 @@ def test_shuffled_labels_stay_at_chance():
     xt, yt = blobs(n_per_class=100, classes=4, seed=1)
     rng = np.random.default_rng(0)
     res = evaluate_features(x, rng.permutation(y), xt, rng.permutation(yt),
-                            config=ProtocolConfig(trials=4, search="grid"), seed=0)
+                            config=ProtocolConfig(trials=4, search="grid", threads=1), seed=0)
     assert abs(res["top1"] - 25.0) < 10.0
 
 
@@ -133,7 +133,8 @@ def test_logistic_probe_uses_raw_features_and_handles_two_classes():
 
 def test_sgd_probe_separable_and_searched_in_its_ranges():
     x, y = blobs(n_per_class=30, classes=3, dim=8, seed=4)
-    cfg = ProtocolConfig(probe="sgd", trials=4, search="grid", epochs=15, batch_size=32)
+    cfg = ProtocolConfig(probe="sgd", trials=4, search="grid", epochs=15, batch_size=32,
+                         threads=1)
     res = evaluate_features(x, y, x, y, config=cfg, seed=0)
     assert res["probe"] == "sgd" and res["top1"] >= 99.0
     assert res["settings"]["features"] == "l2-normalised"

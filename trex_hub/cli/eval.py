@@ -191,9 +191,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
                          max_iter=args.max_iter, epochs=args.epochs,
                          batch_size=args.sgd_batch_size, device=args.device,
                          threads=args.threads, dtype=args.probe_dtype)
-    if args.threads:
-        import torch
+    import torch
 
+    old_threads = torch.get_num_threads()
+    if args.threads:
         torch.set_num_threads(args.threads)
     feats = FeatureOptions(batch_size=args.batch_size, image_size=args.image_size,
                            num_workers=args.num_workers, device=args.device,
@@ -205,6 +206,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             KeyError) as exc:
         print(f"{PROG} run: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        torch.set_num_threads(old_threads)
     print(rpt.to_markdown(rpt.aggregate(summary.results)))
     _log(args.quiet)(f"{len(summary.files)} result file(s) in {args.out}")
     return 0
