@@ -218,7 +218,10 @@ def bench_ablation(ckpt: Path, batch: torch.Tensor, log, compile_: bool) -> dict
         log(f"  {name}: {res[name]:.2f} img/s")
     r = InferenceModel(model, torch.device("cpu"))
     x = r.to_input(batch)
-    with torch.no_grad():
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # jit is deprecated; measured anyway
         frozen = torch.jit.freeze(torch.jit.trace(copy.deepcopy(r.module), x[:2]))
     with torch.no_grad():
         res["+ torch.jit.freeze (traced)"] = timed(frozen, x)
