@@ -133,6 +133,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return fail(f"--device {args.device}: CUDA is not available here", EXIT_USAGE)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.max_pixels is not None:
+        from PIL import Image
+
+        # our own check enforces --max-pixels; lift PIL's so it does not refuse first
+        if args.max_pixels <= 0:
+            Image.MAX_IMAGE_PIXELS = None
+        elif Image.MAX_IMAGE_PIXELS is not None and args.max_pixels > Image.MAX_IMAGE_PIXELS:
+            Image.MAX_IMAGE_PIXELS = args.max_pixels
 
     barrier = None
     if world > 1:
