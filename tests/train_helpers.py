@@ -10,11 +10,12 @@ from PIL import Image
 CLASSES = ("checker", "horizontal", "vertical")
 
 
-def make_pattern_folder(root, n_train: int = 24, n_val: int = 12, size: int = 24,
+def make_pattern_folder(root, n_train: int = 24, n_val: int = 12, size: int = 32,
                         seed: int = 0) -> Path:
     """An ImageFolder with train/ and val/ of 3 learnable classes: horizontal stripes, vertical
-    stripes, checkerboards, with random period, phase, two random colours and pixel noise (the
-    orientation survives crops, flips and colour jitter; colour carries no signal)."""
+    stripes, checkerboards, with random period (8-14 px), phase, a dark and a bright random colour
+    and pixel noise (the orientation survives crops, flips and colour jitter; colour carries no
+    signal)."""
     rng = np.random.default_rng(seed)
     root = Path(root)
     yy, xx = np.mgrid[0:size, 0:size]
@@ -23,14 +24,14 @@ def make_pattern_folder(root, n_train: int = 24, n_val: int = 12, size: int = 24
             d = root / split / name
             d.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                period, phase = rng.uniform(3, 7), rng.uniform(0, 2 * np.pi)
+                period, phase = rng.uniform(8, 14), rng.uniform(0, 2 * np.pi)
                 if name == "horizontal":
                     pat = np.sin(2 * np.pi * yy / period + phase)
                 elif name == "vertical":
                     pat = np.sin(2 * np.pi * xx / period + phase)
                 else:
                     pat = np.sin(2 * np.pi * xx / period + phase) * np.sin(2 * np.pi * yy / period)
-                a, b = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+                a, b = rng.uniform(0, 80, 3), rng.uniform(175, 255, 3)
                 t = (pat[..., None] > 0).astype(np.float64)
                 img = t * a + (1 - t) * b + rng.normal(0, 10, (size, size, 3))
                 Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(d / f"{i:03d}.png")

@@ -159,6 +159,9 @@ def build_parser(prog: str = "trex-train") -> argparse.ArgumentParser:
     g.add_argument("--output-dir", default="runs/trex", help="checkpoints and logs")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                    help="continue from CKPT (default: OUTPUT_DIR/checkpoint.pth)")
+    g.add_argument("--checkpoint-every", type=int, default=1,
+                   help="rewrite checkpoint.pth every N epochs (1; always after the last epoch "
+                        "and at --stop-after-epoch)")
     g.add_argument("--save-every", type=int, default=0,
                    help="also keep checkpoint{EPOCH:04d}.pth every N epochs (0: only the latest)")
     g.add_argument("--eval-every", type=int, default=1, help="validate every N epochs (1)")

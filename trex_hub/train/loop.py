@@ -413,12 +413,18 @@ def _train(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
         if val_data is not None and args.eval_every and ((epoch + 1) % args.eval_every == 0
                                                          or last):
             record["val_top1"] = evaluate(module, val_data, args, env, amp_dtype)
-        states = _all_gather_objects(rng_state(env.device), env)
+        stopping = args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch
+        every = max(1, int(args.checkpoint_every))
+        keep = bool(args.save_every) and (epoch + 1) % args.save_every == 0
+        if last or stopping or keep or (epoch + 1) % every == 0:
+            states = _all_gather_objects(rng_state(env.device), env)
+            if env.is_main:
+                obj = checkpoint_dict(module, optimizer, scaler, epoch + 1, saved_args, states)
+                save_checkpoint(obj, out_dir / CHECKPOINT_NAME)
+                if keep:
+                    save_checkpoint(obj, out_dir / f"checkpoint{epoch + 1:04d}.pth")
+                del obj
         if env.is_main:
-            obj = checkpoint_dict(module, optimizer, scaler, epoch + 1, saved_args, states)
-            save_checkpoint(obj, out_dir / CHECKPOINT_NAME)
-            if args.save_every and (epoch + 1) % args.save_every == 0:
-                save_checkpoint(obj, out_dir / f"checkpoint{epoch + 1:04d}.pth")
             with open(out_dir / LOG_NAME, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
             val = "-" if record["val_top1"] is None else f"{record['val_top1']:.2f}"
@@ -427,8 +433,7 @@ def _train(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
                       f"({record['images_per_s']:.1f} img/s)")
         if env.distributed:
             dist.barrier()
-        if args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch \
-                and not last:
+        if stopping and not last:
             _log(env, f"stopping after epoch {epoch + 1} (--stop-after-epoch); continue with "
                       "--resume")
             record["stopped"] = True
