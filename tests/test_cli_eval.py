@@ -200,3 +200,26 @@ def test_random_init_is_deterministic(r18_ckpt):
                                                  b.state_dict().values()))
     loaded = load_model(str(r18_ckpt), "cpu")  # the generated file has its own BN statistics
     assert not torch.equal(a.backbone.bn1.running_var, loaded.backbone.bn1.running_var)
+
+
+def test_features_format_several_models(tmp_path, r18_ckpt, image_folder, capsys):
+    import shutil
+
+    from trex_hub.cli import extract as extract_cli
+
+    for split in ("train", "test"):
+        assert extract_cli.main([str(r18_ckpt), str(image_folder / split), "-o",
+                                 str(tmp_path / "one" / f"{split}.npy"), "--labels", "folder",
+                                 "-j", "0", "--threads", "1"]) == 0
+    for model in ("m1", "m2"):
+        shutil.copytree(tmp_path / "one", tmp_path / "many" / model)
+    capsys.readouterr()
+    code, md, err = run_cli(["run", "--format", "features", "--data", tmp_path / "many",
+                             "--models", "m1", "m2", "--out", tmp_path / "res", "--trials", 2,
+                             "--search", "grid", "--threads", 1], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "res").glob("*.json")) == [
+        "m1__many__seed0.json", "m2__many__seed0.json"]
+    code, _, err = run_cli(["run", "--format", "features", "--data", tmp_path / "many",
+                            "--models", "m1", "m3", "--out", tmp_path / "res2"], capsys)
+    assert code == 1 and "m3" in err
