@@ -5,14 +5,14 @@
 #   benchmarks/transfer_fmnist.sh MODEL [MODEL ...]
 #
 # MODEL: a registry name (trex, trex_star, ...), a checkpoint path, or random:NAME (random init).
-# Fixed subset: the first TRAIN_LIMIT / TEST_LIMIT images of a class-balanced draw with seed 0
-# (200 per class from the 60,000 training images as trainval, 100 per class from the 10,000
-# test images), all 10 classes; 28x28 grey images upscaled (bicubic) to IMAGE_SIZE and repeated
+# Fixed subset: class-balanced draws (seed 0) of TRAIN_LIMIT images from the 60,000 training
+# images as trainval and TEST_LIMIT from the 10,000 test images (by default 200 and 100 per
+# class), all 10 classes; 28x28 grey images upscaled (bicubic) to IMAGE_SIZE and repeated
 # to RGB, ImageNet mean/std; 2048-d pooled backbone features; logistic-regression probe, C searched
 # over TRIALS trials on a seeded 20 % per-class validation split, refit, test top-1, per seed.
 #
 # Settings (environment):
-#   OUT=benchmarks/results/fmnist  DATA=/usr/share/datasets/fashion-mnist  IMAGE_SIZE=224
+#   OUT=results/fmnist_transfer  DATA=/usr/share/datasets/fashion-mnist  IMAGE_SIZE=224
 #   TRAIN_LIMIT=2000  TEST_LIMIT=1000  SEEDS="0 1 2"  TRIALS=30  MAX_ITER=2000  DEVICE=cpu
 #   BATCH_SIZE=64  THREADS=(unset: libraries' default; 1 is fastest on a busy machine)
 #   CACHE=$OUT/features (computed features, reused by a rerun with more seeds)
@@ -24,7 +24,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x "$here/.venv/bin/python" ]]; then PYTHON="$here/.venv/bin/python"; else PYTHON=python3; fi
 fi
-OUT="${OUT:-benchmarks/results/fmnist}"
+OUT="${OUT:-results/fmnist_transfer}"
 DATA="${DATA:-/usr/share/datasets/fashion-mnist}"
 IMAGE_SIZE="${IMAGE_SIZE:-224}"
 TRAIN_LIMIT="${TRAIN_LIMIT:-2000}"
@@ -40,7 +40,7 @@ extra=()
 [[ -n "$THREADS" ]] && extra+=(--threads "$THREADS")
 
 if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
-    sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     [[ $# -lt 1 ]] && exit 2 || exit 0
 fi
 if ! ls "$DATA"/train-images*idx3-ubyte* >/dev/null 2>&1; then
@@ -48,7 +48,7 @@ if ! ls "$DATA"/train-images*idx3-ubyte* >/dev/null 2>&1; then
     exit 1
 fi
 
-# shellcheck disable=SC2086
+
 start=$(date +%s)
 "$PYTHON" -m trex_hub.cli.eval run --models "$@" --format fashion-mnist --data "$DATA" \
     --train-limit "$TRAIN_LIMIT" --test-limit "$TEST_LIMIT" --subset-seed 0 \
