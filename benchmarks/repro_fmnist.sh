@@ -10,7 +10,8 @@
 #
 # Environment: PYTHON (default .venv/bin/python), OUT (default runs/repro_fmnist),
 # FMNIST (idx folder, default /usr/share/datasets/fashion-mnist), SEEDS ("0 1"), EPOCHS (3),
-# TRAIN_LIMIT (1000), PROBE_TRAIN / PROBE_TEST (1000 / 1000), TRIALS (20), THREADS (2).
+# TRAIN_LIMIT (1000), PROBE_TRAIN / PROBE_TEST (1000 / 1000), TRIALS (10), MAX_ITER (1000),
+# THREADS (2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -60,7 +61,8 @@ fi
 if [ "$PHASE" = all ] || [ "$PHASE" = probe ]; then
   # Linear probe with trex-eval on classes 5-9 (never seen in training): online backbone, 512-d
   # pooled features at the training resolution (Resize 16 bicubic -> CenterCrop 16), L-BFGS
-  # logistic regression with C searched on a seeded 80/20 split, refit, test top-1. A randomly
+  # logistic regression (at most MAX_ITER iterations) with C searched over TRIALS trials on a
+  # seeded 80/20 split, refit, test top-1. A randomly
   # initialised resnet18 is the floor.
   echo "== $(date -u +%H:%M:%S) probes"
   models=(); names=()
@@ -71,10 +73,17 @@ if [ "$PHASE" = all ] || [ "$PHASE" = probe ]; then
   done
   first=$(echo $PRESETS | cut -d' ' -f1); firstseed=$(echo $SEEDS | cut -d' ' -f1)
   models+=("random:$OUT/$first-s$firstseed/checkpoint.pth"); names+=("random-init")
-  "$PYTHON" -m trex_hub.cli.eval run --models "${models[@]}" --names "${names[@]}" \
-      --format fashion-mnist --data "$FMNIST" --classes 5-9 --train-limit "$PROBE_TRAIN" \
-      --test-limit "$PROBE_TEST" --image-size 16 --trials "${TRIALS:-20}" --threads "$THREADS" \
-      --out "$OUT/probe" --cache "$OUT/probe-cache" -q
+  # one trex-eval process per model, all at once (each single-threaded: fastest on a busy CPU)
+  pids=()
+  for i in "${!models[@]}"; do
+    "$PYTHON" -m trex_hub.cli.eval run --models "${models[$i]}" --names "${names[$i]}" \
+        --format fashion-mnist --data "$FMNIST" --classes 5-9 --train-limit "$PROBE_TRAIN" \
+        --test-limit "$PROBE_TEST" --image-size 16 --trials "${TRIALS:-10}" \
+        --max-iter "${MAX_ITER:-1000}" --threads 1 --out "$OUT/probe" \
+        --cache "$OUT/probe-cache" -q > "$OUT/probe-${names[$i]}.log" 2>&1 &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p"; done
   echo "== $(date -u +%H:%M:%S) table"
   "$PYTHON" - "$OUT" "$SEEDS" "$PRESETS" <<'PY'
 import json, statistics as st, sys
