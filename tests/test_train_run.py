@@ -156,7 +156,6 @@ def test_baseline_preset_and_plain_classifier(folder, tmp_path):
     assert trex_hub.load(out2 / "checkpoint.pth", projector=True).classifier.num_classes == 3
 
 
-@pytest.mark.slow
 def test_short_run_learns_a_generated_folder(tmp_path):
     """72 images of 3 classes, 8 epochs of 6 iterations: clearly above chance (33 %).
 
