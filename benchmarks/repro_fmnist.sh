@@ -8,14 +8,14 @@
 #   benchmarks/repro_fmnist.sh train      # only the trainings (resumable: rerun to continue)
 #   benchmarks/repro_fmnist.sh probe      # only the probes and the table
 #
-# Environment: PYTHON (default .venv/bin/python), OUT (default runs/repro_fmnist),
+# Environment: PYTHON (default .venv/bin/python), OUT (default results/repro_fmnist, git-ignored),
 # FMNIST (idx folder, default /usr/share/datasets/fashion-mnist), SEEDS ("0 1"), EPOCHS (3),
 # TRAIN_LIMIT (1000), PROBE_TRAIN / PROBE_TEST (1000 / 1000), TRIALS (10), MAX_ITER (1000),
 # THREADS (2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
-OUT=${OUT:-runs/repro_fmnist}
+OUT=${OUT:-results/repro_fmnist}
 FMNIST=${FMNIST:-/usr/share/datasets/fashion-mnist}
 SEEDS=${SEEDS:-"0 1"}
 EPOCHS=${EPOCHS:-3}
