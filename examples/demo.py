@@ -6,7 +6,6 @@ Weights come from the official URL, or from the mirror in TREX_HUB_BASE_URL, int
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path

@@ -13,7 +13,7 @@ from PIL import Image
 
 import trex_hub
 from trex_hub import extract as ex
-from trex_hub.inference import InferenceModel, fold_batchnorm, prepare
+from trex_hub.inference import InferenceModel, prepare
 from trex_hub.transforms import Decoder, ImageLoadError, build_transform, open_image
 
 

@@ -24,7 +24,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
+from .fileio import atomic_write
 from .model import BACKBONE_DIMS, TReX, prototypes_from_memory
 
 CONFIG_NAME = "config.json"
@@ -377,20 +377,6 @@ def build_model(ckpt: Checkpoint, *, projector: bool = True, name: Optional[str]
 # --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------
-def _atomic_write_bytes(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_safetensors(model: TReX, folder: PathLike,
                      extra_config: Optional[Dict[str, Any]] = None) -> Path:
     """Write ``model.safetensors`` (tensors only) + ``config.json`` into ``folder`` atomically."""
@@ -404,9 +390,9 @@ def save_safetensors(model: TReX, folder: PathLike,
     if extra_config:
         config.update(extra_config)
     blob = save(tensors, metadata={"format": "pt"})
-    _atomic_write_bytes(folder / WEIGHTS_NAME, lambda fh: fh.write(blob))
+    atomic_write(folder / WEIGHTS_NAME, lambda fh: fh.write(blob))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _atomic_write_bytes(folder / CONFIG_NAME, lambda fh: fh.write(text.encode()))
+    atomic_write(folder / CONFIG_NAME, lambda fh: fh.write(text.encode()))
     return folder
 
 

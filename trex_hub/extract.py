@@ -50,6 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .fileio import atomic_write
 from .inference import PRECISIONS, InferenceModel, prepare
 from .transforms import Decoder, ImageLoadError, build_transform, preset_geometry
 
@@ -403,30 +404,6 @@ def output_paths(out: Union[str, os.PathLike]) -> Dict[str, Path]:
             "parts": out.with_name(out.name + ".parts")}
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - not supported everywhere
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write to ``path.tmp``, flush to disk, rename over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, mode) as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _npy_header(rows: int, dim: int) -> bytes:
     import io
 
@@ -534,10 +511,10 @@ def _chunk_done(parts: Path, k: int) -> bool:
 
 def _write_chunk(parts: Path, k: int, feats: np.ndarray, rows: List[Dict[str, Any]]) -> None:
     fpath, rpath = _chunk_names(parts, k)
-    _atomic_write(fpath, lambda fh: np.save(fh, np.ascontiguousarray(feats, dtype=np.float32),
+    atomic_write(fpath, lambda fh: np.save(fh, np.ascontiguousarray(feats, dtype=np.float32),
                                             allow_pickle=False))
     # the rows file is the commit marker: written last
-    _atomic_write(rpath, lambda fh: fh.write("".join(json.dumps(r) + "\n" for r in rows)), "w")
+    atomic_write(rpath, lambda fh: fh.write("".join(json.dumps(r) + "\n" for r in rows)), "w")
 
 
 def _merge(paths: Dict[str, Path], n_chunks: int, dim: int, meta: Dict[str, Any]) -> Tuple[int, int]:
@@ -562,17 +539,17 @@ def _merge(paths: Dict[str, Path], n_chunks: int, dim: int, meta: Dict[str, Any]
                 fh.write(np.ascontiguousarray(arr, dtype="<f4").tobytes())
 
     if out.suffix == ".npy":
-        _atomic_write(out, lambda fh: (fh.write(_npy_header(n_ok, dim)), copy_rows(fh)))
+        atomic_write(out, lambda fh: (fh.write(_npy_header(n_ok, dim)), copy_rows(fh)))
     elif out.suffix == ".safetensors":
-        _atomic_write(out, lambda fh: (fh.write(_safetensors_header(n_ok, dim, meta)),
+        atomic_write(out, lambda fh: (fh.write(_safetensors_header(n_ok, dim, meta)),
                                        copy_rows(fh)))
     else:
         merged = parts / "merged.npy"
-        _atomic_write(merged, lambda fh: (fh.write(_npy_header(n_ok, dim)), copy_rows(fh)))
+        atomic_write(merged, lambda fh: (fh.write(_npy_header(n_ok, dim)), copy_rows(fh)))
         # copy-on-write map: torch.save streams the rows from the page cache, no private copy
         tensor = (torch.from_numpy(np.load(merged, mmap_mode="c")) if n_ok
                   else torch.zeros(0, dim, dtype=torch.float32))
-        _atomic_write(out, lambda fh: torch.save({"features": tensor, "meta": meta}, fh))
+        atomic_write(out, lambda fh: torch.save({"features": tensor, "meta": meta}, fh))
 
     def write_manifest(fh) -> None:
         index = 0
@@ -585,8 +562,8 @@ def _merge(paths: Dict[str, Path], n_chunks: int, dim: int, meta: Dict[str, Any]
                         index += 1
                     fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
-    _atomic_write(paths["manifest"], write_manifest, "w")
-    _atomic_write(paths["meta"], lambda fh: fh.write(json.dumps(meta, indent=2) + "\n"), "w")
+    atomic_write(paths["manifest"], write_manifest, "w")
+    atomic_write(paths["meta"], lambda fh: fh.write(json.dumps(meta, indent=2) + "\n"), "w")
     return n_ok, n_failed
 
 
@@ -666,7 +643,7 @@ def extract_to_file(model: torch.nn.Module, entries: Sequence[Entry],
             raise ExtractError(f"{paths['features']} exists; pass --overwrite to replace it")
         if not parts.exists():
             parts.mkdir(parents=True)
-            _atomic_write(state_path, lambda fh: fh.write(json.dumps(fingerprint, indent=2)), "w")
+            atomic_write(state_path, lambda fh: fh.write(json.dumps(fingerprint, indent=2)), "w")
         for leftover in parts.glob("*.tmp"):
             leftover.unlink()
     barrier()

@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import threading
 import weakref
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Tuple, Union
 
 import torch
 from torch import nn

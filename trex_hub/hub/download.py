@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 
+from ..fileio import atomic_write, fsync_dir
 from ..registry import OFFICIAL_BASE_URL
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -176,37 +177,12 @@ def read_manifest(path: PathLike) -> Optional[Dict[str, Any]]:
     return data
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{random.getrandbits(32):08x}.tmp")
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_manifest(path: PathLike, *, sha256: str, size: int, url: Optional[str],
                    source: str = "download") -> Dict[str, Any]:
     data = {"filename": Path(path).name, "sha256": sha256, "size": size, "url": url,
             "source": source, "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    _atomic_write_text(manifest_path(path), json.dumps(data, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    atomic_write(manifest_path(path), lambda fh: fh.write(text), "w")
     return data
 
 
@@ -509,7 +485,7 @@ def download_url(url: str, dest: PathLike, *, sha256: Optional[str] = None,
             if validate is not None:
                 validate(tmp)  # raises to reject; the finally clause deletes tmp
             os.replace(tmp, dest)
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
             return dest, digest, got
     except BaseException as exc:
         # Keep a partial only for a transient failure (resumable). Anything else (bad bytes,

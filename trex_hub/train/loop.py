@@ -194,10 +194,10 @@ def checkpoint_dict(module: TrainModule, optimizer: torch.optim.Optimizer, scale
 
 def save_checkpoint(obj: Dict[str, Any], path: Path) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename (atomic)."""
-    from ..checkpoint import _atomic_write_bytes
+    from ..fileio import atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(path, lambda fh: torch.save(obj, fh))
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def resume_from(path: Path, module: TrainModule, optimizer: torch.optim.Optimizer, scaler: Any,
