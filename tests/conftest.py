@@ -20,6 +20,15 @@ def _isolated_cache(tmp_path, monkeypatch):
     yield
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny forwards: a second OpenMP thread only adds contention on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def released_files(tmp_path_factory):
     """Generated files in the released layouts, named as on the official server."""

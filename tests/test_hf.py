@@ -21,13 +21,7 @@ X = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
 FILES = ("config.json", "model.safetensors", "README.md")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny forwards: a second OpenMP thread only adds contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_model(seed: int = 0, name: str = "mini") -> TReX:
