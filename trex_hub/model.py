@@ -6,7 +6,7 @@ Pure modules: nothing here reads files or touches the network. ``TReX.extract`` 
 from __future__ import annotations
 
 from dataclasses import asdict, is_dataclass
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -135,6 +135,16 @@ class PrototypeClassifier(nn.Module):
         return F.normalize(z, dim=-1) @ self.prototypes.t().to(z.dtype) / self.tau
 
 
+def build_head(in_dim: int, projector: Any) -> Tuple[nn.Module, int]:
+    """The projector for a config (dict or dataclass), or an identity when it is ``None``;
+    returned with the width of its output."""
+    cfg = _as_dict(projector)
+    if cfg is None:
+        return nn.Identity(), in_dim
+    head = Projector(in_dim=in_dim, **cfg)
+    return head, head.out_dim
+
+
 class Prediction(NamedTuple):
     index: int
     label: str
@@ -174,12 +184,7 @@ class TReX(nn.Module):
         self.backbone = build_backbone(arch)
         self.num_features = BACKBONE_DIMS[arch]
         proj_cfg = _as_dict(projector)
-        if proj_cfg is not None:
-            self.head: nn.Module = Projector(in_dim=self.num_features, **proj_cfg)
-            self.out_dim = self.head.out_dim
-        else:
-            self.head = nn.Identity()
-            self.out_dim = self.num_features
+        self.head, self.out_dim = build_head(self.num_features, proj_cfg)
         self.classifier: Optional[PrototypeClassifier] = None
         if num_classes:
             if proj_cfg is None:

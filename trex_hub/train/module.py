@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model import BACKBONE_DIMS, Projector, build_backbone, cosine_logits
+from ..model import BACKBONE_DIMS, build_backbone, build_head, cosine_logits
 from .ocm import MemoryBank, ema_update
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
@@ -32,12 +32,7 @@ class Net(nn.Module):
         super().__init__()
         self.encoder = build_backbone(arch)
         self.num_features = BACKBONE_DIMS[arch]
-        if projector is not None:
-            self.head: nn.Module = Projector(in_dim=self.num_features, **projector)
-            self.out_dim = self.head.out_dim
-        else:
-            self.head = nn.Identity()
-            self.out_dim = self.num_features
+        self.head, self.out_dim = build_head(self.num_features, projector)
 
     def forward(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
         """Backbone once per run of same-resolution crops, projector once over all of them.
