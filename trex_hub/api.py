@@ -10,10 +10,9 @@ import torch
 from . import registry
 from .checkpoint import Checkpoint, CheckpointError, build_model, read_checkpoint
 from .model import TReX
+from .fileio import PathLike
 
 HF_PREFIX = "hf-hub:"
-
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 class ModelLoadError(ValueError):

@@ -27,18 +27,17 @@ import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
 from .fileio import atomic_write
 from .model import BACKBONE_DIMS, TReX, prototypes_from_memory
+from .fileio import PathLike
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
-
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 class CheckpointError(ValueError):

@@ -28,7 +28,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-PathLike = Union[str, "os.PathLike[str]"]
+from .fileio import PathLike
+
 
 DEFAULT_FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_ENV = "TREX_FASHION_MNIST"

@@ -129,7 +129,7 @@ def _stack(positions: List[int], arrays: List[Union[np.ndarray, torch.Tensor]]) 
     shapes = {tuple(a.shape) for a in arrays}
     floats = any(isinstance(a, torch.Tensor) for a in arrays)
     if floats:
-        from .model import IMAGENET_MEAN, IMAGENET_STD
+        from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
         mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -211,7 +211,7 @@ def iter_batches(items: Sequence[Any], *, batch_size: int, preprocess: Optional[
     """Decode and preprocess ``items`` into normalised float batches ``[n, 3, H, W]``."""
     decoder = Decoder(preprocess, draft=draft)
     groups = [range(s, min(s + batch_size, len(items))) for s in range(0, len(items), batch_size)]
-    from .model import IMAGENET_MEAN, IMAGENET_STD
+    from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)

@@ -13,12 +13,11 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD
+
 # Backbones we can rebuild, with the width of their pooled feature.
 BACKBONE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048,
                  "resnet152": 2048}
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def build_backbone(arch: str = "resnet50") -> nn.Module:

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageOps
 from torchvision import transforms as T
 
-from .model import IMAGENET_MEAN, IMAGENET_STD
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 PRESETS = ("transfer", "imagenet")
 # (resize, crop, interpolation)

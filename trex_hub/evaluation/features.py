@@ -19,7 +19,7 @@ def build_resize_transform(image_size: int) -> Callable[[Any], torch.Tensor]:
     """The transfer preset at another size: Resize(size, bicubic) -> CenterCrop(size) -> norm."""
     from torchvision import transforms as T
 
-    from ..model import IMAGENET_MEAN, IMAGENET_STD
+    from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
 
     return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC,
                                antialias=True),

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence
 
 from .metrics import log_odds, mean_std
-
-PathLike = Union[str, "os.PathLike[str]"]
+from ..fileio import PathLike
 
 
 @dataclass

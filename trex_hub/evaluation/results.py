@@ -8,10 +8,11 @@ import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Union
+from typing import Any, Dict, Iterable, List
+
+from ..fileio import PathLike
 
 SCHEMA = "trex_hub.eval.result/1"
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 def slug(text: str) -> str:

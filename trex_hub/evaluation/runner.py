@@ -5,7 +5,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -13,8 +13,8 @@ from .. import datasets as dsets
 from .features import TRANSFER_SIZE, compute_features
 from .protocol import ProtocolConfig, evaluate_features
 from .results import make_result, write_result
+from ..fileio import PathLike
 
-PathLike = Union[str, "os.PathLike[str]"]
 IMAGE_FORMATS = ("imagefolder", "fashion-mnist")
 FORMATS = IMAGE_FORMATS + ("features",) + tuple(dsets.TORCHVISION_DATASETS)
 RANDOM_PREFIX = "random:"

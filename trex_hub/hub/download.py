@@ -35,12 +35,12 @@ import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 from ..fileio import atomic_write, fsync_dir
 from ..registry import OFFICIAL_BASE_URL
+from ..fileio import PathLike
 
-PathLike = Union[str, "os.PathLike[str]"]
 CHUNK = 1 << 20
 
 MANIFEST_SUFFIX = ".manifest.json"

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
 from . import download
+from ..fileio import PathLike
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -27,7 +27,7 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import functional as TF
 
-from ..model import IMAGENET_MEAN, IMAGENET_STD
+from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
