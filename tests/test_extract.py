@@ -199,8 +199,8 @@ def test_decoder_matches_torchvision_transform_exactly(tmp_path):
         dec = Decoder(preset, draft=False)(path)
         ref = build_transform(preset)(Image.open(path).convert("RGB"))
         got = (torch.from_numpy(np.array(dec)).permute(2, 0, 1).float() / 255.0
-               - torch.tensor(trex_hub.model.IMAGENET_MEAN).view(3, 1, 1)) \
-            / torch.tensor(trex_hub.model.IMAGENET_STD).view(3, 1, 1)
+               - torch.tensor(trex_hub.preprocess.IMAGENET_MEAN).view(3, 1, 1)) \
+            / torch.tensor(trex_hub.preprocess.IMAGENET_STD).view(3, 1, 1)
         assert got.shape == ref.shape == (3, 224, 224)
         assert torch.allclose(got, ref, atol=1e-6)
 

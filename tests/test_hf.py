@@ -11,10 +11,9 @@ from huggingface_hub import ModelCard
 
 import trex_hub
 from http_server import FileServer, HubServer
-from trex_hub import registry
+from trex_hub import cards, registry
 from trex_hub.api import ModelLoadError
 from trex_hub.hub import download as dl
-from trex_hub.hub import hf
 from trex_hub.model import TReX
 
 X = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
@@ -96,7 +95,7 @@ def test_save_pretrained_round_trip_is_bit_identical(exported):
 def test_cards_of_released_models_carry_the_registry_facts(name):
     entry = registry.get_entry(name)
     cfg = {"arch": "resnet50", "num_features": 2048, "projector": None, "classifier": None}
-    card = hf.render_card(cfg, name=name, repo_id=f"org/{name}")
+    card = cards.render_card(cfg, name=name, repo_id=f"org/{name}")
     data = card.data.to_dict()
     assert data["license"] == "cc-by-nc-sa-4.0" and data["library_name"] == "trex_hub"
     results = {r.dataset_type: r.metric_value for r in card.data.eval_results}
@@ -106,9 +105,9 @@ def test_cards_of_released_models_carry_the_registry_facts(name):
 
 
 def test_card_from_registry_facts_when_no_card_file(monkeypatch, tmp_path):
-    monkeypatch.setattr(hf, "_CARDS_DIR", tmp_path / "none")
+    monkeypatch.setattr(cards, "_CARDS_DIR", tmp_path / "none")
     cfg = {"arch": "resnet50", "num_features": 2048, "projector": None, "classifier": None}
-    card = hf.render_card(cfg, name="t-ReX*")
+    card = cards.render_card(cfg, name="t-ReX*")
     assert card.data.license == "cc-by-nc-sa-4.0" and "2206.15369" in card.text
     assert {r.metric_value for r in card.data.eval_results} == {80.2, 0.8829}
 

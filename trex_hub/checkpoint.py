@@ -31,12 +31,9 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from .fileio import atomic_write
+from .fileio import CONFIG_NAME, WEIGHTS_NAME, PathLike, atomic_write
 from .model import BACKBONE_DIMS, TReX, prototypes_from_memory
-from .fileio import PathLike
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
 
 
@@ -68,10 +65,8 @@ class Checkpoint:
 # --------------------------------------------------------------------------------------------
 def _numpy_globals() -> List[Any]:
     """The numpy objects that pickle an ndarray, under both numpy 1.x and 2.x names."""
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        return []
+    import numpy as np
+
     core = getattr(np, "_core", None) or np.core
     reconstruct = core.multiarray._reconstruct
     allowed: List[Any] = [np.ndarray, np.dtype,
@@ -269,11 +264,8 @@ def _from_full(obj: Dict[str, Any], source: str, ema: bool) -> Checkpoint:
 
 
 def _read_safetensors_file(path: Path) -> Dict[str, torch.Tensor]:
-    try:
-        from safetensors.torch import load_file
-    except ImportError as exc:  # pragma: no cover - dependency
-        raise CheckpointError("reading .safetensors needs the 'safetensors' package: "
-                              "pip install safetensors") from exc
+    from safetensors.torch import load_file
+
     try:
         return load_file(os.fspath(path), device="cpu")
     except Exception as exc:  # safetensors raises its own SafetensorError
@@ -289,13 +281,18 @@ def _from_folder(folder: Path) -> Checkpoint:
     state = _read_safetensors_file(weights)
     if not cfg_path.is_file():
         return _from_state_dict(state, str(weights), "safetensors")
+    return Checkpoint(state, read_config(cfg_path), "safetensors", str(folder))
+
+
+def read_config(path: PathLike) -> Dict[str, Any]:
+    """The ``config.json`` of an exported model (architecture, heads, preprocessing)."""
     try:
-        config = json.loads(cfg_path.read_text())
+        config = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{cfg_path}: invalid JSON ({exc})") from None
+        raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
     if not isinstance(config, dict) or "arch" not in config:
-        raise CheckpointError(f"{cfg_path}: not a trex_hub config (no 'arch' key)")
-    return Checkpoint(state, config, "safetensors", str(folder))
+        raise CheckpointError(f"{path}: not a trex_hub config (no 'arch' key)")
+    return config
 
 
 def read_checkpoint(path: PathLike, *, ema: bool = False) -> Checkpoint:
@@ -357,10 +354,14 @@ def load_into(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: st
     model.load_state_dict(full, strict=True)
 
 
-def build_model(ckpt: Checkpoint, *, projector: bool = True, name: Optional[str] = None) -> TReX:
+def build_model(ckpt: Checkpoint, *, projector: bool = True, name: Optional[str] = None,
+                preprocess: Optional[Dict[str, Any]] = None) -> TReX:
     """A :class:`TReX` with the checkpoint's weights. ``projector=False`` drops the projector and
-    the classifier (backbone-only model)."""
+    the classifier (backbone-only model). ``preprocess`` (a preprocessing config as a dict) is
+    used when the checkpoint carries none (the released ``.pth`` files)."""
     cfg = dict(ckpt.config)
+    if preprocess and not cfg.get("preprocess"):
+        cfg["preprocess"] = preprocess
     state = ckpt.state_dict
     if not projector:
         cfg["projector"] = None
@@ -395,5 +396,6 @@ def save_safetensors(model: TReX, folder: PathLike,
     return folder
 
 
-__all__: Tuple[str, ...] = ("Checkpoint", "CheckpointError", "read_checkpoint", "build_model",
+__all__: Tuple[str, ...] = ("Checkpoint", "CheckpointError", "read_checkpoint", "read_config",
+                            "build_model",
                             "load_into", "save_safetensors", "torch_load", "safe_globals")

@@ -1,4 +1,5 @@
-"""Crash-safe file writing, shared by the cache, the checkpoint writer, extraction and training.
+"""Crash-safe file writing (shared by the cache, the checkpoint writer, extraction and training),
+the `PathLike` alias and the file names of the zoo's folder format.
 
 ``atomic_write`` writes to a unique temporary file in the destination's folder, flushes it to
 disk, renames it over the destination and syncs the folder: a reader sees the old file or the new
@@ -48,3 +49,9 @@ def atomic_write(path: PathLike, write: Callable[[Any], Any], mode: str = "wb") 
         if tmp.exists():
             tmp.unlink()
     fsync_dir(path.parent)
+
+
+# The zoo's folder format (``save_pretrained``, ``trex-train export``, Hugging Face Hub repos).
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"

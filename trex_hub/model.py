@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD
+from .preprocess import PreprocessConfig, PreprocessLike, as_preprocess_config
 
 # Backbones we can rebuild, with the width of their pooled feature.
 BACKBONE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048,
@@ -177,7 +177,8 @@ class TReX(nn.Module):
 
     def __init__(self, arch: str = "resnet50", projector: Any = None,
                  num_classes: Optional[int] = None, tau: float = 0.1,
-                 class_names: Optional[Sequence[str]] = None, name: Optional[str] = None):
+                 class_names: Optional[Sequence[str]] = None, name: Optional[str] = None,
+                 preprocess: PreprocessLike = None):
         super().__init__()
         self.arch = arch
         self.backbone = build_backbone(arch)
@@ -192,15 +193,28 @@ class TReX(nn.Module):
             if class_names is None and num_classes == 1000:
                 class_names = imagenet_categories()
             self.classifier = PrototypeClassifier(self.out_dim, num_classes, tau, class_names)
-        self.pretrained_cfg: Dict[str, Any] = {
-            "name": name, "input_size": (3, 224, 224), "mean": IMAGENET_MEAN,
-            "std": IMAGENET_STD, "preprocess": "transfer",
-        }
+        self.set_preprocess(preprocess)
+        self.pretrained_cfg["name"] = name
 
     # -- configuration ------------------------------------------------------------------------
     @property
     def has_projector(self) -> bool:
         return isinstance(self.head, Projector)
+
+    @property
+    def preprocess_config(self) -> PreprocessConfig:
+        """How images must be prepared for these weights (``trex_hub.get_transform(model)``)."""
+        return PreprocessConfig.from_dict(
+            {k: self.pretrained_cfg[k] for k in ("resize", "crop", "interpolation", "mean",
+                                                 "std")})
+
+    def set_preprocess(self, preprocess: PreprocessLike) -> None:
+        """Attach a preprocessing config (a :class:`PreprocessConfig`, its dict, a preset name,
+        or ``None`` for the ``"transfer"`` preset) to the model's ``pretrained_cfg``."""
+        cfg = as_preprocess_config(preprocess)
+        name = getattr(self, "pretrained_cfg", {}).get("name")
+        self.pretrained_cfg: Dict[str, Any] = {
+            "name": name, "input_size": (3, cfg.crop, cfg.crop), **asdict(cfg)}
 
     def config(self) -> Dict[str, Any]:
         """What is needed to rebuild this architecture (written to ``config.json``)."""
@@ -210,6 +224,7 @@ class TReX(nn.Module):
             "projector": self.head.config() if self.has_projector else None,
             "classifier": None,
             "name": self.pretrained_cfg.get("name"),
+            "preprocess": self.preprocess_config.to_dict(),
         }
         if self.classifier is not None:
             cfg["classifier"] = {"type": "prototypes", "num_classes": self.classifier.num_classes,
@@ -224,7 +239,8 @@ class TReX(nn.Module):
         clf = cfg.get("classifier") or {}
         return cls(arch=cfg.get("arch", "resnet50"), projector=cfg.get("projector"),
                    num_classes=clf.get("num_classes"), tau=clf.get("tau", 0.1),
-                   class_names=clf.get("class_names"), name=cfg.get("name"))
+                   class_names=clf.get("class_names"), name=cfg.get("name"),
+                   preprocess=cfg.get("preprocess"))
 
     # -- forward --------------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -243,9 +259,9 @@ class TReX(nn.Module):
 
     def _require_classifier(self) -> PrototypeClassifier:
         if self.classifier is None:
-            from .registry import MODELS
+            from .registry import projector_models
 
-            carriers = [e.name for e in MODELS.values() if e.has_projector]
+            carriers = projector_models()
             raise RuntimeError(
                 "this model carries no class prototypes, so it cannot classify. Prototypes come "
                 "with the full training checkpoints of " + ", ".join(carriers) + ": load one with "

@@ -5,8 +5,8 @@ inference engine all read these values from here, so one change of a preset reac
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Dict, Tuple
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Dict, Mapping, Tuple, Union
 
 IMAGENET_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -25,10 +25,35 @@ class PreprocessConfig:
     mean: Tuple[float, float, float] = IMAGENET_MEAN
     std: Tuple[float, float, float] = IMAGENET_STD
 
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"preprocessing interpolation '{self.interpolation}' is not one of "
+                             f"{', '.join(INTERPOLATIONS)}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"preprocessing mean/std need 3 values each (std > 0); got "
+                             f"{self.mean} / {self.std}")
+        if self.resize < 1 or self.crop < 1:
+            raise ValueError(f"preprocessing sizes must be positive; got resize {self.resize}, "
+                             f"crop {self.crop}")
+
     def to_dict(self) -> Dict[str, Any]:
+        """Plain JSON types (what ``config.json`` holds)."""
         out = asdict(self)
         out["mean"], out["std"] = list(self.mean), list(self.std)
         return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PreprocessConfig":
+        """The inverse of :meth:`to_dict`; unknown keys are an error naming the known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown preprocessing keys {unknown}; known: {sorted(known)}")
+        kw = dict(data)
+        for key in ("mean", "std"):
+            if key in kw:
+                kw[key] = tuple(float(v) for v in kw[key])
+        return cls(**kw)
 
 
 # The paper's feature-extraction protocol, and the usual ImageNet evaluation.
@@ -36,3 +61,21 @@ PRESETS: Dict[str, PreprocessConfig] = {
     "transfer": PreprocessConfig(resize=224, crop=224, interpolation="bicubic"),
     "imagenet": PreprocessConfig(resize=256, crop=224, interpolation="bilinear"),
 }
+
+
+PreprocessLike = Union[PreprocessConfig, Mapping[str, Any], str, None]
+
+
+def as_preprocess_config(value: PreprocessLike) -> PreprocessConfig:
+    """A :class:`PreprocessConfig` from a config, its dict form, a preset name, or ``None`` (the
+    ``"transfer"`` preset)."""
+    if value is None:
+        return PRESETS["transfer"]
+    if isinstance(value, PreprocessConfig):
+        return value
+    if isinstance(value, str):
+        if value not in PRESETS:
+            raise ValueError(f"unknown preprocessing preset '{value}'; choose one of "
+                             f"{', '.join(PRESETS)}")
+        return PRESETS[value]
+    return PreprocessConfig.from_dict(value)

@@ -10,6 +10,8 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+from .preprocess import PRESETS, PreprocessConfig
+
 OFFICIAL_BASE_URL = "https://download.europe.naverlabs.com/ComputerVision/trex_models/"
 
 LICENSE = "cc-by-nc-sa-4.0"
@@ -68,6 +70,8 @@ class ModelEntry:
     license: str = LICENSE
     hf_repo: Optional[str] = None
     training: Dict[str, object] = field(default_factory=dict)
+    #: how images are prepared for these weights (the paper's transfer protocol)
+    preprocess: PreprocessConfig = PRESETS["transfer"]
 
     @property
     def has_projector(self) -> bool:
@@ -105,6 +109,7 @@ class ModelEntry:
             "license": self.license,
             "hf_repo": self.hf_repo,
             "training": dict(self.training),
+            "preprocess": self.preprocess.to_dict(),
             "paper": PAPER_URL,
             "citation": CITATION,
         }
@@ -191,6 +196,11 @@ def _normalise(name: str) -> str:
 def list_models() -> List[str]:
     """Names of the released models, sorted."""
     return sorted(MODELS)
+
+
+def projector_models() -> List[str]:
+    """Names of the models released with their projector (full training checkpoint)."""
+    return [e.name for e in MODELS.values() if e.has_projector]
 
 
 def is_known(name: str) -> bool:

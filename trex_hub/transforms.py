@@ -1,15 +1,19 @@
-"""Evaluation presets and robust image opening.
+"""Preprocessing as torchvision transforms, and robust image opening.
 
-Presets (``preprocess=``):
+Presets (``preprocess=``; their values live in :mod:`trex_hub.preprocess`):
 
 * ``"transfer"`` (default): Resize(224, bicubic, shorter side) -> CenterCrop(224) -> ImageNet
   mean/std. The paper's feature-extraction protocol.
 * ``"imagenet"``: Resize(256, bilinear) -> CenterCrop(224) -> mean/std. The usual ImageNet eval.
 * ``None``: only ToTensor + mean/std (images must already share one size).
+
+:func:`get_transform` builds the transform that travels with the weights: a registry entry's or
+a model's own :class:`~trex_hub.preprocess.PreprocessConfig`.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Tuple
 
@@ -18,37 +22,76 @@ import torch
 from PIL import Image, ImageOps
 from torchvision import transforms as T
 
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD
+from . import preprocess as pp
+from . import registry
 
-PRESETS = ("transfer", "imagenet")
-# (resize, crop, interpolation)
-_PRESET_SIZES = {
-    "transfer": (224, 224, T.InterpolationMode.BICUBIC),
-    "imagenet": (256, 224, T.InterpolationMode.BILINEAR),
-}
+PRESETS = tuple(pp.PRESETS)
 
 
 class ImageLoadError(ValueError):
     """An input that cannot be turned into an RGB image; the message names the item."""
 
 
+def _geometry(cfg: pp.PreprocessConfig) -> Tuple[int, int, T.InterpolationMode]:
+    return cfg.resize, cfg.crop, T.InterpolationMode(cfg.interpolation)
+
+
 def preset_geometry(preset: Optional[str]) -> Optional[Tuple[int, int, T.InterpolationMode]]:
+    """``(resize, crop, interpolation)`` of a preset name, or ``None`` for ``None``."""
     if preset is None:
         return None
-    if preset not in _PRESET_SIZES:
+    if preset not in pp.PRESETS:
         raise ValueError(f"unknown preprocess '{preset}'; choose one of {PRESETS} or None")
-    return _PRESET_SIZES[preset]
+    return _geometry(pp.PRESETS[preset])
+
+
+def transform_from_config(cfg: Optional[pp.PreprocessConfig]
+                          ) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL RGB image -> normalised float tensor [3, H, W] for a preprocessing config (``None``:
+    no resizing, ImageNet mean/std)."""
+    ops = []
+    if cfg is not None:
+        resize, crop, interp = _geometry(cfg)
+        ops += [T.Resize(resize, interpolation=interp, antialias=True), T.CenterCrop(crop)]
+    mean, std = (cfg.mean, cfg.std) if cfg is not None else (pp.IMAGENET_MEAN, pp.IMAGENET_STD)
+    ops += [T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(ops)
 
 
 def build_transform(preset: Optional[str] = "transfer") -> Callable[[Image.Image], torch.Tensor]:
     """PIL RGB image -> normalised float tensor [3, H, W] for a preset."""
-    ops = []
-    geo = preset_geometry(preset)
-    if geo is not None:
-        resize, crop, interp = geo
-        ops += [T.Resize(resize, interpolation=interp, antialias=True), T.CenterCrop(crop)]
-    ops += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    return T.Compose(ops)
+    preset_geometry(preset)  # validates the name
+    return transform_from_config(pp.PRESETS[preset] if preset is not None else None)
+
+
+def get_transform(name_or_model: Any = None, preset: Optional[str] = None
+                  ) -> Callable[[Image.Image], torch.Tensor]:
+    """The torchvision transform (PIL RGB image -> normalised tensor) for a set of weights.
+
+    ``name_or_model`` is a registry name or alias, a loaded :class:`~trex_hub.TReX` model (its
+    ``pretrained_cfg``), a :class:`~trex_hub.preprocess.PreprocessConfig`, or ``None`` (the
+    ``"transfer"`` preset). ``preset="transfer"`` or ``"imagenet"`` replaces the resize, crop
+    and interpolation by that preset's, keeping the weights' mean and std.
+    """
+    if name_or_model is None or isinstance(name_or_model, pp.PreprocessConfig):
+        cfg = pp.as_preprocess_config(name_or_model)
+    elif isinstance(name_or_model, str):
+        if not registry.is_known(name_or_model):
+            raise ValueError(
+                f"get_transform: '{name_or_model}' is not a registry model; pass a registry "
+                f"name ({', '.join(registry.list_models())}), a loaded model "
+                "(get_transform(trex_hub.load(path_or_hf_id))), a PreprocessConfig or None")
+        cfg = registry.get_entry(name_or_model).preprocess
+    elif isinstance(getattr(name_or_model, "preprocess_config", None), pp.PreprocessConfig):
+        cfg = name_or_model.preprocess_config
+    else:
+        raise TypeError(f"get_transform takes a registry name, a TReX model, a PreprocessConfig "
+                        f"or None, not {type(name_or_model).__name__}")
+    if preset is not None:
+        preset_geometry(preset)  # validates the name
+        geo = pp.PRESETS[preset]
+        cfg = replace(cfg, resize=geo.resize, crop=geo.crop, interpolation=geo.interpolation)
+    return transform_from_config(cfg)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -72,11 +72,11 @@ def _human(n: Optional[int]) -> str:
 
 
 def _file_status(file, cache_dir) -> Dict[str, Any]:
-    from ..hub import download
+    from ..hub import cache
 
-    path = download.get_cache_dir(cache_dir) / file.filename
-    man = download.read_manifest(path)
-    partial = download.partial_path(path)
+    path = cache.get_cache_dir(cache_dir) / file.filename
+    man = cache.read_manifest(path)
+    partial = cache.partial_path(path)
     cached = path.is_file()
     size = path.stat().st_size if cached else (man["size"] if man else file.size)
     return {"filename": file.filename, "kind": file.kind, "path": str(path), "cached": cached,
@@ -121,10 +121,11 @@ def _print_table(rows: List[Dict[str, Any]]) -> None:
 
 def _resolve(names: Sequence[str], everything: bool) -> List[str]:
     from .. import registry
+    from ..hub.hf import is_hf_id
 
     out: List[str] = []
     for n in (registry.list_models() if everything else []) + list(names):
-        if n.startswith("hf-hub:"):
+        if is_hf_id(n):
             key = n
         else:
             try:
@@ -138,27 +139,27 @@ def _resolve(names: Sequence[str], everything: bool) -> List[str]:
 
 def _verify(names: List[str], cache_dir, as_json: bool, quiet: bool) -> int:
     from .. import registry
-    from ..hub import download
+    from ..hub import cache
+    from ..hub.hf import is_hf_id
 
-    root = download.get_cache_dir(cache_dir)
+    root = cache.get_cache_dir(cache_dir)
     known = {f.filename: f for e in registry.MODELS.values() for f in e.files()}
     if names:
-        targets = [f for n in names if not n.startswith("hf-hub:")
-                   for f in registry.MODELS[n].files()]
+        targets = [f for n in names if not is_hf_id(n) for f in registry.MODELS[n].files()]
         files = [(root / f.filename, f) for f in targets if (root / f.filename).is_file()]
     else:
-        seen = {p.name[:-len(download.MANIFEST_SUFFIX)]
-                for p in root.glob("*" + download.MANIFEST_SUFFIX)} if root.is_dir() else set()
+        seen = {p.name[:-len(cache.MANIFEST_SUFFIX)]
+                for p in root.glob("*" + cache.MANIFEST_SUFFIX)} if root.is_dir() else set()
         seen |= {n for n in known if (root / n).is_file()}
         files = [(root / n, known.get(n)) for n in sorted(seen) if (root / n).is_file()]
     results = []
     bad = 0
     for path, info in files:
-        res = download.check_cached(path, sha256=info.sha256 if info else None,
-                                    size=info.size if info else None, full=True)
+        res = cache.check_cached(path, sha256=info.sha256 if info else None,
+                                 size=info.size if info else None, full=True)
         if not res.ok:
             bad += 1
-            download.remove_cached(path)  # the manifest stays: a new download must match it
+            cache.remove_cached(path)  # the manifest stays: a new download must match it
         results.append({"file": str(path), "ok": res.ok, "sha256": res.sha256, "size": res.size,
                         "problem": res.reason or None})
     if as_json:
@@ -179,59 +180,50 @@ def _verify(names: List[str], cache_dir, as_json: bool, quiet: bool) -> int:
 
 
 def _download(names: List[str], args: argparse.Namespace) -> int:
-    from .. import api, registry
+    from .. import registry
     from ..checkpoint import build_model, read_checkpoint
-    from ..hub import download, hf
+    from ..hub import hf
+    from ..loader import fetch
+    from ..resolve import resolve
 
     progress = not args.quiet
     out_dir = Path(args.to_safetensors) if args.to_safetensors else None
     for name in names:
-        if name.startswith("hf-hub:"):
-            folder = hf.download_model(name[len("hf-hub:"):], cache_dir=args.cache_dir,
-                                       offline=args.offline or None, progress=progress)
+        if hf.is_hf_id(name):
+            src = resolve(name)
+            folder = hf.download_model(src.hf_repo, cache_dir=args.cache_dir,
+                                       revision=src.revision, offline=args.offline or None,
+                                       progress=progress)
             if not args.quiet:
                 print(folder)
             if out_dir is not None:
                 ckpt = read_checkpoint(folder)
                 model = build_model(ckpt, projector=ckpt.has_projector,
                                     name=ckpt.config.get("name"))
-                _export(model, out_dir / name[len("hf-hub:"):].replace("/", "--"), args)
+                _export(model, out_dir / src.hf_repo.replace("/", "--"), args)
             continue
         entry = registry.get_entry(name)
-        wanted = [(entry.backbone_file, False)]
-        if args.full and entry.full_file is not None:
-            wanted.append((entry.full_file, True))
-        elif args.full and not args.quiet:
+        wanted = [False] + ([True] if args.full and entry.full_file is not None else [])
+        if args.full and entry.full_file is None and not args.quiet:
             print(f"{entry.name}: no full training checkpoint is released (backbone only)",
                   file=sys.stderr)
-        last = None
-        for file, full in wanted:
-            if args.offline:
-                path = download.fetch(file.filename, cache_dir=args.cache_dir, offline=True,
-                                      sha256=file.sha256, size=file.size, model=entry.name)
-                ckpt = None
-            else:
-                ckpt = api._read_registry_checkpoint(entry, projector=full, ema=False,
-                                                     cache_dir=args.cache_dir,
-                                                     progress=progress,
-                                                     base_url=args.base_url)
-                path = Path(ckpt.source)
-            last = (ckpt, path, full)
+        path = None
+        for full in wanted:
+            path = fetch(entry.name, full=full, cache_dir=args.cache_dir, base_url=args.base_url,
+                         progress=progress, offline=args.offline or None)
             if not args.quiet:
                 print(path)
-        if out_dir is not None and last is not None:
-            ckpt, path, full = last
-            if ckpt is None:
-                ckpt = read_checkpoint(path)
-            model = build_model(ckpt, projector=full, name=entry.name)
+        if out_dir is not None and path is not None:
+            model = build_model(read_checkpoint(path), projector=wanted[-1], name=entry.name,
+                                preprocess=entry.preprocess.to_dict())
             _export(model, out_dir / entry.name, args)
     return 0
 
 
 def _export(model, folder: Path, args: argparse.Namespace) -> None:
-    from ..hub import hf
+    from ..publish import save_pretrained
 
-    hf.save_pretrained(model, folder)
+    save_pretrained(model, folder)
     if not args.quiet:
         print(f"wrote {folder}")
 
@@ -256,7 +248,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from ..api import ModelLoadError
     from ..checkpoint import CheckpointError
-    from ..hub.download import DownloadError
+    from ..hub.http import DownloadError
 
     try:
         if args.json and not (args.list or args.verify):

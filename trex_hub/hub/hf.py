@@ -1,36 +1,40 @@
-"""The Hugging Face Hub: ``hf-hub:org/repo[@revision]`` ids, ``save_pretrained``, ``push_to_hub``.
+"""The Hugging Face Hub: ``hf-hub:org/repo[@revision]`` ids, downloads and uploads.
 
 A trex_hub model on the Hub is a folder of three files: ``model.safetensors`` (tensors only),
-``config.json`` (what rebuilds the architecture: arch, projector, classifier) and ``README.md``
-(the model card with Hugging Face metadata). Downloads go through the real ``huggingface_hub``
-client, so its cache, ``HF_ENDPOINT``, ``HF_HUB_OFFLINE`` and tokens apply as usual.
+``config.json`` (what rebuilds the architecture: arch, projector, classifier, preprocessing) and
+``README.md`` (the model card with Hugging Face metadata; written by :mod:`trex_hub.publish`).
+Downloads go through the real ``huggingface_hub`` client, so its cache, ``HF_ENDPOINT``,
+``HF_HUB_OFFLINE`` and tokens apply as usual. This module knows files and repositories, not
+torch modules.
 
 ``huggingface_hub`` is imported inside the functions: ``import trex_hub`` does not need it.
 """
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
-from . import download
-from ..fileio import PathLike
+from ..fileio import CONFIG_NAME, WEIGHTS_NAME, PathLike
+from ..version import __version__
+from .cache import OfflineError, is_offline
+from .http import DownloadError, NotFoundError
 
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-CARD_NAME = "README.md"
+HF_PREFIX = "hf-hub:"
 MODEL_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 
-_CARDS_DIR = Path(__file__).resolve().parents[2] / "model_cards"  # present in a source checkout
+
+def is_hf_id(value: object) -> bool:
+    """Whether ``value`` is an ``"hf-hub:..."`` id (rather than a name or a path)."""
+    return isinstance(value, str) and value.strip().startswith(HF_PREFIX)
 
 
-def parse_repo_spec(spec: str, revision: Optional[str] = None) -> Tuple[str, Optional[str]]:
-    """``"org/repo@rev"`` -> ``("org/repo", "rev")``; ``revision=`` must agree when both given."""
+def parse_hf_id(spec: str, revision: Optional[str] = None) -> Tuple[str, Optional[str]]:
+    """``"hf-hub:org/repo@rev"`` (prefix optional) -> ``("org/repo", "rev")``; ``revision=``
+    must agree when both are given. The one parser of Hub ids in trex_hub."""
     spec = spec.strip()
-    if spec.startswith("hf-hub:"):
-        spec = spec[len("hf-hub:"):]
+    if spec.startswith(HF_PREFIX):
+        spec = spec[len(HF_PREFIX):]
     repo_id, _, rev = spec.partition("@")
     if not repo_id or repo_id.count("/") > 1 or repo_id.startswith("/") or repo_id.endswith("/"):
         raise ValueError(f"'{spec}' is not a Hub model id: use 'hf-hub:org/repo' or "
@@ -61,6 +65,65 @@ def hf_cache_dir(cache_dir: Optional[PathLike] = None) -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
+def _download_files(repo_id: str, rev: Optional[str], names: Sequence[str], *,
+                    cache_dir: Optional[PathLike], token: Union[str, bool, None],
+                    force_download: bool, offline: Optional[bool], endpoint: Optional[str],
+                    progress: bool) -> List[Path]:
+    """``names`` of one Hub repo, all from the same commit, with trex_hub's error messages."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub import errors as hf_errors
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, \
+        enable_progress_bars
+
+    offline = is_offline() if offline is None else offline
+    cache = hf_cache_dir(cache_dir)
+    ep = _endpoint(endpoint)
+    where = f"{HF_PREFIX}{repo_id}" + (f"@{rev}" if rev else "")
+    silence = not progress and not are_progress_bars_disabled()
+    if silence:
+        disable_progress_bars()
+    try:
+        paths: List[Path] = []
+        pinned = rev
+        for name in names:
+            local = hf_hub_download(repo_id, name, revision=pinned, cache_dir=str(cache),
+                                    token=token, endpoint=ep, local_files_only=offline,
+                                    force_download=force_download, library_name="trex_hub",
+                                    library_version=__version__)
+            paths.append(Path(local))
+            pinned = Path(local).parent.name if not offline else pinned  # same commit for all
+    except hf_errors.LocalEntryNotFoundError:
+        if offline:
+            raise OfflineError(
+                f"offline mode is on and {where} is not in the Hugging Face cache ({cache}). On "
+                f"a connected machine run `trex-download {where} --cache-dir {cache}` and copy "
+                "that folder here, or unset TREX_HUB_OFFLINE / HF_HUB_OFFLINE.") from None
+        raise DownloadError(
+            f"{where}: the Hub at {ep or 'https://huggingface.co'} could not be reached and the "
+            f"files are not cached in {cache}; check the network or HF_ENDPOINT.") from None
+    except hf_errors.RepositoryNotFoundError:
+        raise NotFoundError(
+            f"{where}: repository not found at {ep or 'https://huggingface.co'} (private or "
+            "gated? pass token= or run `hf auth login`; check the id and HF_ENDPOINT).") from None
+    except hf_errors.RevisionNotFoundError:
+        raise NotFoundError(f"{where}: revision '{rev}' does not exist; use a branch, tag or "
+                            "commit of the repository.") from None
+    except hf_errors.EntryNotFoundError:
+        raise NotFoundError(
+            f"{where}: the repository has no {' + '.join(names)}, so it is not a trex_hub "
+            "model; publish one with trex_hub.push_to_hub(model, repo_id).") from None
+    except hf_errors.HfHubHTTPError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DownloadError(f"{where}: {first}; check the network, token and "
+                            "HF_ENDPOINT.") from None
+    finally:
+        if silence:
+            enable_progress_bars()
+    if any(p.parent != paths[0].parent for p in paths):  # pragma: no cover - pinned above
+        raise DownloadError(f"{where}: {' and '.join(names)} come from different commits; retry")
+    return paths
+
+
 def download_model(repo_spec: str, cache_dir: Optional[PathLike] = None,
                    revision: Optional[str] = None, token: Union[str, bool, None] = None, *,
                    force_download: bool = False, offline: Optional[bool] = None,
@@ -71,196 +134,37 @@ def download_model(repo_spec: str, cache_dir: Optional[PathLike] = None,
     (``TREX_HUB_OFFLINE=1``, ``HF_HUB_OFFLINE=1`` or ``offline=True``) only looks in the cache.
     Both files come from the same commit.
     """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub import errors as hf_errors
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, \
-        enable_progress_bars
-
-    repo_id, rev = parse_repo_spec(repo_spec, revision)
-    offline = download.is_offline() if offline is None else offline
-    cache = hf_cache_dir(cache_dir)
-    ep = _endpoint(endpoint)
-    where = f"hf-hub:{repo_id}" + (f"@{rev}" if rev else "")
-    silence = not progress and not are_progress_bars_disabled()
-    if silence:
-        disable_progress_bars()
-    try:
-        paths = []
-        pinned = rev
-        for name in MODEL_FILES:
-            local = hf_hub_download(repo_id, name, revision=pinned, cache_dir=str(cache),
-                                    token=token, endpoint=ep, local_files_only=offline,
-                                    force_download=force_download, library_name="trex_hub",
-                                    library_version=_version())
-            paths.append(Path(local))
-            pinned = Path(local).parent.name if not offline else pinned  # same commit for both
-    except hf_errors.LocalEntryNotFoundError:
-        if offline:
-            raise download.OfflineError(
-                f"offline mode is on and {where} is not in the Hugging Face cache ({cache}). On "
-                f"a connected machine run `trex-download hf-hub:{repo_id}"
-                f"{'@' + rev if rev else ''} --cache-dir {cache}` and copy that folder here, or "
-                "unset TREX_HUB_OFFLINE / HF_HUB_OFFLINE.") from None
-        raise download.DownloadError(
-            f"{where}: the Hub at {ep or 'https://huggingface.co'} could not be reached and the "
-            f"files are not cached in {cache}; check the network or HF_ENDPOINT.") from None
-    except hf_errors.RepositoryNotFoundError:
-        raise download.NotFoundError(
-            f"{where}: repository not found at {ep or 'https://huggingface.co'} (private or "
-            "gated? pass token= or run `hf auth login`; check the id and HF_ENDPOINT).") from None
-    except hf_errors.RevisionNotFoundError:
-        raise download.NotFoundError(f"{where}: revision '{rev}' does not exist; use a branch, "
-                                     "tag or commit of the repository.") from None
-    except hf_errors.EntryNotFoundError:
-        raise download.NotFoundError(
-            f"{where}: the repository has no {' + '.join(MODEL_FILES)}, so it is not a trex_hub "
-            "model; publish one with trex_hub.push_to_hub(model, repo_id).") from None
-    except hf_errors.HfHubHTTPError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise download.DownloadError(f"{where}: {first}; check the network, token and "
-                                     "HF_ENDPOINT.") from None
-    finally:
-        if silence:
-            enable_progress_bars()
-    folder = paths[0].parent
-    if paths[1].parent != folder:  # pragma: no cover - pinned above
-        raise download.DownloadError(f"{where}: config.json and model.safetensors come from "
-                                     "different commits; retry")
-    return folder
+    repo_id, rev = parse_hf_id(repo_spec, revision)
+    paths = _download_files(repo_id, rev, MODEL_FILES, cache_dir=cache_dir, token=token,
+                            force_download=force_download, offline=offline, endpoint=endpoint,
+                            progress=progress)
+    return paths[0].parent
 
 
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
-
-
-# --------------------------------------------------------------------------------------------
-# Export
-# --------------------------------------------------------------------------------------------
-def _registry_entry(name: Optional[str]):
-    from .. import registry
-
-    return registry.get_entry(name) if name and registry.is_known(name) else None
+def download_config(repo_spec: str, cache_dir: Optional[PathLike] = None,
+                    revision: Optional[str] = None, token: Union[str, bool, None] = None, *,
+                    force_download: bool = False, offline: Optional[bool] = None,
+                    endpoint: Optional[str] = None, progress: bool = True) -> Path:
+    """Only ``config.json`` of a Hub repo (what ``load(..., pretrained=False)`` needs)."""
+    repo_id, rev = parse_hf_id(repo_spec, revision)
+    return _download_files(repo_id, rev, (CONFIG_NAME,), cache_dir=cache_dir, token=token,
+                           force_download=force_download, offline=offline, endpoint=endpoint,
+                           progress=progress)[0]
 
 
-def _export_section(config: Dict[str, Any], repo_id: Optional[str]) -> str:
-    proj = config.get("projector")
-    clf = config.get("classifier")
-    parts = [f"- backbone: torchvision `{config['arch']}` (`fc` removed), "
-             f"{config.get('num_features')}-d pooled features"]
-    if proj:
-        parts.append(f"- projector: {proj['num_layers']}-layer, {proj['hidden_dim']} -> "
-                     f"{proj['out_dim']}-d embeddings (L2-normalised input: {proj['l2_norm']})")
-    if clf:
-        parts.append(f"- classifier: cosine prototypes, {clf['num_classes']} classes, "
-                     f"tau = {clf['tau']}")
-    training = config.get("training")
-    if isinstance(training, dict) and training:
-        parts.append("- training: " + ", ".join(f"{k} = {v}" for k, v in training.items()))
-    target = f'"hf-hub:{repo_id}"' if repo_id else '"path/to/this/folder"'
-    return (
-        "\n## Files of this export\n\n"
-        "Written by `trex_hub.save_pretrained`: `model.safetensors` (tensors only), "
-        "`config.json` (architecture) and this card.\n\n" + "\n".join(parts) + "\n\n"
-        "```python\nimport trex_hub\n"
-        f"model = trex_hub.load({target}{', projector=True' if proj else ''})\n```\n")
-
-
-def render_card(config: Dict[str, Any], *, name: Optional[str] = None,
-                repo_id: Optional[str] = None, license: Optional[str] = None):
-    """The :class:`huggingface_hub.ModelCard` of an exported model.
-
-    A released model (``name`` in the registry) gets its hand-written card when the source
-    checkout has one, else one built from the registry facts (licence CC BY-NC-SA 4.0, metrics,
-    citation); any other model gets a card built from its config.
-    """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-    from .. import registry
-
-    entry = _registry_entry(name)
-    section = _export_section(config, repo_id)
-    if entry is not None and (_CARDS_DIR / f"{entry.name}.md").is_file():
-        card = ModelCard.load(_CARDS_DIR / f"{entry.name}.md")
-        card.text = card.text.rstrip() + "\n" + section
-        return card
-    tags = ["image-feature-extraction", "transfer-learning", "resnet", "t-rex", "trex_hub"]
-    if entry is not None:
-        data = ModelCardData(
-            license=entry.license, library_name="trex_hub", tags=tags,
-            pipeline_tag="image-feature-extraction", datasets=["imagenet-1k"],
-            metrics=["accuracy"], model_name=entry.name,
-            eval_results=[
-                EvalResult(task_type="image-classification", dataset_type="imagenet-1k",
-                           dataset_name="ImageNet-1K", dataset_split="validation",
-                           metric_type="accuracy", metric_name="top-1",
-                           metric_value=entry.imagenet_top1),
-                EvalResult(task_type="image-feature-extraction",
-                           dataset_type="trex-transfer-15",
-                           dataset_name="15 transfer datasets", metric_type="log-odds",
-                           metric_name="mean transfer log-odds",
-                           metric_value=entry.transfer_log_odds),
-            ])
-        body = (f"# {entry.title}\n\n{entry.description}\n\n"
-                f"- ImageNet-1K top-1: {entry.imagenet_top1} %\n"
-                f"- mean transfer log-odds (15 datasets): {entry.transfer_log_odds}\n"
-                f"- Licence of the weights: **{registry.LICENSE_NAME}** (non-commercial, "
-                "share-alike).\n- Paper: "
-                f"{registry.PAPER_URL}\n\n```bibtex\n{registry.CITATION}\n```\n")
-    else:
-        title = config.get("name") or config["arch"]
-        data = ModelCardData(license=license, library_name="trex_hub", tags=tags,
-                             pipeline_tag="image-feature-extraction")
-        body = (f"# {title}\n\nA t-ReX-style model exported with trex_hub. Method: "
-                f"{registry.PAPER_URL}\n")
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}{section}")
-
-
-def save_pretrained(model: Any, folder: PathLike, *, name: Optional[str] = None,
-                    repo_id: Optional[str] = None, license: Optional[str] = None,
-                    extra_config: Optional[Dict[str, Any]] = None) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` + ``README.md`` (model card) into ``folder``.
-
-    ``trex_hub.load(folder)`` (or ``load("hf-hub:...")`` once pushed) rebuilds the same model with
-    bit-identical outputs. ``name`` picks the registry facts for the card (default: the model's
-    own name).
-    """
-    from ..checkpoint import save_safetensors
-
-    folder = Path(folder)
-    save_safetensors(model, folder, extra_config=extra_config)
-    import json
-
-    config = json.loads((folder / CONFIG_NAME).read_text())
-    card = render_card(config, name=name or config.get("name"), repo_id=repo_id,
-                       license=license)
-    tmp = folder / f".{CARD_NAME}.{os.getpid()}.tmp"
-    try:
-        card.save(tmp)
-        os.replace(tmp, folder / CARD_NAME)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return folder
-
-
-def push_to_hub(model: Any, repo_id: str, *, token: Union[str, bool, None] = None,
-                private: Optional[bool] = None, revision: Optional[str] = None,
-                commit_message: str = "Upload t-ReX model (trex_hub)",
-                create_repo: bool = True, endpoint: Optional[str] = None,
-                name: Optional[str] = None, license: Optional[str] = None) -> str:
-    """Export ``model`` with :func:`save_pretrained` and upload it to ``repo_id``; returns the
-    commit URL. ``trex_hub.load(f"hf-hub:{repo_id}")`` loads it back."""
+def upload_folder(folder: PathLike, repo_id: str, *, token: Union[str, bool, None] = None,
+                  private: Optional[bool] = None, revision: Optional[str] = None,
+                  commit_message: str = "Upload t-ReX model (trex_hub)",
+                  create_repo: bool = True, endpoint: Optional[str] = None) -> str:
+    """Upload the files of ``folder`` to the model repository ``repo_id``; returns the commit
+    URL."""
     from huggingface_hub import HfApi
 
-    parse_repo_spec(repo_id)
+    repo_id, _ = parse_hf_id(repo_id)
     api = HfApi(endpoint=_endpoint(endpoint), token=token, library_name="trex_hub",
-                library_version=_version())
-    with tempfile.TemporaryDirectory(prefix="trex_hub_push_") as tmp:
-        save_pretrained(model, tmp, name=name, repo_id=repo_id, license=license)
-        if create_repo:
-            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision,
-                                 commit_message=commit_message, repo_type="model")
+                library_version=__version__)
+    if create_repo:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
+                             commit_message=commit_message, repo_type="model")
     return str(info)

@@ -1,0 +1,128 @@
+"""Model cards (``README.md`` with Hugging Face metadata) for exported models: one renderer.
+
+A card is a head followed by sections. The head depends on what the weights are:
+
+* a released model (``name`` in the registry): its hand-written card from ``model_cards/`` when
+  the source checkout has one, else one built from the registry facts (licence, metrics,
+  citation);
+* a model converted from a training checkpoint by ``trex-train export`` (``config.json`` has a
+  ``source_checkpoint``): a card that says it is *not* a released model;
+* anything else: a short generic card.
+
+The sections come from ``config.json``: the files of the export (architecture, preprocessing,
+how to load it) and, when present, the training settings.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+from . import registry
+
+_CARDS_DIR = Path(__file__).resolve().parents[1] / "model_cards"  # present in a source checkout
+TAGS = ["image-feature-extraction", "transfer-learning", "resnet", "t-rex", "trex_hub"]
+
+
+def files_section(config: Dict[str, Any], repo_id: Optional[str]) -> str:
+    proj = config.get("projector")
+    clf = config.get("classifier")
+    parts = [f"- backbone: torchvision `{config['arch']}` (`fc` removed), "
+             f"{config.get('num_features')}-d pooled features"]
+    if proj:
+        parts.append(f"- projector: {proj['num_layers']}-layer, {proj['hidden_dim']} -> "
+                     f"{proj['out_dim']}-d embeddings (L2-normalised input: {proj['l2_norm']})")
+    if clf:
+        parts.append(f"- classifier: cosine prototypes, {clf['num_classes']} classes, "
+                     f"tau = {clf['tau']}")
+    pre = config.get("preprocess")
+    if isinstance(pre, dict) and pre:
+        parts.append(f"- preprocessing: resize {pre.get('resize')} ({pre.get('interpolation')}), "
+                     f"centre crop {pre.get('crop')}, mean {pre.get('mean')}, std "
+                     f"{pre.get('std')} (`trex_hub.get_transform(model)`)")
+    target = f'"hf-hub:{repo_id}"' if repo_id else '"path/to/this/folder"'
+    return (
+        "\n## Files of this export\n\n"
+        "Written by `trex_hub.save_pretrained`: `model.safetensors` (tensors only), "
+        "`config.json` (architecture and preprocessing) and this card.\n\n"
+        + "\n".join(parts) + "\n\n"
+        "```python\nimport trex_hub\n"
+        f"model = trex_hub.load({target}{', projector=True' if proj else ''})\n```\n")
+
+
+def training_section(config: Dict[str, Any]) -> str:
+    training = config.get("training")
+    if not isinstance(training, dict) or not training:
+        return ""
+    return "\n## Training\n\n" + "\n".join(f"- {k}: {v}" for k, v in training.items()) + "\n"
+
+
+def _released_head(entry: registry.ModelEntry) -> Tuple[Any, str]:
+    from huggingface_hub import EvalResult, ModelCardData
+
+    data = ModelCardData(
+        license=entry.license, library_name="trex_hub", tags=TAGS,
+        pipeline_tag="image-feature-extraction", datasets=["imagenet-1k"],
+        metrics=["accuracy"], model_name=entry.name,
+        eval_results=[
+            EvalResult(task_type="image-classification", dataset_type="imagenet-1k",
+                       dataset_name="ImageNet-1K", dataset_split="validation",
+                       metric_type="accuracy", metric_name="top-1",
+                       metric_value=entry.imagenet_top1),
+            EvalResult(task_type="image-feature-extraction", dataset_type="trex-transfer-15",
+                       dataset_name="15 transfer datasets", metric_type="log-odds",
+                       metric_name="mean transfer log-odds",
+                       metric_value=entry.transfer_log_odds),
+        ])
+    head = (f"# {entry.title}\n\n{entry.description}\n\n"
+            f"- ImageNet-1K top-1: {entry.imagenet_top1} %\n"
+            f"- mean transfer log-odds (15 datasets): {entry.transfer_log_odds}\n"
+            f"- Licence of the weights: **{registry.LICENSE_NAME}** (non-commercial, "
+            f"share-alike).\n- Paper: {registry.PAPER_URL}\n\n"
+            f"```bibtex\n{registry.CITATION}\n```\n")
+    return data, head
+
+
+def _trained_head(title: str, license: Optional[str]) -> Tuple[Any, str]:
+    from huggingface_hub import ModelCardData
+
+    data = ModelCardData(license=license, library_name="trex_hub", tags=TAGS,
+                         pipeline_tag="image-feature-extraction")
+    head = (f"# {title}\n\nA model trained with `trex-train` (trex_hub), following the t-ReX "
+            "recipe of Sariyildiz et al., *No Reason for No Supervision: Improved "
+            "Generalization in Supervised Models*, ICLR 2023. It is **not** one of the released "
+            f"t-ReX / t-ReX* checkpoints (those are licensed {registry.LICENSE_NAME} by their "
+            "authors); the terms of these weights are those of the data they were trained on "
+            "and of whoever trained them.\n")
+    return data, head
+
+
+def _generic_head(title: str, license: Optional[str]) -> Tuple[Any, str]:
+    from huggingface_hub import ModelCardData
+
+    data = ModelCardData(license=license, library_name="trex_hub", tags=TAGS,
+                         pipeline_tag="image-feature-extraction")
+    return data, (f"# {title}\n\nA t-ReX-style model exported with trex_hub. Method: "
+                  f"{registry.PAPER_URL}\n")
+
+
+def render_card(config: Dict[str, Any], *, name: Optional[str] = None,
+                repo_id: Optional[str] = None, license: Optional[str] = None):
+    """The :class:`huggingface_hub.ModelCard` of an exported model (see the module doc)."""
+    from huggingface_hub import ModelCard
+
+    entry = registry.get_entry(name) if name and registry.is_known(name) else None
+    trained = bool(config.get("source_checkpoint"))
+    sections = files_section(config, repo_id) + training_section(config)
+    title = name or config.get("name") or config["arch"]
+    if trained:
+        data, head = _trained_head(title, license)
+    elif entry is not None:
+        hand_written = _CARDS_DIR / f"{entry.name}.md"
+        if hand_written.is_file():
+            card = ModelCard.load(hand_written)
+            card.text = card.text.rstrip() + "\n" + sections
+            return card
+        data, head = _released_head(entry)
+    else:
+        data, head = _generic_head(title, license)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{head}{sections}")

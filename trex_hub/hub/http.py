@@ -1,0 +1,282 @@
+"""HTTP(S) transport: one URL into one local file, resumed, retried and hashed.
+
+What this module does: proxies from the environment (never for loopback), ``Range`` requests to
+resume a partial file, retries with jittered exponential back-off (``Retry-After`` honoured),
+a progress bar on a terminal, and a SHA-256 of the complete file checked against the expected
+one. What it does not do: choose where files live, keep manifests or locks (``hub/cache.py``),
+or know which files exist (the registry, above ``hub/``).
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import random
+import re
+import socket
+import ssl
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Optional, Tuple
+
+from ..fileio import PathLike
+from ..version import __version__
+
+CHUNK = 1 << 20
+
+#: defaults, each overridable per call and through the environment
+DEFAULT_TIMEOUT = 30.0        # seconds without a byte before a connection counts as stalled
+DEFAULT_RETRIES = 5           # extra attempts after the first one, for transient failures
+DEFAULT_BACKOFF = 1.0         # first back-off in seconds; doubles each retry (capped, jittered)
+MAX_BACKOFF = 30.0
+
+log = logging.getLogger(__name__)
+
+
+class DownloadError(RuntimeError):
+    """A file could not be fetched; the message names the URL and what to do."""
+
+
+class NotFoundError(DownloadError):
+    """The server answered 404/403/401/410: retrying will not help."""
+
+
+class IntegrityError(DownloadError):
+    """A file's bytes do not match the expected size or SHA-256; the bad file has been deleted."""
+
+
+def env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ[name])
+    except (KeyError, ValueError):
+        return default
+
+
+def mirror_hint() -> str:
+    current = os.environ.get("TREX_HUB_BASE_URL")
+    now = f" (now {current!r})" if current else " (unset: the official server is used)"
+    return f"check the file name and the mirror setting TREX_HUB_BASE_URL{now}"
+
+
+def sha256_of(path: PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def user_agent() -> str:
+    return f"trex_hub/{__version__} python/{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+_LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+def _opener(url: str) -> urllib.request.OpenerDirector:
+    """Proxies come from the environment (``https_proxy``, ``no_proxy``...), except for loopback."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host in _LOOPBACK:
+        return urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    return urllib.request.build_opener()  # ProxyHandler() reads the environment
+
+
+class _Transient(Exception):
+    """A failure worth retrying (connection lost, timeout, 5xx, short body)."""
+
+    def __init__(self, message: str, retry_after: Optional[float] = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _retry_after(value: Optional[str]) -> Optional[float]:
+    """Seconds from a ``Retry-After`` header (delta-seconds form only)."""
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _backoff(attempt: int, base: float) -> float:
+    delay = min(MAX_BACKOFF, base * (2 ** attempt))
+    return delay * (0.75 + 0.5 * random.random())
+
+
+def _progress_bar(progress: bool, total: Optional[int], initial: int, desc: str):
+    if not progress or not (sys.stderr.isatty()):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
+                desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _parse_content_range(value: Optional[str]) -> Tuple[Optional[int], Optional[int]]:
+    m = re.match(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", value or "")
+    if not m:
+        return None, None
+    return int(m.group(1)), (int(m.group(3)) if m.group(3) != "*" else None)
+
+
+def _open(url: str, tmp: Path, offset: int, timeout: float):
+    """The HTTP response for ``url`` from byte ``offset``, or the total size when the partial
+    already holds every byte (an HTTP 416 naming exactly that size)."""
+    headers = {"User-Agent": user_agent(), "Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    req = urllib.request.Request(url, headers=headers)
+    try:
+        return _opener(url).open(req, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        code = exc.code
+        exc.close()
+        if code == 416 and offset:
+            m = re.match(r"bytes \*/(\d+)", exc.headers.get("Content-Range") or "")
+            if m and int(m.group(1)) == offset:
+                return offset  # the partial already holds every byte (verified next)
+            tmp.unlink()  # our partial is no prefix the server recognises: start over
+            raise _Transient("HTTP 416 for a resumed download; restarting") from None
+        if code in (401, 403, 404, 410):
+            raise NotFoundError(f"{url}: HTTP {code} {exc.reason}; {mirror_hint()}.") from None
+        if code >= 500 or code in (408, 429):
+            raise _Transient(f"HTTP {code} {exc.reason}",
+                             _retry_after(exc.headers.get("Retry-After"))) from None
+        raise DownloadError(f"{url}: HTTP {code} {exc.reason}; {mirror_hint()}.") from None
+    except (urllib.error.URLError, socket.timeout, ConnectionError, http.client.HTTPException,
+            OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, ssl.SSLCertVerificationError):  # retrying will not help
+            raise DownloadError(f"{url}: TLS certificate verification failed ({reason}); fix "
+                                "the system certificates (SSL_CERT_FILE) or use a mirror "
+                                "(TREX_HUB_BASE_URL).") from None
+        raise _Transient(f"{type(reason).__name__}: {reason}") from None
+
+
+def _attempt(url: str, tmp: Path, *, timeout: float, expected_size: Optional[int],
+             progress: bool, desc: str) -> int:
+    """One HTTP attempt appending to ``tmp`` (resuming from its size). Returns the total size."""
+    offset = tmp.stat().st_size if tmp.exists() else 0
+    if expected_size is not None and offset > expected_size:
+        offset = 0
+        tmp.unlink()
+    if expected_size is not None and offset == expected_size and offset > 0:
+        return offset  # an earlier attempt got every byte (e.g. killed before the rename)
+    resp = _open(url, tmp, offset, timeout)
+    if isinstance(resp, int):
+        return resp
+    with resp:
+        length = resp.headers.get("Content-Length")
+        body_len = int(length) if length and length.isdigit() else None
+        if resp.status == 206:
+            start, total = _parse_content_range(resp.headers.get("Content-Range"))
+            if start != offset:
+                tmp.unlink()
+                raise _Transient(f"server resumed at byte {start}, not {offset}; restarting")
+            mode = "ab"
+        else:
+            if offset:
+                log.info("%s ignored the Range request; downloading from the start", url)
+            offset, total, mode = 0, body_len, "wb"
+        if total is None and body_len is not None:
+            total = offset + body_len
+        if expected_size is not None and total is not None and total != expected_size:
+            raise IntegrityError(f"{url}: the server announces {total} bytes but "
+                                 f"{expected_size} are expected; {mirror_hint()}.")
+        got = _stream(resp, tmp, mode, offset, _progress_bar(progress, total, offset, desc))
+        if body_len is not None and got < body_len:
+            raise _Transient(f"connection closed after {offset + got} of {offset + body_len} "
+                             "bytes")
+        size = offset + got
+        if total is not None and size != total:
+            raise _Transient(f"received {size} of {total} bytes")
+        return size
+
+
+def _stream(resp, tmp: Path, mode: str, offset: int, bar) -> int:
+    """Copy the body of ``resp`` into ``tmp`` (fsync'ed); returns the number of bytes copied."""
+    got = 0
+    try:
+        with open(tmp, mode) as out:
+            while True:
+                try:
+                    block = resp.read1(CHUNK)  # what has arrived: a reset loses nothing
+                except (socket.timeout, ConnectionError, http.client.HTTPException,
+                        OSError) as exc:
+                    raise _Transient(f"connection lost after {offset + got} bytes "
+                                     f"({type(exc).__name__}: {exc})") from None
+                if not block:
+                    break
+                out.write(block)
+                got += len(block)
+                if bar is not None:
+                    bar.update(len(block))
+            out.flush()
+            os.fsync(out.fileno())
+    finally:
+        if bar is not None:
+            bar.close()
+    return got
+
+
+def download(url: str, tmp: PathLike, *, sha256: Optional[str] = None,
+             size: Optional[int] = None, progress: bool = True, desc: str = "",
+             timeout: Optional[float] = None, retries: Optional[int] = None,
+             backoff: Optional[float] = None, resumable: bool = True) -> Tuple[str, int]:
+    """Bring every byte of ``url`` into the file ``tmp``; returns its ``(sha256, size)``.
+
+    An existing ``tmp`` is resumed with HTTP Range (from scratch when the server ignores Range).
+    Once complete the whole file is hashed and checked against ``sha256``/``size`` when given.
+    On failure ``tmp`` is kept only when the failure is transient and ``resumable`` (the next
+    call then resumes it); bad bytes and refused requests never linger.
+    """
+    tmp = Path(tmp)
+    timeout = env_float("TREX_HUB_TIMEOUT", DEFAULT_TIMEOUT) if timeout is None else timeout
+    retries = int(env_float("TREX_HUB_RETRIES", DEFAULT_RETRIES)) if retries is None else retries
+    backoff = env_float("TREX_HUB_BACKOFF", DEFAULT_BACKOFF) if backoff is None else backoff
+    restarted = False
+    attempt = 0
+    try:
+        while True:
+            resumed = tmp.exists() and tmp.stat().st_size > 0
+            try:
+                got = _attempt(url, tmp, timeout=timeout, expected_size=size, progress=progress,
+                               desc=desc or tmp.name)
+            except _Transient as exc:
+                if attempt >= retries:
+                    kept = tmp.stat().st_size if tmp.exists() else 0
+                    more = (f" {kept} bytes are kept in {tmp} and the next attempt resumes from "
+                            "there." if kept and resumable else "")
+                    raise DownloadError(
+                        f"{url}: giving up after {attempt + 1} attempts ({exc}).{more} Check the "
+                        f"network or use a mirror (TREX_HUB_BASE_URL).") from None
+                delay = _backoff(attempt, backoff)
+                if exc.retry_after is not None:  # the server said how long to wait
+                    delay = min(MAX_BACKOFF, max(delay, exc.retry_after))
+                log.warning("%s: %s; retrying in %.1fs", url, exc, delay)
+                attempt += 1
+                time.sleep(delay)
+                continue
+            digest = sha256_of(tmp)
+            if sha256 and digest != sha256:
+                if resumed and not restarted:
+                    # the old partial may hold different bytes: verify a clean download once
+                    log.warning("%s: SHA-256 mismatch after resuming; downloading again", url)
+                    tmp.unlink()
+                    restarted = True
+                    continue
+                raise IntegrityError(
+                    f"{url}: downloaded {got} bytes with SHA-256 {digest}, but {sha256} was "
+                    f"expected; the file was deleted. The server or mirror serves different "
+                    f"bytes: {mirror_hint()}.")
+            return digest, got
+    except BaseException as exc:
+        transient = isinstance(exc, (DownloadError, KeyboardInterrupt)) and not isinstance(
+            exc, (IntegrityError, NotFoundError))
+        if not (transient and resumable) and tmp.exists():
+            tmp.unlink()
+        raise

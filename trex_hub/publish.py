@@ -1,0 +1,51 @@
+"""Export a model in the zoo's folder format, and publish it on the Hugging Face Hub.
+
+``save_pretrained`` writes ``model.safetensors`` + ``config.json`` (through
+:func:`trex_hub.checkpoint.save_safetensors`) and the model card (:mod:`trex_hub.cards`);
+``push_to_hub`` uploads that folder (:mod:`trex_hub.hub.hf`).
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+from .cards import render_card
+from .checkpoint import save_safetensors
+from .fileio import CARD_NAME, CONFIG_NAME, PathLike, atomic_write
+from .hub import hf
+
+
+def save_pretrained(model: Any, folder: PathLike, *, name: Optional[str] = None,
+                    repo_id: Optional[str] = None, license: Optional[str] = None,
+                    extra_config: Optional[Dict[str, Any]] = None) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` + ``README.md`` (model card) into ``folder``.
+
+    ``trex_hub.load(folder)`` (or ``load("hf-hub:...")`` once pushed) rebuilds the same model with
+    bit-identical outputs and the same preprocessing. ``name`` picks the registry facts for the
+    card (default: the model's own name).
+    """
+    folder = Path(folder)
+    save_safetensors(model, folder, extra_config=extra_config)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    card = render_card(config, name=name or config.get("name"), repo_id=repo_id,
+                       license=license)
+    text = str(card).encode("utf-8")
+    atomic_write(folder / CARD_NAME, lambda fh: fh.write(text))
+    return folder
+
+
+def push_to_hub(model: Any, repo_id: str, *, token: Union[str, bool, None] = None,
+                private: Optional[bool] = None, revision: Optional[str] = None,
+                commit_message: str = "Upload t-ReX model (trex_hub)",
+                create_repo: bool = True, endpoint: Optional[str] = None,
+                name: Optional[str] = None, license: Optional[str] = None) -> str:
+    """Export ``model`` with :func:`save_pretrained` and upload it to ``repo_id``; returns the
+    commit URL. ``trex_hub.load(f"hf-hub:{repo_id}")`` loads it back."""
+    repo_id, _ = hf.parse_hf_id(repo_id)
+    with tempfile.TemporaryDirectory(prefix="trex_hub_push_") as tmp:
+        save_pretrained(model, tmp, name=name, repo_id=repo_id, license=license)
+        return hf.upload_folder(tmp, repo_id, token=token, private=private, revision=revision,
+                                commit_message=commit_message, create_repo=create_repo,
+                                endpoint=endpoint)

@@ -1,0 +1,104 @@
+"""Resolve once: any argument of ``load()`` -> one description of where the weights are.
+
+``resolve("t-ReX*")``, ``resolve("runs/x/checkpoint.pth")``, ``resolve("hf-hub:org/repo@v1")``
+and ``resolve("trex_star", source="hf")`` each return a :class:`WeightsSource`; the loader
+(:mod:`trex_hub.loader`) reads and builds from it without looking at the argument again. Every
+check that depends only on the request (is there a projector to keep? an EMA copy? a Hub
+mirror?) happens here, before anything is downloaded.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from . import registry
+from .fileio import PathLike
+from .hub.hf import HF_PREFIX, is_hf_id, parse_hf_id
+
+SOURCES = ("url", "hf")
+
+#: the kinds of :class:`WeightsSource`
+RELEASE, HUB, LOCAL = "release", "hf", "local"
+
+
+class ModelLoadError(ValueError):
+    """A request ``load()`` cannot satisfy; the message says which model or option to use."""
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where the weights of one ``load()`` request are.
+
+    ``kind`` is ``"release"`` (a file of a registry ``entry``, from the official server or a
+    mirror, cached by ``hub/cache.py``), ``"hf"`` (a Hugging Face Hub repository ``hf_repo`` at
+    ``revision``; ``entry`` is set when it is a registry model's Hub mirror) or ``"local"`` (a
+    file or folder at ``path``). ``name`` is the name the model gets.
+    """
+
+    kind: str
+    name: str
+    entry: Optional[registry.ModelEntry] = None
+    file: Optional[registry.FileInfo] = None
+    hf_repo: Optional[str] = None
+    revision: Optional[str] = None
+    path: Optional[Path] = None
+
+    @property
+    def hf_id(self) -> str:
+        return f"{HF_PREFIX}{self.hf_repo}" + (f"@{self.revision}" if self.revision else "")
+
+
+def _registry_source(entry: registry.ModelEntry, *, projector: bool, ema: bool,
+                     source: Optional[str], revision: Optional[str]) -> WeightsSource:
+    if (projector or ema) and not entry.has_projector:
+        what = "projector=True" if projector else "ema=True"
+        raise ModelLoadError(
+            f"'{entry.name}' was released as a backbone only, so {what} is not available. "
+            f"Models released with the projector, OCM prototypes and EMA copy: "
+            f"{', '.join(registry.projector_models())}.")
+    if source == "hf":
+        if not entry.hf_repo:
+            with_hf = [e.name for e in registry.MODELS.values() if e.hf_repo]
+            raise ModelLoadError(
+                f"'{entry.name}' has no Hugging Face Hub mirror, so source='hf' is not available; "
+                "drop source='hf' to download the released file"
+                + (f" (models with an HF mirror: {', '.join(with_hf)})" if with_hf else ""))
+        if ema:
+            raise ModelLoadError(f"the Hugging Face Hub mirror of '{entry.name}' holds the online "
+                                 "network only; ema=True needs source='url'")
+        repo, rev = parse_hf_id(entry.hf_repo, revision)
+        return WeightsSource(HUB, entry.name, entry=entry, hf_repo=repo, revision=rev)
+    if revision is not None:
+        raise TypeError(f"revision= applies to hf-hub: ids and source='hf', not to "
+                        f"'{entry.name}' from its released files")
+    file = entry.full_file if (projector or ema) else entry.backbone_file
+    assert file is not None  # has_projector checked above
+    return WeightsSource(RELEASE, entry.name, entry=entry, file=file)
+
+
+def resolve(name_or_path: PathLike, *, projector: bool = False, ema: bool = False,
+            source: Optional[str] = None, revision: Optional[str] = None) -> WeightsSource:
+    """Where the weights of ``name_or_path`` are (see the module doc).
+
+    Raises :class:`ModelLoadError` for a request no source can satisfy,
+    :class:`~trex_hub.registry.UnknownModelError` for a string that is neither a model name nor
+    an existing path, and ``ValueError`` for a malformed Hub id.
+    """
+    if source not in (None, *SOURCES):
+        raise ModelLoadError(f"source={source!r} is not one of {', '.join(map(repr, SOURCES))}")
+    if is_hf_id(name_or_path):
+        name = os.fspath(name_or_path)
+        repo, rev = parse_hf_id(name, revision)
+        return WeightsSource(HUB, name, hf_repo=repo, revision=rev)
+    if isinstance(name_or_path, str) and registry.is_known(name_or_path):
+        return _registry_source(registry.get_entry(name_or_path), projector=projector, ema=ema,
+                                source=source, revision=revision)
+    path = Path(os.fspath(name_or_path)).expanduser()
+    if not path.exists():
+        registry.get_entry(os.fspath(name_or_path))  # raises with the known names and the closest
+    if source == "hf" or revision is not None:
+        raise ModelLoadError(f"{path}: source='hf' and revision= apply to registry models and "
+                             "hf-hub: ids, not to a local checkpoint")
+    return WeightsSource(LOCAL, path.name, path=path)
