@@ -594,3 +594,54 @@ def test_fetch_distributed_without_a_process_group_is_fetch(server, blobs, cache
     path = dl.fetch_distributed("blob.bin", base_url=server.url, cache_dir=cache, **FAST)
     assert path.read_bytes() == served(blobs)
 
+
+
+# --------------------------------------------------------------------------------------------
+# The cache's check hook (hub/cache.py), with a plain callable
+# --------------------------------------------------------------------------------------------
+def test_check_hook_runs_on_fresh_and_cached_files(server, blobs, cache):
+    from trex_hub.hub import cache as hc
+
+    url = server.url + "blob.bin"
+    seen = []
+
+    def size_of(path):
+        seen.append(path)
+        return path.stat().st_size
+
+    path, value = hc.fetch_checked("blob.bin", url, cache_dir=cache, check=size_of, **FAST)
+    assert value == len(served(blobs)) and seen[0].name.endswith(".incomplete")  # before rename
+    path, value = hc.fetch_checked("blob.bin", url, cache_dir=cache, check=size_of, **FAST)
+    assert seen[1] == path and value == len(served(blobs)) and len(server.gets("blob.bin")) == 1
+
+    def refuse(path):
+        raise ValueError(f"{path}: not what I wanted")
+
+    # a cached file rejected: deleted; its manifest vouches for those bytes, so it goes too
+    with pytest.raises(ValueError, match="not what I wanted.*cached file .* has been deleted"):
+        hc.fetch("blob.bin", url, cache_dir=cache, check=refuse, **FAST)
+    assert not path.exists() and not dl.manifest_path(path).exists()
+    # a fresh file rejected: not kept, the temp file name hidden from the message
+    with pytest.raises(ValueError) as err:
+        hc.fetch("blob.bin", url, cache_dir=cache, check=refuse, **FAST)
+    assert str(err.value).startswith("not what I wanted [") and "incomplete" not in str(err.value)
+    assert f"downloaded from {url} was rejected, not kept" in str(err.value)
+    assert not path.exists() and leftovers(cache) == []
+
+
+def test_a_cached_file_corrupted_on_disk_keeps_its_manifest_when_rejected(server, blobs, cache):
+    from trex_hub.hub import cache as hc
+
+    url = server.url + "blob.bin"
+    path = hc.fetch("blob.bin", url, cache_dir=cache, **FAST)
+    path.write_bytes(b"\0" * path.stat().st_size)  # same size: passes the cheap check
+
+    def refuse_zeros(p):
+        if p.read_bytes()[:4] == b"\0\0\0\0":
+            raise ValueError("zeros")
+
+    with pytest.raises(ValueError, match="has been deleted"):
+        hc.fetch("blob.bin", url, cache_dir=cache, check=refuse_zeros, **FAST)
+    assert not path.exists() and dl.manifest_path(path).exists()  # the reference stays
+    assert hc.fetch("blob.bin", url, cache_dir=cache, check=refuse_zeros, **FAST).read_bytes() \
+        == served(blobs)

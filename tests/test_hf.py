@@ -232,3 +232,37 @@ def test_registry_hf_mirror_is_used_only_when_asked(hub, released_files, monkeyp
         trex_hub.load("trex", source="hf")
     with pytest.raises(ModelLoadError, match="source='ftp' is not one of"):
         trex_hub.load("trex", source="ftp")
+
+
+# --------------------------------------------------------------------------------------------
+# pretrained=False and preprocessing through config.json
+# --------------------------------------------------------------------------------------------
+def test_pretrained_false_on_a_hub_id_downloads_only_config_json(hub, exported):
+    model, folder = exported
+    publish(hub, "org/mini", folder)
+    arch = trex_hub.load("hf-hub:org/mini", pretrained=False, projector=True)
+    assert [d[2] for d in hub.downloads] == ["config.json"]  # no weights
+    assert arch.arch == "resnet18" and arch.head.num_layers == 2 and arch.classifier is None
+    assert not torch.equal(arch.backbone.conv1.weight, model.backbone.conv1.weight)
+    assert not trex_hub.load("hf-hub:org/mini", pretrained=False).has_projector
+    torch.manual_seed(0)
+    bare = TReX("resnet18", name="bare")
+    publish(hub, "org/bare", trex_hub.save_pretrained(bare, folder.parent / "bare"))
+    with pytest.raises(ModelLoadError, match="no projector"):  # same rule as with weights
+        trex_hub.load("hf-hub:org/bare", pretrained=False, projector=True)
+
+
+def test_preprocessing_travels_in_config_json(hub, tmp_path):
+    model = small_model()
+    model.set_preprocess(trex_hub.PreprocessConfig(resize=40, crop=32, interpolation="bilinear",
+                                                   mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
+    folder = trex_hub.save_pretrained(model, tmp_path / "pre")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["preprocess"] == {"resize": 40, "crop": 32, "interpolation": "bilinear",
+                                    "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    assert "resize 40 (bilinear), centre crop 32" in (folder / "README.md").read_text()
+    publish(hub, "org/pre", folder)
+    for loaded in (trex_hub.load(folder), trex_hub.load("hf-hub:org/pre"),
+                   trex_hub.load("hf-hub:org/pre", pretrained=False)):
+        assert loaded.preprocess_config == model.preprocess_config
+        assert loaded.pretrained_cfg["input_size"] == (3, 32, 32)

@@ -115,3 +115,45 @@ def test_load_and_extract_on_cuda(released_files):
     assert out.device.type == "cpu" and out.shape == (1, 256)
     cpu = trex_hub.load(released_files / "trex_2_checkpoint_full.pth", projector=True)
     assert torch.allclose(out, cpu.extract(np.zeros((40, 40, 3), np.uint8)), atol=1e-3)
+
+
+def test_fetch_returns_the_verified_cached_file(mirror, tmp_path, released_files):
+    path = trex_hub.fetch("t-ReX*", progress=False)
+    assert path == tmp_path / "cache" / "trexstar.pth"
+    assert path.read_bytes() == (released_files / "trexstar.pth").read_bytes()
+    assert (tmp_path / "cache" / "trexstar.pth.manifest.json").is_file()
+    n = len(mirror.requests)
+    assert trex_hub.fetch("trex_star") == path and len(mirror.requests) == n  # cached
+    full = trex_hub.fetch("trex_repro", full=True, cache_dir=tmp_path / "own", progress=False)
+    assert full == tmp_path / "own" / "trex_2_checkpoint_full.pth"
+    with pytest.raises(ModelLoadError, match="'trex' has no full training checkpoint.*trex_repro"):
+        trex_hub.fetch("trex", full=True)
+    with pytest.raises(trex_hub.UnknownModelError):
+        trex_hub.fetch("nope")
+    # load() reads the very file fetch() verified: no second request
+    n = len(mirror.requests)
+    trex_hub.load("trex_repro", projector=True, cache_dir=tmp_path / "own")
+    assert len(mirror.requests) == n
+
+
+def test_fetch_rejects_a_file_of_the_wrong_layout(tmp_path, monkeypatch, released_files):
+    root = tmp_path / "mirror"
+    root.mkdir()
+    shutil.copy(released_files / "trex_2_checkpoint_full.pth", root / "trex.pth")
+    with FileServer(root) as srv:
+        monkeypatch.setenv("TREX_HUB_BASE_URL", srv.url)
+        with pytest.raises(trex_hub.CheckpointError, match="carries a projector.*rejected, not kept"):
+            trex_hub.fetch("trex", progress=False)
+    assert not (tmp_path / "cache" / "trex.pth").exists()
+
+
+def test_pretrained_false_means_the_same_for_local_files(released_files):
+    local = trex_hub.load(released_files / "trex_2_checkpoint_full.pth", pretrained=False,
+                          projector=True)
+    assert local.head.num_layers == 3 and local.classifier is None
+    with pytest.raises(ModelLoadError, match="no projector"):
+        trex_hub.load(released_files / "trex.pth", pretrained=False, projector=True)
+    with pytest.raises(ModelLoadError, match="source='hf' and revision= apply to"):
+        trex_hub.load(released_files / "trex.pth", source="hf")
+    with pytest.raises(TypeError, match="unexpected arguments for a registry model"):
+        trex_hub.load("trex", pretrained=False, token="x")

@@ -1,0 +1,72 @@
+"""get_transform: the preprocessing that travels with the weights, as a torchvision transform."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import trex_hub
+from trex_hub import preprocess as pp
+from trex_hub.model import TReX
+from trex_hub.transforms import build_transform, get_transform, preset_geometry
+
+IMG = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 260, 3), np.uint8))
+
+
+def same(a, b, img=IMG):
+    return torch.equal(a(img), b(img))
+
+
+@pytest.mark.parametrize("preset", ["transfer", "imagenet"])
+def test_equal_outputs_to_build_transform_for_both_presets(preset):
+    ref = build_transform(preset)
+    assert same(get_transform("trex_star", preset=preset), ref)
+    assert same(get_transform(None, preset=preset), ref)
+    assert same(get_transform(pp.PRESETS[preset]), ref)
+    assert same(get_transform(TReX("resnet18", preprocess=preset)), ref)
+    assert get_transform(None, preset=preset)(IMG).shape == (3, 224, 224)
+
+
+def test_the_weights_own_config_is_the_default():
+    # every released model carries the paper's transfer protocol
+    for name in trex_hub.list_models():
+        assert same(get_transform(name), build_transform("transfer"))
+        assert trex_hub.model_info(name)["preprocess"]["interpolation"] == "bicubic"
+    assert same(get_transform("T-ReX*"), build_transform("transfer"))
+    model = TReX("resnet18", preprocess=pp.PreprocessConfig(resize=64, crop=48,
+                                                            mean=(0.5,) * 3, std=(0.5,) * 3))
+    out = get_transform(model)(IMG)
+    assert out.shape == (3, 48, 48)
+    # a preset replaces the geometry and keeps the weights' mean/std
+    geo = get_transform(model, preset="imagenet")(IMG)
+    ref = build_transform("imagenet")(IMG)
+    mean = torch.tensor(pp.IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(pp.IMAGENET_STD).view(3, 1, 1)
+    assert torch.allclose(geo * 0.5 + 0.5, ref * std + mean, atol=1e-6)
+
+
+def test_registry_models_carry_their_config_onto_the_model():
+    for name in ("trex", "trex_repro"):  # pretrained=False: no download
+        model = trex_hub.load(name, pretrained=False)
+        assert model.preprocess_config == pp.PRESETS["transfer"]
+        assert model.pretrained_cfg["name"] == name
+        assert model.pretrained_cfg["input_size"] == (3, 224, 224)
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="not a registry model.*trex_hub.load"):
+        get_transform("some/path.pth")
+    with pytest.raises(TypeError, match="registry name, a TReX model"):
+        get_transform(42)
+    with pytest.raises(ValueError, match="unknown preprocess 'bogus'"):
+        get_transform("trex", preset="bogus")
+    with pytest.raises(ValueError, match="interpolation 'cubic' is not one of"):
+        pp.PreprocessConfig(interpolation="cubic")
+    with pytest.raises(ValueError, match="unknown preprocessing keys \\['size'\\]"):
+        pp.PreprocessConfig.from_dict({"size": 3})
+
+
+def test_preset_geometry_comes_from_the_presets():
+    for name, cfg in pp.PRESETS.items():
+        resize, crop, interp = preset_geometry(name)
+        assert (resize, crop, interp.value) == (cfg.resize, cfg.crop, cfg.interpolation)
+    assert preset_geometry(None) is None
