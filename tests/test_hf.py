@@ -266,3 +266,15 @@ def test_preprocessing_travels_in_config_json(hub, tmp_path):
                    trex_hub.load("hf-hub:org/pre", pretrained=False)):
         assert loaded.preprocess_config == model.preprocess_config
         assert loaded.pretrained_cfg["input_size"] == (3, 32, 32)
+
+
+def test_one_renderer_for_trained_exports_even_under_a_released_name():
+    cfg = {"arch": "resnet18", "num_features": 512, "projector": None, "classifier": None,
+           "training": {"preset": "trex", "epochs_done": 2}, "source_checkpoint": "ck.pth"}
+    for name in ("fm", "trex"):
+        card = cards.render_card(cfg, name=name)
+        assert card.data.license is None and card.data.library_name == "trex_hub"
+        text = card.text
+        assert text.lstrip().startswith(f"# {name}\n") and "**not** one of the released" in text
+        assert "## Files of this export" in text and "- epochs_done: 2" in text
+        assert text.index("## Files of this export") < text.index("## Training")
