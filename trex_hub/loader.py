@@ -21,12 +21,16 @@ from .model import TReX
 from .resolve import HUB, RELEASE, ModelLoadError, WeightsSource
 
 
-def _check_released(entry: registry.ModelEntry, file: registry.FileInfo, ckpt: Checkpoint,
-                    where: str) -> None:
-    """Raise unless ``ckpt`` is what ``file`` of ``entry`` must hold (architecture and layout)."""
+def _check_arch(entry: registry.ModelEntry, ckpt: Checkpoint, where: str) -> None:
     if ckpt.config["arch"] != entry.arch:
         raise CheckpointError(f"{where} holds a {ckpt.config['arch']}, but '{entry.name}' is a "
                               f"{entry.arch}")
+
+
+def _check_released(entry: registry.ModelEntry, file: registry.FileInfo, ckpt: Checkpoint,
+                    where: str) -> None:
+    """Raise unless ``ckpt`` is what ``file`` of ``entry`` must hold (architecture and layout)."""
+    _check_arch(entry, ckpt, where)
     if file.kind == "full" and ckpt.format != "full":
         raise CheckpointError(f"{where} is a {ckpt.format} checkpoint, but '{file.filename}' "
                               "must be a full training checkpoint")
@@ -95,9 +99,8 @@ def read_weights(src: WeightsSource, *, ema: bool = False, cache_dir: Optional[P
         folder = hf.download_model(src.hf_repo or "", cache_dir=cache_dir, revision=src.revision,
                                    progress=progress, **hub_kwargs)
         ckpt = read_checkpoint(folder, ema=ema)
-        if src.entry is not None and ckpt.config["arch"] != src.entry.arch:
-            raise CheckpointError(f"{src.hf_id} holds a {ckpt.config['arch']}, but "
-                                  f"'{src.entry.name}' is a {src.entry.arch}")
+        if src.entry is not None:  # a registry model's Hub mirror
+            _check_arch(src.entry, ckpt, src.hf_id)
         return ckpt
     assert src.path is not None
     return read_checkpoint(src.path, ema=ema)

@@ -1,4 +1,5 @@
-"""Getting files: plain HTTP(S) downloads into the cache, and the Hugging Face Hub.
+"""Getting files: ``http`` (transport), ``cache`` (the trex_hub cache and its policy), ``hf`` (the
+Hugging Face Hub); ``download`` keeps the original module's names.
 
-Nothing in this package knows about torch modules.
+Nothing in this package knows about torch modules or the registry of models.
 """

@@ -31,8 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
-import filelock
-
 from ..fileio import PathLike, atomic_write, fsync_dir
 from .http import DownloadError, IntegrityError, download, env_float, sha256_of
 
@@ -180,6 +178,8 @@ def file_lock(path: PathLike, timeout: Optional[float] = None) -> Iterator[bool]
     past ``timeout``, this yields ``False`` and the caller falls back to a private temp file: each
     process then downloads on its own and the atomic rename keeps the result correct.
     """
+    import filelock  # a dependency; imported on use so that `import trex_hub` stays light
+
     timeout = env_float("TREX_HUB_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT) if timeout is None \
         else timeout
     lp = lock_path(path)
