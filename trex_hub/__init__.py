@@ -8,7 +8,8 @@ __version__ = "0.1.0"
 
 from .api import ModelLoadError, list_models, load, model_info  # noqa: E402
 from .checkpoint import CheckpointError, read_checkpoint  # noqa: E402
-from .extract import extract_features, read_features  # noqa: E402
+from .extract import extract_features  # noqa: E402
+from .featurefile import read_features  # noqa: E402
 from .hub.hf import push_to_hub, save_pretrained  # noqa: E402  (huggingface_hub imported on use)
 from .model import TReX  # noqa: E402
 from .registry import UnknownModelError  # noqa: E402
