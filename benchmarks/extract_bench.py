@@ -135,12 +135,14 @@ def child_ours_e2e(args) -> dict:
 
 def _ours_no_resize(args) -> int:
     import trex_hub
-    from trex_hub.extract import collect_inputs, extract_to_file
+    from trex_hub.extract_run import RunOptions, extract_to_file
+    from trex_hub.imagefiles import collect_inputs
 
     model = trex_hub.load(args.ckpt)
     entries = collect_inputs([args.data])
-    extract_to_file(model, entries, args.out, batch_size=args.batch_size,
-                    num_workers=args.workers, preprocess=None, overwrite=True)
+    extract_to_file(model, entries, args.out, RunOptions(batch_size=args.batch_size,
+                                                         num_workers=args.workers,
+                                                         preprocess=None, overwrite=True))
     return 0
 
 
@@ -239,7 +241,7 @@ def bench_ablation(ckpt: Path, batch: torch.Tensor, log, compile_: bool) -> dict
 
 def bench_e2e(ckpt: Path, data: Path, work: Path, n: int, batch_size: int, workers: int,
               rounds: int, log) -> dict:
-    from trex_hub.extract import read_features
+    from trex_hub import read_features
 
     times = {"naive": [], "ours": []}
     rss = {"naive": 0.0, "ours": 0.0}

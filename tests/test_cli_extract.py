@@ -15,7 +15,7 @@ from PIL import Image
 
 import trex_hub
 from trex_hub.cli.extract import main
-from trex_hub.extract import read_features
+from trex_hub import read_features
 from test_extract import make_bad_files, photos
 
 REPO = Path(__file__).resolve().parents[1]

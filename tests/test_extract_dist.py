@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from trex_hub.cli.extract import main
-from trex_hub.extract import read_features
+from trex_hub import read_features
 from test_extract import photos
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,8 @@ from .version import __version__  # noqa: E402
 
 from .api import ModelLoadError, list_models, load, model_info  # noqa: E402
 from .checkpoint import CheckpointError, read_checkpoint  # noqa: E402
-from .extract import extract_features, read_features  # noqa: E402
+from .extract import extract_features  # noqa: E402
+from .featurefile import read_features  # noqa: E402
 from .loader import fetch  # noqa: E402
 from .model import TReX  # noqa: E402
 from .preprocess import PreprocessConfig  # noqa: E402

@@ -29,14 +29,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .fileio import PathLike
+from .imagefiles import IMAGE_EXTENSIONS, walk_images
 
 
 DEFAULT_FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_ENV = "TREX_FASHION_MNIST"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                          "Shirt", "Sneaker", "Bag", "Ankle boot")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
-                    ".pgm", ".pbm")
 
 
 class DatasetError(Exception):
@@ -407,20 +406,17 @@ class FashionMNIST(ImageDataset):
 # ---------------------------------------------------------------------------------------------
 # ImageFolder trees
 # ---------------------------------------------------------------------------------------------
-def _is_image(p: Path) -> bool:
-    return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-
-
 def _scan_tree(root: Path) -> Dict[str, List[Path]]:
-    """class name -> sorted image paths (recursive below each class folder)."""
+    """class name -> image paths below its class folder, as :func:`walk_images` lists them
+    (the files ``trex-extract`` reads from the same folder); classes in sorted order."""
     if not root.is_dir():
         raise DatasetNotFoundError(f"{root}: no such folder")
     out: Dict[str, List[Path]] = {}
-    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(p for p in d.rglob("*") if p.is_file() and _is_image(p))
-        if files:
-            out[d.name] = files
-    return out
+    for rel, full in walk_images(root):
+        cls, below, _ = rel.partition("/")
+        if below:  # a file directly in root belongs to no class
+            out.setdefault(cls, []).append(Path(full))
+    return dict(sorted(out.items()))
 
 
 def _to_labeled(tree: Dict[str, List[Path]], classes: List[str], name: str) -> LabeledImages:
@@ -475,7 +471,7 @@ def load_image_folder(root: PathLike, *, test_fraction: float = 0.2, seed: int =
         if extra_train is not None:
             for c, files in _scan_tree(extra_train).items():
                 train_tree.setdefault(c, [])
-                train_tree[c] = sorted(train_tree[c] + files)
+                train_tree[c] = sorted(train_tree[c] + files, key=Path.as_posix)
             train_tree = dict(sorted(train_tree.items()))
         test_tree = _scan_tree(test_dir)
         if not train_tree:

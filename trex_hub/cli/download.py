@@ -7,7 +7,8 @@
     trex-download --verify                    re-hash every cached file; exit 1 on a mismatch
     trex-download trex_star_repro --full --to-safetensors exported/
 
-Exit codes: 0 ok, 1 failure (one line on stderr saying what and how to fix it), 2 usage error.
+Exit codes: 0 ok, 1 failure (one line on stderr saying what and how to fix it), 2 usage error,
+130 interrupted (see :mod:`trex_hub.cli.common`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import logging
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
+
+from .common import UsageError, add_debug_flag, failing_on, run_cli
 
 PROG = "trex-download"
 
@@ -53,11 +56,8 @@ def _parser() -> argparse.ArgumentParser:
                         "README.md); with --full the projector and prototypes are included")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, no output but "
                                                               "errors")
+    add_debug_flag(p)
     return p
-
-
-class _Usage(Exception):
-    pass
 
 
 def _human(n: Optional[int]) -> str:
@@ -131,7 +131,7 @@ def _resolve(names: Sequence[str], everything: bool) -> List[str]:
             try:
                 key = registry.get_entry(n).name
             except registry.UnknownModelError as exc:
-                raise _Usage(str(exc)) from None
+                raise UsageError(str(exc)) from None
         if key not in out:
             out.append(key)
     return out
@@ -230,11 +230,11 @@ def _export(model, folder: Path, args: argparse.Namespace) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help (0) or a usage error (2)
-        return exc.code if isinstance(exc.code, int) else 2
+    return run_cli(PROG, lambda: _parser().parse_args(argv), _main,
+                   interrupted="interrupted; run the same command again to resume")
+
+
+def _main(args: argparse.Namespace) -> int:
     logger = logging.getLogger("trex_hub")
     level = logger.level
     if args.quiet:  # retry notices are warnings; only errors remain
@@ -250,9 +250,9 @@ def _run(args: argparse.Namespace) -> int:
     from ..checkpoint import CheckpointError
     from ..hub.http import DownloadError
 
-    try:
+    with failing_on(DownloadError, CheckpointError, ModelLoadError, ValueError, OSError):
         if args.json and not (args.list or args.verify):
-            raise _Usage("--json goes with --list or --verify")
+            raise UsageError("--json goes with --list or --verify")
         names = _resolve(args.models, args.all)
         if args.list:
             rows = _listing(args.cache_dir)
@@ -265,17 +265,9 @@ def _run(args: argparse.Namespace) -> int:
         if args.verify:
             return _verify(names, args.cache_dir, args.json, args.quiet)
         if not names:
-            raise _Usage("name at least one MODEL (see --list), or use --all, --list or --verify")
+            raise UsageError("name at least one MODEL (see --list), or use --all, --list or "
+                             "--verify")
         return _download(names, args)
-    except _Usage as exc:
-        print(f"{PROG}: usage error: {exc}", file=sys.stderr)
-        return 2
-    except (DownloadError, CheckpointError, ModelLoadError, ValueError, OSError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,7 +4,8 @@
         --out results/ --seeds 0 1 2
     trex-eval report results/ --markdown table.md --csv table.csv --plot table.png
 
-Exit codes: 0 success, 1 failure (missing data, unreadable checkpoint...), 2 usage error.
+Exit codes: 0 success, 1 failure (missing data, unreadable checkpoint...), 2 usage error,
+130 interrupted (see :mod:`trex_hub.cli.common`).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 from typing import List, Optional
+
+from .common import EXIT_OK, EXIT_USAGE, UsageError, add_debug_flag, fail, failing_on, run_cli
 
 PROG = "trex-eval"
 
@@ -140,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep computed features in DIR and reuse them when the model file, "
                    "dataset, subset and image size are unchanged")
     r.add_argument("-q", "--quiet", action="store_true", help="print only the final table")
+    add_debug_flag(r)
 
     rep = sub.add_parser("report", help="aggregate result folders into tables and a plot",
                          description="Mean and std over seeds per (model, dataset), and the "
@@ -151,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "(it is always printed)")
     rep.add_argument("--csv", metavar="FILE", help="write a CSV table here")
     rep.add_argument("--plot", metavar="FILE", help="write a PNG bar plot here (matplotlib)")
+    add_debug_flag(rep)
     return parser
 
 
@@ -167,22 +172,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from ..evaluation.protocol import ProtocolConfig
     from ..evaluation.runner import DataOptions, EvalError, FeatureOptions, normalise_format, run
 
-    try:
+    with failing_on(EvalError, code=EXIT_USAGE):
         fmt = normalise_format(args.format)
-    except EvalError as exc:
-        print(f"{PROG} run: error: {exc}", file=sys.stderr)
-        return 2
     if not args.models and fmt != "features":
-        print(f"{PROG} run: error: --models is required with --format {fmt}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--models is required with --format {fmt}")
     if fmt != "fashion-mnist" and not args.data:
         what = "DIR of trex-extract outputs" if fmt == "features" else "ROOT"
-        print(f"{PROG} run: error: --format {fmt} needs --data {what}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--format {fmt} needs --data {what}")
     if args.names and len(args.names) != len(args.models):
-        print(f"{PROG} run: error: {len(args.names)} --names for {len(args.models)} --models",
-              file=sys.stderr)
-        return 2
+        raise UsageError(f"{len(args.names)} --names for {len(args.models)} --models")
     data = DataOptions(fmt, args.data, classes=args.classes, train_limit=args.train_limit,
                        test_limit=args.test_limit, subset_seed=args.subset_seed,
                        test_fraction=args.test_fraction, split_seed=args.split_seed,
@@ -200,36 +198,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
                            num_workers=args.num_workers, device=args.device,
                            cache=args.cache)
     try:
-        summary = run(args.models, data, args.out, seeds=args.seeds, protocol=cfg,
-                      features=feats, names=args.names, log=_log(args.quiet))
-    except (DatasetError, EvalError, ValueError, RuntimeError, OSError, ImportError,
-            KeyError) as exc:
-        print(f"{PROG} run: error: {exc}", file=sys.stderr)
-        return 1
+        with failing_on(DatasetError, EvalError, ValueError, RuntimeError, OSError, ImportError,
+                        KeyError):
+            summary = run(args.models, data, args.out, seeds=args.seeds, protocol=cfg,
+                          features=feats, names=args.names, log=_log(args.quiet))
     finally:
         torch.set_num_threads(old_threads)
     print(rpt.to_markdown(rpt.aggregate(summary.results)))
     _log(args.quiet)(f"{len(summary.files)} result file(s) in {args.out}")
-    return 0
+    return EXIT_OK
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from ..evaluation import report as rpt
     from ..evaluation.results import ResultsError, load_results
 
-    try:
+    with failing_on(ResultsError):
         results = load_results(args.results)
-    except ResultsError as exc:
-        print(f"{PROG} report: error: {exc}", file=sys.stderr)
-        return 1
     if not results:
-        print(f"{PROG} report: error: no trex-eval result files under "
-              f"{', '.join(args.results)}", file=sys.stderr)
-        return 1
+        fail(f"no trex-eval result files under {', '.join(args.results)}")
     rep = rpt.aggregate(results)
     md = rpt.to_markdown(rep)
     print(md)
-    try:
+    with failing_on(OSError, ImportError):
         if args.markdown:
             Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
             Path(args.markdown).write_text(md)
@@ -238,24 +229,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
             Path(args.csv).write_text(rpt.to_csv(rep))
         if args.plot:
             rpt.plot(rep, args.plot)
-    except (OSError, ImportError) as exc:
-        print(f"{PROG} report: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return EXIT_OK
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse: 0 for --help, 2 for usage errors
-        return int(exc.code or 0)
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return 2
-    if args.command == "run":
-        return _cmd_run(args)
-    return _cmd_report(args)
+
+    def body(args: argparse.Namespace) -> int:
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        return _cmd_run(args) if args.command == "run" else _cmd_report(args)
+
+    return run_cli(lambda args: f"{PROG} {args.command}", lambda: parser.parse_args(argv), body)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,14 +6,15 @@ MODEL is a registry name (``trex_star``), a checkpoint path or ``hf-hub:org/repo
 image files, folders (searched recursively) or text files listing one image per line
 (``path`` or ``path<TAB>label``). Rows follow the sorted relative paths of a folder and the
 order of a list. Next to OUT go ``<stem>.manifest.jsonl`` (one row per input: index, path,
-label, status, error) and ``<stem>.meta.json``; see :mod:`trex_hub.extract`.
+label, status, error) and ``<stem>.meta.json``; see :mod:`trex_hub.featurefile`.
 
 Runs are resumable (``--resume`` after Ctrl-C, SIGKILL or a power cut recomputes nothing that was
 committed) and scale out with torchrun::
 
     torchrun --nproc_per_node=4 -m trex_hub.cli.extract trex_star /data/images -o feats.npy
 
-Exit codes: 0 done (bad files skipped are listed in the manifest), 1 failure, 2 usage error.
+Exit codes: 0 done (bad files skipped are listed in the manifest), 1 failure, 2 usage error,
+130 interrupted (see :mod:`trex_hub.cli.common`).
 """
 from __future__ import annotations
 
@@ -23,14 +24,17 @@ import os
 import sys
 from typing import List, Optional
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+from .common import EXIT_OK, EXIT_USAGE, UsageError, add_debug_flag, failing_on, run_cli
+
+PROG = "trex-extract"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..extract import IMAGE_EXTENSIONS, PRECISIONS
+    from ..imagefiles import IMAGE_EXTENSIONS
+    from ..inference import PRECISIONS
 
     p = argparse.ArgumentParser(
-        prog="trex-extract",
+        prog=PROG,
         description="Extract t-ReX features of images into a .npy / .safetensors / .pt file "
                     "plus a manifest mapping rows back to files.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -82,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    add_debug_flag(p)
     return p
 
 
@@ -92,37 +97,46 @@ def _dist_env() -> tuple:
     return rank, world, local
 
 
+def collect(args: argparse.Namespace) -> list:
+    """The input entries of a parsed command line, in output order."""
+    from ..imagefiles import collect_inputs
+
+    return collect_inputs(args.inputs, extensions=args.extensions.split(","), labels=args.labels)
+
+
+def run_options(args: argparse.Namespace, device: str):
+    """The :class:`~trex_hub.extract_run.RunOptions` of a parsed command line."""
+    from ..extract_run import RunOptions
+
+    return RunOptions(batch_size=args.batch_size, num_workers=args.workers,
+                      preprocess=args.preprocess, normalize=args.normalize,
+                      precision=args.precision, device=device, compile=args.compile,
+                      draft=args.draft, max_pixels=args.max_pixels, chunk_size=args.chunk_size,
+                      resume=args.resume, overwrite=args.overwrite, strict=args.strict,
+                      keep_parts=args.keep_parts, progress=args.progress and not args.quiet)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.chunk_size < 1:
-        parser.error("--batch-size and --chunk-size must be >= 1")
-    if args.workers is not None and args.workers < 0:
-        parser.error("--workers must be >= 0")
+    rank, world, local_rank = _dist_env()
 
+    def parse() -> argparse.Namespace:
+        args = parser.parse_args(argv)
+        if args.batch_size < 1 or args.chunk_size < 1:
+            parser.error("--batch-size and --chunk-size must be >= 1")
+        if args.workers is not None and args.workers < 0:
+            parser.error("--workers must be >= 0")
+        return args
+
+    return run_cli(PROG, parse, lambda args: _main(args, rank, world, local_rank),
+                   interrupted="interrupted; committed chunks are kept: rerun with --resume to "
+                               "continue",
+                   suffix=f" [rank {rank}]" if world > 1 else "")
+
+
+def _device(args: argparse.Namespace, world: int, local_rank: int) -> str:
     import torch
 
-    from ..api import ModelLoadError, load
-    from ..checkpoint import CheckpointError
-    from ..extract import ExtractError, collect_inputs, output_paths
-    from ..registry import UnknownModelError
-
-    rank, world, local_rank = _dist_env()
-    quiet = args.quiet or rank != 0
-
-    def say(msg: str) -> None:
-        if not quiet:
-            print(f"trex-extract: {msg}", file=sys.stderr, flush=True)
-
-    def fail(msg: str, code: int = EXIT_FAIL) -> int:
-        print(f"trex-extract: error: {msg}" + (f" [rank {rank}]" if world > 1 else ""),
-              file=sys.stderr, flush=True)
-        return code
-
-    try:
-        output_paths(args.output)
-    except ValueError as exc:
-        return fail(str(exc), EXIT_USAGE)
     if args.device == "auto":
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     else:
@@ -130,7 +144,28 @@ def main(argv: Optional[List[str]] = None) -> int:
         if world > 1 and device == "cuda":
             device = f"cuda:{local_rank}"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        return fail(f"--device {args.device}: CUDA is not available here", EXIT_USAGE)
+        raise UsageError(f"--device {args.device}: CUDA is not available here")
+    return device
+
+
+def _main(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> int:
+    import torch
+
+    from ..api import ModelLoadError, load
+    from ..checkpoint import CheckpointError
+    from ..extract_run import ExtractError, extract_to_file
+    from ..featurefile import output_paths
+    from ..registry import UnknownModelError
+
+    quiet = args.quiet or rank != 0
+
+    def say(msg: str) -> None:
+        if not quiet:
+            print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
+
+    with failing_on(ValueError, code=EXIT_USAGE):
+        output_paths(args.output)
+    device = _device(args, world, local_rank)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.max_pixels is not None:
@@ -152,30 +187,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         barrier = dist.barrier
 
     try:
-        try:
-            entries = collect_inputs(args.inputs, extensions=args.extensions.split(","),
-                                     labels=args.labels)
-        except (FileNotFoundError, ValueError) as exc:
-            return fail(str(exc), EXIT_USAGE)
+        with failing_on(FileNotFoundError, ValueError, code=EXIT_USAGE):
+            entries = collect(args)
         if not entries:
             say("warning: no images found in the inputs")
-        try:
+        with failing_on(ModelLoadError, UnknownModelError, CheckpointError):
             model = load(args.model, projector=args.head == "projector", ema=args.ema,
                          cache_dir=args.cache_dir, progress=not quiet)
-        except (ModelLoadError, UnknownModelError, CheckpointError) as exc:
-            return fail(str(exc))
         say(f"{len(entries)} images, model {args.model} ({args.head}, {model.out_dim}-d), "
             f"device {device}, {args.precision}" + (f", {world} processes" if world > 1 else ""))
         info = {"model": args.model, "head": args.head, "arch": getattr(model, "arch", None),
                 "inputs": [os.fspath(i) for i in args.inputs], "labels": args.labels}
-        try:
-            summary = extract_to_file_cli(model, entries, args, device, rank, world, barrier,
-                                          info, say)
-        except ExtractError as exc:
-            return fail(str(exc))
-        except KeyboardInterrupt:
-            return fail("interrupted; committed chunks are kept: rerun with --resume to "
-                        "continue", 130)
+        with failing_on(ExtractError):
+            summary = extract_to_file(model, entries, args.output, run_options(args, device),
+                                      rank=rank, world_size=world, barrier=barrier, info=info,
+                                      log=say)
         if rank == 0 and summary.out is not None and summary.ok >= 0:
             rate = summary.images_per_second
             say(f"{summary.total} images -> {summary.out} [{summary.ok} x {summary.dim}], "
@@ -194,18 +220,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             if dist.is_initialized():
                 dist.destroy_process_group()
-
-
-def extract_to_file_cli(model, entries, args, device, rank, world, barrier, info, say):
-    from ..extract import extract_to_file
-
-    return extract_to_file(
-        model, entries, args.output, batch_size=args.batch_size, num_workers=args.workers,
-        preprocess=args.preprocess, normalize=args.normalize, precision=args.precision,
-        device=device, compile=args.compile, draft=args.draft, max_pixels=args.max_pixels,
-        chunk_size=args.chunk_size, resume=args.resume, overwrite=args.overwrite,
-        strict=args.strict, keep_parts=args.keep_parts, progress=args.progress and not args.quiet,
-        rank=rank, world_size=world, barrier=barrier, info=info, log=say)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,16 @@
     torchrun --nproc_per_node=4 -m trex_hub.cli.train --preset trex --data /data/imagenet ...
     trex-train export runs/trex_star/checkpoint.pth exported/trex_star
 
-Exit codes: 0 done, 1 failure (message on stderr), 2 usage error, 130 interrupted.
+Exit codes: 0 done, 1 failure (message on stderr), 2 usage error, 130 interrupted (see
+:mod:`trex_hub.cli.common`; ``TREX_HUB_DEBUG=1`` adds the traceback).
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
+
+from .common import EXIT_OK, add_debug_flag, failing_on, run_cli
 
 
 def _export_parser() -> argparse.ArgumentParser:
@@ -26,45 +29,40 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action="store_true", help="export the EMA copy instead of the "
                                                       "online network")
     p.add_argument("--name", default=None, help="model name in config.json (default: folder name)")
+    add_debug_flag(p)
     return p
 
 
-def _export(argv: List[str]) -> int:
+def _export(args: argparse.Namespace) -> int:
     from ..checkpoint import CheckpointError
     from ..train.export import export_checkpoint
 
-    args = _export_parser().parse_args(argv)
-    try:
+    with failing_on(CheckpointError):
         out = export_checkpoint(args.checkpoint, args.output, ema=args.ema, name=args.name)
-    except CheckpointError as exc:
-        print(f"trex-train export: error: {exc}", file=sys.stderr)
-        return 1
     print(out)
-    return 0
+    return EXIT_OK
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ..train.loop import TrainingError, train
+
+    with failing_on(TrainingError):
+        train(args)
+    return EXIT_OK
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if argv and argv[0] == "export":
-            return _export(argv[1:])
+    if argv and argv[0] == "export":
+        return run_cli("trex-train export", lambda: _export_parser().parse_args(argv[1:]),
+                       _export)
+
+    def parse() -> argparse.Namespace:
         from ..train.config import parse_args
 
-        args = parse_args(argv)
-    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
-        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+        return parse_args(argv)
 
-    from ..train.loop import TrainingError, train
-
-    try:
-        train(args)
-    except TrainingError as exc:
-        print(f"trex-train: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("trex-train: interrupted; continue with --resume", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli("trex-train", parse, _train, interrupted="interrupted; continue with --resume")
 
 
 if __name__ == "__main__":

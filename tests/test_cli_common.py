@@ -1,0 +1,111 @@
+"""The error convention of the four CLIs: one line on stderr, exit 1 / 2 / 130, --debug."""
+import argparse
+
+import pytest
+
+from trex_hub.cli import common
+from trex_hub.cli import download as download_cli
+from trex_hub.cli import eval as eval_cli
+from trex_hub.cli import extract as extract_cli
+from trex_hub.cli import train as train_cli
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="prog")
+    p.add_argument("--n", type=int, default=0)
+    common.add_debug_flag(p)
+    return p
+
+
+def run(argv, body, **kw):
+    return common.run_cli("prog", lambda: parser().parse_args(argv), body, **kw)
+
+
+def lines(text):
+    return text.strip().splitlines()
+
+
+def test_failures_usage_errors_and_ctrl_c(capsys):
+    assert run([], lambda a: 0) == 0 and capsys.readouterr().err == ""
+    assert run(["--n", "3"], lambda a: a.n) == 3
+
+    def broken(args):
+        with common.failing_on(KeyError, LookupError):
+            raise KeyError("'x' is missing; pass --x")
+
+    assert run([], broken) == 1
+    assert lines(capsys.readouterr().err) == ["prog: error: \"'x' is missing; pass --x\""]
+    assert run([], lambda a: common.fail("no model named m; see --list")) == 1
+    assert lines(capsys.readouterr().err) == ["prog: error: no model named m; see --list"]
+
+    def usage(args):
+        raise common.UsageError("--a goes with --b")
+
+    assert run([], usage, suffix=" [rank 1]") == 2
+    assert lines(capsys.readouterr().err) == ["prog: error: --a goes with --b [rank 1]"]
+
+    def ctrl_c(args):
+        raise KeyboardInterrupt
+
+    assert run([], ctrl_c, interrupted="interrupted; rerun with --resume") == 130
+    assert lines(capsys.readouterr().err) == ["prog: interrupted; rerun with --resume"]
+
+
+def test_argparse_exits_become_codes(capsys):
+    assert run(["--n", "x"], lambda a: 0) == 2
+    assert "invalid int value" in capsys.readouterr().err
+    assert run(["--help"], lambda a: 0) == 0
+    assert common.run_cli("prog", lambda: (_ for _ in ()).throw(SystemExit("bad setting")),
+                          lambda a: 0) == 2
+    assert lines(capsys.readouterr().err) == ["bad setting"]
+
+
+def test_other_errors_are_not_hidden():
+    def bug(args):
+        raise ZeroDivisionError("a bug, not a user error")
+
+    with pytest.raises(ZeroDivisionError):
+        run([], bug)
+
+
+def test_debug_flag_and_env_show_the_traceback(capsys, monkeypatch):
+    def broken(args):
+        with common.failing_on(OSError):
+            open("/nonexistent/dir/file")
+
+    assert run([], broken) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(lines(err)) == 1
+    assert run(["--debug"], broken) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "FileNotFoundError" in err
+    assert lines(err)[-1].startswith("prog: error: [Errno 2]")
+    monkeypatch.setenv(common.DEBUG_ENV, "1")
+    assert run([], broken) == 1 and "Traceback" in capsys.readouterr().err
+
+
+def test_all_four_clis_use_it(tmp_path, capsys, monkeypatch):
+    """Each program: a usage error is one line and 2; Ctrl-C is one line and 130."""
+    import trex_hub.api
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    cases = [
+        (download_cli.main, ["trex", "--json"], "trex-download: error: --json goes with"),
+        (extract_cli.main, ["m", str(tmp_path), "-o", str(tmp_path / "f.csv")],
+         "trex-extract: error: output"),
+        (eval_cli.main, ["run", "--format", "imagefolder", "--out", str(tmp_path), "--models",
+                         "m"], "trex-eval run: error: --format imagefolder needs --data ROOT"),
+        (train_cli.main, ["export", str(tmp_path / "missing.pth"), str(tmp_path / "o")],
+         "trex-train export: error: "),
+    ]
+    for main, argv, start in cases:
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == (1 if main is train_cli.main else 2), err
+        assert len(lines(err)) == 1 and err.startswith(start), err
+    monkeypatch.setattr(trex_hub.api, "load", interrupted)
+    assert extract_cli.main(["m", str(tmp_path), "-o", str(tmp_path / "f.npy"), "-q"]) == 130
+    assert lines(capsys.readouterr().err) == [
+        "trex-extract: interrupted; committed chunks are kept: rerun with --resume to continue"]

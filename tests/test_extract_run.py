@@ -1,0 +1,140 @@
+"""The features file and the resumable run behind trex-extract: formats, chunks, options."""
+import json
+
+import factories as fx
+import numpy as np
+import pytest
+from PIL import Image
+
+import trex_hub
+from trex_hub import extract_run
+from trex_hub.extract_run import RunOptions, extract_to_file
+from trex_hub.featurefile import ExtractError, read_features
+from trex_hub.imagefiles import collect_inputs
+from test_extract import photos, rel_err
+
+
+@pytest.fixture(scope="module")
+def r18_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "r18.pth"
+    fx.write_backbone_file(path, arch="resnet18", seed=4)
+    return path
+
+
+def test_read_features_all_formats(r18_path, tmp_path):
+    model = trex_hub.load(r18_path)
+    folder = tmp_path / "imgs"
+    (folder / "a").mkdir(parents=True)
+    for i, a in enumerate(photos(3)):
+        Image.fromarray(a).save(folder / "a" / f"{i}.png")
+    (folder / "a" / "zz_bad.jpg").write_bytes(b"")
+    entries = collect_inputs([folder], labels="folder")
+    results = {}
+    for fmt in (".npy", ".safetensors", ".pt"):
+        s = extract_to_file(model, entries, tmp_path / f"f{fmt}", batch_size=2, chunk_size=2)
+        assert (s.ok, s.failed, s.total) == (3, 1, 4)
+        assert not (tmp_path / f"f{fmt}.parts").exists()
+        results[fmt] = read_features(tmp_path / f"f{fmt}")
+    feats, rows = results[".npy"]
+    assert feats.dtype == np.float32 and feats.shape == (3, 512)
+    assert [r["path"] for r in rows] == ["a/0.png", "a/1.png", "a/2.png", "a/zz_bad.jpg"]
+    assert [r["index"] for r in rows] == [0, 1, 2, None]
+    assert rows[3]["status"] == "failed" and "empty file" in rows[3]["error"]
+    assert all(r["label"] == "a" for r in rows)
+    for fmt in (".safetensors", ".pt"):
+        assert np.array_equal(results[fmt][0], feats) and results[fmt][1] == rows
+    from safetensors.numpy import load_file
+
+    assert np.array_equal(load_file(str(tmp_path / "f.safetensors"))["features"], feats)
+    want = model.extract([folder / "a" / f"{i}.png" for i in range(3)]).numpy()
+    assert rel_err(feats, want) < 1e-5
+
+
+def test_chunks_are_committed_while_running(r18_path, tmp_path, monkeypatch):
+    """Memory stays flat: chunk files appear before the run ends."""
+    model = trex_hub.load(r18_path)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, a in enumerate(photos(6, (40, 40))):
+        Image.fromarray(a).save(folder / f"{i}.png")
+    entries = collect_inputs([folder])
+    seen = []
+    real_write = extract_run.write_chunk
+
+    def spy(parts, k, feats, rows):
+        seen.append((k, feats.shape[0], sorted(p.name for p in parts.glob("chunk-*.jsonl"))))
+        real_write(parts, k, feats, rows)
+
+    monkeypatch.setattr(extract_run, "write_chunk", spy)
+    extract_to_file(model, entries, tmp_path / "o.npy", batch_size=2, chunk_size=2,
+                    normalize=True, num_workers=2)
+    assert [(k, n) for k, n, _ in seen] == [(0, 2), (1, 2), (2, 2)]
+    assert seen[2][2] == ["chunk-00000000.jsonl", "chunk-00000001.jsonl"]
+    feats, _ = read_features(tmp_path / "o.npy")
+    assert np.allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-6)
+
+
+def _folder(tmp_path, n=7):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, a in enumerate(photos(n, (32, 32), seed=3)):
+        Image.fromarray(a).save(folder / f"{i}.png")
+    (folder / "3.png").write_bytes(b"")  # one failure, inside the second chunk
+    return collect_inputs([folder])
+
+
+def test_options_object_and_keywords_are_one_thing(r18_path, tmp_path):
+    model = trex_hub.load(r18_path)
+    entries = _folder(tmp_path)
+    opts = RunOptions(batch_size=2, chunk_size=3, num_workers=0)
+    a = extract_to_file(model, entries, tmp_path / "a.npy", opts)
+    b = extract_to_file(model, entries, tmp_path / "b.npy", batch_size=2, chunk_size=3,
+                        num_workers=0)
+    assert (a.ok, a.failed) == (b.ok, b.failed) == (6, 1)
+    assert (tmp_path / "a.npy").read_bytes() == (tmp_path / "b.npy").read_bytes()
+    with pytest.raises(TypeError):
+        extract_to_file(model, entries, tmp_path / "c.npy", opts, no_such_option=1)
+    with pytest.raises(ValueError, match="chunk_size"):
+        extract_to_file(model, entries, tmp_path / "c.npy", opts, chunk_size=0)
+
+
+def test_plan_resumes_only_the_chunks_not_committed(r18_path, tmp_path):
+    model = trex_hub.load(r18_path)
+    entries = _folder(tmp_path)
+    out = tmp_path / "f.npy"
+    opts = RunOptions(batch_size=2, chunk_size=3, num_workers=0, keep_parts=True)
+    extract_to_file(model, entries, out, opts)
+    reference = out.read_bytes(), (tmp_path / "f.manifest.jsonl").read_text()
+    # as if killed while computing chunk 1 of 0..3 (chunk_size rounds up to 4: chunks 0 and 1)
+    parts = tmp_path / "f.npy.parts"
+    assert json.loads((parts / "state.json").read_text())["chunk_size"] == 4
+    (parts / "chunk-00000001.jsonl").unlink()
+    for p in (out, tmp_path / "f.manifest.jsonl", tmp_path / "f.meta.json"):
+        p.unlink()
+    plan = extract_run.plan_run(model, entries, out, RunOptions(batch_size=2, chunk_size=3,
+                                                                 resume=True))
+    assert (plan.n_chunks, plan.mine, plan.batch_size) == (2, [1], 2)
+    assert [list(g) for g in plan.batches(len(entries))] == [[4, 5], [6]]
+    with pytest.raises(ExtractError, match="unfinished run"):
+        extract_to_file(model, entries, out, opts, keep_parts=False)
+    s = extract_to_file(model, entries, out, opts, resume=True, keep_parts=False)
+    assert s.computed == 3 and (s.ok, s.failed) == (6, 1)
+    assert (out.read_bytes(), (tmp_path / "f.manifest.jsonl").read_text()) == reference
+    assert not parts.exists()
+
+
+def test_steps_shard_chunks_across_ranks(r18_path, tmp_path):
+    """Two ranks driven step by step in one process give the single-process file."""
+    model = trex_hub.load(r18_path)
+    entries = _folder(tmp_path, n=9)
+    opts = RunOptions(batch_size=2, chunk_size=2, num_workers=0)
+    extract_to_file(model, entries, tmp_path / "one.npy", opts)
+    out = tmp_path / "two.npy"
+    shards = [extract_run.Shard(rank, 2) for rank in (0, 1)]
+    plans = [extract_run.plan_run(model, entries, out, opts, shard) for shard in shards]
+    assert [p.mine for p in plans] == [[0, 2, 4], [1, 3]]
+    dims = [extract_run.run_chunks(model, entries, p, opts, s)[2] for p, s in zip(plans, shards)]
+    assert dims == [512, 512]
+    assert extract_run.finish_run(plans[0], opts, 512, len(entries), 2) == (8, 1)
+    assert out.read_bytes() == (tmp_path / "one.npy").read_bytes()
+    assert json.loads((tmp_path / "two.meta.json").read_text())["world_size"] == 2

@@ -1,0 +1,109 @@
+"""The error convention shared by trex-download, trex-extract, trex-eval and trex-train.
+
+A program ends with an exit code and, when something went wrong, one line on stderr that names
+the problem and the fix:
+
+    PROG: error: <what and how to fix it>       exit 1 (failure) or 2 (usage error)
+    PROG: interrupted; <how to continue>        exit 130 (Ctrl-C)
+
+argparse's own usage errors keep argparse's message and exit 2; ``--help`` exits 0. With
+``--debug`` (or ``TREX_HUB_DEBUG=1`` in the environment) the traceback is printed above that line.
+
+A program's ``main`` is ``run_cli(prog, parse, body)``; inside ``body`` a problem is raised as a
+:class:`CliError` / :class:`UsageError`, or library errors are turned into one with
+``with failing_on(SomeError, ...):``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from contextlib import contextmanager
+from typing import Callable, Iterator, NoReturn, Union
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEBUG_ENV = "TREX_HUB_DEBUG"
+
+
+class CliError(Exception):
+    """Stops a program with ``PROG: error: <message>`` and exit code ``code``."""
+
+    code = EXIT_FAIL
+
+    def __init__(self, message: str, code: Union[int, None] = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class UsageError(CliError):
+    """The command line asks for something impossible (exit 2)."""
+
+    code = EXIT_USAGE
+
+
+def fail(message: str, code: int = EXIT_FAIL) -> NoReturn:
+    raise CliError(message, code)
+
+
+@contextmanager
+def failing_on(*errors: type, code: int = EXIT_FAIL) -> Iterator[None]:
+    """Turn the ``errors`` raised inside the block into a :class:`CliError` with ``code``."""
+    try:
+        yield
+    except errors as exc:
+        raise CliError(str(exc), code) from exc
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true",
+                        help=f"on an error, also print the traceback (or set {DEBUG_ENV}=1)")
+
+
+def _debug_wanted(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _exit_code(exc: SystemExit) -> int:
+    """argparse's exit: 0 for --help, 2 for a usage error (already printed)."""
+    if exc.code is None or isinstance(exc.code, int):
+        return int(exc.code or 0)
+    print(exc.code, file=sys.stderr, flush=True)  # sys.exit("message") style
+    return EXIT_USAGE
+
+
+def run_cli(prog: Union[str, Callable[[argparse.Namespace], str]],
+            parse: Callable[[], argparse.Namespace],
+            body: Callable[[argparse.Namespace], int], *,
+            interrupted: str = "interrupted", suffix: str = "") -> int:
+    """Parse the command line, run ``body(args)`` and return its exit code; a
+    :class:`CliError` or Ctrl-C becomes one line on stderr and 1/2/130.
+
+    ``prog`` is the name that starts the line (a function of the parsed arguments for programs
+    with sub-commands), ``interrupted`` what to say after Ctrl-C, ``suffix`` what to add to every
+    such line (e.g. the torchrun rank).
+    """
+    try:
+        args = parse()
+    except SystemExit as exc:
+        return _exit_code(exc)
+    name = prog(args) if callable(prog) else prog
+    try:
+        return int(body(args))
+    except CliError as exc:
+        code, line = exc.code, f"error: {exc}"
+        if _debug_wanted(args):
+            traceback.print_exc()
+    except KeyboardInterrupt:
+        code, line = EXIT_INTERRUPTED, interrupted
+        if _debug_wanted(args):
+            traceback.print_exc()
+    except SystemExit as exc:  # parser.error() called by the body
+        return _exit_code(exc)
+    print(f"{name}: {line}{suffix}", file=sys.stderr, flush=True)
+    return code
+
+
+__all__ = ["EXIT_OK", "EXIT_FAIL", "EXIT_USAGE", "EXIT_INTERRUPTED", "CliError", "UsageError",
+           "fail", "failing_on", "add_debug_flag", "run_cli"]
