@@ -18,7 +18,7 @@ from .checkpoint import Checkpoint, CheckpointError, build_model, read_checkpoin
 from .fileio import PathLike
 from .hub import cache, hf
 from .model import TReX
-from .resolve import HUB, RELEASE, ModelLoadError, WeightsSource
+from .resolve import HUB, LOCAL, RELEASE, ModelLoadError, WeightsSource
 
 
 def _check_arch(entry: registry.ModelEntry, ckpt: Checkpoint, where: str) -> None:
@@ -123,7 +123,7 @@ def read_architecture(src: WeightsSource, *, ema: bool = False,
 
 
 def _model_name(src: WeightsSource, config: Dict[str, Any]) -> str:
-    return src.name if src.kind != "local" else (config.get("name") or src.name)
+    return src.name if src.kind != LOCAL else (config.get("name") or src.name)
 
 
 def build(src: WeightsSource, *, projector: bool = False, pretrained: bool = True,
