@@ -84,7 +84,8 @@ def test_separable_features_reach_99_percent():
     assert res["sizes"] == {"trainval": 80, "train": 64, "val": 16, "test": 100,
                             "num_classes": 4, "feature_dim": 16}
     assert res["settings"]["features"] == "raw" and res["settings"]["max_iter"] == 2000
-    assert res["log_odds"] == pytest.approx(metrics.log_odds(res["top1"]))
+    assert res["log_odds"] == pytest.approx(metrics.log_odds(res["top1"], 100))
+    assert res["mean_per_class"] >= 99.0 and res["settings"]["split"] == "published"
 
 
 def test_shuffled_labels_stay_at_chance():
@@ -170,9 +171,22 @@ def test_topk_and_log_odds_by_hand():
     # mean over datasets of log(p / (1 - p)), p = top-1 / 100
     hand = (math.log(0.9 / 0.1) + math.log(0.25 / 0.75) + math.log(0.6 / 0.4)) / 3
     assert metrics.mean_log_odds([90.0, 25.0, 60.0]) == pytest.approx(hand)
-    assert math.isfinite(metrics.log_odds(100.0)) and metrics.log_odds(100.0) > 13
+    # 0 and 100 % are clipped to half a test image from the edge: p in [0.5/n, 1 - 0.5/n]
+    assert metrics.log_odds(100.0, n_test=200) == pytest.approx(math.log(0.9975 / 0.0025))
+    assert metrics.log_odds(0.0, n_test=200) == pytest.approx(-math.log(0.9975 / 0.0025))
+    assert metrics.log_odds(99.5, n_test=200) == pytest.approx(math.log(0.995 / 0.005))
+    assert metrics.log_odds(100.0) == pytest.approx(math.log((1 - 5e-5) / 5e-5))
+    assert metrics.log_odds_clipped(100.0, 200) and not metrics.log_odds_clipped(99.5, 200)
     with pytest.raises(ValueError):
         metrics.log_odds(101.0)
+
+
+def test_mean_per_class_accuracy_by_hand():
+    # class 0: 3 of 4 right, class 1: 0 of 1, class 2: 1 of 1 -> (75 + 0 + 100) / 3
+    scores = np.eye(3)[[0, 0, 0, 1, 0, 2]]
+    labels = np.array([0, 0, 0, 0, 1, 2])
+    assert metrics.mean_per_class_accuracy(scores, labels) == pytest.approx(175 / 3)
+    assert metrics.topk_accuracy(scores, labels) == pytest.approx(400 / 6)
 
 
 # ---- results and report --------------------------------------------------------------------------

@@ -87,7 +87,12 @@ def thread_pools() -> List[Dict[str, Any]]:
         from threadpoolctl import threadpool_info
     except ImportError:  # pragma: no cover
         return []
-    return [{"api": i.get("internal_api"), "prefix": i.get("prefix"),
+    import os
+
+    def where(path: str) -> str:  # e.g. "scipy.libs/libscipy_openblas-....so"
+        return os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
+
+    return [{"api": i.get("internal_api"), "library": where(i.get("filepath") or ""),
              "version": i.get("version"), "num_threads": i.get("num_threads")}
             for i in threadpool_info()]
 
