@@ -206,7 +206,7 @@ def to_markdown(rep: Report) -> str:
                          f"{_fmt(c.top1_mean, c.top1_std, several)} | "
                          f"{_fmt(c.top5_mean, c.top5_std, several)} | "
                          f"{_fmt(c.mpc_mean, c.mpc_std, several)} | {c.probe} |")
-    return "\n".join(lines) + "\n\n" + "\n".join(_notes(rep, n_sets)) + "\n"
+    return "\n".join(lines) + "\n\n" + "\n\n".join(_notes(rep, n_sets)) + "\n"
 
 
 CSV_FIELDS = ["model", "dataset", "n_seeds", "seeds", "probe", "top1_mean", "top1_std",
