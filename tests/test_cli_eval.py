@@ -54,12 +54,14 @@ def test_help_documents_every_option(capsys):
                 "--classes", "--train-limit", "--test-limit", "--subset-seed",
                 "--test-fraction", "--split-seed", "--seeds", "--trials", "--probe", "--search",
                 "--max-iter", "--probe-dtype", "--epochs", "--sgd-batch-size", "--device", "--batch-size",
-                "--image-size", "--num-workers", "--threads", "--cache", "--quiet", "imagefolder", "fashion-mnist",
+                "--image-size", "--num-workers", "--threads", "--cache", "--quiet", "--split",
+                "published", "trex_hub", "--no-progress", "imagefolder", "fashion-mnist",
                 "features", "random:NAME", "[1e-5, 1e6]"):
         assert opt in out, opt
     code, out, _ = run_cli(["report", "--help"], capsys)
     assert code == 0
-    for opt in ("--markdown", "--csv", "--plot", "RESULTS_DIR", "log(p / (1 - p))"):
+    for opt in ("--markdown", "--csv", "--plot", "RESULTS_DIR", "log(p / (1 - p))",
+                "--include-in1k", "ImageNet-1K left out"):
         assert opt in out, opt
     code, out, _ = run_cli(["--help"], capsys)
     assert code == 0 and "run" in out and "report" in out
@@ -100,6 +102,11 @@ def test_end_to_end_two_models_two_seeds_then_report(tmp_path, r18_ckpt, image_f
     assert res["features"]["image_size"] == 32 and res["features"]["arch"] == "resnet18"
     assert res["class_names"] == ["a", "b", "c"] and res["search"]["trials"] == 3
     assert "| generated |" in md and "| random |" in md
+    # what the numbers depend on travels with them
+    assert res["settings"]["split"] == "published" and res["settings"]["dtype"] == "float32"
+    assert res["runtime"]["threads"] == 1 and res["runtime"]["precision"] == "float32"
+    assert {"numpy", "scipy", "scikit-learn", "torch"} <= set(res["versions"])
+    assert 0.0 <= res["mean_per_class"] <= 100.0
 
     code, md, err = run_cli(["report", out, "--markdown", tmp_path / "r.md", "--csv",
                              tmp_path / "r.csv", "--plot", tmp_path / "r.png"], capsys)
@@ -223,3 +230,68 @@ def test_features_format_several_models(tmp_path, r18_ckpt, image_folder, capsys
     code, _, err = run_cli(["run", "--format", "features", "--data", tmp_path / "many",
                             "--models", "m1", "m3", "--out", tmp_path / "res2"], capsys)
     assert code == 1 and "m3" in err
+
+
+def test_split_option_results_and_report_warns_when_mixed(tmp_path, r18_ckpt, image_folder,
+                                                          capsys):
+    from trex_hub.cli import extract as extract_cli
+
+    feats = tmp_path / "feats"
+    for split in ("train", "test"):
+        assert extract_cli.main([str(r18_ckpt), str(image_folder / split), "-o",
+                                 str(feats / f"{split}.npy"), "--labels", "folder", "-j", "0",
+                                 "--threads", "1", "--no-progress", "-q"]) == 0
+    base = ["run", "--format", "features", "--data", feats, "--trials", 2, "--search", "grid",
+            "--threads", 1, "-q"]
+    for rule in ("published", "trex_hub"):
+        code, _, err = run_cli(base + ["--split", rule, "--out", tmp_path / rule,
+                                       "--dataset-name", f"colours-{rule}"], capsys)
+        assert code == 0, err
+        (f,) = list((tmp_path / rule).glob("*.json"))
+        assert json.loads(f.read_text())["settings"]["split"] == rule
+    code, _, err = run_cli(base + ["--split", "random", "--out", tmp_path / "x"], capsys)
+    assert code == 2
+    code, md, err = run_cli(["report", tmp_path / "published", tmp_path / "trex_hub"], capsys)
+    assert code == 0
+    warn = [line for line in err.splitlines() if "warning" in line]
+    assert len(warn) == 1 and "split: published, trex_hub" in warn[0]
+    assert "mix runs with different settings" in md
+    code, md, err = run_cli(["report", tmp_path / "published"], capsys)
+    assert code == 0 and "warning" not in err
+
+
+@pytest.mark.parametrize("tty,extra,expected", [
+    (False, [], False),                # not a terminal: no bars, as trex-extract's downloads
+    (True, [], True),
+    (True, ["--no-progress"], False),  # asked off
+    (True, ["-q"], False),
+])
+def test_progress_bars_only_on_a_terminal_and_when_asked(monkeypatch, capsys, tty, extra,
+                                                         expected):
+    from trex_hub.evaluation import runner
+
+    seen = {}
+
+    def fake_run(models, data, out, **kw):
+        seen.update(kw)
+        one = make_result("m", "d", {"probe": "logreg", "top1": 50.0, "top5": 90.0, "seed": 0})
+        return runner.RunSummary(results=[one])
+
+    from trex_hub.evaluation.results import make_result
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty, raising=False)
+    code = cli.main(["run", "--format", "features", "--data", ".", "--out", "o"] + extra)
+    capsys.readouterr()
+    assert code == 0 and seen["progress"] is expected
+
+
+def test_progress_bars_show_trials_and_features(tmp_path, r18_ckpt, image_folder, capsys,
+                                                monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    code, _, err = run_cli(["run", "--models", r18_ckpt, "--format", "imagefolder", "--data",
+                            image_folder, "--out", tmp_path / "res", "--trials", 2,
+                            "--search", "grid", "--image-size", 32, "--threads", 1], capsys)
+    assert code == 0, err
+    assert "features colours trainval" in err and "img" in err
+    assert "probe tiny_r18 seed 0" in err and "3/3" in err  # 2 trials + the refit

@@ -84,7 +84,8 @@ def test_separable_features_reach_99_percent():
     assert res["sizes"] == {"trainval": 80, "train": 64, "val": 16, "test": 100,
                             "num_classes": 4, "feature_dim": 16}
     assert res["settings"]["features"] == "raw" and res["settings"]["max_iter"] == 2000
-    assert res["log_odds"] == pytest.approx(metrics.log_odds(res["top1"]))
+    assert res["log_odds"] == pytest.approx(metrics.log_odds(res["top1"], 100))
+    assert res["mean_per_class"] >= 99.0 and res["settings"]["split"] == "published"
 
 
 def test_shuffled_labels_stay_at_chance():
@@ -170,9 +171,22 @@ def test_topk_and_log_odds_by_hand():
     # mean over datasets of log(p / (1 - p)), p = top-1 / 100
     hand = (math.log(0.9 / 0.1) + math.log(0.25 / 0.75) + math.log(0.6 / 0.4)) / 3
     assert metrics.mean_log_odds([90.0, 25.0, 60.0]) == pytest.approx(hand)
-    assert math.isfinite(metrics.log_odds(100.0)) and metrics.log_odds(100.0) > 13
+    # 0 and 100 % are clipped to half a test image from the edge: p in [0.5/n, 1 - 0.5/n]
+    assert metrics.log_odds(100.0, n_test=200) == pytest.approx(math.log(0.9975 / 0.0025))
+    assert metrics.log_odds(0.0, n_test=200) == pytest.approx(-math.log(0.9975 / 0.0025))
+    assert metrics.log_odds(99.5, n_test=200) == pytest.approx(math.log(0.995 / 0.005))
+    assert metrics.log_odds(100.0) == pytest.approx(math.log((1 - 5e-5) / 5e-5))
+    assert metrics.log_odds_clipped(100.0, 200) and not metrics.log_odds_clipped(99.5, 200)
     with pytest.raises(ValueError):
         metrics.log_odds(101.0)
+
+
+def test_mean_per_class_accuracy_by_hand():
+    # class 0: 3 of 4 right, class 1: 0 of 1, class 2: 1 of 1 -> (75 + 0 + 100) / 3
+    scores = np.eye(3)[[0, 0, 0, 1, 0, 2]]
+    labels = np.array([0, 0, 0, 0, 1, 2])
+    assert metrics.mean_per_class_accuracy(scores, labels) == pytest.approx(175 / 3)
+    assert metrics.topk_accuracy(scores, labels) == pytest.approx(400 / 6)
 
 
 # ---- results and report --------------------------------------------------------------------------
@@ -235,3 +249,86 @@ def test_probe_precision_setting():
     assert all("n_iter" in t and "converged" in t for t in res["search"]["history"])
     with pytest.raises(ValueError, match="dtype"):
         evaluate_features(x, y, x, y, config=ProtocolConfig(dtype="float16"), seed=0)
+
+
+def test_report_leaves_in1k_out_of_the_mean_log_odds_as_published():
+    res = [fake("m", "IN-1K", 0, 76.0), fake("m", "pets", 0, 90.0), fake("m", "dtd", 0, 70.0)]
+    rep = report.aggregate(res)
+    hand = (math.log(0.9 / 0.1) + math.log(0.7 / 0.3)) / 2
+    assert rep.excluded == ["IN-1K"] and rep.mean_log_odds["m"] == pytest.approx(hand)
+    assert rep.n_datasets["m"] == 2
+    md = report.to_markdown(rep)
+    assert "IN-1K (ImageNet-1K) left out as in the published aggregation" in md
+    assert "(2 of 2 sets)" not in md and "76.00" in md  # still shown in the table
+    rows = {r["dataset"]: r for r in csv.DictReader(report.to_csv(rep).splitlines())}
+    assert rows["IN-1K"]["in_mean_log_odds"] == "0" and rows["pets"]["in_mean_log_odds"] == "1"
+    both = report.aggregate(res, include_in1k=True)
+    assert both.excluded == [] and both.mean_log_odds["m"] == pytest.approx(
+        (hand * 2 + math.log(0.76 / 0.24)) / 3)
+    assert "ImageNet-1K included" in report.to_markdown(both)
+    for name in ("in1k", "imagenet-1k", "ImageNet_1K", "ILSVRC-2012", "imagenet"):
+        assert report.is_in1k(name), name
+    for name in ("inat2018", "cog_l1", "imagenette", "in1k-subset"):
+        assert not report.is_in1k(name), name
+    only = report.aggregate([fake("m", "in1k", 0, 70.0)])
+    assert math.isnan(only.mean_log_odds["m"]) and "| - |" in report.to_markdown(only)
+
+
+def sized(model, dataset, seed, top1, n_test, **settings):
+    r = fake(model, dataset, seed, top1)
+    r["sizes"] = {"test": n_test}
+    r["mean_per_class"] = top1 - 1.0
+    r["settings"] = {"dtype": "float32", "threads": 1, "split": "published", "search": "grid",
+                     "trials": 30, **settings}
+    return r
+
+
+def test_report_clips_a_perfect_score_and_says_so():
+    rep = report.aggregate([sized("m", "eurosat", 0, 100.0, 400),
+                            sized("m", "dtd", 0, 50.0, 400)])
+    cell = rep.cell("m", "eurosat")
+    assert cell.clipped and cell.log_odds == pytest.approx(math.log(799.0))  # p = 1 - 1/800
+    assert rep.mean_log_odds["m"] == pytest.approx(math.log(799.0) / 2)
+    md = report.to_markdown(rep)
+    assert "100.00 †" in md and "m/eurosat" in md and "half a test image" in md
+    assert "| m | eurosat | 1 | 100.00 | 99.00 | 99.00 | logreg |" in md  # top-5, per-class
+
+
+def test_report_warns_when_settings_differ():
+    same = [sized("m", "a", 0, 60.0, 100), sized("m", "b", 0, 70.0, 100)]
+    assert report.mixed_settings(same) == {} and report.mixed_warning(report.aggregate(same)) \
+        is None
+    mixed = [sized("m", "a", 0, 60.0, 100), sized("m", "a", 1, 61.0, 100, threads=None),
+             sized("m", "b", 0, 70.0, 100, dtype="float64")]
+    mixed[0]["versions"]["scikit-learn"] = "0.0.1"
+    old = fake("m", "b", 1, 71.0)
+    old["settings"] = {"dtype": "float32", "threads": 1, "search": "grid", "trials": 30}
+    rep = report.aggregate(mixed + [old])
+    assert set(rep.mixed) == {"threads", "precision", "scikit-learn", "split"}
+    assert rep.mixed["split"] == ["published", "trex_hub"]  # no "split": the old rule
+    line = report.mixed_warning(rep)
+    assert "\n" not in line and "threads: 1, None" in line and "precision" in line
+    assert "Warning: these results mix runs with different settings" in report.to_markdown(rep)
+
+
+def test_plot_legend_never_covers_a_bar(tmp_path):
+    res = [fake(m, d, 0, t) for m in ("a-long-model-name", "b", "c", "d", "e")
+           for d, t in (("pets", 99.0), ("dtd", 97.0), ("cars", 98.5))]
+    rep = report.aggregate(res)
+    fig, ax1, ax2 = report.figure(rep)
+    fig.canvas.draw()
+    legend = fig.legends[0].get_window_extent()
+    assert len(fig.legends) == 1 and ax1.get_legend() is None
+    for ax in (ax1, ax2):
+        assert not legend.overlaps(ax.get_window_extent())
+        for patch in ax.patches:
+            assert not legend.overlaps(patch.get_window_extent())
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    out = report.plot(rep, tmp_path / "bars.png")
+    from PIL import Image
+
+    with Image.open(out) as im:  # saved with bbox_inches="tight": the legend is in the image
+        w, h = im.size
+    assert h > 4 * 120 * 0.9 and w > 100

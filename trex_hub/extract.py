@@ -23,9 +23,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# read_features lived here until the feature-file format got its own module; evaluation/runner.py
-# still imports it from this one
-from .featurefile import read_features  # noqa: F401
 from .inference import PRECISIONS, InferenceModel, prepare
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .transforms import Decoder, ImageLoadError, build_transform, preset_geometry

@@ -36,12 +36,15 @@ folders), hf-hub:org/repo, or random:NAME for NAME's architecture with random we
 with torch seed 0, so the same in every run).
 
 protocol (TREX_SPEC section 4): trainval is split 80/20 per class (>= 1 val image, seeded by the
-seed); the probe's hyper-parameters are searched log-uniformly on that split over --trials trials
-(Optuna TPE when installed, else a log grid); the probe is refitted on all of trainval and scored
-on test. logreg: raw features, L-BFGS multinomial logistic regression, C in [1e-5, 1e6], at most
---max-iter iterations. sgd: L2-normalised features, linear layer with bias, SGD momentum 0.9,
-batch --sgd-batch-size, cosine schedule over --epochs epochs, lr in [0.1, 100], weight decay in
-[1e-12, 1e-4]. One result JSON per (model, dataset, seed) is written to --out.
+seed; --split published draws it as the authors' code does, so a seed picks the same validation
+images); the probe's hyper-parameters are searched log-uniformly on that split over --trials
+trials (Optuna TPE when installed, else a log grid); the probe is refitted on all of trainval and
+scored on test (top-1, top-5, mean per-class accuracy). logreg: raw features, L-BFGS multinomial
+logistic regression, C in [1e-5, 1e6], at most --max-iter iterations. sgd: L2-normalised
+features, linear layer with bias, SGD momentum 0.9, batch --sgd-batch-size, cosine schedule
+stepped per epoch over --epochs epochs, lr in [0.1, 100], weight decay in [1e-12, 1e-4]. One
+result JSON per (model, dataset, seed) is written to --out, with the precision, threads and
+library versions it ran with.
 """
 
 
@@ -106,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of that train/test split (default 0)")
 
     p = r.add_argument_group("protocol")
+    p.add_argument("--split", choices=("published", "trex_hub"), default="published",
+                   help="validation split rule: published (the authors' code: Python "
+                   "random.seed(seed), per-class shuffle, the last int(0.2 n) >= 1 to val; "
+                   "default) or trex_hub (numpy default_rng, floor(0.2 n + 0.5); older results)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED",
                    help="one evaluation per seed: validation split, search and SGD init "
                    "(default 0)")
@@ -144,11 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "dataset, subset and image size are unchanged")
     r.add_argument("-q", "--quiet", action="store_true", help="print only the final table")
     add_debug_flag(r)
+    r.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars (they are shown only on a terminal anyway)")
 
     rep = sub.add_parser("report", help="aggregate result folders into tables and a plot",
-                         description="Mean and std over seeds per (model, dataset), and the "
-                         "mean log-odds over datasets: mean of log(p / (1 - p)) with p = "
-                         "top-1 / 100 (top-1 averaged over seeds first).")
+                         description="Mean and std over seeds per (model, dataset) of top-1, "
+                         "top-5 and mean per-class accuracy, and the mean log-odds over "
+                         "datasets: mean of log(p / (1 - p)) with p = top-1 / 100 (top-1 "
+                         "averaged over seeds first, clipped to half a test image from 0 and "
+                         "1), ImageNet-1K left out as in the published aggregation. Warns when "
+                         "the results mix different settings (precision, threads, split, "
+                         "library versions).")
     rep.add_argument("results", nargs="+", metavar="RESULTS_DIR",
                      help="folders (searched recursively) or result JSON files")
     rep.add_argument("--markdown", metavar="FILE", help="write the Markdown table here "
@@ -156,12 +169,21 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--csv", metavar="FILE", help="write a CSV table here")
     rep.add_argument("--plot", metavar="FILE", help="write a PNG bar plot here (matplotlib)")
     add_debug_flag(rep)
+    rep.add_argument("--include-in1k", action="store_true",
+                     help="count ImageNet-1K (a dataset named in1k, IN-1K, imagenet-1k, ...) in "
+                     "the mean log-odds; the published aggregation leaves it out")
     return parser
 
 
-def _log(quiet: bool):
+def _log(quiet: bool, progress: bool = False):
     def say(msg: str) -> None:
-        if not quiet:
+        if quiet:
+            return
+        if progress:  # above the bars, not through them
+            from tqdm import tqdm
+
+            tqdm.write(msg, file=sys.stderr)
+        else:
             print(msg, file=sys.stderr, flush=True)
     return say
 
@@ -188,7 +210,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = ProtocolConfig(probe=args.probe, trials=args.trials, search=args.search,
                          max_iter=args.max_iter, epochs=args.epochs,
                          batch_size=args.sgd_batch_size, device=args.device,
-                         threads=args.threads, dtype=args.probe_dtype)
+                         threads=args.threads, dtype=args.probe_dtype, split=args.split)
     import torch
 
     old_threads = torch.get_num_threads()
@@ -197,11 +219,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     feats = FeatureOptions(batch_size=args.batch_size, image_size=args.image_size,
                            num_workers=args.num_workers, device=args.device,
                            cache=args.cache)
+    from ..evaluation.progress import wants_progress
+
+    progress = wants_progress(args.progress and not args.quiet)
     try:
         with failing_on(DatasetError, EvalError, ValueError, RuntimeError, OSError, ImportError,
                         KeyError):
             summary = run(args.models, data, args.out, seeds=args.seeds, protocol=cfg,
-                          features=feats, names=args.names, log=_log(args.quiet))
+                          features=feats, names=args.names, log=_log(args.quiet, progress),
+                          progress=progress)
     finally:
         torch.set_num_threads(old_threads)
     print(rpt.to_markdown(rpt.aggregate(summary.results)))
@@ -217,7 +243,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
         results = load_results(args.results)
     if not results:
         fail(f"no trex-eval result files under {', '.join(args.results)}")
-    rep = rpt.aggregate(results)
+    rep = rpt.aggregate(results, include_in1k=args.include_in1k)
+    warn = rpt.mixed_warning(rep)
+    if warn:
+        print(f"{PROG} report: warning: {warn}", file=sys.stderr)
     md = rpt.to_markdown(rep)
     print(md)
     with failing_on(OSError, ImportError):

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-# A top-1 of exactly 0 % or 100 % has infinite log-odds; such a p is clipped to
-# [LOG_ODDS_EPS, 1 - LOG_ODDS_EPS] (only then; every other p is used as is).
-LOG_ODDS_EPS = 1e-6
+# A top-1 of 0 % or 100 % has infinite log-odds and would dominate any mean over datasets.
+# Before the logit, p is clipped to [b, 1 - b] with b = 0.5 / n_test: a perfect score counts as
+# if half a test image had been missed. Every accuracy measured on n_test images that is not
+# 0 or 100 % (k / n_test, also averaged over seeds) already lies inside, so only the extremes
+# move. Without a test size the bound is the fixed LOG_ODDS_EPS (as for 10,000 test images).
+LOG_ODDS_EPS = 5e-5
 
 
 def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
@@ -31,13 +34,48 @@ def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
     return float(100.0 * hit.mean())
 
 
-def log_odds(top1: float) -> float:
-    """``log(p / (1 - p))`` with ``p = top1 / 100`` (``top1`` in percent)."""
+def mean_per_class_accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over the classes present in ``labels`` of each class's top-1 accuracy, percent.
+
+    The published code's "m-AP" (diagonal of the confusion matrix over its row sums, averaged).
+    """
+    scores = np.asarray(scores)
+    labels = np.asarray(labels, dtype=np.int64)
+    if scores.ndim != 2 or scores.shape[0] != labels.shape[0]:
+        raise ValueError(f"scores {scores.shape} do not match labels {labels.shape}")
+    if labels.size == 0:
+        raise ValueError("no samples to score")
+    hit = scores.argmax(axis=1) == labels
+    classes, inverse = np.unique(labels, return_inverse=True)
+    per_class = np.bincount(inverse, weights=hit, minlength=len(classes)) / np.bincount(inverse)
+    return float(100.0 * per_class.mean())
+
+
+def log_odds_bound(n_test: Optional[int] = None) -> float:
+    """The clipping bound ``b`` of :func:`log_odds`: ``0.5 / n_test``, or LOG_ODDS_EPS."""
+    if n_test is None:
+        return LOG_ODDS_EPS
+    if int(n_test) < 1:
+        raise ValueError(f"n_test must be >= 1, got {n_test}")
+    return 0.5 / int(n_test)
+
+
+def log_odds(top1: float, n_test: Optional[int] = None) -> float:
+    """``log(p / (1 - p))`` with ``p = top1 / 100`` (``top1`` in percent) clipped to
+    ``[b, 1 - b]``, ``b = 0.5 / n_test`` (see :func:`log_odds_bound`)."""
     p = float(top1) / 100.0
     if not 0.0 <= p <= 1.0 or math.isnan(p):
         raise ValueError(f"top-1 must lie in [0, 100], got {top1}")
-    p = min(max(p, LOG_ODDS_EPS), 1.0 - LOG_ODDS_EPS)
+    b = log_odds_bound(n_test)
+    p = min(max(p, b), 1.0 - b)
     return math.log(p / (1.0 - p))
+
+
+def log_odds_clipped(top1: float, n_test: Optional[int] = None) -> bool:
+    """Whether :func:`log_odds` moved ``top1`` to its bound."""
+    p = float(top1) / 100.0
+    b = log_odds_bound(n_test)
+    return p < b or p > 1.0 - b
 
 
 def mean_log_odds(top1s: Iterable[float]) -> float:

@@ -3,7 +3,8 @@
 * :func:`fit_logistic` - L2-regularised multinomial logistic regression, L-BFGS (scikit-learn),
   used on raw features for the small transfer sets.
 * :func:`fit_sgd_linear` - a linear layer with bias trained by SGD (momentum 0.9, cosine
-  schedule) on L2-normalised features, on CPU or CUDA, used for the large sets.
+  schedule stepped per epoch) on L2-normalised features, on CPU or CUDA, used for the large
+  sets; it follows the published ``LogregTorchTrainer``.
 
 Both return a :class:`LinearProbe` that scores features with ``probe.scores(X)`` -> ``[N, C]``.
 """
@@ -98,15 +99,51 @@ def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
 
+class TorchStreams:
+    """The random streams of the SGD probe, as the published code draws them.
+
+    There, ``torch.manual_seed(seed)`` runs once at start-up and every trial of the search, then
+    the refit, keeps drawing from the global generators: the linear layer's initialisation from
+    the CPU generator, the per-epoch shuffles from the generator of the features' device (the
+    same CPU generator on CPU, the CUDA one on a GPU). One ``TorchStreams`` per search plays that
+    role here without touching torch's global state.
+    """
+
+    def __init__(self, seed: int, device: Union[str, Any] = "cpu"):
+        import torch
+
+        dev = torch.device(device)
+        self.init = torch.Generator(device="cpu").manual_seed(int(seed))
+        if dev.type == "cpu":
+            self.perm = self.init
+        else:
+            self.perm = torch.Generator(device=dev).manual_seed(int(seed))
+
+
+def linear_default_init(weight, bias, generator) -> None:
+    """``torch.nn.Linear``'s own initialisation (``reset_parameters``), drawn from ``generator``:
+    weight ``kaiming_uniform_(a=sqrt(5))`` = U(-1/sqrt(D), 1/sqrt(D)), then bias likewise."""
+    import torch
+
+    torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+    bound = 1.0 / math.sqrt(weight.shape[1]) if weight.shape[1] > 0 else 0.0
+    torch.nn.init.uniform_(bias, -bound, bound, generator=generator)
+
+
 def fit_sgd_linear(features: np.ndarray, labels: np.ndarray, lr: float, weight_decay: float, *,
                    num_classes: Optional[int] = None, epochs: int = 100, batch_size: int = 1024,
                    momentum: float = 0.9, device: Union[str, Any] = "cpu",
-                   seed: int = 0) -> LinearProbe:
+                   seed: int = 0, streams: Optional[TorchStreams] = None) -> LinearProbe:
     """Linear layer with bias on L2-normalised features, SGD with momentum, cosine schedule.
 
-    The learning rate is set every iteration: ``lr * 0.5 * (1 + cos(pi * t / T))`` over the
-    ``T = epochs * ceil(N / batch_size)`` iterations. Weights start at N(0, 0.01^2), bias at 0.
-    The data is reshuffled every epoch from a generator seeded with ``seed``.
+    As in the published ``LogregTorchTrainer``: ``nn.Linear``'s default initialisation; each
+    epoch shuffles the data (one permutation, drawn when the previous epoch ends) and steps
+    through batches of ``batch_size``; the learning rate is set *after* each epoch ``e`` to
+    ``lr * 0.5 * (1 + cos(pi * e / epochs))``, so epochs 0 and 1 both run at ``lr``. A non-finite
+    loss stops training (divergence); the probe then keeps the weights of the last epoch that
+    ended with finite weights (the initial ones if none did) - the published code predicts with
+    the non-finite weights instead, see docs/evaluation.md. ``streams`` carries the random
+    generators across the fits of one search; without it they are seeded with ``seed``.
     """
     import torch
     import torch.nn.functional as F
@@ -118,35 +155,50 @@ def fit_sgd_linear(features: np.ndarray, labels: np.ndarray, lr: float, weight_d
     if num_classes is None:
         num_classes = int(y.max().item()) + 1
     n, d = X.shape
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    layer = torch.nn.Linear(d, num_classes, bias=True).to(dev)
+    rng = streams or TorchStreams(seed, dev)
+    order = torch.randperm(n, generator=rng.perm, device=rng.perm.device)
+    layer = torch.nn.Linear(d, num_classes, bias=True)  # its own init is replaced just below
     with torch.no_grad():
-        layer.weight.copy_(torch.randn(num_classes, d, generator=gen) * 0.01)
-        layer.bias.zero_()
+        linear_default_init(layer.weight, layer.bias, rng.init)
+    layer = layer.to(dev)
     opt = torch.optim.SGD(layer.parameters(), lr=lr, momentum=momentum,
                           weight_decay=weight_decay)
-    steps_per_epoch = max(1, math.ceil(n / batch_size))
-    total = epochs * steps_per_epoch
+    bs = min(int(batch_size), n)
+    kept = (layer.weight.detach().clone(), layer.bias.detach().clone())
+    kept_epoch = -1
     step = 0
     last_loss = float("nan")
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=gen).to(dev)
-        for s in range(0, n, batch_size):
-            idx = order[s:s + batch_size]
-            for group in opt.param_groups:
-                group["lr"] = cosine_lr(lr, step, total)
+    diverged_at: Optional[int] = None
+    for epoch in range(epochs):
+        for s in range(0, n, bs):
+            idx = order[s:s + bs]
             loss = F.cross_entropy(layer(X[idx]), y[idx])
+            if not torch.isfinite(loss):
+                diverged_at = epoch
+                break
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
-        last_loss = float(loss.detach())
-    weight = layer.weight.detach().double().cpu().numpy()
-    bias = layer.bias.detach().double().cpu().numpy()
-    finite = bool(np.isfinite(weight).all() and np.isfinite(bias).all())
-    if not finite:  # diverged (huge lr): a probe that predicts nothing useful, not a crash
-        weight = np.zeros_like(weight)
-        bias = np.zeros_like(bias)
-    return LinearProbe(weight, bias, True, {"lr": float(lr), "weight_decay": float(weight_decay),
-                                            "epochs": epochs, "steps": step,
-                                            "final_loss": last_loss, "diverged": not finite})
+            last_loss = float(loss.detach())
+        if diverged_at is not None:
+            break
+        order = torch.randperm(n, generator=rng.perm, device=rng.perm.device)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(lr, epoch, epochs)
+        w, b = layer.weight.detach(), layer.bias.detach()
+        if bool(torch.isfinite(w).all()) and bool(torch.isfinite(b).all()):
+            kept = (w.clone(), b.clone())
+            kept_epoch = epoch
+        else:  # the next loss cannot be finite: the published loop stops there
+            diverged_at = epoch + 1
+            break
+    weight = kept[0].double().cpu().numpy()
+    bias = kept[1].double().cpu().numpy()
+    info: Dict[str, Any] = {"lr": float(lr), "weight_decay": float(weight_decay),
+                            "epochs": epochs, "steps": step, "final_loss": last_loss,
+                            "diverged": diverged_at is not None}
+    if diverged_at is not None:
+        info["diverged_epoch"] = diverged_at
+        info["kept_epoch"] = kept_epoch
+    return LinearProbe(weight, bias, True, info)

@@ -25,26 +25,24 @@ def result_filename(model: str, dataset: str, seed: int) -> str:
     return f"{slug(model)}__{slug(dataset)}__seed{int(seed)}.json"
 
 
+# the libraries whose versions can change a result; recorded in every result file
+VERSIONED = ("numpy", "scipy", "scikit-learn", "torch", "optuna", "threadpoolctl")
+_MODULES = {"scikit-learn": "sklearn"}
+
+
 def versions() -> Dict[str, str]:
-    out: Dict[str, str] = {"python": sys.version.split()[0]}
-    import numpy
-    import torch
+    """Python, trex_hub and the numeric libraries' versions (those importable)."""
+    import importlib
 
     from .. import __version__
 
-    out.update(trex_hub=__version__, torch=torch.__version__, numpy=numpy.__version__)
-    try:
-        import sklearn
-
-        out["scikit-learn"] = sklearn.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        import optuna
-
-        out["optuna"] = optuna.__version__
-    except ImportError:
-        pass
+    out: Dict[str, str] = {"python": sys.version.split()[0], "trex_hub": __version__}
+    for name in VERSIONED:
+        try:
+            mod = importlib.import_module(_MODULES.get(name, name))
+        except ImportError:
+            continue
+        out[name] = str(getattr(mod, "__version__", "?"))
     return out
 
 

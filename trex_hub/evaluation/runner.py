@@ -14,6 +14,7 @@ from .features import TRANSFER_SIZE, compute_features
 from .protocol import ProtocolConfig, evaluate_features
 from .results import make_result, write_result
 from ..fileio import PathLike
+from ..featurefile import OUTPUT_FORMATS
 
 IMAGE_FORMATS = ("imagefolder", "fashion-mnist")
 FORMATS = IMAGE_FORMATS + ("features",) + tuple(dsets.TORCHVISION_DATASETS)
@@ -175,23 +176,19 @@ _TRAIN_NAMES = ("trainval", "train")
 _TEST_NAMES = ("test", "val")
 
 
-FEATURE_SUFFIXES = (".npy", ".safetensors", ".pt")
 
 
 def _find_split(base: Path, names: Sequence[str]) -> Optional[Path]:
     for n in names:
-        for suffix in FEATURE_SUFFIXES:
+        for suffix in OUTPUT_FORMATS:
             if (base / f"{n}{suffix}").is_file():
                 return base / f"{n}{suffix}"
     return None
 
 
 def _read_feature_split(path: Path) -> Tuple[np.ndarray, List[Any]]:
-    try:
-        from ..extract import read_features  # type: ignore[attr-defined]
-    except ImportError:
-        raise EvalError("this trex_hub has no trex_hub.extract.read_features, so feature files "
-                        "from trex-extract cannot be read; update trex_hub") from None
+    from ..featurefile import read_features
+
     feats, rows = read_features(path)
     feats = np.asarray(feats, dtype=np.float32)
     if feats.ndim != 2:
@@ -277,8 +274,14 @@ def load_model(spec: str, device: str):
 def run(models: Sequence[str], data: DataOptions, out_dir: PathLike, *,
         seeds: Sequence[int] = (0,), protocol: Optional[ProtocolConfig] = None,
         features: Optional[FeatureOptions] = None, names: Optional[Sequence[str]] = None,
-        log: Callable[[str], None] = lambda m: None) -> RunSummary:
-    """Evaluate every model on one dataset for every seed; one result JSON per (model, seed)."""
+        log: Callable[[str], None] = lambda m: None, progress: bool = False) -> RunSummary:
+    """Evaluate every model on one dataset for every seed; one result JSON per (model, seed).
+
+    ``progress`` shows bars with an ETA on stderr for the feature extraction and for each
+    seed's probe search (trials + refit).
+    """
+    from .progress import progress_bar
+
     protocol = protocol or ProtocolConfig()
     fopts = features or FeatureOptions()
     if names is not None and len(names) != len(models):
@@ -312,7 +315,7 @@ def run(models: Sequence[str], data: DataOptions, out_dir: PathLike, *,
 
             def compute(model=model, parts=parts):
                 kw = dict(batch_size=fopts.batch_size, image_size=fopts.image_size,
-                          num_workers=fopts.num_workers, log=log)
+                          num_workers=fopts.num_workers, log=log, progress=progress)
                 return (compute_features(model, parts["train"].items, what=f"{dname} trainval",
                                          **kw),
                         compute_features(model, parts["test"].items, what=f"{dname} test", **kw))
@@ -333,8 +336,15 @@ def run(models: Sequence[str], data: DataOptions, out_dir: PathLike, *,
             raise EvalError(f"model {mname}: features contain NaN or inf")
         for seed in seeds:
             log(f"model {mname}, dataset {dname}, seed {seed}: {protocol.trials} trials")
-            res = evaluate_features(Xtr, ytr, Xte, yte, config=protocol, seed=int(seed),
-                                    num_classes=len(classes), log=log)
+            bar = progress_bar(protocol.trials + 1, f"probe {mname} seed {seed}", "fit",
+                               progress)
+            try:
+                res = evaluate_features(Xtr, ytr, Xte, yte, config=protocol, seed=int(seed),
+                                        num_classes=len(classes), log=log,
+                                        progress=bar.update if bar is not None else None)
+            finally:
+                if bar is not None:
+                    bar.close()
             result = make_result(mname, dname, res, model_spec=spec, data=data.describe(),
                                  features=feat_info, class_names=list(classes))
             path = write_result(out_dir, result)

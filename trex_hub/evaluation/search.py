@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -75,11 +76,14 @@ def log_grid(space: Space, n_trials: int) -> List[Dict[str, float]]:
 
 def search(objective: Callable[[Dict[str, float]], float], space: Space, n_trials: int = 30,
            seed: int = 0, method: str = "auto",
-           callback: Optional[Callable[[int, Dict[str, float], float], None]] = None
-           ) -> SearchResult:
+           callback: Optional[Callable[[int, Dict[str, float], float], None]] = None,
+           multivariate: bool = False) -> SearchResult:
     """Maximise ``objective(params)`` over log-uniform ranges ``space = {name: (low, high)}``.
 
-    ``optuna``: a TPE sampler seeded with ``seed`` draws ``n_trials`` points log-uniformly.
+    ``optuna``: a TPE sampler seeded with ``seed`` draws ``n_trials`` points log-uniformly,
+    parameters suggested in the order of ``space``; ``multivariate=True`` makes it the
+    published SGD probe's sampler, ``TPESampler(multivariate=True, group=True)`` (one joint
+    density over all parameters), ``False`` the published logistic-regression one.
     ``grid``: :func:`log_grid`. Ties go to the earliest trial.
     """
     _check_space(space)
@@ -97,7 +101,10 @@ def search(objective: Callable[[Dict[str, float]], float], space: Space, n_trial
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        sampler = optuna.samplers.TPESampler(seed=seed)
+        with warnings.catch_warnings():  # multivariate/group are "experimental" in Optuna
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.TPESampler(multivariate=bool(multivariate),
+                                                 group=bool(multivariate), seed=seed)
         study = optuna.create_study(direction="maximize", sampler=sampler)
 
         def opt_objective(trial) -> float:
