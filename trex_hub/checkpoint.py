@@ -293,6 +293,13 @@ def _from_folder(folder: Path) -> Checkpoint:
         config = json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{cfg_path}: invalid JSON ({exc})") from None
+    from .timm_format import from_timm, is_timm_config
+
+    if is_timm_config(config):  # a timm folder: trex_hub.timm_format knows its layout
+        try:
+            return Checkpoint(*from_timm(state, config), "timm", str(folder))
+        except ValueError as exc:
+            raise CheckpointError(f"{folder}: {exc}") from None
     if not isinstance(config, dict) or "arch" not in config:
         raise CheckpointError(f"{cfg_path}: not a trex_hub config (no 'arch' key)")
     return Checkpoint(state, config, "safetensors", str(folder))
