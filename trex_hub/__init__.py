@@ -11,10 +11,11 @@ from .checkpoint import CheckpointError, read_checkpoint  # noqa: E402
 from .extract import extract_features, read_features  # noqa: E402
 from .hub.hf import push_to_hub, save_pretrained  # noqa: E402  (huggingface_hub imported on use)
 from .model import TReX  # noqa: E402
+from .onnx_export import export_onnx  # noqa: E402  (onnx, onnxruntime imported on use)
 from .registry import UnknownModelError  # noqa: E402
 
 __all__ = [
     "load", "list_models", "model_info", "extract_features", "read_features", "read_checkpoint", "TReX",
     "CheckpointError", "ModelLoadError", "UnknownModelError", "save_pretrained", "push_to_hub",
-    "__version__",
+    "export_onnx", "__version__",
 ]

@@ -578,7 +578,8 @@ def extract_to_file(model: torch.nn.Module, entries: Sequence[Entry],
                     rank: int = 0, world_size: int = 1,
                     barrier: Optional[Callable[[], None]] = None,
                     info: Optional[Dict[str, Any]] = None,
-                    log: Callable[[str], None] = lambda msg: None) -> Summary:
+                    log: Callable[[str], None] = lambda msg: None,
+                    engine: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Summary:
     """Extract features of ``entries`` (from :func:`collect_inputs`) into ``out``, streaming.
 
     Work is cut into chunks of ``chunk_size`` inputs (a multiple of ``batch_size``); each chunk
@@ -591,6 +592,9 @@ def extract_to_file(model: torch.nn.Module, entries: Sequence[Entry],
     Under ``torchrun``, pass ``rank`` / ``world_size`` and a ``barrier``: rank ``r`` computes
     chunks ``r, r + world_size, ...``; rank 0 prepares the run and merges every chunk in input
     order once all ranks are done. The parts folder must be on a filesystem every rank sees.
+
+    ``engine`` replaces the PyTorch fast path with another batch runner of the same interface
+    (e.g. :class:`trex_hub.onnx_export.OnnxRuntimeModel`): uint8 NHWC batch in, float32 out.
     """
     if batch_size < 1 or chunk_size < 1:
         raise ValueError("batch_size and chunk_size must be >= 1")
@@ -607,6 +611,8 @@ def extract_to_file(model: torch.nn.Module, entries: Sequence[Entry],
         "draft": bool(draft), "max_pixels": max_pixels, "batch_size": batch_size,
         "chunk_size": chunk_size,
     }
+    if engine is not None:  # a resumed run must not mix engines
+        fingerprint["engine"] = type(engine).__name__
     state_path = parts / "state.json"
     t_start = time.perf_counter()
 
@@ -659,7 +665,7 @@ def extract_to_file(model: torch.nn.Module, entries: Sequence[Entry],
         log(f"rank {rank}: resuming, {skipped} committed chunk(s) kept")
     todo = sum(min(chunk_size, len(entries) - k * chunk_size) for k in mine)
 
-    runner = prepare(model, device, precision, compile=compile) if mine else None
+    runner = (engine or prepare(model, device, precision, compile=compile)) if mine else None
     decoder = Decoder(preprocess, draft=draft, max_pixels=max_pixels)
     workers = num_workers if num_workers is not None else default_workers()
 

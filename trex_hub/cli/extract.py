@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16/fp16 autocast is meant for CUDA")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--engine", choices=("torch", "onnxruntime"), default="torch",
+                   help="torch: the PyTorch fast path; onnxruntime: export the model to ONNX "
+                        "and run ONNX Runtime on the CPU (fp32; needs trex_hub[interop])")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (slow start; for long runs)")
     p.add_argument("--no-draft", dest="draft", action="store_false",
@@ -99,6 +102,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("--batch-size and --chunk-size must be >= 1")
     if args.workers is not None and args.workers < 0:
         parser.error("--workers must be >= 0")
+    if args.engine == "onnxruntime" and (args.precision != "fp32" or args.compile
+                                         or args.device not in ("auto", "cpu")):
+        parser.error("--engine onnxruntime runs fp32 on the CPU: drop --precision, --compile "
+                     "and --device (or use --engine torch)")
 
     import torch
 
@@ -125,6 +132,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return fail(str(exc), EXIT_USAGE)
     if args.device == "auto":
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        device = "cpu" if args.engine == "onnxruntime" else device
     else:
         device = args.device
         if world > 1 and device == "cuda":
@@ -168,10 +176,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             f"device {device}, {args.precision}" + (f", {world} processes" if world > 1 else ""))
         info = {"model": args.model, "head": args.head, "arch": getattr(model, "arch", None),
                 "inputs": [os.fspath(i) for i in args.inputs], "labels": args.labels}
+        if args.engine != "torch":
+            info["engine"] = args.engine
         try:
             summary = extract_to_file_cli(model, entries, args, device, rank, world, barrier,
                                           info, say)
         except ExtractError as exc:
+            return fail(str(exc))
+        except ImportError as exc:  # --engine onnxruntime without its packages
             return fail(str(exc))
         except KeyboardInterrupt:
             return fail("interrupted; committed chunks are kept: rerun with --resume to "
@@ -199,13 +211,19 @@ def main(argv: Optional[List[str]] = None) -> int:
 def extract_to_file_cli(model, entries, args, device, rank, world, barrier, info, say):
     from ..extract import extract_to_file
 
+    engine = None
+    if args.engine == "onnxruntime":
+        from ..onnx_export import engine_for
+
+        say("exporting the model to ONNX for ONNX Runtime")
+        engine = engine_for(args.engine, model, threads=args.threads)
     return extract_to_file(
         model, entries, args.output, batch_size=args.batch_size, num_workers=args.workers,
         preprocess=args.preprocess, normalize=args.normalize, precision=args.precision,
         device=device, compile=args.compile, draft=args.draft, max_pixels=args.max_pixels,
         chunk_size=args.chunk_size, resume=args.resume, overwrite=args.overwrite,
         strict=args.strict, keep_parts=args.keep_parts, progress=args.progress and not args.quiet,
-        rank=rank, world_size=world, barrier=barrier, info=info, log=say)
+        rank=rank, world_size=world, barrier=barrier, info=info, log=say, engine=engine)
 
 
 if __name__ == "__main__":
