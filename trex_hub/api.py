@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
 from . import registry
 from .checkpoint import Checkpoint, CheckpointError, build_model, read_checkpoint
-from .model import TReX
+from .model import FeatureMaps, TReX
 from .fileio import PathLike
 
 HF_PREFIX = "hf-hub:"
@@ -147,6 +147,7 @@ def load(name_or_path: PathLike, *, projector: bool = False,
          device: Union[str, torch.device, None] = None, pretrained: bool = True,
          ema: bool = False, cache_dir: Optional[PathLike] = None, progress: bool = True,
          base_url: Optional[str] = None, source: Optional[str] = None,
+         features_only: bool = False, out_indices: Sequence[int] = (1, 2, 3, 4),
          **kwargs: Any) -> TReX:
     """Load a t-ReX model, ready for inference (eval mode).
 
@@ -166,9 +167,15 @@ def load(name_or_path: PathLike, *, projector: bool = False,
             (``trex_hub.hub.download.set_mirror(name, url)`` sets one per model).
         source: for registry models, ``"hf"`` loads the entry's Hugging Face Hub mirror instead
             of the released file (only when asked: the default never changes silently).
+        features_only: return a :class:`~trex_hub.model.FeatureMaps` whose forward gives the
+            backbone's stage outputs at ``out_indices`` (0 = stem, 1-4 = ``layer1..4``) as a
+            list, with timm's ``feature_info`` (for FPN / detection / segmentation heads).
         **kwargs: passed to the Hugging Face Hub download for ``hf-hub:`` ids (``revision``,
             ``token``...).
     """
+    if features_only and projector:
+        raise ModelLoadError("features_only=True returns the backbone's stage outputs, which "
+                             "the projector does not use: drop projector=True")
     dev = _resolve_device(device)
     name = os.fspath(name_or_path)
     model: TReX
@@ -209,6 +216,8 @@ def load(name_or_path: PathLike, *, projector: bool = False,
             model = TReX.from_config(cfg)
         else:
             model = _from_checkpoint(ckpt, projector, ckpt.config.get("name") or path.name)
+    if features_only:  # a post-load wrap: the same weights, stage outputs as a list
+        return FeatureMaps(model, out_indices).to(dev).eval()  # type: ignore[return-value]
     return model.to(dev).eval()
 
 
