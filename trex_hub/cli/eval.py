@@ -3,6 +3,7 @@
     trex-eval run --models trex trex_star path/to/ckpt.pth --format fashion-mnist \\
         --out results/ --seeds 0 1 2
     trex-eval report results/ --markdown table.md --csv table.csv --plot table.png
+    trex-eval neighbours feats.npy --images photos/ --out grid.png
 
 Exit codes: 0 success, 1 failure (missing data, unreadable checkpoint...), 2 usage error.
 """
@@ -65,7 +66,7 @@ def _fraction(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Evaluate t-ReX models by linear-probe transfer, as in the paper.")
-    sub = parser.add_subparsers(dest="command", metavar="{run,report}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,report,neighbours}")
 
     r = sub.add_parser("run", help="evaluate models on a dataset, write one JSON per seed",
                        description="Extract features once per model, then run the linear-probe "
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "(it is always printed)")
     rep.add_argument("--csv", metavar="FILE", help="write a CSV table here")
     rep.add_argument("--plot", metavar="FILE", help="write a PNG bar plot here (matplotlib)")
+    _add_neighbours_parser(sub)
     return parser
 
 
@@ -244,6 +246,85 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# trex-eval neighbours: a picture of nearest neighbours in a trex-extract output
+# --------------------------------------------------------------------------------------------
+def _add_neighbours_parser(sub) -> None:
+    nb = sub.add_parser(
+        "neighbours", help="PNG grid of each image's nearest neighbours in a trex-extract output",
+        description="For query images of a trex-extract output, draw the image and its k "
+        "nearest neighbours (cosine similarity of the features) with their scores; with "
+        "labels in the manifest, same-label neighbours are green and others red.")
+    nb.add_argument("features", metavar="FEATS",
+                    help="a trex-extract output (.npy / .safetensors / .pt with its manifest)")
+    nb.add_argument("--images", metavar="DIR_OR_LIST",
+                    help="where the manifest's relative paths live: the folder (or list file) "
+                    "given to trex-extract (default: its single input, from FEATS' meta.json)")
+    nb.add_argument("--out", required=True, metavar="PNG", help="the picture to write")
+    nb.add_argument("-k", "--k", type=_positive_int, default=4, metavar="K",
+                    help="neighbours per query (default 4)")
+    nb.add_argument("--queries", type=_positive_int, default=8, metavar="N",
+                    help="query rows, spread evenly over the images (default 8)")
+
+
+def _image_root(args: argparse.Namespace, feats_path: Path) -> Optional[Path]:
+    """The folder the manifest's relative paths are relative to (None: as given)."""
+    import json
+
+    from ..extract import output_paths
+
+    where = args.images
+    if where is None:
+        meta_path = output_paths(feats_path)["meta"]
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        inputs = meta.get("inputs") or []
+        if len(inputs) != 1:
+            return None
+        where = inputs[0]
+    root = Path(where).expanduser()
+    if root.is_dir():
+        return root
+    if root.is_file():  # a list file: its relative entries are relative to its folder
+        return root.parent
+    raise FileNotFoundError(f"--images {where}: no such folder or list file")
+
+
+def _cmd_neighbours(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..extract import read_features
+
+    feats_path = Path(args.features)
+    try:
+        feats, rows = read_features(feats_path)
+        root = _image_root(args, feats_path)
+        ok = sorted((r for r in rows if r.get("index") is not None), key=lambda r: r["index"])
+        paths = [Path(r["path"]) if root is None or Path(r["path"]).is_absolute()
+                 else root / r["path"] for r in ok]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} image(s) of the manifest not found, e.g. {missing[0]}; pass "
+                "--images with the folder or list given to trex-extract")
+        if len(paths) < 2:
+            raise ValueError(f"{feats_path} has {len(paths)} image(s); neighbours need >= 2")
+        from ..viz import neighbours_figure
+
+        n = len(paths)
+        queries = sorted({int(round(i)) for i in np.linspace(0, n - 1, min(args.queries, n))})
+        labels = [r.get("label") for r in ok]
+        out = neighbours_figure(paths, feats, args.out, k=min(args.k, n - 1), queries=queries,
+                                names=[r["path"] for r in ok],
+                                labels=labels if any(x is not None for x in labels) else None,
+                                title=f"{feats_path.name}: nearest neighbours (cosine)")
+    except (OSError, ValueError, ImportError) as exc:
+        print(f"{PROG} neighbours: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} ({len(queries)} queries x {min(args.k, n - 1)} neighbours)",
+          file=sys.stderr)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     try:
@@ -255,6 +336,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if args.command == "run":
         return _cmd_run(args)
+    if args.command == "neighbours":
+        return _cmd_neighbours(args)
     return _cmd_report(args)
 
 
