@@ -167,3 +167,19 @@ def test_non_resnet_timm_folders_are_refused_clearly(tmp_path):
 def test_unknown_save_format_is_an_error(released_r50, tmp_path):
     with pytest.raises(ValueError, match="use 'trex_hub'"):
         trex_hub.save_pretrained(released_r50, tmp_path / "x", format="keras")
+
+
+def test_trex_download_to_timm(released_files, tmp_path, capsys):
+    from http_server import FileServer
+    from trex_hub.cli.download import main
+
+    with FileServer(released_files) as srv:
+        code = main(["trex_star", "--base-url", srv.url, "--cache-dir", str(tmp_path / "c"),
+                     "--to-timm", str(tmp_path / "timm")])
+    assert code == 0
+    folder = tmp_path / "timm" / "trex_star"
+    assert f"wrote {folder}" in capsys.readouterr().out
+    ref = reference(trex_hub.load(released_files / "trexstar.pth"))
+    net = timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=0).eval()
+    with torch.no_grad():
+        assert (net(X) - ref).abs().max().item() <= 1e-5
