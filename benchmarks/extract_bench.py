@@ -16,6 +16,9 @@ One command, one run, same machine, same images, same weights:
 (c) memory scaling of the streaming writer: peak RSS of ``trex-extract`` on 2,000 vs 20,000 tiny
     images (ResNet-18, no resize: it isolates the pipeline, whose memory must stay flat).
 (d) CUDA (when present): images/s at batch 256, fp32 naive vs bf16/fp16 ours.
+(e) ONNX Runtime (when installed): model-only images/s of ``trex-extract --engine onnxruntime``'s
+    runner (the model exported with ``trex_hub.export_onnx``, ORT CPU, fp32, same thread count)
+    against the PyTorch engine (the prepared model of (a)), same batch, alternating rounds.
 
 Weights are random (generated in the released layout): speed does not depend on their values.
 Prints a table and the ratios; ``--json`` also writes them to a file.
@@ -284,6 +287,38 @@ def bench_memory(work: Path, log, sizes=(2000, 20000)) -> dict:
     return res
 
 
+def bench_onnxruntime(ckpt: Path, batch: torch.Tensor, rounds: int, log) -> dict:
+    """(e): the ONNX Runtime engine against the PyTorch engine, model only, fp32 on the CPU."""
+    import trex_hub
+    from trex_hub.inference import prepare
+    from trex_hub.onnx_export import prepare_onnxruntime
+
+    model = trex_hub.load(ckpt)
+    ours = prepare(model)
+    t = time.perf_counter()
+    ort = prepare_onnxruntime(model, threads=torch.get_num_threads())
+    export_s = time.perf_counter() - t
+    ref = ours(batch)
+    err = float((ort(batch) - ref).abs().max() / ref.abs().max())
+    ours(batch[:2])
+    ort(batch[:2])
+    times = {"torch": [], "onnxruntime": []}
+    for r in range(rounds):
+        for name, fn in (("torch", ours), ("onnxruntime", ort)):
+            t = time.perf_counter()
+            fn(batch)
+            times[name].append(time.perf_counter() - t)
+        log(f"  round {r + 1}/{rounds}: torch {batch.shape[0] / times['torch'][-1]:.2f} img/s, "
+            f"onnxruntime {batch.shape[0] / times['onnxruntime'][-1]:.2f} img/s")
+    n = batch.shape[0]
+    out = {"rel_err": err, "export_and_session_seconds": export_s}
+    for name, ts in times.items():
+        out[name] = {"best": n / min(ts), "median": n / statistics.median(ts)}
+    out["ratio_best"] = out["onnxruntime"]["best"] / out["torch"]["best"]
+    out["ratio_median"] = out["onnxruntime"]["median"] / out["torch"]["median"]
+    return out
+
+
 def bench_cuda(ckpt: Path, log) -> dict:
     import trex_hub
     from trex_hub.inference import prepare
@@ -326,6 +361,7 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir", default=None, help="where images and outputs go (kept)")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--skip-onnx", action="store_true", help="no ONNX Runtime section (e)")
     p.add_argument("--ablation", action="store_true", help="time each fast-path ingredient")
     p.add_argument("--compile", action="store_true", help="include torch.compile in --ablation")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -389,6 +425,16 @@ def main(argv=None) -> int:
     if not args.skip_memory:
         log("(c) peak memory of the streaming writer, 2,000 vs 20,000 tiny images (ResNet-18)")
         results["memory"] = bench_memory(work, log)
+    if not args.skip_onnx:
+        try:
+            import onnxruntime  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError:
+            log("(e) ONNX Runtime: skipped (pip install 'trex_hub[interop]')")
+        else:
+            log(f"(e) ONNX Runtime vs PyTorch engine, model-only, fp32, batch {batch.shape[0]}, "
+                f"{args.rounds} alternating rounds")
+            results["onnxruntime"] = bench_onnxruntime(ckpt, batch, args.rounds, log)
     if torch.cuda.is_available():
         log("(d) CUDA, batch 256")
         results["cuda"] = bench_cuda(ckpt, log)
@@ -415,6 +461,17 @@ def main(argv=None) -> int:
         mem = results["memory"]
         log(f"| peak RSS 20,000 / 2,000 images | | {mem[20000]['peak_rss_mb']:.0f} / "
             f"{mem[2000]['peak_rss_mb']:.0f} MB | {mem['ratio']:.2f}x | <= 1.2x | |")
+    if "onnxruntime" in results:
+        o = results["onnxruntime"]
+        log("")
+        log("| engine, model-only fp32 | PyTorch engine (img/s) | ONNX Runtime (img/s) | ratio | "
+            "max rel. diff |")
+        log("|---|---|---|---|---|")
+        log(f"| best of {args.rounds} | {o['torch']['best']:.2f} | {o['onnxruntime']['best']:.2f} | "
+            f"**{o['ratio_best']:.2f}x** | {o['rel_err']:.1e} |")
+        log(f"| median | {o['torch']['median']:.2f} | {o['onnxruntime']['median']:.2f} | "
+            f"{o['ratio_median']:.2f}x | |")
+        log(f"ONNX export + session: {o['export_and_session_seconds']:.1f} s (once per run)")
     log(f"load average at start {env['loadavg_start']}, at end {env['loadavg_end']}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))

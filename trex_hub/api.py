@@ -5,14 +5,14 @@
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
 from . import registry
 from .fileio import PathLike
 from .loader import build
-from .model import TReX
+from .model import FeatureMaps, TReX
 from .resolve import HUB, ModelLoadError, resolve
 
 __all__ = ["load", "list_models", "model_info", "ModelLoadError"]
@@ -43,6 +43,7 @@ def load(name_or_path: PathLike, *, projector: bool = False,
          device: Union[str, torch.device, None] = None, pretrained: bool = True,
          ema: bool = False, cache_dir: Optional[PathLike] = None, progress: bool = True,
          base_url: Optional[str] = None, source: Optional[str] = None,
+         features_only: bool = False, out_indices: Sequence[int] = (1, 2, 3, 4),
          **kwargs: Any) -> TReX:
     """Load a t-ReX model, ready for inference (eval mode).
 
@@ -66,11 +67,17 @@ def load(name_or_path: PathLike, *, projector: bool = False,
             (``trex_hub.hub.download.set_mirror(name, url)`` sets one per model).
         source: for registry models, ``"hf"`` loads the entry's Hugging Face Hub mirror instead
             of the released file (only when asked: the default never changes silently).
+        features_only: return a :class:`~trex_hub.model.FeatureMaps` whose forward gives the
+            backbone's stage outputs at ``out_indices`` (0 = stem, 1-4 = ``layer1..4``) as a
+            list, with timm's ``feature_info`` (for FPN / detection / segmentation heads).
         **kwargs: passed to the Hugging Face Hub download for ``hf-hub:`` ids and
             ``source="hf"`` (``revision``, ``token``...).
 
     The model carries its preprocessing (``model.pretrained_cfg``; ``trex_hub.get_transform``).
     """
+    if features_only and projector:
+        raise ModelLoadError("features_only=True returns the backbone's stage outputs, which "
+                             "the projector does not use: drop projector=True")
     dev = _resolve_device(device)
     src = resolve(name_or_path, projector=projector, ema=ema, source=source,
                   revision=kwargs.pop("revision", None))
@@ -79,4 +86,6 @@ def load(name_or_path: PathLike, *, projector: bool = False,
         raise TypeError(f"unexpected arguments for a {what}: {sorted(kwargs)}")
     model = build(src, projector=projector, pretrained=pretrained, ema=ema, cache_dir=cache_dir,
                   progress=progress, base_url=base_url, **kwargs)
+    if features_only:  # a post-load wrap: the same weights, stage outputs as a list
+        return FeatureMaps(model, out_indices).to(dev).eval()  # type: ignore[return-value]
     return model.to(dev).eval()

@@ -281,15 +281,29 @@ def _from_folder(folder: Path) -> Checkpoint:
     state = _read_safetensors_file(weights)
     if not cfg_path.is_file():
         return _from_state_dict(state, str(weights), "safetensors")
-    return Checkpoint(state, read_config(cfg_path), "safetensors", str(folder))
+    config = _read_json(cfg_path)
+    from .timm_format import from_timm, is_timm_config
+
+    if is_timm_config(config):  # a timm folder: trex_hub.timm_format knows its layout
+        try:
+            return Checkpoint(*from_timm(state, config), "timm", str(folder))
+        except ValueError as exc:
+            raise CheckpointError(f"{folder}: {exc}") from None
+    return Checkpoint(state, read_config(cfg_path, config), "safetensors", str(folder))
 
 
-def read_config(path: PathLike) -> Dict[str, Any]:
-    """The ``config.json`` of an exported model (architecture, heads, preprocessing)."""
+def _read_json(path: PathLike) -> Any:
     try:
-        config = json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
+
+
+def read_config(path: PathLike, config: Any = None) -> Dict[str, Any]:
+    """The ``config.json`` of an exported model (architecture, heads, preprocessing);
+    ``config`` is its already parsed content, if the caller has it."""
+    if config is None:
+        config = _read_json(path)
     if not isinstance(config, dict) or "arch" not in config:
         raise CheckpointError(f"{path}: not a trex_hub config (no 'arch' key)")
     return config

@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .extract import batch_ranges, decode_batches, default_workers, progress_bar
+from .extract import decode_batches, default_workers, progress_bar
 from .featurefile import (FORMAT_VERSION, ExtractError, chunk_done, merge, output_paths,
                           write_chunk)
 from .fileio import PathLike, atomic_write
@@ -56,6 +56,9 @@ class RunOptions:
     On disk: ``chunk_size`` inputs per committed chunk (rounded up to a multiple of the batch),
     ``resume`` an unfinished run, ``overwrite`` an existing output or unfinished run, ``strict``
     (the first bad file stops the run), ``keep_parts`` after merging. ``progress`` shows a bar.
+    ``engine`` replaces the PyTorch fast path with another batch runner of the same interface
+    (uint8 NHWC batch in, float32 features out; e.g.
+    :class:`trex_hub.onnx_export.OnnxRuntimeModel`).
     """
 
     batch_size: int = 32
@@ -73,6 +76,7 @@ class RunOptions:
     strict: bool = False
     keep_parts: bool = False
     progress: bool = False
+    engine: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def check(self) -> None:
         if self.batch_size < 1 or self.chunk_size < 1:
@@ -151,7 +155,7 @@ def fingerprint(model: torch.nn.Module, entries: Sequence[Entry], opts: RunOptio
                 ) -> Dict[str, Any]:
     """What a resumed run must share with the one it continues (``state.json``)."""
     chunk_size = int(math.ceil(opts.chunk_size / opts.batch_size) * opts.batch_size)
-    return {
+    fp = {
         "format_version": FORMAT_VERSION, "inputs": _entries_digest(entries),
         "count": len(entries), "weights": _weights_digest(model),
         "dim": int(getattr(model, "out_dim", 0) or 0), "preprocess": opts.preprocess,
@@ -159,6 +163,9 @@ def fingerprint(model: torch.nn.Module, entries: Sequence[Entry], opts: RunOptio
         "draft": bool(opts.draft), "max_pixels": opts.max_pixels,
         "batch_size": opts.batch_size, "chunk_size": chunk_size,
     }
+    if opts.engine is not None:  # a resumed run must not mix engines
+        fp["engine"] = type(opts.engine).__name__
+    return fp
 
 
 def _adopt_unfinished(parts: Path, fp: Dict[str, Any], log: Callable[[str], None]) -> None:
@@ -268,7 +275,7 @@ def run_chunks(model: torch.nn.Module, entries: Sequence[Entry], plan: Plan, opt
     """Step 2: compute and commit this rank's chunks; returns (inputs computed, failures as
     ``(path, why)``, feature dimension)."""
     dim = int(getattr(model, "out_dim", 0) or 0)
-    runner = (prepare(model, opts.device, opts.precision, compile=opts.compile)
+    runner = ((opts.engine or prepare(model, opts.device, opts.precision, compile=opts.compile))
               if plan.mine else None)
     decoder = Decoder(opts.preprocess, draft=opts.draft, max_pixels=opts.max_pixels)
     workers = opts.num_workers if opts.num_workers is not None else default_workers()

@@ -19,13 +19,21 @@ from .hub import hf
 
 def save_pretrained(model: Any, folder: PathLike, *, name: Optional[str] = None,
                     repo_id: Optional[str] = None, license: Optional[str] = None,
-                    extra_config: Optional[Dict[str, Any]] = None) -> Path:
+                    extra_config: Optional[Dict[str, Any]] = None,
+                    format: str = "trex_hub") -> Path:
     """Write ``model.safetensors`` + ``config.json`` + ``README.md`` (model card) into ``folder``.
 
     ``trex_hub.load(folder)`` (or ``load("hf-hub:...")`` once pushed) rebuilds the same model with
     bit-identical outputs and the same preprocessing. ``name`` picks the registry facts for the
-    card (default: the model's own name).
+    card (default: the model's own name). ``format="timm"`` writes the backbone in timm's layout
+    instead (:mod:`trex_hub.timm_format`), for ``timm.create_model("hf-hub:...")``.
     """
+    if format == "timm":
+        from .timm_format import save_timm
+
+        return save_timm(model, folder, name=name, license=license, repo_id=repo_id)
+    if format != "trex_hub":
+        raise ValueError(f"format={format!r}: use 'trex_hub' (default) or 'timm'")
     folder = Path(folder)
     save_safetensors(model, folder, extra_config=extra_config)
     config = json.loads((folder / CONFIG_NAME).read_text())

@@ -6,6 +6,7 @@
     trex-download hf-hub:org/repo@rev         a model folder from the Hugging Face Hub
     trex-download --verify                    re-hash every cached file; exit 1 on a mismatch
     trex-download trex_star_repro --full --to-safetensors exported/
+    trex-download trex_star --to-timm timm_models/ --to-onnx onnx/
 
 Exit codes: 0 ok, 1 failure (one line on stderr saying what and how to fix it), 2 usage error,
 130 interrupted (see :mod:`trex_hub.cli.common`).
@@ -54,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--to-safetensors", metavar="DIR", default=None,
                    help="also write each model as DIR/<name>/ (model.safetensors + config.json + "
                         "README.md); with --full the projector and prototypes are included")
+    p.add_argument("--to-timm", metavar="DIR", default=None,
+                   help="also write each model's backbone as DIR/<name>/ in timm's layout, for "
+                        "timm.create_model('hf-hub:...' or 'local-dir:DIR/<name>')")
+    p.add_argument("--to-onnx", metavar="DIR", default=None,
+                   help="also export each model to DIR/<name>.onnx (backbone; with --full the "
+                        "projector output too); needs trex_hub[interop]")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, no output but "
                                                               "errors")
     add_debug_flag(p)
@@ -187,7 +194,7 @@ def _download(names: List[str], args: argparse.Namespace) -> int:
     from ..resolve import resolve
 
     progress = not args.quiet
-    out_dir = Path(args.to_safetensors) if args.to_safetensors else None
+    exporting = bool(args.to_safetensors or args.to_timm or args.to_onnx)
     for name in names:
         if hf.is_hf_id(name):
             src = resolve(name)
@@ -196,11 +203,11 @@ def _download(names: List[str], args: argparse.Namespace) -> int:
                                        progress=progress)
             if not args.quiet:
                 print(folder)
-            if out_dir is not None:
+            if exporting:
                 ckpt = read_checkpoint(folder)
                 model = build_model(ckpt, projector=ckpt.has_projector,
                                     name=ckpt.config.get("name"))
-                _export(model, out_dir / src.hf_repo.replace("/", "--"), args)
+                _export(model, src.hf_repo.replace("/", "--"), args)
             continue
         entry = registry.get_entry(name)
         wanted = [False] + ([True] if args.full and entry.full_file is not None else [])
@@ -213,19 +220,29 @@ def _download(names: List[str], args: argparse.Namespace) -> int:
                          progress=progress, offline=args.offline or None)
             if not args.quiet:
                 print(path)
-        if out_dir is not None and path is not None:
+        if exporting and path is not None:
             model = build_model(read_checkpoint(path), projector=wanted[-1], name=entry.name,
                                 preprocess=entry.preprocess.to_dict())
-            _export(model, out_dir / entry.name, args)
+            _export(model, entry.name, args)
     return 0
 
 
-def _export(model, folder: Path, args: argparse.Namespace) -> None:
+def _export(model, name: str, args: argparse.Namespace) -> None:
     from ..publish import save_pretrained
 
-    save_pretrained(model, folder)
-    if not args.quiet:
-        print(f"wrote {folder}")
+    written = []
+    if args.to_safetensors:
+        written.append(save_pretrained(model, Path(args.to_safetensors) / name))
+    if args.to_timm:
+        written.append(save_pretrained(model, Path(args.to_timm) / name, format="timm"))
+    if args.to_onnx:
+        from ..onnx_export import export_onnx
+
+        head = "projector" if model.has_projector else "backbone"
+        written.append(export_onnx(model, Path(args.to_onnx) / f"{name}.onnx", head=head))
+    for path in written:
+        if not args.quiet:
+            print(f"wrote {path}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -250,7 +267,8 @@ def _run(args: argparse.Namespace) -> int:
     from ..checkpoint import CheckpointError
     from ..hub.http import DownloadError
 
-    with failing_on(DownloadError, CheckpointError, ModelLoadError, ValueError, OSError):
+    with failing_on(DownloadError, CheckpointError, ModelLoadError, ValueError, OSError,
+                    ImportError):
         if args.json and not (args.list or args.verify):
             raise UsageError("--json goes with --list or --verify")
         names = _resolve(args.models, args.all)

@@ -3,6 +3,7 @@
     trex-eval run --models trex trex_star path/to/ckpt.pth --format fashion-mnist \\
         --out results/ --seeds 0 1 2
     trex-eval report results/ --markdown table.md --csv table.csv --plot table.png
+    trex-eval neighbours feats.npy --images photos/ --out grid.png
 
 Exit codes: 0 success, 1 failure (missing data, unreadable checkpoint...), 2 usage error,
 130 interrupted (see :mod:`trex_hub.cli.common`).
@@ -71,7 +72,7 @@ def _fraction(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Evaluate t-ReX models by linear-probe transfer, as in the paper.")
-    sub = parser.add_subparsers(dest="command", metavar="{run,report}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,report,neighbours}")
 
     r = sub.add_parser("run", help="evaluate models on a dataset, write one JSON per seed",
                        description="Extract features once per model, then run the linear-probe "
@@ -172,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--include-in1k", action="store_true",
                      help="count ImageNet-1K (a dataset named in1k, IN-1K, imagenet-1k, ...) in "
                      "the mean log-odds; the published aggregation leaves it out")
+    _add_neighbours_parser(sub)
     return parser
 
 
@@ -261,6 +263,83 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------------------------
+# trex-eval neighbours: a picture of nearest neighbours in a trex-extract output
+# --------------------------------------------------------------------------------------------
+def _add_neighbours_parser(sub) -> None:
+    nb = sub.add_parser(
+        "neighbours", help="PNG grid of each image's nearest neighbours in a trex-extract output",
+        description="For query images of a trex-extract output, draw the image and its k "
+        "nearest neighbours (cosine similarity of the features) with their scores; with "
+        "labels in the manifest, same-label neighbours are green and others red.")
+    nb.add_argument("features", metavar="FEATS",
+                    help="a trex-extract output (.npy / .safetensors / .pt with its manifest)")
+    nb.add_argument("--images", metavar="DIR_OR_LIST",
+                    help="where the manifest's relative paths live: the folder (or list file) "
+                    "given to trex-extract (default: its single input, from FEATS' meta.json)")
+    nb.add_argument("--out", required=True, metavar="PNG", help="the picture to write")
+    nb.add_argument("-k", "--k", type=_positive_int, default=4, metavar="K",
+                    help="neighbours per query (default 4)")
+    nb.add_argument("--queries", type=_positive_int, default=8, metavar="N",
+                    help="query rows, spread evenly over the images (default 8)")
+    add_debug_flag(nb)
+
+
+def _image_root(args: argparse.Namespace, feats_path: Path) -> Optional[Path]:
+    """The folder the manifest's relative paths are relative to (None: as given)."""
+    import json
+
+    from ..featurefile import output_paths
+
+    where = args.images
+    if where is None:
+        meta_path = output_paths(feats_path)["meta"]
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        inputs = meta.get("inputs") or []
+        if len(inputs) != 1:
+            return None
+        where = inputs[0]
+    root = Path(where).expanduser()
+    if root.is_dir():
+        return root
+    if root.is_file():  # a list file: its relative entries are relative to its folder
+        return root.parent
+    raise FileNotFoundError(f"--images {where}: no such folder or list file")
+
+
+def _cmd_neighbours(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..featurefile import read_features
+
+    feats_path = Path(args.features)
+    with failing_on(OSError, ValueError, ImportError):
+        feats, rows = read_features(feats_path)
+        root = _image_root(args, feats_path)
+        ok = sorted((r for r in rows if r.get("index") is not None), key=lambda r: r["index"])
+        paths = [Path(r["path"]) if root is None or Path(r["path"]).is_absolute()
+                 else root / r["path"] for r in ok]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} image(s) of the manifest not found, e.g. {missing[0]}; pass "
+                "--images with the folder or list given to trex-extract")
+        if len(paths) < 2:
+            raise ValueError(f"{feats_path} has {len(paths)} image(s); neighbours need >= 2")
+        from ..viz import neighbours_figure
+
+        n = len(paths)
+        queries = sorted({int(round(i)) for i in np.linspace(0, n - 1, min(args.queries, n))})
+        labels = [r.get("label") for r in ok]
+        out = neighbours_figure(paths, feats, args.out, k=min(args.k, n - 1), queries=queries,
+                                names=[r["path"] for r in ok],
+                                labels=labels if any(x is not None for x in labels) else None,
+                                title=f"{feats_path.name}: nearest neighbours (cosine)")
+    print(f"wrote {out} ({len(queries)} queries x {min(args.k, n - 1)} neighbours)",
+          file=sys.stderr)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
 
@@ -268,7 +347,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return EXIT_USAGE
-        return _cmd_run(args) if args.command == "run" else _cmd_report(args)
+        commands = {"run": _cmd_run, "report": _cmd_report, "neighbours": _cmd_neighbours}
+        return commands[args.command](args)
 
     return run_cli(lambda args: f"{PROG} {args.command}", lambda: parser.parse_args(argv), body)
 

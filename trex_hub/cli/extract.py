@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16/fp16 autocast is meant for CUDA")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--engine", choices=("torch", "onnxruntime"), default="torch",
+                   help="torch: the PyTorch fast path; onnxruntime: export the model to ONNX "
+                        "and run ONNX Runtime on the CPU (fp32; needs trex_hub[interop])")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (slow start; for long runs)")
     p.add_argument("--no-draft", dest="draft", action="store_false",
@@ -104,7 +107,7 @@ def collect(args: argparse.Namespace) -> list:
     return collect_inputs(args.inputs, extensions=args.extensions.split(","), labels=args.labels)
 
 
-def run_options(args: argparse.Namespace, device: str):
+def run_options(args: argparse.Namespace, device: str, engine=None):
     """The :class:`~trex_hub.extract_run.RunOptions` of a parsed command line."""
     from ..extract_run import RunOptions
 
@@ -113,7 +116,8 @@ def run_options(args: argparse.Namespace, device: str):
                       precision=args.precision, device=device, compile=args.compile,
                       draft=args.draft, max_pixels=args.max_pixels, chunk_size=args.chunk_size,
                       resume=args.resume, overwrite=args.overwrite, strict=args.strict,
-                      keep_parts=args.keep_parts, progress=args.progress and not args.quiet)
+                      keep_parts=args.keep_parts, progress=args.progress and not args.quiet,
+                      engine=engine)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -126,6 +130,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error("--batch-size and --chunk-size must be >= 1")
         if args.workers is not None and args.workers < 0:
             parser.error("--workers must be >= 0")
+        if args.engine == "onnxruntime" and (args.precision != "fp32" or args.compile
+                                             or args.device not in ("auto", "cpu")):
+            parser.error("--engine onnxruntime runs fp32 on the CPU: drop --precision, "
+                         "--compile and --device (or use --engine torch)")
         return args
 
     return run_cli(PROG, parse, lambda args: _main(args, rank, world, local_rank),
@@ -139,6 +147,7 @@ def _device(args: argparse.Namespace, world: int, local_rank: int) -> str:
 
     if args.device == "auto":
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        device = "cpu" if args.engine == "onnxruntime" else device
     else:
         device = args.device
         if world > 1 and device == "cuda":
@@ -198,8 +207,17 @@ def _main(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> i
             f"device {device}, {args.precision}" + (f", {world} processes" if world > 1 else ""))
         info = {"model": args.model, "head": args.head, "arch": getattr(model, "arch", None),
                 "inputs": [os.fspath(i) for i in args.inputs], "labels": args.labels}
-        with failing_on(ExtractError):
-            summary = extract_to_file(model, entries, args.output, run_options(args, device),
+        engine = None
+        if args.engine != "torch":
+            from ..onnx_export import engine_for
+
+            info["engine"] = args.engine
+            say("exporting the model to ONNX for ONNX Runtime")
+            with failing_on(ImportError):  # --engine onnxruntime without its packages
+                engine = engine_for(args.engine, model, threads=args.threads)
+        with failing_on(ExtractError, ImportError):
+            summary = extract_to_file(model, entries, args.output,
+                                      run_options(args, device, engine),
                                       rank=rank, world_size=world, barrier=barrier, info=info,
                                       log=say)
         if rank == 0 and summary.out is not None and summary.ok >= 0:

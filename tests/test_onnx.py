@@ -1,0 +1,168 @@
+"""ONNX export and the ONNX Runtime engine, with the real onnx / onnxscript / onnxruntime."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxscript")
+
+import factories as fx  # noqa: E402
+import trex_hub  # noqa: E402
+from http_server import FileServer  # noqa: E402
+from trex_hub.cli.download import main as download_main  # noqa: E402
+from trex_hub.cli.extract import main as extract_main  # noqa: E402
+from trex_hub.extract import read_features  # noqa: E402
+from trex_hub.model import TReX  # noqa: E402
+from trex_hub.onnx_export import OnnxRuntimeModel, export_onnx, read_onnx_metadata  # noqa: E402
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+PHOTOS = sorted(str(p) for p in SAMPLES.iterdir() if p.suffix in (".jpg", ".png"))
+REL = 1e-4  # ONNX Runtime vs PyTorch: max |a - b| <= REL * max |b|
+
+
+def rel_err(a, b) -> float:
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def photo_batch() -> torch.Tensor:
+    """The sample photos through the paper's transfer preprocessing, normalised."""
+    from PIL import Image
+
+    from trex_hub.transforms import build_transform
+
+    tf = build_transform("transfer")
+    return torch.stack([tf(Image.open(p).convert("RGB")) for p in PHOTOS])
+
+
+@pytest.fixture(scope="module")
+def downloaded(released_files, tmp_path_factory):
+    """``trex-download trex_star --to-onnx --to-timm`` from a loopback mirror (ResNet-50)."""
+    root = tmp_path_factory.mktemp("dl")
+    with FileServer(released_files) as srv:
+        code = download_main(["trex_star", "-q", "--base-url", srv.url, "--cache-dir",
+                              str(root / "cache"), "--to-onnx", str(root / "onnx"),
+                              "--to-timm", str(root / "timm")])
+    assert code == 0
+    model = trex_hub.load(released_files / "trexstar.pth")
+    return model, root
+
+
+@pytest.mark.slow  # a ResNet-50 export: 20-30 s on 2 busy cores
+def test_download_to_onnx_metadata_and_names(downloaded):
+    _, root = downloaded
+    path = root / "onnx" / "trex_star.onnx"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["trex_star.onnx"]  # one file
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    assert [i.name for i in proto.graph.input] == ["pixel_values"]
+    assert [o.name for o in proto.graph.output] == ["features"]
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 224, 224]
+    meta = read_onnx_metadata(path)
+    assert meta["model_name"] == "trex_star" and meta["arch"] == "resnet50"
+    assert meta["input_name"] == "pixel_values" and json.loads(meta["output_names"]) == ["features"]
+    assert meta["license"] == "cc-by-nc-sa-4.0"
+    pre = json.loads(meta["preprocess"])
+    assert (pre["resize"], pre["crop"], pre["interpolation"]) == (224, 224, "bicubic")
+    assert pre["mean"] == [0.485, 0.456, 0.406] and pre["std"] == [0.229, 0.224, 0.225]
+    assert (root / "timm" / "trex_star" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_onnxruntime_matches_pytorch_on_the_sample_photos(downloaded):
+    model, root = downloaded
+    x = photo_batch()
+    with torch.no_grad():
+        ref = model(x)
+    sess = ort.InferenceSession(str(root / "onnx" / "trex_star.onnx"),
+                                providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {"pixel_values": x.numpy()})
+    assert got.shape == (len(PHOTOS), 2048)
+    assert rel_err(got, ref) <= REL
+    (one,) = sess.run(None, {"pixel_values": x[:1].numpy()})  # the batch dimension is dynamic
+    assert rel_err(one, ref[:1]) <= REL
+
+
+def small_model() -> TReX:
+    torch.manual_seed(0)
+    model = TReX("resnet18", projector={"num_layers": 2, "hidden_dim": 64, "out_dim": 16},
+                 name="mini")
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def test_projector_head_parity_on_the_sample_photos(tmp_path):
+    model = small_model()
+    path = export_onnx(model, tmp_path / "mini.onnx", head="projector", opset=18)
+    proto = onnx.load(str(path))
+    assert [o.name for o in proto.graph.output] == ["features", "embeddings"]
+    assert {o.domain: o.version for o in proto.opset_import}[""] == 18
+    meta = read_onnx_metadata(path)
+    assert json.loads(meta["output_dims"]) == {"features": [512], "embeddings": [16]}
+    assert "license" not in meta  # not a registry model: no licence claimed
+    x = photo_batch()
+    with torch.no_grad():
+        feats, emb = model.forward_features(x), model(x)
+    runner = OnnxRuntimeModel(path)  # the last output by default: the projector's
+    assert runner.output == "embeddings" and runner.out_dim == 16
+    assert rel_err(runner(x), emb) <= REL
+    assert rel_err(OnnxRuntimeModel(path, output="features")(x), feats) <= REL
+    # uint8 NHWC batches are normalised like the PyTorch engine does it
+    u8 = torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8)
+    from trex_hub.inference import prepare
+
+    assert rel_err(runner(u8), prepare(model, fold_bn=False, channels_last=False)(u8)) <= REL
+    with pytest.raises(ValueError, match="no output 'logits'"):
+        OnnxRuntimeModel(path, output="logits")
+
+
+def test_static_batch(tmp_path):
+    model = TReX("resnet18").eval()
+    path = export_onnx(model, tmp_path / "static.onnx", dynamic_batch=False)
+    proto = onnx.load(str(path))
+    assert [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim] == \
+        [1, 3, 224, 224]
+    assert json.loads(read_onnx_metadata(path)["input_shape"]) == [1, 3, 224, 224]
+    x = photo_batch()[:1]
+    with torch.no_grad():
+        assert rel_err(OnnxRuntimeModel(path)(x), model(x)) <= REL
+
+
+def test_export_errors_are_clear(tmp_path):
+    backbone_only = TReX("resnet18")
+    with pytest.raises(ValueError, match="projector=True"):
+        export_onnx(backbone_only, tmp_path / "x.onnx", head="projector")
+    with pytest.raises(ValueError, match="use 'backbone' or 'projector'"):
+        export_onnx(backbone_only, tmp_path / "x.onnx", head="logits")
+    assert not list(tmp_path.iterdir())
+
+
+def test_trex_extract_engine_onnxruntime_matches_torch(tmp_path, capsys):
+    ckpt = tmp_path / "r18.pth"
+    fx.write_backbone_file(ckpt, arch="resnet18", seed=4)
+    common = [str(ckpt), str(SAMPLES), "--no-progress", "-q", "--threads", "1", "-b", "2"]
+    assert extract_main(common + ["-o", str(tmp_path / "torch.npy")]) == 0
+    assert extract_main(common + ["-o", str(tmp_path / "ort.npy"), "--engine",
+                                  "onnxruntime"]) == 0
+    ref, ref_rows = read_features(tmp_path / "torch.npy")
+    got, rows = read_features(tmp_path / "ort.npy")
+    assert rows == ref_rows and got.shape == (len(PHOTOS), 512)
+    assert np.abs(got - ref).max() <= REL * np.abs(ref).max()
+    meta = json.loads((tmp_path / "ort.meta.json").read_text())
+    assert meta["engine"] == "onnxruntime"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        extract_main(common + ["-o", str(tmp_path / "x.npy"), "--engine", "onnxruntime",
+                               "--precision", "bf16"])
+    assert exc.value.code == 2 and "runs fp32 on the CPU" in capsys.readouterr().err

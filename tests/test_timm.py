@@ -1,0 +1,185 @@
+"""timm interoperability with the real timm: export to timm's layout, load timm folders back."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+
+import factories as fx  # noqa: E402
+import trex_hub  # noqa: E402
+from http_server import HubServer  # noqa: E402
+from trex_hub.checkpoint import CheckpointError  # noqa: E402
+from trex_hub.model import TReX  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+X = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(3))
+TIMM_FILES = ("README.md", "config.json", "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def released_r50(tmp_path_factory):
+    """A generated ResNet-50 in the released backbone layout, loaded as trex_star's weights."""
+    path = tmp_path_factory.mktemp("r50") / "trexstar.pth"
+    fx.write_backbone_file(path, arch="resnet50", seed=7)
+    model = trex_hub.load(path)
+    model.pretrained_cfg["name"] = "trex_star"
+    return model
+
+
+@pytest.fixture(scope="module")
+def timm_folder(released_r50, tmp_path_factory):
+    return trex_hub.save_pretrained(released_r50, tmp_path_factory.mktemp("timm") / "trex_star",
+                                    format="timm")
+
+
+def reference(model: TReX) -> torch.Tensor:
+    with torch.no_grad():
+        return model(X)
+
+
+def test_timm_folder_files_and_config(timm_folder):
+    assert sorted(p.name for p in timm_folder.iterdir()) == list(TIMM_FILES)
+    cfg = json.loads((timm_folder / "config.json").read_text())
+    assert cfg["architecture"] == "resnet50" and cfg["num_classes"] == 0
+    assert cfg["num_features"] == 2048
+    pre = cfg["pretrained_cfg"]
+    assert pre["license"] == "cc-by-nc-sa-4.0"  # the registry's licence of trex_star
+    assert (pre["interpolation"], pre["crop_pct"], pre["crop_mode"]) == ("bicubic", 1.0, "center")
+    assert pre["input_size"] == [3, 224, 224]
+    card = (timm_folder / "README.md").read_text()
+    assert "library_name: timm" in card and "license: cc-by-nc-sa-4.0" in card
+
+
+def test_timm_loads_the_local_folder_with_identical_outputs(released_r50, timm_folder):
+    ref = reference(released_r50)
+    # timm's documented way of pointing a pretrained config at a file...
+    by_file = timm.create_model("resnet50", pretrained=True, num_classes=0,
+                                pretrained_cfg_overlay=dict(
+                                    file=str(timm_folder / "model.safetensors"))).eval()
+    # ...and the whole folder, config.json included
+    by_dir = timm.create_model(f"local-dir:{timm_folder}", pretrained=True, num_classes=0).eval()
+    for net in (by_file, by_dir):
+        assert net.num_features == 2048
+        with torch.no_grad():
+            assert (net(X) - ref).abs().max().item() <= 1e-5
+
+
+def test_timm_resolves_the_papers_transfer_preprocessing(timm_folder):
+    from PIL import Image
+
+    from trex_hub.transforms import build_transform
+
+    net = timm.create_model(f"local-dir:{timm_folder}", pretrained=True, num_classes=0)
+    cfg = timm.data.resolve_data_config({}, model=net)
+    assert cfg["input_size"] == (3, 224, 224) or list(cfg["input_size"]) == [3, 224, 224]
+    assert (cfg["interpolation"], cfg["crop_pct"], cfg["crop_mode"]) == ("bicubic", 1.0, "center")
+    assert tuple(cfg["mean"]) == (0.485, 0.456, 0.406)
+    assert tuple(cfg["std"]) == (0.229, 0.224, 0.225)
+    theirs = timm.data.create_transform(**cfg)
+    ours = build_transform("transfer")
+    for name in ("chelsea.jpg", "rocket.jpg"):
+        img = Image.open(SAMPLES / name).convert("RGB")
+        a, b = theirs(img), ours(img)
+        assert a.shape == b.shape == (3, 224, 224)
+        assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_timm_loads_through_the_hub_with_hf_endpoint(released_r50, timm_folder, tmp_path):
+    """The real timm client in a fresh process whose HF_ENDPOINT points at a loopback Hub."""
+    torch.save(X, tmp_path / "x.pt")
+    script = textwrap.dedent("""
+        import json, sys, torch, timm
+        net = timm.create_model("hf-hub:org/trex_star", pretrained=True, num_classes=0).eval()
+        with torch.no_grad():
+            y = net(torch.load(sys.argv[1]))
+        torch.save(y, sys.argv[2])
+        cfg = timm.data.resolve_data_config({}, model=net)
+        print(json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}))
+    """)
+    with HubServer() as hub:
+        hub.add("org/trex_star", {n: (timm_folder / n).read_bytes() for n in TIMM_FILES})
+        env = dict(os.environ, HF_ENDPOINT=hub.url.rstrip("/"), HF_HOME=str(tmp_path / "hf"),
+                   HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1")
+        for var in ("HF_HUB_CACHE", "HF_TOKEN", "HF_HUB_OFFLINE"):
+            env.pop(var, None)
+        res = subprocess.run([sys.executable, "-c", script, str(tmp_path / "x.pt"),
+                              str(tmp_path / "y.pt")], env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        served = {name for _, _, name in hub.downloads}
+    assert {"config.json", "model.safetensors"} <= served
+    y = torch.load(tmp_path / "y.pt")
+    assert (y - reference(released_r50)).abs().max().item() <= 1e-5
+    cfg = json.loads(res.stdout.strip().splitlines()[-1])
+    assert (cfg["interpolation"], cfg["crop_pct"]) == ("bicubic", 1.0)
+
+
+def test_trex_hub_loads_a_timm_folder_and_hub_repo(released_r50, timm_folder, tmp_path,
+                                                   monkeypatch):
+    ref = reference(released_r50)
+    local = trex_hub.load(timm_folder)
+    assert local.arch == "resnet50" and not local.has_projector
+    with torch.no_grad():
+        assert torch.equal(local(X), ref)
+    with HubServer() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url.rstrip("/"))
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+        hub.add("org/trex_star", {n: (timm_folder / n).read_bytes() for n in TIMM_FILES})
+        remote = trex_hub.load("hf-hub:org/trex_star")
+    with torch.no_grad():
+        assert torch.equal(remote(X), ref)
+
+
+def test_trex_hub_loads_a_folder_written_by_timm_itself(tmp_path):
+    """A timm ResNet-50 with its ImageNet classifier, saved by timm: trex_hub keeps the backbone."""
+    torch.manual_seed(0)
+    net = timm.create_model("resnet50", pretrained=False).eval()
+    timm.models.save_for_hf(net, tmp_path / "from_timm", safe_serialization=True)
+    model = trex_hub.load(tmp_path / "from_timm")
+    with torch.no_grad():
+        want = net.forward_head(net.forward_features(X), pre_logits=True)
+        assert (model(X) - want).abs().max().item() <= 1e-5
+
+
+def test_non_resnet_timm_folders_are_refused_clearly(tmp_path):
+    net = timm.create_model("resnet18d", pretrained=False, num_classes=0)
+    timm.models.save_for_hf(net, tmp_path / "d", safe_serialization=True)
+    with pytest.raises(CheckpointError, match="timm 'resnet18d' model is not a t-ReX backbone"):
+        trex_hub.load(tmp_path / "d")
+    # a config that claims the plain layout does not get past the key check
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    cfg["architecture"] = "resnet18"
+    (tmp_path / "d" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="not timm's plain resnet18 layout"):
+        trex_hub.load(tmp_path / "d")
+
+
+def test_unknown_save_format_is_an_error(released_r50, tmp_path):
+    with pytest.raises(ValueError, match="use 'trex_hub'"):
+        trex_hub.save_pretrained(released_r50, tmp_path / "x", format="keras")
+
+
+def test_trex_download_to_timm(released_files, tmp_path, capsys):
+    from http_server import FileServer
+    from trex_hub.cli.download import main
+
+    with FileServer(released_files) as srv:
+        code = main(["trex_star", "--base-url", srv.url, "--cache-dir", str(tmp_path / "c"),
+                     "--to-timm", str(tmp_path / "timm")])
+    assert code == 0
+    folder = tmp_path / "timm" / "trex_star"
+    assert f"wrote {folder}" in capsys.readouterr().out
+    ref = reference(trex_hub.load(released_files / "trexstar.pth"))
+    net = timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=0).eval()
+    with torch.no_grad():
+        assert (net(X) - ref).abs().max().item() <= 1e-5
