@@ -2,9 +2,11 @@
 import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from trex_hub.evaluation import metrics, protocol, report, results, search
 from trex_hub.evaluation.probes import cosine_lr, fit_logistic, fit_sgd_linear
@@ -332,3 +334,20 @@ def test_plot_legend_never_covers_a_bar(tmp_path):
     with Image.open(out) as im:  # saved with bbox_inches="tight": the legend is in the image
         w, h = im.size
     assert h > 4 * 120 * 0.9 and w > 100
+
+
+def test_resize_transform_is_the_transfer_preset_at_another_size():
+    """trex-eval --image-size builds its transform from the weights' preprocessing config."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from trex_hub.evaluation.features import build_resize_transform
+    from trex_hub.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+    img = Image.open(sorted(Path(__file__).parent.parent.joinpath("samples").glob("*.jpg"))[0])
+    img = img.convert("RGB")
+    ref = T.Compose([T.Resize(112, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+                     T.CenterCrop(112), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    got = build_resize_transform(112)(img)
+    assert got.shape == (3, 112, 112)
+    assert torch.equal(got, ref(img))

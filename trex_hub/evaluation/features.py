@@ -1,39 +1,28 @@
 """Frozen features of a labelled dataset, computed once per model with ``extract_features``."""
 from __future__ import annotations
 
-import inspect
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from dataclasses import replace
+from typing import Any, Callable, List, Optional
 
 import numpy as np
 import torch
 
 from ..extract import extract_features
-from ..transforms import open_image
+from ..preprocess import PRESETS
+from ..transforms import get_transform, open_image
 
 TRANSFER_SIZE = 224
 
 
-def build_resize_transform(image_size: int) -> Callable[[Any], torch.Tensor]:
-    """The transfer preset at another size: Resize(size, bicubic) -> CenterCrop(size) -> norm."""
-    from torchvision import transforms as T
-
-    from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
-
-    return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC,
-                               antialias=True),
-                      T.CenterCrop(image_size), T.ToTensor(),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
-def _extract_kwargs() -> Dict[str, Any]:
-    """Exact decoding (no reduced-scale JPEG drafts) where the extraction engine offers it."""
-    try:
-        params = inspect.signature(extract_features).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return {}
-    return {"draft": False} if "draft" in params else {}
+def build_resize_transform(image_size: int, model: Any = None) -> Callable[[Any], torch.Tensor]:
+    """The transfer preset at another size: Resize(size, bicubic) -> CenterCrop(size) -> the
+    weights' mean/std (``model``'s preprocessing when it carries one)."""
+    base = PRESETS["transfer"]
+    cfg = getattr(model, "preprocess_config", None) or base
+    return get_transform(replace(cfg, resize=image_size, crop=image_size,
+                                 interpolation=base.interpolation))
 
 
 def _chunk(items: Any, start: int, stop: int) -> List[Any]:
@@ -58,7 +47,7 @@ def compute_features(model: torch.nn.Module, items: Any, *, batch_size: int = 64
 
     n = len(items)
     chunk = chunk_size or max(4 * batch_size, 256)
-    tf = None if image_size == TRANSFER_SIZE else build_resize_transform(image_size)
+    tf = None if image_size == TRANSFER_SIZE else build_resize_transform(image_size, model)
     outs: List[np.ndarray] = []
     t0 = time.time()
     last = t0
@@ -69,7 +58,7 @@ def compute_features(model: torch.nn.Module, items: Any, *, batch_size: int = 64
             if tf is None:
                 feats = extract_features(model, part, batch_size=batch_size,
                                          preprocess="transfer", normalize=False, output="numpy",
-                                         num_workers=num_workers, **_extract_kwargs())
+                                         num_workers=num_workers, draft=False)
             else:
                 batch = torch.stack([tf(open_image(x, f"{what} item {s + i}"))
                                      for i, x in enumerate(part)])
