@@ -1,8 +1,8 @@
-"""Accuracy and the paper's log-odds aggregate (TREX_SPEC section 4)."""
+"""Accuracy and the paper's log-odds aggregate."""
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -14,17 +14,23 @@ import numpy as np
 LOG_ODDS_EPS = 5e-5
 
 
-def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
-    """Percentage (0-100) of rows whose true label is among the ``k`` highest scores.
-
-    ``k`` larger than the number of classes counts every row as correct.
-    """
+def _checked(scores: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """``[N, C]`` scores and ``[N]`` int64 labels, or a ValueError saying what does not fit."""
     scores = np.asarray(scores)
     labels = np.asarray(labels, dtype=np.int64)
     if scores.ndim != 2 or scores.shape[0] != labels.shape[0]:
         raise ValueError(f"scores {scores.shape} do not match labels {labels.shape}")
     if labels.size == 0:
         raise ValueError("no samples to score")
+    return scores, labels
+
+
+def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
+    """Percentage (0-100) of rows whose true label is among the ``k`` highest scores.
+
+    ``k`` larger than the number of classes counts every row as correct.
+    """
+    scores, labels = _checked(scores, labels)
     k = min(int(k), scores.shape[1])
     if k == 1:
         hit = scores.argmax(axis=1) == labels
@@ -39,12 +45,7 @@ def mean_per_class_accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
 
     The published code's "m-AP" (diagonal of the confusion matrix over its row sums, averaged).
     """
-    scores = np.asarray(scores)
-    labels = np.asarray(labels, dtype=np.int64)
-    if scores.ndim != 2 or scores.shape[0] != labels.shape[0]:
-        raise ValueError(f"scores {scores.shape} do not match labels {labels.shape}")
-    if labels.size == 0:
-        raise ValueError("no samples to score")
+    scores, labels = _checked(scores, labels)
     hit = scores.argmax(axis=1) == labels
     classes, inverse = np.unique(labels, return_inverse=True)
     per_class = np.bincount(inverse, weights=hit, minlength=len(classes)) / np.bincount(inverse)
