@@ -253,8 +253,9 @@ def gaussian_blur(images: torch.Tensor, params: np.ndarray, passes: int = 3) -> 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """``TF.normalize(TF.to_tensor(img), mean, std)`` of 8-bit levels (same float32 steps)."""
-    m = torch.as_tensor(mean, dtype=torch.float32).to(images.device).reshape(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32).to(images.device).reshape(1, -1, 1, 1)
+    m = torch.as_tensor(mean, dtype=torch.float32).to(images.device, non_blocking=True)
+    s = torch.as_tensor(std, dtype=torch.float32).to(images.device, non_blocking=True)
+    m, s = m.reshape(1, -1, 1, 1), s.reshape(1, -1, 1, 1)
     return images.div(255.0).sub_(m).div_(s)
 
 
