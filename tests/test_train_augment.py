@@ -215,3 +215,30 @@ def test_unreadable_file_is_named(tmp_path):
     ds = DecodedMultiCropDataset(data, MultiCrop(global_size=16, n_local=0), seed=0)
     with pytest.raises(Exception, match="broken.jpg"):
         ds[0]
+
+
+def test_persistent_workers_see_the_epoch(photo_data):
+    """Loader workers live across epochs; the sampler hands them the epoch with every index, so
+    their crops equal those made in the main process (and differ between epochs)."""
+    import argparse
+
+    from trex_hub.train.data import build_train_loader
+
+    def crops(workers, aug):
+        args = argparse.Namespace(global_size=24, global_scale=(0.25, 1.0), global_crops=1,
+                                  local_size=12, local_scale=(0.05, 0.25), local_crops=1,
+                                  blur_radius=(0.1, 2.0), simple_aug=False, aug=aug, seed=4,
+                                  batch_size=4, workers=workers, prefetch_factor=2)
+        data = build_train_loader(args, photo_data, torch.device("cpu"))
+        out = []
+        for epoch in range(2):
+            data.sampler.set_epoch(epoch)
+            for batch in data.loader:
+                out.append(data.augment(batch)[0][0] if data.augment else batch[0][0])
+        return out
+
+    for aug in ("cpu", "gpu"):
+        inline, workers = crops(0, aug), crops(2, aug)
+        assert len(inline) == 8
+        assert all(torch.equal(a, b) for a, b in zip(inline, workers)), aug
+        assert not torch.equal(inline[0], inline[4])
