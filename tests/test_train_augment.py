@@ -208,6 +208,24 @@ def test_draft_only_where_exact_enough(tmp_path):
     assert draft_factor([CropParams((0, 0, 4000, 4000))], [224]) == 8
 
 
+def test_exif_orientation_is_applied_before_drawing(tmp_path):
+    """A JPEG stored sideways with an EXIF orientation: both paths crop the upright image."""
+    rng = np.random.default_rng(4)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    path = tmp_path / "sideways.jpg"
+    Image.fromarray(_photo_like(rng, 30, 50)).save(path, exif=exif, quality=95)
+    data = LabeledImages([str(path)], np.zeros(1), ["a"])
+    mc = MultiCrop(global_size=16, local_size=8, n_local=2)
+    chw, rows, _ = DecodedMultiCropDataset(data, mc, seed=0)[0]
+    assert tuple(chw.shape) == (3, 50, 30)
+    want = mc.draw(30, 50, sample_rng(0, 0, 0))
+    assert [tuple(int(v) for v in r[:4]) for r in rows.numpy()] == [p.box for p in want]
+    crops, _ = BatchAugment(mc, "cpu")(collate_decoded([(chw, rows, 0)]))
+    ref = MultiCropDataset(ImageDataset(data), mc, seed=0)[0][0]
+    assert ((crops[0][0] - ref[0]) * STD[0] * 255).abs().max() <= 8.01
+
+
 def test_unreadable_file_is_named(tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg")

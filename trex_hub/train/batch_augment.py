@@ -80,36 +80,39 @@ class DecodedMultiCropDataset(MultiCropDataset):
         self.draft = bool(draft)
         self.sizes = [spec.size for spec in transform.specs]
 
-    def _decode(self, item: Any, what: str, rng) -> Tuple[np.ndarray, List[CropParams], float,
-                                                         float]:
+    def _decode(self, item: Any, what: str, epoch: int,
+                index: int) -> Tuple[np.ndarray, List[CropParams], float, float]:
         from ..transforms import open_image, to_rgb
 
         if isinstance(item, (str, bytes)) or hasattr(item, "__fspath__"):
             try:
                 with Image.open(item) as img:
-                    w, h = img.size
+                    raw_w, raw_h = img.size
                     limit = Image.MAX_IMAGE_PIXELS
-                    if limit and w * h > limit:
+                    if limit and raw_w * raw_h > limit:
                         raise ValueError("over the pixel limit")
-                    params = self.transform.draw(w, h, rng)
+                    # to_rgb applies the EXIF orientation: draw on the size the PIL path sees
+                    turned = img.getexif().get(0x0112) in (5, 6, 7, 8)
+                    w, h = (raw_h, raw_w) if turned else (raw_w, raw_h)
+                    params = self.transform.draw(w, h, sample_rng(self.seed, epoch, index))
                     r = draft_factor(params, self.sizes) if (self.draft and
                                                              img.format == "JPEG") else 1
                     if r > 1:
-                        img.draft("RGB", (math.ceil(w / r), math.ceil(h / r)))
+                        img.draft("RGB", (math.ceil(raw_w / r), math.ceil(raw_h / r)))
                     img.load()
                     rgb = to_rgb(img)
                     return np.asarray(rgb), params, rgb.width / w, rgb.height / h
             except Exception:
                 pass  # open_image below names the file and the problem (or reads it after all)
-        img = open_image(item, what)
-        params = self.transform.draw(img.width, img.height, rng)
+        img = open_image(item, what)  # a fresh generator: the draws above may be half done
+        params = self.transform.draw(img.width, img.height, sample_rng(self.seed, epoch, index))
         return np.asarray(img), params, 1.0, 1.0
 
     def __getitem__(self, item: Any):
         epoch, index = self.split_index(item)
-        rng = sample_rng(self.seed, epoch, index)
         name = getattr(self.base, "name", None) or "dataset"
-        arr, params, sx, sy = self._decode(self.base.items[index], f"{name} item {index}", rng)
+        arr, params, sx, sy = self._decode(self.base.items[index], f"{name} item {index}", epoch,
+                                           index)
         chw = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
         return chw, torch.from_numpy(pack_params(params, sx, sy)), int(self.base.labels[index])
 
