@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-local test test-slow bench clean
+.PHONY: install demo demo-local test test-slow bench bench-train clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ test-slow: install
 
 bench: install
 	$(PY) benchmarks/extract_bench.py
+
+# Training throughput: the naive supervised loop against trex-train's presets (small on CPU, the
+# issue's H100 setting on CUDA); the table goes into docs/benchmarks.md ("Training").
+bench-train: install
+	$(PY) benchmarks/train_bench.py --write-docs docs/benchmarks.md
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

@@ -18,7 +18,7 @@ PKG = Path(__file__).resolve().parent.parent / "trex_hub"
 ALLOWED_UPWARD = {("trex_hub.model", "trex_hub.extract")}
 
 # Modules still over the size limit, owned by other work in progress; the lead trims this list.
-OVERSIZED_ELSEWHERE = {"trex_hub/train/loop.py"}
+OVERSIZED_ELSEWHERE: set = set()
 MAX_LINES = 450
 
 

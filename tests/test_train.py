@@ -221,3 +221,31 @@ def test_multicrop_dataset_is_seeded_per_epoch_and_index():
     assert a[1] == 2 and torch.equal(a[0][0], ds[2][0][0])
     ds.set_epoch(1)
     assert not torch.equal(a[0][0], ds[2][0][0])
+
+
+# --------------------------------------------------------------------- syncs and the memory
+def test_memory_pointer_follows_a_loaded_state():
+    mem = MemoryBank(size=10, dim=2, num_classes=3)
+    mem.update(torch.ones(4, 2), torch.zeros(4, dtype=torch.long))
+    state = {k: v.clone() for k, v in mem.state_dict().items()}
+    mem.update(torch.ones(3, 2), torch.zeros(3, dtype=torch.long))
+    assert mem.ptr.item() == 7
+    mem.load_state_dict(state)  # back to ptr 4: the host mirror must not keep 7
+    mem.update(torch.full((2, 2), 5.0), torch.ones(2, dtype=torch.long))
+    assert mem.ptr.item() == 6 and mem.features[4:6, 0].tolist() == [5.0, 5.0]
+
+
+def test_loss_guard_names_the_first_bad_step_when_read_late(tmp_path):
+    from trex_hub.train.loop import LossGuard, TrainingError
+
+    guard = LossGuard(torch.device("cpu"), distributed=False)
+    sched = np.linspace(0.1, 0.0, 20)
+    for step, value in enumerate([1.0, 2.0, float("inf"), float("nan"), 3.0]):
+        guard.observe(torch.tensor(value), step)
+        if step == 1:
+            guard.check(step, 8, sched, tmp_path / "ckpt.pth")  # fine so far
+    with pytest.raises(TrainingError) as err:
+        guard.check(12, 8, sched, tmp_path / "ckpt.pth")
+    msg = str(err.value)
+    assert "non-finite loss (inf) at epoch 1, iteration 2 (read 10 step(s) later)" in msg
+    assert f"lr {sched[2]:.4g}" in msg and "ckpt.pth" in msg

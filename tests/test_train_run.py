@@ -115,6 +115,27 @@ def test_resume_is_bit_for_bit(straight_run, folder, tmp_path):
     assert [strip(r) for r in la] == [strip(r) for r in lb]
 
 
+def test_batched_augmentation_run_resumes_bit_for_bit(folder, tmp_path):
+    """--aug gpu on a CPU-only machine runs the batched tensor path on the CPU, here with a
+    channels_last network: resume stays bit-for-bit, the checkpoint keeps the plain layout."""
+    extra = ("--aug", "gpu", "--channels-last", "on")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # many small tensor ops: a second thread only waits on a busy box
+    try:
+        assert main(small_args(folder, straight, *extra)) == 0
+        assert main(small_args(folder, resumed, *extra, "--stop-after-epoch", "1")) == 0
+        assert main(small_args(folder, resumed, *extra, "--resume")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    a, b = torch_load(straight / "checkpoint.pth"), torch_load(resumed / "checkpoint.pth")
+    for k in a["model"]:
+        assert a["model"][k].is_contiguous(), k
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for i, st in a["optimizer"]["state"].items():
+        assert torch.equal(st["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"])
+
+
 def test_resume_refuses_a_different_schedule(straight_run, folder, tmp_path, capsys):
     import shutil
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, List, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image, ImageFilter, ImageOps
@@ -63,16 +63,25 @@ def resized_crop(img: Image.Image, size: int, scale: Tuple[float, float],
     return img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
 
 
-def color_jitter(img: Image.Image, rng: random.Random, brightness: float = 0.4,
-                 contrast: float = 0.4, saturation: float = 0.2, hue: float = 0.1) -> Image.Image:
-    """torchvision's ColorJitter semantics with our RNG: factors uniform in ``[1-x, 1+x]`` (hue
-    in ``[-hue, hue]``), applied in a random order."""
+JitterParams = Tuple[Tuple[int, ...], float, float, float, float]  # order, b, c, s, h
+
+
+def draw_jitter(rng: random.Random, brightness: float = 0.4, contrast: float = 0.4,
+                saturation: float = 0.2, hue: float = 0.1) -> JitterParams:
+    """torchvision's ColorJitter draws with our RNG: the order of the four operations (0
+    brightness, 1 contrast, 2 saturation, 3 hue), then factors uniform in ``[1-x, 1+x]`` (hue in
+    ``[-hue, hue]``)."""
     order = list(range(4))
     rng.shuffle(order)
     b = rng.uniform(max(0.0, 1 - brightness), 1 + brightness)
     c = rng.uniform(max(0.0, 1 - contrast), 1 + contrast)
     s = rng.uniform(max(0.0, 1 - saturation), 1 + saturation)
     h = rng.uniform(-hue, hue)
+    return tuple(order), b, c, s, h
+
+
+def apply_jitter(img: Image.Image, params: JitterParams) -> Image.Image:
+    order, b, c, s, h = params
     for op in order:
         if op == 0:
             img = TF.adjust_brightness(img, b)
@@ -83,6 +92,13 @@ def color_jitter(img: Image.Image, rng: random.Random, brightness: float = 0.4,
         else:
             img = TF.adjust_hue(img, h)
     return img
+
+
+def color_jitter(img: Image.Image, rng: random.Random, brightness: float = 0.4,
+                 contrast: float = 0.4, saturation: float = 0.2, hue: float = 0.1) -> Image.Image:
+    """torchvision's ColorJitter semantics with our RNG: factors uniform in ``[1-x, 1+x]`` (hue
+    in ``[-hue, hue]``), applied in a random order."""
+    return apply_jitter(img, draw_jitter(rng, brightness, contrast, saturation, hue))
 
 
 @dataclass
@@ -116,24 +132,65 @@ class MultiCrop:
         self.blur_radius = (float(blur_radius[0]), float(blur_radius[1]))
         self.mean, self.std = list(mean), list(std)
 
-    def crop(self, img: Image.Image, spec: CropSpec, rng: random.Random) -> torch.Tensor:
-        out = resized_crop(img, spec.size, spec.scale, rng)
-        if rng.random() < 0.5:
+    def draw(self, width: int, height: int, rng: random.Random) -> List["CropParams"]:
+        """Every random parameter of the crops of one ``width`` x ``height`` image, in the order
+        the recipe consumes ``rng`` (the PIL and the batched tensor paths both start here)."""
+        return [draw_crop_params(width, height, spec, rng, self.blur_radius)
+                for spec in self.specs]
+
+    def apply(self, img: Image.Image, spec: CropSpec, params: "CropParams") -> torch.Tensor:
+        """One crop with PIL (image in, normalised float tensor out)."""
+        top, left, h, w = params.box
+        out = img.resize((spec.size, spec.size), Image.BICUBIC,
+                         box=(left, top, left + w, top + h))
+        if params.flip:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
-        if spec.photometric:
-            if rng.random() < 0.8:
-                out = color_jitter(out, rng)
-            if rng.random() < 0.2:
-                out = out.convert("L").convert("RGB")
-            if rng.random() < spec.blur_p:
-                radius = rng.uniform(*self.blur_radius)
-                out = out.filter(ImageFilter.GaussianBlur(radius=radius))
-            if rng.random() < spec.solarize_p:
-                out = ImageOps.solarize(out, threshold=128)
+        if params.jitter is not None:
+            out = apply_jitter(out, params.jitter)
+        if params.gray:
+            out = out.convert("L").convert("RGB")
+        if params.blur is not None:
+            out = out.filter(ImageFilter.GaussianBlur(radius=params.blur))
+        if params.solarize:
+            out = ImageOps.solarize(out, threshold=128)
         return TF.normalize(TF.to_tensor(out), self.mean, self.std)
+
+    def crop(self, img: Image.Image, spec: CropSpec, rng: random.Random) -> torch.Tensor:
+        params = draw_crop_params(img.width, img.height, spec, rng, self.blur_radius)
+        return self.apply(img, spec, params)
 
     def __call__(self, img: Image.Image, rng: random.Random) -> List[torch.Tensor]:
         return [self.crop(img, spec, rng) for spec in self.specs]
+
+
+@dataclass
+class CropParams:
+    """The random draws of one crop: ``box`` = (top, left, height, width) in pixels of the
+    image it was drawn for; ``jitter`` None = no colour jitter; ``blur`` None or the radius."""
+
+    box: Tuple[int, int, int, int]
+    flip: bool = False
+    jitter: Optional[JitterParams] = None
+    gray: bool = False
+    blur: Optional[float] = None
+    solarize: bool = False
+
+
+def draw_crop_params(width: int, height: int, spec: CropSpec, rng: random.Random,
+                     blur_radius: Tuple[float, float] = (0.1, 2.0)) -> CropParams:
+    """Draw one crop's parameters: crop box, flip p=0.5, then (photometric crops) jitter p=0.8,
+    grayscale p=0.2, blur ``spec.blur_p``, solarise ``spec.solarize_p``; one ``rng.random()``
+    per coin even when its probability is 0, so every crop type consumes ``rng`` alike."""
+    params = CropParams(sample_crop_box(width, height, spec.scale, rng))
+    params.flip = rng.random() < 0.5
+    if spec.photometric:
+        if rng.random() < 0.8:
+            params.jitter = draw_jitter(rng)
+        params.gray = rng.random() < 0.2
+        if rng.random() < spec.blur_p:
+            params.blur = rng.uniform(*blur_radius)
+        params.solarize = rng.random() < spec.solarize_p
+    return params
 
 
 def eval_transform(size: int):
@@ -151,7 +208,12 @@ def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
 
 
 class MultiCropDataset(torch.utils.data.Dataset):
-    """``(list of crops, label)`` from a dataset of ``(RGB PIL image, label)``."""
+    """``(list of crops, label)`` from a dataset of ``(RGB PIL image, label)``.
+
+    The index may be ``(epoch, index)`` (what :class:`EpochSampler` yields): loader workers that
+    live across epochs (``persistent_workers``) never see :meth:`set_epoch`, the sampler's
+    indices do carry the epoch.
+    """
 
     def __init__(self, base: Any, transform: MultiCrop, seed: int = 0):
         self.base, self.transform, self.seed = base, transform, int(seed)
@@ -163,10 +225,36 @@ class MultiCropDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, index: int):
+    def split_index(self, item: Any) -> Tuple[int, int]:
+        if isinstance(item, (tuple, list)):
+            return int(item[0]), int(item[1])
+        return self.epoch, int(item)
+
+    def __getitem__(self, item: Any):
+        epoch, index = self.split_index(item)
         img, label = self.base[index]
-        return self.transform(img, sample_rng(self.seed, self.epoch, index)), int(label)
+        return self.transform(img, sample_rng(self.seed, epoch, index)), int(label)
 
 
-__all__ = ["MultiCrop", "MultiCropDataset", "CropSpec", "sample_crop_box", "color_jitter",
+class EpochSampler(torch.utils.data.Sampler):
+    """Wraps a sampler with ``set_epoch`` (e.g. ``DistributedSampler``): yields
+    ``(epoch, index)``, so the per-(seed, epoch, index) crops are right in persistent workers."""
+
+    def __init__(self, sampler: Any):
+        self.sampler, self.epoch = sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((epoch, int(i)) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+__all__ = ["MultiCrop", "MultiCropDataset", "EpochSampler", "CropSpec", "CropParams",
+           "sample_crop_box", "draw_crop_params", "draw_jitter", "apply_jitter", "color_jitter",
            "eval_transform", "sample_rng"]

@@ -103,6 +103,8 @@ def build_parser(prog: str = "trex-train") -> argparse.ArgumentParser:
                         "--seed so that runs with different seeds see the same images)")
     g.add_argument("--no-val", action="store_true", help="skip validation")
     g.add_argument("--workers", type=int, default=8, help="data-loader processes per GPU/process")
+    g.add_argument("--prefetch-factor", type=int, default=4,
+                   help="batches each (persistent) loader worker prepares ahead (4)")
 
     g = p.add_argument_group("network")
     g.add_argument("--arch", default="resnet50", choices=ARCHS)
@@ -134,6 +136,14 @@ def build_parser(prog: str = "trex-train") -> argparse.ArgumentParser:
                    metavar=("MIN", "MAX"), help="Gaussian blur radius range in pixels (0.1 2.0)")
     g.add_argument("--simple-aug", action="store_true", default=None,
                    help="crop + flip only (no colour jitter, grayscale, blur, solarise)")
+    g.add_argument("--aug", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="where the crops are made: cpu = PIL in the loader workers; gpu = the "
+                        "workers only decode, the crops are made batched on the training device "
+                        "(on a CPU-only machine: batched on the CPU); auto = gpu on CUDA, cpu "
+                        "elsewhere. Same random draws either way (docs/training.md)")
+    g.add_argument("--no-jpeg-draft", action="store_true",
+                   help="--aug gpu: always decode JPEGs at full size (by default a large JPEG is "
+                        "decoded at 1/2-1/8 scale when every crop still shrinks >= 2x after it)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=100)
@@ -168,7 +178,14 @@ def build_parser(prog: str = "trex-train") -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     g.add_argument("--deterministic", action="store_true",
-                   help="deterministic cuDNN kernels (slower; CPU runs are deterministic anyway)")
+                   help="deterministic cuDNN / CUDA kernels, no cuDNN autotuning (slower; CPU "
+                        "runs are deterministic anyway)")
+    g.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
+                   help="NHWC network and crops (auto: on with CUDA)")
+    g.add_argument("--check-finite-every", type=int, default=0, metavar="N",
+                   help="read the non-finite-loss flag every N steps (0 = auto: every step on "
+                        "CPU, 50 on CUDA, where each read waits for the GPU); the error names "
+                        "the first bad step however late it is noticed")
     g.add_argument("--print-freq", type=int, default=50, help="progress line every N steps")
     g.add_argument("--stop-after-epoch", type=int, default=None,
                    help="exit after this epoch as if interrupted (the schedule still spans "

@@ -12,7 +12,6 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -20,145 +19,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Subset
 
-from .augment import MultiCrop, MultiCropDataset, eval_transform
+from .augment import eval_transform
 from .config import plain_namespace, projector_config
+from .data import build_train_loader, load_data
 from .module import TrainModule, param_groups
+from .runtime import (CHECKPOINT_NAME, DistEnv, TrainingError, all_gather_cat, all_gather_objects,
+                      checkpoint_dict, resume_from, rng_state, save_checkpoint, set_rng_state,
+                      setup_distributed)
 from .schedule import lr_schedule, peak_lr
 
-CHECKPOINT_NAME = "checkpoint.pth"
 LOG_NAME = "log.jsonl"
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on; the message says why and what to change."""
-
-
-# ---------------------------------------------------------------------------------------------
-# processes and devices
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class DistEnv:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    backend: Optional[str] = None
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str = "auto") -> DistEnv:
-    """Read the torchrun environment and start the process group (NCCL on CUDA, gloo on CPU)."""
-    if device == "auto":
-        use_cuda = torch.cuda.is_available()
-    elif device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise TrainingError(f"--device {device} was asked for but CUDA is not available; "
-                                "use --device cpu")
-        use_cuda = True
-    elif device == "cpu":
-        use_cuda = False
-    else:
-        raise TrainingError(f"unknown --device '{device}' (auto, cpu or cuda)")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
-    else:
-        dev = torch.device("cpu")
-    env = DistEnv(rank, world, local, dev)
-    if world > 1:
-        env.backend = "nccl" if use_cuda else "gloo"
-        if not dist.is_initialized():
-            dist.init_process_group(backend=env.backend)
-    return env
-
-
-def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate every process's ``tensor`` in rank order (same shape on every rank)."""
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts, dim=0)
-
-
-def _all_gather_objects(obj: Any, env: DistEnv) -> List[Any]:
-    if not env.distributed:
-        return [obj]
-    out: List[Any] = [None] * env.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# RNG states (plain tensors / tuples only: the checkpoint stays weights_only-loadable)
-# ---------------------------------------------------------------------------------------------
-def rng_state(device: torch.device) -> Dict[str, Any]:
-    np_state = np.random.get_state()
-    state: Dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
-                  "cached_gaussian": float(np_state[4])},
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    npst = state["numpy"]
-    np.random.set_state(("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"],
-                         npst["has_gauss"], npst["cached_gaussian"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
-
-
-# ---------------------------------------------------------------------------------------------
-# data
-# ---------------------------------------------------------------------------------------------
-def load_data(args: argparse.Namespace):
-    """(train, val or None) as :class:`trex_hub.datasets.LabeledImages`."""
-    from .. import datasets as ds
-
-    try:
-        if args.dataset == "fashion-mnist":
-            train = ds.load_fashion_mnist(args.data, "train", classes=args.classes,
-                                          limit=args.train_limit, seed=args.data_seed)
-            val = None if args.no_val else ds.load_fashion_mnist(
-                args.data, "test", classes=args.classes, limit=args.val_limit,
-                seed=args.data_seed)
-        else:
-            if not args.data:
-                raise TrainingError("--data is required: an ImageFolder root with train/ and val/ "
-                                    "class folders (or --dataset fashion-mnist)")
-            parts = ds.load_image_folder(args.data, classes=args.classes, seed=args.data_seed)
-            train, val = parts["train"], (None if args.no_val else parts["test"])
-            if args.train_limit:
-                train = train.subset(ds.balanced_subset(train.labels, args.train_limit,
-                                                        args.data_seed))
-            if val is not None and args.val_limit:
-                val = val.subset(ds.balanced_subset(val.labels, args.val_limit, args.data_seed))
-    except (ds.DatasetError, ValueError) as exc:
-        if isinstance(exc, TrainingError):
-            raise
-        raise TrainingError(str(exc)) from None
-    if len(train) == 0:
-        raise TrainingError("the training set is empty")
-    return train, val
 
 
 def _amp(args: argparse.Namespace, device: torch.device) -> Tuple[str, Optional[torch.dtype]]:
@@ -170,6 +42,64 @@ def _amp(args: argparse.Namespace, device: torch.device) -> Tuple[str, Optional[
     return mode, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mode)
 
 
+def _channels_last(args: argparse.Namespace, device: torch.device) -> bool:
+    mode = getattr(args, "channels_last", "auto")
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
+
+
+def _check_every(args: argparse.Namespace, device: torch.device) -> int:
+    """Steps between reads of the non-finite-loss flag: every step on CPU (reading is free
+    there), ``--check-finite-every`` (default 50) on CUDA, where each read waits for the GPU."""
+    every = int(getattr(args, "check_finite_every", 0) or 0)
+    if every <= 0:
+        every = 50 if device.type == "cuda" else 1
+    return every
+
+
+def _optimizer(module: TrainModule, args: argparse.Namespace,
+               device: torch.device) -> torch.optim.Optimizer:
+    """SGD; on CUDA the fused kernel (one launch for all parameters, and GradScaler hands it the
+    inf check on the device instead of reading it every step). The CPU keeps the per-parameter
+    loop, whose results the CPU tests pin down."""
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.SGD(param_groups(module, args.weight_decay, not args.wd_all), lr=0.0,
+                           momentum=args.momentum, nesterov=False, **extra)
+
+
+class LossGuard:
+    """Non-finite loss detection without a host sync per step: each step's verdict stays on the
+    device (the first bad step and its loss); :meth:`check` reads it (and combines the processes)
+    and raises :class:`TrainingError` naming the first bad step."""
+
+    def __init__(self, device: torch.device, distributed: bool):
+        self.first = torch.full((), -1, dtype=torch.int64, device=device)
+        self.value = torch.zeros((), dtype=torch.float32, device=device)
+        self.distributed = distributed
+
+    def observe(self, loss: torch.Tensor, step: int) -> None:
+        loss = loss.detach().float()
+        new = (~torch.isfinite(loss)) & (self.first < 0)
+        self.first = torch.where(new, torch.full_like(self.first, step), self.first)
+        self.value = torch.where(new, loss, self.value)
+
+    def check(self, now: int, niter: int, schedule: np.ndarray, checkpoint: Path) -> None:
+        first = self.first
+        if self.distributed:  # the earliest bad step of any process; every process stops
+            big = torch.iinfo(torch.int64).max
+            first = torch.where(first < 0, torch.full_like(first, big), first).clone()
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+            first = torch.where(first == big, torch.full_like(first, -1), first)
+        step = int(first.item())
+        if step < 0:
+            return
+        value = float(self.value.item()) if int(self.first.item()) == step else float("nan")
+        late = "" if step == now else f" (read {now - step} step(s) later)"
+        raise TrainingError(
+            f"non-finite loss ({value}) at epoch {step // niter + 1}, iteration {step % niter}"
+            f"{late} (lr {float(schedule[step]):.4g}); stopping. Lower --lr, check the data, or "
+            f"use --amp none. The last good checkpoint is {checkpoint}")
+
+
 def _use_sync_bn(args: argparse.Namespace, env: DistEnv) -> bool:
     if args.sync_bn == "off" or not env.distributed:
         return False
@@ -179,59 +109,6 @@ def _use_sync_bn(args: argparse.Namespace, env: DistEnv) -> bool:
                                 "CPU each process normalises with its own batch statistics")
         return False
     return True
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoints
-# ---------------------------------------------------------------------------------------------
-def checkpoint_dict(module: TrainModule, optimizer: torch.optim.Optimizer, scaler: Any,
-                    epoch: int, args: argparse.Namespace, rng_states: List[Any]) -> Dict[str, Any]:
-    """The released full-checkpoint layout (+ ``rng_states``, one entry per process)."""
-    model = {f"module.{k}": v.detach().cpu() for k, v in module.state_dict().items()}
-    return {"model": model, "optimizer": optimizer.state_dict(), "epoch": int(epoch),
-            "args": args, "fp16_scaler": scaler.state_dict(), "rng_states": rng_states}
-
-
-def save_checkpoint(obj: Dict[str, Any], path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename (atomic)."""
-    from ..fileio import atomic_write
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda fh: torch.save(obj, fh))
-
-
-def resume_from(path: Path, module: TrainModule, optimizer: torch.optim.Optimizer, scaler: Any,
-                schedule: np.ndarray, env: DistEnv) -> int:
-    """Load a checkpoint written by this loop; returns the number of epochs already done."""
-    from ..checkpoint import CheckpointError, torch_load
-
-    try:
-        ckpt = torch_load(path)
-    except CheckpointError as exc:
-        raise TrainingError(f"cannot resume: {exc}") from None
-    saved = ckpt.get("args")
-    old = getattr(saved, "lr_schedule", None)
-    if old is None or len(old) != len(schedule) or not np.array_equal(old, schedule):
-        raise TrainingError(
-            f"cannot resume from {path}: its lr schedule ({0 if old is None else len(old)} "
-            f"iterations) differs from this run's ({len(schedule)}); resume with the same "
-            "--epochs, --batch-size, number of processes, --lr, --warm-up and data")
-    state = {k[len("module."):] if k.startswith("module.") else k: v
-             for k, v in ckpt["model"].items()}
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise TrainingError(f"cannot resume from {path}: the network differs ({exc})") from None
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt.get("fp16_scaler"):
-        scaler.load_state_dict(ckpt["fp16_scaler"])
-    states = ckpt.get("rng_states") or []
-    if len(states) == env.world_size:
-        set_rng_state(states[env.rank], env.device)
-    elif env.is_main:
-        print(f"[trex-train] {path} holds RNG states of {len(states)} processes, this run has "
-              f"{env.world_size}: RNG states not restored", file=sys.stderr)
-    return int(ckpt["epoch"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,8 +129,10 @@ def evaluate(module: TrainModule, val_data: Any, args: argparse.Namespace, env: 
     net.eval()
     protos = module.memory.prototypes() if module.memory is not None else None
     counts = torch.zeros(2, dtype=torch.float64, device=env.device)
+    fmt = torch.channels_last if _channels_last(args, env.device) else torch.preserve_format
     for images, labels in loader:
-        images, labels = images.to(env.device, non_blocking=True), labels.to(env.device)
+        images = images.to(env.device, non_blocking=True, memory_format=fmt)
+        labels = labels.to(env.device, non_blocking=True)
         with torch.autocast(env.device.type, dtype=amp_dtype or torch.float32,
                             enabled=amp_dtype is not None):
             logits = module.logits(net([images]), protos)
@@ -276,9 +155,12 @@ def _log(env: DistEnv, msg: str) -> None:
 def train(args: argparse.Namespace) -> Dict[str, Any]:
     """Run (or continue) a training; returns the last epoch's log record."""
     env = setup_distributed(args.device)
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
     try:
         return _train(args, env)
     finally:
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         if env.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -287,26 +169,24 @@ def _train(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
     out_dir = Path(args.output_dir)
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+    cuda = env.device.type == "cuda"
+    if cuda and args.deterministic:  # cuBLAS needs this before its first handle
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    if env.device.type == "cuda":
+    if cuda:
         torch.backends.cudnn.benchmark = not args.deterministic
         torch.backends.cudnn.deterministic = bool(args.deterministic)
+        if args.deterministic:  # e.g. index_add_ (prototypes) takes its deterministic kernel
+            torch.use_deterministic_algorithms(True, warn_only=True)
 
     train_data, val_data = load_data(args)
-    from ..datasets import ImageDataset
-
-    crops = MultiCrop(global_size=args.global_size, global_scale=args.global_scale,
-                      n_global=args.global_crops, local_size=args.local_size,
-                      local_scale=args.local_scale, n_local=args.local_crops,
-                      blur_radius=args.blur_radius, simple=bool(args.simple_aug))
-    train_ds = MultiCropDataset(ImageDataset(train_data), crops, seed=args.seed)
-    sampler = DistributedSampler(train_ds, num_replicas=env.world_size, rank=env.rank,
-                                 shuffle=True, seed=args.seed, drop_last=True)
-    loader = DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler,
-                        num_workers=args.workers, pin_memory=env.device.type == "cuda",
-                        drop_last=True)
+    channels_last = _channels_last(args, env.device)
+    fmt = torch.channels_last if channels_last else torch.preserve_format
+    data = build_train_loader(args, train_data, env.device, env.rank, env.world_size,
+                              channels_last)
+    loader, train_ds, sampler = data.loader, data.dataset, data.sampler
     niter = len(loader)
     global_batch = args.batch_size * env.world_size
     if niter == 0:
@@ -323,9 +203,11 @@ def _train(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
     sync_bn = _use_sync_bn(args, env)
     if sync_bn:
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    module.to(env.device)
-    optimizer = torch.optim.SGD(param_groups(module, args.weight_decay, not args.wd_all), lr=0.0,
-                                momentum=args.momentum, nesterov=False)
+    if channels_last:  # 4-D weights in NHWC: cuDNN's fast convolutions, no layout copies
+        module.to(env.device, memory_format=torch.channels_last)
+    else:
+        module.to(env.device)
+    optimizer = _optimizer(module, args, env.device)
     amp_mode, amp_dtype = _amp(args, env.device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_mode == "fp16")
 
@@ -344,15 +226,17 @@ def _train(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
     gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     if env.distributed:
         net = nn.parallel.DistributedDataParallel(
-            module, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+            module, device_ids=[env.local_rank] if cuda else None)
         gather = all_gather_cat
     bn_note = ("SyncBatchNorm" if sync_bn else
                "per-process BatchNorm (SyncBatchNorm needs CUDA)" if env.distributed else
                "BatchNorm")
+    check_every = _check_every(args, env.device)
     _log(env, f"{args.preset}: {args.arch}, {num_classes} classes, {len(train_ds)} images, "
               f"{env.world_size} process(es) x {args.batch_size} = batch {global_batch}, "
               f"{niter} it/epoch, peak lr {peak:.4g}, amp {amp_mode}, {bn_note}, "
-              f"{env.device.type}")
+              f"{env.device.type}, augmentation {data.mode}"
+              f"{', channels_last' if channels_last else ''}")
 
     dump_dir = Path(args.debug_dump) if args.debug_dump else None
     saved_args = plain_namespace(
@@ -360,6 +244,8 @@ def _train(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
         class_names=[str(c) for c in train_data.class_names], world_size=env.world_size,
         iters_per_epoch=int(niter), peak_lr=float(peak), projector_l2_norm=bool(
             args.projector_l2_norm and not args.no_projector))
+    guard = LossGuard(env.device, env.distributed)
+    last_good = out_dir / CHECKPOINT_NAME
     record: Dict[str, Any] = {}
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
@@ -367,25 +253,24 @@ def _train(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
         net.train()
         meters = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss, correct, count
         t0 = time.time()
-        for it, (images, labels) in enumerate(loader):
+        for it, batch in enumerate(loader):
             step = epoch * niter + it
             lr = float(schedule[step])
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            images = [x.to(env.device, non_blocking=True) for x in images]
-            labels = labels.to(env.device, non_blocking=True)
+            if data.augment is not None:
+                images, labels = data.augment(batch)
+            else:
+                images = [x.to(env.device, non_blocking=True, memory_format=fmt)
+                          for x in batch[0]]
+                labels = batch[1].to(env.device, non_blocking=True)
             before = _dump_before(module, env) if dump_dir else None
             with torch.autocast(env.device.type, dtype=amp_dtype or torch.float32,
                                 enabled=amp_dtype is not None):
                 loss, logits, targets = net(images, labels, gather)
-            bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-            if env.distributed:
-                dist.all_reduce(bad)
-            if bad.item() > 0:
-                raise TrainingError(
-                    f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, iteration {it} "
-                    f"(lr {lr:.4g}); stopping. Lower --lr, check the data, or use --amp none. "
-                    f"The last good checkpoint is {out_dir / CHECKPOINT_NAME}")
+            guard.observe(loss, step)
+            if check_every == 1:  # before the step, as the message promises on CPU
+                guard.check(step, niter, schedule, last_good)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -395,6 +280,8 @@ def _train(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
             meters[0] += loss.detach().double()
             meters[1] += (logits[:n_glob].argmax(-1) == targets[:n_glob]).sum()
             meters[2] += n_glob
+            if check_every > 1 and ((it + 1) % check_every == 0 or it == niter - 1):
+                guard.check(step, niter, schedule, last_good)
             if dump_dir is not None:
                 _dump_step(dump_dir, step, images, labels, before, module, env, args)
             if args.print_freq and (it % args.print_freq == 0 or it == niter - 1):
@@ -417,7 +304,7 @@ def _train(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
         every = max(1, int(args.checkpoint_every))
         keep = bool(args.save_every) and (epoch + 1) % args.save_every == 0
         if last or stopping or keep or (epoch + 1) % every == 0:
-            states = _all_gather_objects(rng_state(env.device), env)
+            states = all_gather_objects(rng_state(env.device), env)
             if env.is_main:
                 obj = checkpoint_dict(module, optimizer, scaler, epoch + 1, saved_args, states)
                 save_checkpoint(obj, out_dir / CHECKPOINT_NAME)
@@ -473,4 +360,5 @@ def _dump_step(folder: Path, step: int, images: List[torch.Tensor], labels: torc
 
 __all__ = ["train", "TrainingError", "DistEnv", "setup_distributed", "lr_schedule",
            "checkpoint_dict", "save_checkpoint", "resume_from", "evaluate", "load_data",
-           "rng_state", "set_rng_state", "all_gather_cat", "CHECKPOINT_NAME", "LOG_NAME"]
+           "rng_state", "set_rng_state", "all_gather_cat", "LossGuard", "CHECKPOINT_NAME",
+           "LOG_NAME"]

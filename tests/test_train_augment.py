@@ -1,0 +1,262 @@
+"""The batched tensor augmentation (``--aug gpu``) against the PIL path, on CPU tensors.
+
+Tolerances, measured on this machine (torch 2.14 CPU, Pillow 13) and asserted below:
+
+* crop boxes and every other drawn parameter: identical;
+* brightness, contrast, saturation, hue, grayscale, Gaussian blur, solarisation: identical to the
+  8-bit PIL result (tolerance 0 levels);
+* crop + bicubic antialiased resize (+ flip): at most 1 level (of 255) off, on at most 1e-4 of
+  the values (measured: 8e-6), from float32 sums meeting a rounding boundary;
+* the whole pipeline, normalised: a resize level off can move a hue by more, so at most 8 levels
+  on at most 2e-3 of the values (measured: max 4, 3e-4);
+* JPEG draft decoding (only when every crop still shrinks >= 2x afterwards) against a full decode
+  of 1600x1200 photos: mean difference below 1 level (measured 0.16-0.31), 99th percentile 3.
+"""
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter, ImageOps
+from torchvision.transforms import functional as TF
+
+from trex_hub.datasets import ImageDataset, LabeledImages
+from trex_hub.preprocess import IMAGENET_STD
+from trex_hub.train import tensor_ops as T
+from trex_hub.train.augment import MultiCrop, MultiCropDataset, sample_rng
+from trex_hub.train.batch_augment import (BatchAugment, DecodedMultiCropDataset, collate_decoded,
+                                          draft_factor)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from extract_bench import make_photos  # noqa: E402  (photo-like JPEGs)
+
+STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small ops: threads only contend
+
+
+def _photo_like(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    low = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC)).astype(np.int16)
+    return np.clip(img + rng.integers(-20, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    arrs = [_photo_like(rng, 40, 36) for _ in range(24)]
+    arrs += [rng.integers(0, 256, (40, 36, 3), dtype=np.uint8) for _ in range(24)]
+    return arrs
+
+
+def _levels(arrs):
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float()
+
+
+def _pil_levels(imgs):
+    return _levels([np.array(im) for im in imgs])
+
+
+@pytest.mark.parametrize("name", ["brightness", "contrast", "saturation", "hue", "hue_wide",
+                                  "grayscale", "blur", "solarize"])
+def test_each_colour_op_matches_pil_exactly(images, name):
+    rng = np.random.default_rng(1)
+    n = len(images)
+    ops = {
+        "brightness": (TF.adjust_brightness, T.brightness, rng.uniform(0.6, 1.4, n)),
+        "contrast": (TF.adjust_contrast, T.contrast, rng.uniform(0.6, 1.4, n)),
+        "saturation": (TF.adjust_saturation, T.saturation, rng.uniform(0.8, 1.2, n)),
+        "hue": (TF.adjust_hue, T.hue, rng.uniform(-0.1, 0.1, n)),
+        "hue_wide": (TF.adjust_hue, T.hue, rng.uniform(-0.5, 0.5, n)),
+        "grayscale": (lambda im, f: im.convert("L").convert("RGB"),
+                      lambda x, f: T.grayscale(x), np.zeros(n)),
+        "blur": (lambda im, f: im.filter(ImageFilter.GaussianBlur(radius=float(f))),
+                 lambda x, f: T.gaussian_blur(x, T.box_blur_params(f)), rng.uniform(0.1, 2, n)),
+        "solarize": (lambda im, f: ImageOps.solarize(im, threshold=128),
+                     lambda x, f: T.solarize(x), np.zeros(n)),
+    }
+    pil_fn, tensor_fn, factors = ops[name]
+    want = _pil_levels([pil_fn(Image.fromarray(a), f) for a, f in zip(images, factors)])
+    got = tensor_fn(_levels(images), factors)
+    assert torch.equal(got, want), (got - want).abs().max()
+
+
+def test_resized_crop_and_flip_within_one_level(images):
+    rng = np.random.default_rng(2)
+    diffs = []
+    for i, arr in enumerate(images):
+        height, width = arr.shape[:2]
+        for _ in range(4):
+            size = int(rng.choice([8, 16, 24, 56]))  # reductions and enlargements
+            h, w = int(rng.integers(1, height + 1)), int(rng.integers(1, width + 1))
+            top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+            flip = bool(rng.integers(0, 2))
+            ref = Image.fromarray(arr).resize((size, size), Image.BICUBIC,
+                                              box=(left, top, left + w, top + h))
+            if flip:
+                ref = ref.transpose(Image.FLIP_LEFT_RIGHT)
+            padded = torch.zeros(1, 3, height + 5, width + 3)  # padding never gets a weight
+            padded[0, :, :height, :width] = _levels([arr])[0]
+            got = T.resized_crop(padded, torch.tensor([[height, width]]),
+                                 torch.tensor([[top, left, h, w]], dtype=torch.float64), size,
+                                 torch.tensor([flip]))
+            diffs.append((got - _pil_levels([ref])).abs().flatten())
+    d = torch.cat(diffs)
+    assert d.max() <= 1
+    assert (d > 0).float().mean() <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def photo_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("photos")
+    make_photos(root / "a", 10, size=(120, 90), seed=0)
+    make_photos(root / "b", 6, size=(90, 110), seed=1)
+    paths = sorted(str(p) for p in root.rglob("*.jpg"))
+    return LabeledImages(paths, np.arange(len(paths)) % 3, ["x", "y", "z"], name="photos")
+
+
+def test_drawn_parameters_and_crop_boxes_are_the_pil_paths(photo_data):
+    mc = MultiCrop(global_size=48, local_size=20, n_local=3)
+    decoded = DecodedMultiCropDataset(photo_data, mc, seed=5, draft=False)
+    for epoch in (0, 3):
+        for index in range(len(photo_data)):
+            img = Image.open(photo_data.items[index])
+            want = mc.draw(img.width, img.height, sample_rng(5, epoch, index))
+            chw, rows, label = decoded[(epoch, index)]
+            assert label == photo_data.labels[index] and chw.dtype == torch.uint8
+            assert tuple(chw.shape) == (3, img.height, img.width)
+            for p, row in zip(want, rows.numpy()):
+                assert tuple(int(v) for v in row[:4]) == p.box
+                assert bool(row[4]) == p.flip and bool(row[14]) == p.gray
+                assert (row[5] > 0) == (p.jitter is not None)
+                if p.jitter is not None:
+                    assert tuple(row[6:10].astype(int)) == p.jitter[0]
+                    assert tuple(row[10:14]) == p.jitter[1:]
+                assert row[15] == (p.blur or 0.0) and bool(row[16]) == p.solarize
+    # the PIL path consumes the same draws: draw-then-apply is the crop of the loader
+    img = Image.open(photo_data.items[0]).convert("RGB")
+    params = mc.draw(img.width, img.height, sample_rng(5, 0, 0))
+    direct = mc(img, sample_rng(5, 0, 0))
+    assert all(torch.equal(mc.apply(img, s, p), c) for s, p, c in zip(mc.specs, params, direct))
+
+
+@pytest.mark.parametrize("simple", [False, True])
+def test_whole_pipeline_matches_pil_path(photo_data, simple):
+    mc = MultiCrop(global_size=48, local_size=20, n_local=3, simple=simple)
+    pil = MultiCropDataset(ImageDataset(photo_data), mc, seed=1)
+    decoded = DecodedMultiCropDataset(photo_data, mc, seed=1, draft=False)
+    aug = BatchAugment(mc, "cpu")
+    diffs = []
+    for epoch in range(3):
+        order = list(range(len(photo_data)))
+        random.Random(epoch).shuffle(order)
+        batch = collate_decoded([decoded[(epoch, i)] for i in order], group_pixels=30000)
+        assert len(batch["groups"]) > 1  # several padded groups, back in sample order
+        crops, labels = aug(batch)
+        assert labels.tolist() == [int(photo_data.labels[i]) for i in order]
+        ref = [pil[(epoch, i)][0] for i in order]
+        assert [tuple(c.shape) for c in crops] == [(len(order), 3, 48, 48)] + \
+            [(len(order), 3, 20, 20)] * 3
+        for k, c in enumerate(crops):
+            diffs.append(((c - torch.stack([r[k] for r in ref])) * STD * 255).abs().flatten())
+    d = torch.cat(diffs)
+    assert d.max() <= 8.01
+    assert (d > 0.5).float().mean() <= 2e-3
+    assert d.mean() < 0.01
+
+
+def test_arrays_and_channels_last(photo_data):
+    rng = np.random.default_rng(3)
+    arrays = LabeledImages(rng.integers(0, 256, (4, 28, 28), dtype=np.uint8), np.arange(4),
+                           list("abcd"))  # Fashion-MNIST style grey arrays
+    mc = MultiCrop(global_size=16, local_size=8, n_local=2)
+    decoded = DecodedMultiCropDataset(arrays, mc, seed=0)
+    pil = MultiCropDataset(ImageDataset(arrays), mc, seed=0)
+    crops, _ = BatchAugment(mc, "cpu", channels_last=True)(
+        collate_decoded([decoded[i] for i in range(4)]))
+    assert crops[0].is_contiguous(memory_format=torch.channels_last)
+    want = torch.stack([pil[i][0][0] for i in range(4)])
+    assert ((crops[0] - want) * STD * 255).abs().max() <= 8.01
+
+
+def test_draft_only_where_exact_enough(tmp_path):
+    make_photos(tmp_path, 4, size=(1600, 1200), seed=2)
+    paths = sorted(str(p) for p in tmp_path.rglob("*.jpg"))
+    data = LabeledImages(paths, np.zeros(len(paths)), ["a"])
+    mc = MultiCrop(global_size=112, local_size=48, n_local=2, global_scale=(0.4, 1),
+                   local_scale=(0.05, 0.4))
+    drafted = DecodedMultiCropDataset(data, mc, draft=True)
+    full = DecodedMultiCropDataset(data, mc, draft=False)
+    aug = BatchAugment(mc, "cpu")
+    a = [drafted[(0, i)] for i in range(len(paths))]
+    b = [full[(0, i)] for i in range(len(paths))]
+    assert any(x[0].shape[1] < 1200 for x in a)  # some images were decoded at 1/2 or 1/4
+    assert all(x[0].shape[1:] == (1200, 1600) for x in b)
+    ca, _ = aug(collate_decoded(a))
+    cb, _ = aug(collate_decoded(b))
+    d = torch.cat([((x - y) * STD * 255).abs().flatten() for x, y in zip(ca, cb)])
+    assert d.mean() < 1.0 and d.quantile(0.99) <= 3.01
+    # the rule: every crop keeps a reduction of at least 2x after the draft
+    from trex_hub.train.augment import CropParams
+    assert draft_factor([CropParams((0, 0, 500, 500))], [224]) == 1
+    assert draft_factor([CropParams((0, 0, 900, 1000))], [224]) == 2
+    assert draft_factor([CropParams((0, 0, 2000, 2000)), CropParams((0, 0, 400, 400))],
+                        [224, 96]) == 2
+    assert draft_factor([CropParams((0, 0, 4000, 4000))], [224]) == 8
+
+
+def test_exif_orientation_is_applied_before_drawing(tmp_path):
+    """A JPEG stored sideways with an EXIF orientation: both paths crop the upright image."""
+    rng = np.random.default_rng(4)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    path = tmp_path / "sideways.jpg"
+    Image.fromarray(_photo_like(rng, 30, 50)).save(path, exif=exif, quality=95)
+    data = LabeledImages([str(path)], np.zeros(1), ["a"])
+    mc = MultiCrop(global_size=16, local_size=8, n_local=2)
+    chw, rows, _ = DecodedMultiCropDataset(data, mc, seed=0)[0]
+    assert tuple(chw.shape) == (3, 50, 30)
+    want = mc.draw(30, 50, sample_rng(0, 0, 0))
+    assert [tuple(int(v) for v in r[:4]) for r in rows.numpy()] == [p.box for p in want]
+    crops, _ = BatchAugment(mc, "cpu")(collate_decoded([(chw, rows, 0)]))
+    ref = MultiCropDataset(ImageDataset(data), mc, seed=0)[0][0]
+    assert ((crops[0][0] - ref[0]) * STD[0] * 255).abs().max() <= 8.01
+
+
+def test_unreadable_file_is_named(tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    data = LabeledImages([str(bad)], np.zeros(1), ["a"], name="train")
+    ds = DecodedMultiCropDataset(data, MultiCrop(global_size=16, n_local=0), seed=0)
+    with pytest.raises(Exception, match="broken.jpg"):
+        ds[0]
+
+
+def test_persistent_workers_see_the_epoch(photo_data):
+    """Loader workers live across epochs; the sampler hands them the epoch with every index, so
+    their crops equal those made in the main process (and differ between epochs)."""
+    import argparse
+
+    from trex_hub.train.data import build_train_loader
+
+    def crops(workers, aug):
+        args = argparse.Namespace(global_size=24, global_scale=(0.25, 1.0), global_crops=1,
+                                  local_size=12, local_scale=(0.05, 0.25), local_crops=1,
+                                  blur_radius=(0.1, 2.0), simple_aug=False, aug=aug, seed=4,
+                                  batch_size=4, workers=workers, prefetch_factor=2)
+        data = build_train_loader(args, photo_data, torch.device("cpu"))
+        out = []
+        for epoch in range(2):
+            data.sampler.set_epoch(epoch)
+            for batch in data.loader:
+                out.append(data.augment(batch)[0][0] if data.augment else batch[0][0])
+        return out
+
+    for aug in ("cpu", "gpu"):
+        inline, workers = crops(0, aug), crops(2, aug)
+        assert len(inline) == 8
+        assert all(torch.equal(a, b) for a, b in zip(inline, workers)), aug
+        assert not torch.equal(inline[0], inline[4])

@@ -1,0 +1,118 @@
+"""Training data: the datasets (ImageFolder or Fashion-MNIST), the multi-crop loaders of the two
+augmentation paths (PIL in the workers, or decode in the workers + batched tensors on the
+device), and the validation loader."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from .augment import EpochSampler, MultiCrop, MultiCropDataset
+from .batch_augment import BatchAugment, DecodedMultiCropDataset, collate_decoded
+from .runtime import TrainingError
+
+
+# ---------------------------------------------------------------------------------------------
+# datasets
+# ---------------------------------------------------------------------------------------------
+def load_data(args: argparse.Namespace):
+    """(train, val or None) as :class:`trex_hub.datasets.LabeledImages`."""
+    from .. import datasets as ds
+
+    try:
+        if args.dataset == "fashion-mnist":
+            train = ds.load_fashion_mnist(args.data, "train", classes=args.classes,
+                                          limit=args.train_limit, seed=args.data_seed)
+            val = None if args.no_val else ds.load_fashion_mnist(
+                args.data, "test", classes=args.classes, limit=args.val_limit,
+                seed=args.data_seed)
+        else:
+            if not args.data:
+                raise TrainingError("--data is required: an ImageFolder root with train/ and val/ "
+                                    "class folders (or --dataset fashion-mnist)")
+            parts = ds.load_image_folder(args.data, classes=args.classes, seed=args.data_seed)
+            train, val = parts["train"], (None if args.no_val else parts["test"])
+            if args.train_limit:
+                train = train.subset(ds.balanced_subset(train.labels, args.train_limit,
+                                                        args.data_seed))
+            if val is not None and args.val_limit:
+                val = val.subset(ds.balanced_subset(val.labels, args.val_limit, args.data_seed))
+    except (ds.DatasetError, ValueError) as exc:
+        if isinstance(exc, TrainingError):
+            raise
+        raise TrainingError(str(exc)) from None
+    if len(train) == 0:
+        raise TrainingError("the training set is empty")
+    return train, val
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+# loaders
+# ---------------------------------------------------------------------------------------------
+def resolve_aug(mode: str, device: torch.device) -> str:
+    """``--aug``: ``auto`` = ``gpu`` (batched tensors on the device) on CUDA, ``cpu`` (PIL in the
+    loader workers) elsewhere; ``gpu`` on a CPU device runs the batched path on the CPU."""
+    if mode == "auto":
+        return "gpu" if device.type == "cuda" else "cpu"
+    if mode not in ("cpu", "gpu"):
+        raise TrainingError(f"unknown --aug '{mode}' (auto, cpu or gpu)")
+    return mode
+
+
+@dataclass
+class TrainLoader:
+    """The training loader and what the loop needs around it. ``augment`` is None on the PIL path
+    (the loader yields ``(list of crop batches, labels)``); on the batched path the loader yields
+    decoded batches and ``augment(batch)`` returns ``(crops on the device, labels)``."""
+
+    loader: DataLoader
+    dataset: MultiCropDataset
+    sampler: EpochSampler
+    mode: str
+    augment: Optional[Callable[[Any], Tuple[List[torch.Tensor], torch.Tensor]]] = None
+
+
+def multicrop_from_args(args: argparse.Namespace) -> MultiCrop:
+    return MultiCrop(global_size=args.global_size, global_scale=args.global_scale,
+                     n_global=args.global_crops, local_size=args.local_size,
+                     local_scale=args.local_scale, n_local=args.local_crops,
+                     blur_radius=args.blur_radius, simple=bool(args.simple_aug))
+
+
+def build_train_loader(args: argparse.Namespace, train_data: Any, device: torch.device,
+                       rank: int = 0, world_size: int = 1,
+                       channels_last: bool = False) -> TrainLoader:
+    """Per-process training loader: a seeded ``DistributedSampler`` (drop_last) wrapped in an
+    :class:`EpochSampler`; persistent workers with ``--prefetch-factor`` batches each."""
+    from ..datasets import ImageDataset
+
+    crops = multicrop_from_args(args)
+    mode = resolve_aug(getattr(args, "aug", "cpu"), device)
+    augment = None
+    collate = None
+    if mode == "gpu":
+        dataset: MultiCropDataset = DecodedMultiCropDataset(
+            train_data, crops, seed=args.seed, draft=not getattr(args, "no_jpeg_draft", False))
+        collate = collate_decoded
+        augment = BatchAugment(crops, device, channels_last=channels_last)
+    else:
+        dataset = MultiCropDataset(ImageDataset(train_data), crops, seed=args.seed)
+    sampler = EpochSampler(DistributedSampler(dataset, num_replicas=world_size, rank=rank,
+                                              shuffle=True, seed=args.seed, drop_last=True))
+    extra: Dict[str, Any] = {}
+    if args.workers > 0:
+        extra = {"persistent_workers": True,
+                 "prefetch_factor": max(1, int(getattr(args, "prefetch_factor", 4)))}
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
+                        num_workers=args.workers, pin_memory=device.type == "cuda",
+                        drop_last=True, collate_fn=collate, **extra)
+    return TrainLoader(loader, dataset, sampler, mode, augment)
+
+
+__all__ = ["load_data", "resolve_aug", "TrainLoader", "multicrop_from_args",
+           "build_train_loader"]

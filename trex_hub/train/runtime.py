@@ -1,0 +1,182 @@
+"""What a training process stands on: processes and devices (torchrun / DDP), RNG states, and the
+atomic checkpoints that ``--resume`` continues from bit for bit."""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .module import TrainModule
+
+CHECKPOINT_NAME = "checkpoint.pth"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on; the message says why and what to change."""
+
+
+# ---------------------------------------------------------------------------------------------
+# processes and devices
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: Optional[str] = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> DistEnv:
+    """Read the torchrun environment and start the process group (NCCL on CUDA, gloo on CPU)."""
+    if device == "auto":
+        use_cuda = torch.cuda.is_available()
+    elif device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TrainingError(f"--device {device} was asked for but CUDA is not available; "
+                                "use --device cpu")
+        use_cuda = True
+    elif device == "cpu":
+        use_cuda = False
+    else:
+        raise TrainingError(f"unknown --device '{device}' (auto, cpu or cuda)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    env = DistEnv(rank, world, local, dev)
+    if world > 1:
+        env.backend = "nccl" if use_cuda else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend=env.backend)
+    return env
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every process's ``tensor`` in rank order (same shape on every rank)."""
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def all_gather_objects(obj: Any, env: DistEnv) -> List[Any]:
+    if not env.distributed:
+        return [obj]
+    out: List[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG states (plain tensors / tuples only: the checkpoint stays weights_only-loadable)
+# ---------------------------------------------------------------------------------------------
+def rng_state(device: torch.device) -> Dict[str, Any]:
+    np_state = np.random.get_state()
+    state: Dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                  "cached_gaussian": float(np_state[4])},
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    npst = state["numpy"]
+    np.random.set_state(("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"],
+                         npst["has_gauss"], npst["cached_gaussian"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------
+def checkpoint_dict(module: TrainModule, optimizer: torch.optim.Optimizer, scaler: Any,
+                    epoch: int, args: argparse.Namespace, rng_states: List[Any]) -> Dict[str, Any]:
+    """The released full-checkpoint layout (+ ``rng_states``, one entry per process)."""
+    # contiguous: a channels_last run writes the same plain layout as any other
+    model = {f"module.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    return {"model": model, "optimizer": optimizer.state_dict(), "epoch": int(epoch),
+            "args": args, "fp16_scaler": scaler.state_dict(), "rng_states": rng_states}
+
+
+def save_checkpoint(obj: Dict[str, Any], path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename (atomic)."""
+    from ..fileio import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def resume_from(path: Path, module: TrainModule, optimizer: torch.optim.Optimizer, scaler: Any,
+                schedule: np.ndarray, env: DistEnv) -> int:
+    """Load a checkpoint written by this loop; returns the number of epochs already done."""
+    from ..checkpoint import CheckpointError, torch_load
+
+    try:
+        ckpt = torch_load(path)
+    except CheckpointError as exc:
+        raise TrainingError(f"cannot resume: {exc}") from None
+    saved = ckpt.get("args")
+    old = getattr(saved, "lr_schedule", None)
+    if old is None or len(old) != len(schedule) or not np.array_equal(old, schedule):
+        raise TrainingError(
+            f"cannot resume from {path}: its lr schedule ({0 if old is None else len(old)} "
+            f"iterations) differs from this run's ({len(schedule)}); resume with the same "
+            "--epochs, --batch-size, number of processes, --lr, --warm-up and data")
+    state = {k[len("module."):] if k.startswith("module.") else k: v
+             for k, v in ckpt["model"].items()}
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise TrainingError(f"cannot resume from {path}: the network differs ({exc})") from None
+    optimizer.load_state_dict(ckpt["optimizer"])
+    for group in optimizer.param_groups:  # momentum in the parameters' layout (channels_last)
+        for p in group["params"]:
+            buf = optimizer.state.get(p, {}).get("momentum_buffer")
+            if buf is not None and buf.stride() != p.stride():
+                optimizer.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(buf)
+    if ckpt.get("fp16_scaler"):
+        scaler.load_state_dict(ckpt["fp16_scaler"])
+    states = ckpt.get("rng_states") or []
+    if len(states) == env.world_size:
+        set_rng_state(states[env.rank], env.device)
+    elif env.is_main:
+        print(f"[trex-train] {path} holds RNG states of {len(states)} processes, this run has "
+              f"{env.world_size}: RNG states not restored", file=sys.stderr)
+    return int(ckpt["epoch"])
+
+
+
+
+__all__ = ["TrainingError", "DistEnv", "setup_distributed", "all_gather_cat", "all_gather_objects",
+           "rng_state", "set_rng_state", "checkpoint_dict", "save_checkpoint", "resume_from",
+           "CHECKPOINT_NAME"]
