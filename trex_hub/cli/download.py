@@ -121,12 +121,16 @@ def _print_table(rows: List[Dict[str, Any]]) -> None:
 
 def _resolve(names: Sequence[str], everything: bool) -> List[str]:
     from .. import registry
-    from ..hub.hf import is_hf_id
+    from ..hub.hf import is_hf_id, parse_hf_id
 
     out: List[str] = []
     for n in (registry.list_models() if everything else []) + list(names):
         if is_hf_id(n):
             key = n
+            try:  # the id and revision are checked before any network or disk access
+                parse_hf_id(n)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
         else:
             try:
                 key = registry.get_entry(n).name
