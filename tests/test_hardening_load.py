@@ -101,3 +101,143 @@ def test_revision_escaping_the_cache_writes_nothing(hub, export, tmp_path, capsy
     with pytest.raises(ValueError, match="not a valid Hub revision"):
         trex_hub.load("hf-hub:a/b", revision=bad)
     assert snapshot(tmp_path) == before and hub.log == []
+
+
+# --------------------------------------------------------------------------------------------
+# config.json is validated against a schema with bounds, naming the field and the file
+# --------------------------------------------------------------------------------------------
+def edited_export(src: Path, dst: Path, **changes) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    for dotted, value in changes.items():
+        keys = dotted.split("__")
+        target = cfg
+        for k in keys[:-1]:
+            target = target[k]
+        target[keys[-1]] = value
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+BAD_CONFIGS = [
+    ({"projector__num_layers": 10 ** 7}, "'projector.num_layers' must be an integer from 0 to 16"),
+    ({"projector__hidden_dim": 10 ** 12}, "'projector.hidden_dim' must be an integer"),
+    ({"projector": "yes"}, "'projector' must be an object or null, found str 'yes'"),
+    ({"num_features": "many"}, "'num_features' must be 512 for resnet18, found 'many'"),
+    ({"arch": "resnet9000"}, "'arch' must be one of resnet18, resnet34"),
+    ({"arch": ["resnet50"]}, "'arch' must be one of"),
+    ({"projector__out_dim": -1}, "'projector.out_dim' must be an integer from 1"),
+    ({"projector__num_layers": 2.5}, "'projector.num_layers' must be an integer"),
+    ({"projector__l2_norm": "no"}, "'projector.l2_norm' must be true or false"),
+    ({"projector__hidden_dim": 16384, "projector__num_layers": 16},
+     "describe heads with .* parameters, over the limit"),
+    ({"classifier__num_classes": 10 ** 9}, "'classifier.num_classes' must be an integer"),
+    ({"classifier__tau": 0}, "'classifier.tau' must be a positive number"),
+    ({"classifier__type": "mlp"}, "'classifier.type' must be 'prototypes'"),
+    ({"preprocess__resize": 10 ** 9}, "'preprocess.resize' must be an integer from 1 to 4096"),
+    ({"preprocess__mean": "grey"}, "'preprocess.mean' must be a list of 3 numbers"),
+    ({"name": 5}, "'name' must be a string or null"),
+]
+
+
+@pytest.mark.parametrize("changes,message", BAD_CONFIGS,
+                         ids=[next(iter(c)) + "=" + str(next(iter(c.values())))[:12]
+                              for c, _ in BAD_CONFIGS])
+def test_bad_config_names_the_field_and_the_file(export, tmp_path, changes, message):
+    folder = edited_export(export, tmp_path / "bad", **changes)
+    before = snapshot(tmp_path)
+    for pretrained in (True, False):
+        with pytest.raises(CheckpointError, match=message) as info:
+            trex_hub.load(folder, projector=True, pretrained=pretrained)
+        assert str(folder / "config.json") in str(info.value)
+        assert "\n" not in str(info.value)
+    assert snapshot(tmp_path) == before
+
+
+def test_bad_config_from_the_hub_is_refused_before_building(hub, export, tmp_path):
+    folder = edited_export(export, tmp_path / "bad", projector__num_layers=10 ** 7)
+    hub.add("org/bad", {n: (folder / n).read_bytes() for n in ("config.json",
+                                                               "model.safetensors")})
+    for pretrained in (True, False):
+        with pytest.raises(CheckpointError, match="'projector.num_layers' must be an integer "
+                                                  "from 0 to 16, found 10000000"):
+            trex_hub.load("hf-hub:org/bad", projector=True, pretrained=pretrained)
+
+
+def test_bad_config_through_trex_extract_is_one_line(export, tmp_path, capsys):
+    from PIL import Image
+
+    from trex_hub.cli import extract as ex_cli
+
+    folder = edited_export(export, tmp_path / "bad", projector__hidden_dim=10 ** 12)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (40, 40), (10, 20, 30)).save(images / "a.png")
+    out = tmp_path / "out" / "f.npy"
+    code = ex_cli.main([str(folder), str(images), "-o", str(out), "--head", "projector",
+                        "--quiet"])
+    line = one_line(capsys.readouterr().err)
+    assert code == 1 and line.startswith("trex-extract: error: ")
+    assert "'projector.hidden_dim' must be an integer from 1 to 16384" in line
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_config_schema_accepts_every_export_and_the_released_configs(export):
+    from trex_hub.configschema import validate_config
+    from trex_hub.registry import MODELS
+
+    validate_config(json.loads((export / "config.json").read_text()))
+    for name in MODELS:
+        validate_config(TReX.from_config(
+            trex_hub.load(name, pretrained=False, projector=MODELS[name].has_projector)
+            .config()).config())
+
+
+# --------------------------------------------------------------------------------------------
+# Messages: refused pickles, empty names, a folder without weights
+# --------------------------------------------------------------------------------------------
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo should-never-run",))
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_legacy_malicious_pickle_is_refused_not_called_truncated(tmp_path, protocol):
+    import pickle
+
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as fh:  # a plain (non-zip) pickle, as torch's legacy format is
+        pickle.dump({"state": _Evil()}, fh, protocol=protocol)
+    with pytest.raises(CheckpointError, match=r"refused to load: .*asks for posix\.system") as e:
+        trex_hub.load(path)
+    assert "truncated" not in str(e.value)
+
+
+def test_legacy_truncated_or_garbage_files_are_not_called_malicious(tmp_path):
+    torch.save({"w": torch.ones(3)}, tmp_path / "ok.pth", _use_new_zipfile_serialization=False)
+    data = (tmp_path / "ok.pth").read_bytes()
+    for name, blob in (("half.pth", data[: len(data) // 2]), ("tiny.pth", data[:30]),
+                       ("page.pth", b"<html>502 Bad Gateway</html>" * 8)):
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+            trex_hub.load(tmp_path / name)
+
+
+def test_empty_name_does_not_list_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for i in range(30):
+        (tmp_path / f"private_{i}.txt").write_text("x")
+    for empty in ("", "  "):
+        with pytest.raises(trex_hub.ModelLoadError, match="an empty model name") as e:
+            trex_hub.load(empty)
+        assert "private_" not in str(e.value)
+
+
+def test_folder_without_weights_lists_a_few_names_only(tmp_path):
+    for i in range(30):
+        (tmp_path / f"f{i:02d}.txt").write_text("x")
+    with pytest.raises(CheckpointError, match=r"needs 'model.safetensors'.*and 25 more") as e:
+        trex_hub.load(tmp_path)
+    assert "f29" not in str(e.value)

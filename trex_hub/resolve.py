@@ -88,6 +88,10 @@ def resolve(name_or_path: PathLike, *, projector: bool = False, ema: bool = Fals
     """
     if source not in (None, *SOURCES):
         raise ModelLoadError(f"source={source!r} is not one of {', '.join(map(repr, SOURCES))}")
+    if not os.fspath(name_or_path).strip():
+        raise ModelLoadError(f"an empty model name: give a registry name "
+                             f"({', '.join(registry.list_models())}), a checkpoint path or an "
+                             "hf-hub:org/repo id")
     if is_hf_id(name_or_path):
         name = os.fspath(name_or_path)
         repo, rev = parse_hf_id(name, revision)
