@@ -21,6 +21,7 @@ from trex_hub.checkpoint import CheckpointError
 from trex_hub.cli import download as dl_cli
 from trex_hub.hub import cache
 from trex_hub.hub.hf import parse_hf_id
+from trex_hub.hub.http import DownloadError
 from trex_hub.model import TReX
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -241,3 +242,117 @@ def test_folder_without_weights_lists_a_few_names_only(tmp_path):
     with pytest.raises(CheckpointError, match=r"needs 'model.safetensors'.*and 25 more") as e:
         trex_hub.load(tmp_path)
     assert "f29" not in str(e.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Read-only caches, partials left by another source, cache messages
+# --------------------------------------------------------------------------------------------
+def read_only(monkeypatch, root: Path) -> None:
+    """Make every write under ``root`` fail with EROFS, as on a read-only mount (chmod cannot
+    stop root, and mounting needs privileges the tests may not have)."""
+    import builtins
+    import errno
+    import io
+
+    root = Path(root).resolve()
+
+    def inside(path) -> bool:
+        try:
+            p = Path(os.fsdecode(path)).resolve()
+        except TypeError:  # a file descriptor
+            return False
+        return p == root or root in p.parents
+
+    def refuse(path):
+        raise OSError(errno.EROFS, "Read-only file system", os.fsdecode(path))
+
+    def guard(fn, writes=lambda *a, **k: True):
+        def wrapped(path, *args, **kwargs):
+            if inside(path) and writes(*args, **kwargs):
+                refuse(path)
+            return fn(path, *args, **kwargs)
+        return wrapped
+
+    real_open = builtins.open
+    opened = guard(real_open, lambda mode="r", *a, **k: any(c in mode for c in "wax+"))
+    monkeypatch.setattr(builtins, "open", opened)
+    monkeypatch.setattr(io, "open", opened)
+    monkeypatch.setattr(os, "open", guard(os.open, lambda flags, *a, **k: bool(
+        flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))))
+    for name in ("mkdir", "unlink", "remove", "rmdir", "replace", "rename"):
+        monkeypatch.setattr(os, name, guard(getattr(os, name)))
+
+
+def test_read_only_cache_holding_only_the_file_loads_it(released_files, tmp_path, monkeypatch,
+                                                        caplog, capsys):
+    """Issue 10 item 7: what the offline hint 'copy the file there' produces."""
+    ro = tmp_path / "ro_cache"
+    ro.mkdir()
+    (ro / "trexstar.pth").write_bytes((released_files / "trexstar.pth").read_bytes())
+    before = snapshot(ro)
+    read_only(monkeypatch, ro)
+    with pytest.raises(OSError):
+        (ro / "probe").write_text("x")  # the emulation holds
+    with caplog.at_level("WARNING", logger="trex_hub"):
+        for _ in range(2):
+            model = trex_hub.load("trex_star", cache_dir=ro, base_url="http://127.0.0.1:9/")
+            assert model.arch == "resnet50"
+        code = dl_cli.main(["trex_star", "--cache-dir", str(ro), "--offline"])
+    assert code == 0 and capsys.readouterr().out.strip() == str(ro / "trexstar.pth")
+    notes = [r.getMessage() for r in caplog.records]
+    assert len([n for n in notes if "not writable" in n]) == 1, notes  # said once
+    assert not any("file locks" in n for n in notes)
+    assert snapshot(ro) == before
+
+
+def test_empty_read_only_cache_is_one_clear_line(released_files, tmp_path, monkeypatch, caplog,
+                                                 capsys):
+    ro = tmp_path / "ro_cache"
+    ro.mkdir()
+    read_only(monkeypatch, ro)
+    with FileServer(released_files) as srv, caplog.at_level("WARNING", logger="trex_hub"):
+        code = dl_cli.main(["trex_star", "--cache-dir", str(ro), "--base-url", srv.url])
+        with pytest.raises(cache.ReadOnlyCacheError):
+            trex_hub.load("trex_star", cache_dir=ro, base_url=srv.url)
+        assert srv.requests == []  # nothing downloaded that could not be kept
+    line = one_line(capsys.readouterr().err)
+    assert code == 1 and line.startswith("trex-download: error: the cache ")
+    assert str(ro) in line and "TREX_HUB_CACHE" in line and "'trexstar.pth'" in line
+    assert not any("file locks" in r.getMessage() for r in caplog.records)
+    assert snapshot(ro) == {}
+
+
+def test_partial_from_another_source_is_retried_once_from_byte_0(released_files, tmp_path,
+                                                                  monkeypatch, caplog):
+    """Issue 10 item 8: a stalled mirror serving other bytes leaves a 4 KB partial; the good
+    mirror's resume onto it fails the check, and the same call downloads it again cleanly."""
+    monkeypatch.setenv("TREX_HUB_RETRIES", "0")
+    monkeypatch.setenv("TREX_HUB_BACKOFF", "0")
+    good = (released_files / "trexstar.pth").read_bytes()
+    other = (b"<html>maintenance</html>" * (len(good) // 24 + 1))[:len(good)]
+    cache_dir = tmp_path / "cache"
+    with FileServer(released_files, faults=Faults(replace={"trexstar.pth": other},
+                                                 drop_after=4096)) as bad:
+        with pytest.raises(DownloadError, match="4096 bytes are kept"):
+            trex_hub.fetch("trex_star", cache_dir=cache_dir, base_url=bad.url, progress=False)
+    partial = cache.partial_path(cache_dir / "trexstar.pth")
+    assert partial.stat().st_size == 4096
+    with FileServer(released_files) as srv, caplog.at_level("WARNING", logger="trex_hub"):
+        path = trex_hub.fetch("trex_star", cache_dir=cache_dir, base_url=srv.url,
+                              progress=False)
+        ranges = [r for _, _, r, _ in srv.gets("trexstar.pth")]
+    assert ranges == ["bytes=4096-", None]  # the resume, then once from byte 0
+    assert path.read_bytes() == good and not partial.exists()
+    assert cache.read_manifest(path)["sha256"] == hashlib.sha256(good).hexdigest()
+    assert any("from byte 0" in r.getMessage() for r in caplog.records)
+
+
+def test_a_rejected_download_does_not_also_say_download_it_again(released_files, tmp_path):
+    page = b"<html>502 Bad Gateway</html>" * 40
+    with FileServer(released_files, faults=Faults(replace={"trexstar.pth": page})) as srv:
+        with pytest.raises(CheckpointError) as info:
+            trex_hub.load("trex_star", base_url=srv.url, progress=False)
+    msg = str(info.value)
+    assert "rejected, not kept in the cache" in msg and "not a readable PyTorch checkpoint" in msg
+    assert "Delete it" not in msg and "\n" not in msg
+    assert snapshot(Path(os.environ["TREX_HUB_CACHE"])).keys() <= {".locks/trexstar_pth.lock"}
