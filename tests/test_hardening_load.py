@@ -356,3 +356,57 @@ def test_a_rejected_download_does_not_also_say_download_it_again(released_files,
     assert "rejected, not kept in the cache" in msg and "not a readable PyTorch checkpoint" in msg
     assert "Delete it" not in msg and "\n" not in msg
     assert snapshot(Path(os.environ["TREX_HUB_CACHE"])).keys() <= {".locks/trexstar_pth.lock"}
+
+
+# --------------------------------------------------------------------------------------------
+# push_to_hub: one line naming the repository, not a raw Hub-client exception
+# --------------------------------------------------------------------------------------------
+def test_push_to_hub_errors_are_one_line(hub, monkeypatch):
+    from trex_hub.hub.hf import UploadError
+
+    model = small_model()
+    with pytest.raises(UploadError, match=r"hf-hub:tester/absent: the repository does not exist"
+                                          r".*token=.*create_repo=True") as info:
+        trex_hub.push_to_hub(model, "tester/absent", create_repo=False)
+    assert "\n" not in str(info.value)
+    hub.add("tester/private", {"a.txt": b"1"}, private=True)
+    with pytest.raises(UploadError, match="tester/private: the repository does not exist .*or "
+                                          "this token cannot write it"):
+        trex_hub.push_to_hub(model, "tester/private", create_repo=False, token="hf_wrong")
+    with pytest.raises(ValueError, match="not a valid Hub revision"):
+        trex_hub.push_to_hub(model, "tester/x", revision="../x")
+    assert "tester/x" not in hub.repos
+
+
+def test_push_to_hub_unreachable_endpoint_is_one_line():
+    from trex_hub.hub.hf import UploadError
+
+    with pytest.raises(UploadError, match=r"hf-hub:tester/x: could not reach the Hub at "
+                                          r"http://127\.0\.0\.1:9 .*HF_ENDPOINT") as info:
+        trex_hub.push_to_hub(small_model(), "tester/x", token="hf_x",
+                             endpoint="http://127.0.0.1:9")
+    assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# trex-download: offline with an empty cache, a 404, a bad config: one line each
+# --------------------------------------------------------------------------------------------
+def test_trex_download_loading_faults_are_one_line(released_files, hub, export, tmp_path,
+                                                   capsys):
+    cache_dir = tmp_path / "cache"
+    code = dl_cli.main(["trex_star", "--offline", "--cache-dir", str(cache_dir)])
+    line = one_line(capsys.readouterr().err)
+    assert code == 1 and "offline mode is on and 'trexstar.pth' is not cached" in line
+    with FileServer(tmp_path / "empty_mirror") as srv:
+        code = dl_cli.main(["trex_star", "--cache-dir", str(cache_dir), "--base-url", srv.url])
+    line = one_line(capsys.readouterr().err)
+    assert code == 1 and "HTTP 404" in line and "TREX_HUB_BASE_URL" in line
+    assert snapshot(cache_dir) == {} or set(snapshot(cache_dir)) <= {".locks/trexstar_pth.lock"}
+    folder = edited_export(export, tmp_path / "bad", projector="yes")
+    hub.add("org/bad", {n: (folder / n).read_bytes() for n in ("config.json",
+                                                               "model.safetensors")})
+    out = tmp_path / "exported"
+    code = dl_cli.main(["hf-hub:org/bad", "--to-safetensors", str(out)])
+    line = one_line(capsys.readouterr().err)
+    assert code == 1 and "'projector' must be an object or null, found str 'yes'" in line
+    assert not out.exists()

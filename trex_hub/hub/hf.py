@@ -201,19 +201,64 @@ def download_config(repo_spec: str, cache_dir: Optional[PathLike] = None,
                            progress=progress)[0]
 
 
+class UploadError(DownloadError):
+    """An upload to the Hub failed; the message names the repository and the fix."""
+
+
+_TRANSPORTS = {"httpx", "httpx2", "httpcore", "requests", "urllib3", "h11", "ssl", "socket"}
+
+
+def _is_transport_error(exc: BaseException) -> bool:
+    """A network failure, whichever HTTP library the Hub client uses."""
+    return isinstance(exc, (OSError, ConnectionError)) or any(
+        t.__module__.split(".")[0] in _TRANSPORTS for t in type(exc).__mro__)
+
+
+def _upload_error(exc: BaseException, repo_id: str, ep: Optional[str]) -> UploadError:
+    """One line for a failed upload (raw Hub-client exceptions carry URLs, bodies, hints)."""
+    from huggingface_hub import errors as hf_errors
+
+    where, host = f"{HF_PREFIX}{repo_id}", ep or "https://huggingface.co"
+    if isinstance(exc, hf_errors.RepositoryNotFoundError):
+        return UploadError(f"{where}: the repository does not exist at {host} or this token "
+                           "cannot write it; pass token= (or run `hf auth login`), or "
+                           "create_repo=True")
+    if isinstance(exc, hf_errors.HfHubHTTPError):
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status in (401, 403):
+            return UploadError(f"{where}: HTTP {status}: the token cannot write this "
+                               "repository; pass a write token with token= or run "
+                               "`hf auth login`")
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return UploadError(f"{where}: the upload to {host} failed ({first}); check the "
+                           "repository id, token and HF_ENDPOINT")
+    return UploadError(f"{where}: could not reach the Hub at {host} ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0] if str(exc) else ''}); check the network "
+                       "or HF_ENDPOINT")
+
+
 def upload_folder(folder: PathLike, repo_id: str, *, token: Union[str, bool, None] = None,
                   private: Optional[bool] = None, revision: Optional[str] = None,
                   commit_message: str = "Upload t-ReX model (trex_hub)",
                   create_repo: bool = True, endpoint: Optional[str] = None) -> str:
     """Upload the files of ``folder`` to the model repository ``repo_id``; returns the commit
-    URL."""
+    URL. Failures are an :class:`UploadError` with one line naming the repository and the fix."""
     from huggingface_hub import HfApi
+    from huggingface_hub import errors as hf_errors
 
     repo_id, _ = parse_hf_id(repo_id)
-    api = HfApi(endpoint=_endpoint(endpoint), token=token, library_name="trex_hub",
+    if revision is not None:
+        check_revision(revision, repo_id)
+    ep = _endpoint(endpoint)
+    api = HfApi(endpoint=ep, token=token, library_name="trex_hub",
                 library_version=__version__)
-    if create_repo:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
-                             commit_message=commit_message, repo_type="model")
+    try:
+        if create_repo:
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
+                                 commit_message=commit_message, repo_type="model")
+    except Exception as exc:  # noqa: BLE001 - sorted into one line below, others re-raised
+        if isinstance(exc, hf_errors.HfHubHTTPError) or _is_transport_error(exc):
+            raise _upload_error(exc, repo_id, ep) from None
+        raise
     return str(info)
