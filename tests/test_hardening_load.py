@@ -410,3 +410,33 @@ def test_trex_download_loading_faults_are_one_line(released_files, hub, export, 
     line = one_line(capsys.readouterr().err)
     assert code == 1 and "'projector' must be an object or null, found str 'yes'" in line
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# trex-download --list: sizes of files not cached
+# --------------------------------------------------------------------------------------------
+def test_list_asks_the_server_for_sizes_and_offline_says_not_cached(released_files, tmp_path,
+                                                                    capsys):
+    cache_dir = tmp_path / "cache"
+    with FileServer(released_files) as srv:
+        code = dl_cli.main(["--list", "--json", "--base-url", srv.url])
+        heads = [e for e in srv.log if e[0] == "HEAD"]
+        assert srv.requests == []  # HEAD only: no body was fetched
+    assert code == 0
+    files = {f["filename"]: f for r in json.loads(capsys.readouterr().out) for f in r["files"]}
+    for name, f in files.items():
+        assert f["size"] == (released_files / name).stat().st_size, name
+        assert f["size_source"] == "server" and not f["cached"]
+    assert len(heads) == len(files)
+    with FileServer(released_files) as srv:
+        code = dl_cli.main(["--list", "--offline", "--base-url", srv.url])
+        assert srv.log == []
+    out = capsys.readouterr().out
+    rows = {ln.split()[0]: ln for ln in out.splitlines()[1:]}
+    assert code == 0 and "not cached + not cached" in rows["trex_star_repro"]
+    assert "?" not in out
+    # a server that does not answer: "?" quickly, no error
+    code = dl_cli.main(["--list", "--base-url", "http://127.0.0.1:9/"])
+    out = capsys.readouterr().out
+    assert code == 0 and "?" in out
+    assert snapshot(cache_dir) == {}
