@@ -440,3 +440,15 @@ def test_list_asks_the_server_for_sizes_and_offline_says_not_cached(released_fil
     out = capsys.readouterr().out
     assert code == 0 and "?" in out
     assert snapshot(cache_dir) == {}
+
+
+def test_source_hf_says_that_no_released_model_is_on_the_hub(monkeypatch):
+    """README: no registry entry has a Hub mirror today, and source='hf' says so plainly."""
+    from trex_hub.registry import MODELS
+
+    assert all(e.hf_repo is None for e in MODELS.values())
+    with pytest.raises(trex_hub.ModelLoadError, match="no Hugging Face Hub mirror.*no released "
+                                                      "model has a Hub mirror yet"):
+        trex_hub.load("trex_star", source="hf")
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert "no registry entry has a Hub mirror" in readme

@@ -64,7 +64,9 @@ def _registry_source(entry: registry.ModelEntry, *, projector: bool, ema: bool,
             raise ModelLoadError(
                 f"'{entry.name}' has no Hugging Face Hub mirror, so source='hf' is not available; "
                 "drop source='hf' to download the released file"
-                + (f" (models with an HF mirror: {', '.join(with_hf)})" if with_hf else ""))
+                + (f" (models with an HF mirror: {', '.join(with_hf)})" if with_hf else
+                   " (no released model has a Hub mirror yet; a copy pushed with push_to_hub "
+                   "loads as 'hf-hub:org/repo')"))
         if ema:
             raise ModelLoadError(f"the Hugging Face Hub mirror of '{entry.name}' holds the online "
                                  "network only; ema=True needs source='url'")
