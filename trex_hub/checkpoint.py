@@ -282,15 +282,21 @@ def _from_folder(folder: Path) -> Checkpoint:
     return Checkpoint(state, read_config(cfg_path), "safetensors", str(folder))
 
 
-def read_config(path: PathLike) -> Dict[str, Any]:
-    """The ``config.json`` of an exported model (architecture, heads, preprocessing), validated
-    against :mod:`trex_hub.configschema` (types, bounds) before anything is built from it."""
-    from .configschema import ConfigFieldError, validate_config
-
+def _read_json(path: PathLike) -> Any:
     try:
-        config = json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
+
+
+def read_config(path: PathLike, config: Any = None) -> Dict[str, Any]:
+    """The ``config.json`` of an exported model (architecture, heads, preprocessing), validated
+    against :mod:`trex_hub.configschema` (types, bounds) before anything is built from it;
+    ``config`` is its already parsed content, if the caller has it."""
+    from .configschema import ConfigFieldError, validate_config
+
+    if config is None:
+        config = _read_json(path)
     try:
         return validate_config(config)
     except ConfigFieldError as exc:

@@ -62,7 +62,7 @@ def _note_read_only(folder: Path, exc: OSError) -> None:
     if key not in _READ_ONLY_NOTED:
         _READ_ONLY_NOTED.add(key)
         log.warning("trex_hub: the cache %s is not writable (%s); using its files without "
-                    "recording manifests (sizes are checked against the registry only)",
+                    "recording manifests (checked against the registry only)",
                     folder, exc.strerror or exc)
 
 
