@@ -12,6 +12,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import socket
 import sys
@@ -234,13 +235,17 @@ def test_a_registry_size_that_the_server_contradicts_is_refused(server, blobs, c
     assert not (cache / "blob.bin").exists()
 
 
-def test_every_cached_load_checks_the_size_and_replaces_a_bad_file(server, blobs, cache):
+def test_every_cached_load_checks_the_size_and_replaces_a_bad_file(server, blobs, cache,
+                                                                   caplog):
     path = dl.fetch("blob.bin", base_url=server.url, cache_dir=cache, **FAST)
     with open(path, "ab") as fh:
         fh.write(b"junk")
-    with pytest.warns(RuntimeWarning, match="corrupt .*size 600004 bytes, the manifest recorded "
-                                            "600000.*deleted"):
+    with caplog.at_level("WARNING", logger="trex_hub"):
         again = dl.fetch("blob.bin", base_url=server.url, cache_dir=cache, **FAST)
+    notes = [r.getMessage() for r in caplog.records if "corrupt" in r.getMessage()]
+    assert len(notes) == 1 and "\n" not in notes[0]  # one line, no source location
+    assert re.search("corrupt .*size 600004 bytes, the manifest recorded 600000.*deleted",
+                     notes[0])
     assert again.read_bytes() == served(blobs) and len(server.gets("blob.bin")) == 2
 
 

@@ -19,11 +19,12 @@ There is no unsafe fallback.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pickle
 import re
+import struct
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +34,21 @@ import torch
 
 from .fileio import CONFIG_NAME, WEIGHTS_NAME, PathLike, atomic_write
 from .model import BACKBONE_DIMS, TReX, prototypes_from_memory
+from .pickles import pickle_globals, refused_globals, safe_globals
 
 FORMAT_VERSION = 1
 
 
 class CheckpointError(ValueError):
-    """A file that is not a usable t-ReX checkpoint; the message names the file and the fix."""
+    """A file that is not a usable t-ReX checkpoint; the message names the file and the fix.
+
+    ``problem`` is what is wrong, ``hint`` the generic advice (``str()`` joins them); callers
+    that know better what happens to the file (the download cache) use ``problem`` alone.
+    """
+
+    def __init__(self, problem: str, hint: str = ""):
+        super().__init__(f"{problem} {hint}" if hint else problem)
+        self.problem, self.hint = problem, hint
 
 
 @dataclass
@@ -63,56 +73,42 @@ class Checkpoint:
 # --------------------------------------------------------------------------------------------
 # Safe torch.load
 # --------------------------------------------------------------------------------------------
-def _numpy_globals() -> List[Any]:
-    """The numpy objects that pickle an ndarray, under both numpy 1.x and 2.x names."""
-    import numpy as np
-
-    core = getattr(np, "_core", None) or np.core
-    reconstruct = core.multiarray._reconstruct
-    allowed: List[Any] = [np.ndarray, np.dtype,
-                          (reconstruct, "numpy.core.multiarray._reconstruct"),
-                          (reconstruct, "numpy._core.multiarray._reconstruct")]
-    dtypes = getattr(np, "dtypes", None)
-    if dtypes is not None and hasattr(dtypes, "Float64DType"):
-        allowed.append(dtypes.Float64DType)
-    return allowed
+_REDOWNLOAD = "Delete it and download it again (`trex-download --verify` checks the cache)."
 
 
-def safe_globals() -> List[Any]:
-    """The complete allow-list used for ``torch.load(weights_only=True)``."""
-    return [argparse.Namespace, *_numpy_globals()]
+def _refused(path: str, names: List[str]) -> CheckpointError:
+    what = f" (it asks for {', '.join(sorted(set(names)))})" if names else ""
+    return CheckpointError(
+        f"{path}: refused to load: the file needs Python objects that are not plain tensors"
+        f"{what}. trex_hub only loads checkpoints with torch.load(weights_only=True) and never "
+        "falls back to an unsafe load. If the file is yours, re-save its state dict with "
+        "torch.save(model.state_dict(), ...) or convert it to safetensors.")
 
 
 def torch_load(path: PathLike) -> Any:
     """``torch.load`` with ``weights_only=True`` and our allow-list; clear errors for bad files."""
     path = os.fspath(path)
     try:
-        with torch.serialization.safe_globals(safe_globals()):
+        with torch.serialization.safe_globals(safe_globals()), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Detected pickle protocol 4" etc.
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        msg = str(exc)
-        bad = re.findall(r"GLOBAL ([\w.]+)", msg) or re.findall(r"global ([\w.]+)", msg)
+        bad = refused_globals(str(exc)) or pickle_globals(path)
         if not bad:  # not a refused object: the bytes are simply not a pickle we can read
             raise CheckpointError(
                 f"{path}: not a readable PyTorch checkpoint ({os.path.getsize(path)} bytes; it "
-                "may be truncated, corrupted, or an error page saved in its place). Delete it "
-                "and download it again (`trex-download --verify` checks the cache).") from None
-        what = f" (it asks for {', '.join(sorted(set(bad)))})"
-        raise CheckpointError(
-            f"{path}: refused to load: the file needs Python objects that are not plain tensors"
-            f"{what}. trex_hub only loads checkpoints with torch.load(weights_only=True) and never "
-            "falls back to an unsafe load. If the file is yours, re-save its state dict with "
-            "torch.save(model.state_dict(), ...) or convert it to safetensors.") from None
+                "may be truncated, corrupted, or an error page saved in its place).",
+                _REDOWNLOAD) from None
+        raise _refused(path, bad) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError,
-            AttributeError, IndexError) as exc:
+            AttributeError, IndexError, struct.error) as exc:
         if isinstance(exc, FileNotFoundError):
             raise CheckpointError(f"{path}: no such file") from None
         size = os.path.getsize(path) if os.path.exists(path) else 0
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise CheckpointError(
             f"{path}: not a readable PyTorch checkpoint ({size} bytes; it may be truncated or "
-            f"corrupted: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})."
-            " Delete it and download it again (`trex-download --verify` checks the cache)."
-        ) from None
+            f"corrupted: {type(exc).__name__}: {first}).", _REDOWNLOAD) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,8 +272,10 @@ def _read_safetensors_file(path: Path) -> Dict[str, torch.Tensor]:
 def _from_folder(folder: Path) -> Checkpoint:
     cfg_path, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     if not weights.is_file():
+        found = sorted(p.name for p in folder.iterdir())
+        shown = _list(found, 5) if found else "nothing"
         raise CheckpointError(f"{folder}: a model folder needs '{WEIGHTS_NAME}' (and "
-                              f"'{CONFIG_NAME}'); found: {sorted(p.name for p in folder.iterdir())}")
+                              f"'{CONFIG_NAME}'); it holds {shown}")
     state = _read_safetensors_file(weights)
     if not cfg_path.is_file():
         return _from_state_dict(state, str(weights), "safetensors")
@@ -295,18 +293,23 @@ def _from_folder(folder: Path) -> Checkpoint:
 def _read_json(path: PathLike) -> Any:
     try:
         return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
 
 
 def read_config(path: PathLike, config: Any = None) -> Dict[str, Any]:
-    """The ``config.json`` of an exported model (architecture, heads, preprocessing);
+    """The ``config.json`` of an exported model (architecture, heads, preprocessing), validated
+    against :mod:`trex_hub.configschema` (types, bounds) before anything is built from it;
     ``config`` is its already parsed content, if the caller has it."""
+    from .configschema import ConfigFieldError, validate_config
+
     if config is None:
         config = _read_json(path)
-    if not isinstance(config, dict) or "arch" not in config:
-        raise CheckpointError(f"{path}: not a trex_hub config (no 'arch' key)")
-    return config
+    try:
+        return validate_config(config)
+    except ConfigFieldError as exc:
+        raise CheckpointError(f"{path}: {exc}; fix the file or export the model again with "
+                              "trex_hub.save_pretrained") from None
 
 
 def read_checkpoint(path: PathLike, *, ema: bool = False) -> Checkpoint:

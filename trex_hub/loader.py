@@ -45,9 +45,9 @@ def _release_check(entry: registry.ModelEntry, file: registry.FileInfo, ema: boo
     try:
         ckpt = read_checkpoint(path, ema=ema)
         _check_released(entry, file, ckpt, str(path))
-    except CheckpointError as exc:
+    except CheckpointError as exc:  # the cache says what happens to the file: not the hint
         raise CheckpointError(f"'{entry.name}': not a loadable {entry.arch} checkpoint in the "
-                              f"released layout ({exc})") from None
+                              f"released layout ({exc.problem})") from None
     return ckpt
 
 

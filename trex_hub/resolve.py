@@ -64,7 +64,9 @@ def _registry_source(entry: registry.ModelEntry, *, projector: bool, ema: bool,
             raise ModelLoadError(
                 f"'{entry.name}' has no Hugging Face Hub mirror, so source='hf' is not available; "
                 "drop source='hf' to download the released file"
-                + (f" (models with an HF mirror: {', '.join(with_hf)})" if with_hf else ""))
+                + (f" (models with an HF mirror: {', '.join(with_hf)})" if with_hf else
+                   " (no released model has a Hub mirror yet; a copy pushed with push_to_hub "
+                   "loads as 'hf-hub:org/repo')"))
         if ema:
             raise ModelLoadError(f"the Hugging Face Hub mirror of '{entry.name}' holds the online "
                                  "network only; ema=True needs source='url'")
@@ -88,6 +90,10 @@ def resolve(name_or_path: PathLike, *, projector: bool = False, ema: bool = Fals
     """
     if source not in (None, *SOURCES):
         raise ModelLoadError(f"source={source!r} is not one of {', '.join(map(repr, SOURCES))}")
+    if not os.fspath(name_or_path).strip():
+        raise ModelLoadError(f"an empty model name: give a registry name "
+                             f"({', '.join(registry.list_models())}), a checkpoint path or an "
+                             "hf-hub:org/repo id")
     if is_hf_id(name_or_path):
         name = os.fspath(name_or_path)
         repo, rev = parse_hf_id(name, revision)

@@ -40,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true",
                    help="also the full training checkpoint (projector, OCM memory, EMA copy) "
                         "where one is released")
-    p.add_argument("--list", action="store_true", help="table of models and of what is cached")
+    p.add_argument("--list", action="store_true",
+                   help="table of models and of what is cached (sizes of files not cached are "
+                        "asked of the server with a HEAD request, unless --offline)")
     p.add_argument("--json", action="store_true", help="with --list or --verify: JSON output")
     p.add_argument("--cache-dir", default=None,
                    help="cache folder (default $TREX_HUB_CACHE or ~/.cache/trex_hub; for hf-hub: "
@@ -67,15 +69,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _human(n: Optional[int]) -> str:
+def _human(n: Optional[int], unknown: str = "?") -> str:
     if n is None:
-        return "?"
+        return unknown
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"  # pragma: no cover
+
+
+LIST_HEAD_TIMEOUT = 3.0  # seconds: --list asks the server for the size of files not cached
 
 
 def _file_status(file, cache_dir) -> Dict[str, Any]:
@@ -85,15 +90,24 @@ def _file_status(file, cache_dir) -> Dict[str, Any]:
     man = cache.read_manifest(path)
     partial = cache.partial_path(path)
     cached = path.is_file()
-    size = path.stat().st_size if cached else (man["size"] if man else file.size)
+    size, source = (path.stat().st_size, "cache") if cached else \
+        (man["size"], "manifest") if man else \
+        (file.size, "registry") if file.size is not None else (None, None)
     return {"filename": file.filename, "kind": file.kind, "path": str(path), "cached": cached,
             "partial_bytes": partial.stat().st_size if partial.is_file() else 0,
-            "size": size, "sha256": (man or {}).get("sha256") or file.sha256,
+            "size": size, "size_source": source,
+            "sha256": (man or {}).get("sha256") or file.sha256,
             "published_sha256": file.sha256}
 
 
-def _listing(cache_dir) -> List[Dict[str, Any]]:
-    from .. import registry
+def _listing(cache_dir, base_url: Optional[str] = None,
+             offline: bool = False) -> List[Dict[str, Any]]:
+    """The models and their files; sizes known from nothing local are asked of the server
+    with a HEAD request (in parallel, ``LIST_HEAD_TIMEOUT`` s), unless offline."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .. import mirrors, registry
+    from ..hub.http import head_size
 
     rows = []
     for name in registry.list_models():
@@ -102,10 +116,18 @@ def _listing(cache_dir) -> List[Dict[str, Any]]:
                      "imagenet_top1": e.imagenet_top1, "transfer_log_odds": e.transfer_log_odds,
                      "has_projector": e.has_projector, "hf_repo": e.hf_repo,
                      "files": [_file_status(f, cache_dir) for f in e.files()]})
+    unknown = [(r["name"], f) for r in rows for f in r["files"] if f["size"] is None]
+    if unknown and not offline:
+        urls = [mirrors.file_url(f["filename"], base_url, name) for name, f in unknown]
+        with ThreadPoolExecutor(max_workers=min(8, len(urls))) as pool:
+            sizes = list(pool.map(lambda u: head_size(u, LIST_HEAD_TIMEOUT), urls))
+        for (_, f), size in zip(unknown, sizes):
+            if size is not None:
+                f["size"], f["size_source"] = size, "server"
     return rows
 
 
-def _print_table(rows: List[Dict[str, Any]]) -> None:
+def _print_table(rows: List[Dict[str, Any]], offline: bool = False) -> None:
     header = ("name", "top-1", "log-odds", "projector", "size", "cached")
     lines = [header]
     for r in rows:
@@ -118,7 +140,9 @@ def _print_table(rows: List[Dict[str, Any]]) -> None:
             return f"partial ({_human(f['partial_bytes'])})" if f["partial_bytes"] else "no"
 
         cached = state(back) + (f", full: {state(full)}" if full else "")
-        size = _human(back["size"]) + (f" + {_human(full['size'])}" if full else "")
+        unknown = "not cached" if offline else "?"  # offline: nothing to ask
+        size = _human(back["size"], unknown) + (f" + {_human(full['size'], unknown)}"
+                                                if full else "")
         lines.append((r["name"], f"{r['imagenet_top1']:.1f}", f"{r['transfer_log_odds']:.4f}",
                       "yes" if r["has_projector"] else "no", size, cached))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
@@ -128,12 +152,16 @@ def _print_table(rows: List[Dict[str, Any]]) -> None:
 
 def _resolve(names: Sequence[str], everything: bool) -> List[str]:
     from .. import registry
-    from ..hub.hf import is_hf_id
+    from ..hub.hf import is_hf_id, parse_hf_id
 
     out: List[str] = []
     for n in (registry.list_models() if everything else []) + list(names):
         if is_hf_id(n):
             key = n
+            try:  # the id and revision are checked before any network or disk access
+                parse_hf_id(n)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
         else:
             try:
                 key = registry.get_entry(n).name
@@ -265,6 +293,7 @@ def _main(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from ..api import ModelLoadError
     from ..checkpoint import CheckpointError
+    from ..hub.cache import is_offline
     from ..hub.http import DownloadError
 
     with failing_on(DownloadError, CheckpointError, ModelLoadError, ValueError, OSError,
@@ -273,11 +302,12 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError("--json goes with --list or --verify")
         names = _resolve(args.models, args.all)
         if args.list:
-            rows = _listing(args.cache_dir)
+            offline = bool(args.offline) or is_offline()
+            rows = _listing(args.cache_dir, args.base_url, offline)
             if args.json:
                 print(json.dumps(rows, indent=2))
             else:
-                _print_table(rows)
+                _print_table(rows, offline)
             if not names and not args.verify:
                 return 0
         if args.verify:

@@ -26,7 +26,6 @@ import random
 import re
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
@@ -48,6 +47,37 @@ log = logging.getLogger(__name__)
 
 class OfflineError(DownloadError):
     """Offline mode is on and the file is not in the cache."""
+
+
+class ReadOnlyCacheError(DownloadError):
+    """The cache cannot be written and does not hold the file asked for."""
+
+
+_READ_ONLY_NOTED: set = set()
+
+
+def _note_read_only(folder: Path, exc: OSError) -> None:
+    """Say once per folder that manifests cannot be recorded there (the files still load)."""
+    key = str(folder)
+    if key not in _READ_ONLY_NOTED:
+        _READ_ONLY_NOTED.add(key)
+        log.warning("trex_hub: the cache %s is not writable (%s); using its files without "
+                    "recording manifests (checked against the registry only)",
+                    folder, exc.strerror or exc)
+
+
+def _require_writable(folder: Path, filename: str) -> None:
+    """Raise :class:`ReadOnlyCacheError` unless a file can be created in ``folder``."""
+    probe = folder / f".{filename}.{os.getpid()}.{random.getrandbits(32):08x}.probe"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.unlink(probe)
+    except OSError as exc:
+        raise ReadOnlyCacheError(
+            f"the cache {folder} cannot be written ({exc.strerror or exc}) and does not hold "
+            f"'{filename}'; set TREX_HUB_CACHE (or --cache-dir / cache_dir=) to a writable "
+            "folder, or copy the file into that cache.") from None
 
 
 def _truthy(value: Optional[str]) -> bool:
@@ -157,7 +187,10 @@ def check_cached(path: PathLike, *, sha256: Optional[str] = None, size: Optional
             return CheckResult(p, False, f"SHA-256 {digest}, the manifest recorded "
                                f"{man['sha256']} on first download", digest, actual)
         if man is None:  # a file put there by hand or by an older version: record it now
-            write_manifest(p, sha256=digest, size=actual, url=None, source="adopted")
+            try:
+                write_manifest(p, sha256=digest, size=actual, url=None, source="adopted")
+            except OSError as exc:  # a read-only cache: the file is still usable
+                _note_read_only(p.parent, exc)
         return CheckResult(p, True, "", digest, actual)
     return CheckResult(p, True, "", man["sha256"], actual)
 
@@ -220,7 +253,12 @@ def _check_cached_file(path: Path, check: Optional[Check]) -> Any:
     except ValueError as exc:
         man = read_manifest(path)
         vouched = man is not None and sha256_of(path) == man["sha256"]
-        remove_cached(path, manifest=vouched)
+        try:
+            remove_cached(path, manifest=vouched)
+        except OSError as err:  # a read-only cache
+            raise _reject(exc, f"{exc} [the cached file {path} cannot be deleted "
+                               f"({err.strerror or err}); replace it by hand or set "
+                               "TREX_HUB_CACHE to a writable folder]") from None
         raise _reject(exc, f"{exc} [the cached file {path} has been deleted; run again to "
                            "download it]")
 
@@ -263,13 +301,19 @@ def fetch_checked(filename: str, url: str, *, cache_dir: Optional[PathLike] = No
         cheap = check_cached(path, sha256=sha256, size=size)
         if cheap.ok:
             return path, _check_cached_file(path, check)
-        remove_cached(path)  # keep the manifest: the new download must match it
-        deleted = f"the cached {path} was corrupt ({cheap.reason}) and has been deleted"
-        warnings.warn(f"trex_hub: {deleted}; downloading it again", RuntimeWarning, stacklevel=3)
+        deleted = f"the cached {path} was corrupt ({cheap.reason})"
+        try:
+            remove_cached(path)  # keep the manifest: the new download must match it
+        except OSError as exc:
+            raise ReadOnlyCacheError(f"{deleted} and cannot be deleted ({exc.strerror or exc}); "
+                                     "replace it by hand, or set TREX_HUB_CACHE to a writable "
+                                     "folder.") from None
+        deleted += " and has been deleted"
+        log.warning("trex_hub: %s; downloading it again", deleted)
     if offline:
         msg = _offline_message(filename, path, url, offline_command)
         raise OfflineError(f"{deleted}; {msg}" if deleted else msg)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _require_writable(path.parent, filename)
     with file_lock(path, lock_timeout) as locked:
         if path.is_file() and check_cached(path, sha256=sha256, size=size).ok:
             return path, _check_cached_file(path, check)  # another process finished it
@@ -279,24 +323,35 @@ def fetch_checked(filename: str, url: str, *, cache_dir: Optional[PathLike] = No
         # with the lock: the shared, resumable partial; without it: a private temp file
         tmp = partial_path(path) if locked else path.with_name(
             f".{path.name}.{os.getpid()}.{random.getrandbits(32):08x}{PARTIAL_SUFFIX}")
-        try:
-            digest, got = download(url, tmp, sha256=expected_sha, size=expected_size,
-                                   progress=progress, desc=filename, timeout=timeout,
-                                   retries=retries, backoff=backoff, resumable=locked)
-        except IntegrityError as exc:
-            if man and not sha256:
-                raise IntegrityError(
-                    f"{exc} Trust on first use: {manifest_path(path)} recorded SHA-256 "
-                    f"{man['sha256']} ({man['size']} bytes) at the first download of "
-                    f"'{filename}'. If the file legitimately changed upstream, delete that "
-                    "manifest and retry.") from None
-            raise
-        try:
-            result = _check_fresh_file(tmp, url, check)
-        except BaseException:
-            if tmp.exists() and not locked:
-                tmp.unlink()
-            raise
+        resumed = tmp.is_file() and tmp.stat().st_size > 0
+        while True:
+            try:
+                digest, got = download(url, tmp, sha256=expected_sha, size=expected_size,
+                                       progress=progress, desc=filename, timeout=timeout,
+                                       retries=retries, backoff=backoff, resumable=locked)
+            except IntegrityError as exc:
+                if man and not sha256:
+                    raise IntegrityError(
+                        f"{exc} Trust on first use: {manifest_path(path)} recorded SHA-256 "
+                        f"{man['sha256']} ({man['size']} bytes) at the first download of "
+                        f"'{filename}'. If the file legitimately changed upstream, delete that "
+                        "manifest and retry.") from None
+                raise
+            try:
+                result = _check_fresh_file(tmp, url, check)
+            except ValueError:
+                if resumed:  # the partial may have come from another source: once from byte 0
+                    log.warning("trex_hub: %s resumed onto a partial download left by an "
+                                "earlier attempt and was rejected; downloading it again from "
+                                "byte 0", filename)
+                    resumed = False
+                    continue
+                raise
+            except BaseException:
+                if tmp.exists() and not locked:
+                    tmp.unlink()
+                raise
+            break
         os.replace(tmp, path)
         fsync_dir(path.parent)
         write_manifest(path, sha256=digest, size=got, url=url)

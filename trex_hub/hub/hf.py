@@ -12,6 +12,7 @@ torch modules.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -29,20 +30,67 @@ def is_hf_id(value: object) -> bool:
     return isinstance(value, str) and value.strip().startswith(HF_PREFIX)
 
 
+# what the Hub accepts as a repository id (huggingface_hub's validate_repo_id): one optional
+# namespace, word characters, '-' and '.', no '--' or '..', at most 96 characters
+_REPO_PART = re.compile(r"^(\b[\w\-.]+\b/)?\b[\w\-.]+\b$")
+# a revision is a commit or a git ref name (git check-ref-format): branches may hold '/'
+_REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|//|@\{")
+
+
+def _check_repo_id(repo_id: str, spec: str) -> None:
+    if not _REPO_PART.match(repo_id) or "--" in repo_id or ".." in repo_id \
+            or repo_id.endswith(".git") or len(repo_id) > 96:
+        raise ValueError(f"'{spec}' is not a Hub model id: use 'hf-hub:org/repo' or "
+                         "'hf-hub:org/repo@revision' (letters, digits, '-', '_', '.'; no '..' "
+                         "or '--')")
+
+
+def check_revision(rev: str, spec: str = "") -> str:
+    """``rev`` when it is a valid Hub revision (a commit, or a branch/tag name by git's ref
+    rules: '/' between non-empty parts, no '..', no part starting with '.', no control
+    characters or ``~^:?*[\\``); else ``ValueError``. Nothing is read or written before this
+    check: the Hub client writes ``refs/<revision>`` inside its cache."""
+    parts = rev.split("/")
+    bad = (not rev or len(rev) > 255 or _REF_FORBIDDEN.search(rev) is not None
+           or rev.startswith("/") or rev.endswith(("/", ".", ".lock")) or rev == "@"
+           or any(not p or p.startswith(".") or p.endswith(".lock") for p in parts))
+    if bad:
+        where = f" in '{spec}'" if spec else ""
+        raise ValueError(f"revision {rev!r}{where} is not a valid Hub revision: use a branch, "
+                         "tag or commit (no '..', no part starting with '.', no spaces or "
+                         "~^:?*[\\)")
+    return rev
+
+
 def parse_hf_id(spec: str, revision: Optional[str] = None) -> Tuple[str, Optional[str]]:
     """``"hf-hub:org/repo@rev"`` (prefix optional) -> ``("org/repo", "rev")``; ``revision=``
-    must agree when both are given. The one parser of Hub ids in trex_hub."""
+    must agree when both are given. The one parser of Hub ids in trex_hub: the repository id
+    and the revision are validated here, before any network or disk access."""
     spec = spec.strip()
     if spec.startswith(HF_PREFIX):
         spec = spec[len(HF_PREFIX):]
     repo_id, _, rev = spec.partition("@")
-    if not repo_id or repo_id.count("/") > 1 or repo_id.startswith("/") or repo_id.endswith("/"):
-        raise ValueError(f"'{spec}' is not a Hub model id: use 'hf-hub:org/repo' or "
-                         "'hf-hub:org/repo@revision'")
+    _check_repo_id(repo_id, spec)
     if rev and revision and rev != revision:
         raise ValueError(f"'{spec}' names revision '{rev}' but revision='{revision}' was also "
                          "given; use one")
-    return repo_id, (rev or revision or None)
+    rev = rev or revision or None
+    if rev is not None:
+        check_revision(rev, spec)
+    return repo_id, rev
+
+
+def _check_cache_paths(cache: Path, repo_id: str, rev: Optional[str]) -> None:
+    """The Hub client's files for ``repo_id`` at ``rev`` stay inside ``cache`` (a second guard
+    behind :func:`check_revision`)."""
+    root = cache.resolve()
+    storage = (cache / ("models--" + repo_id.replace("/", "--"))).resolve()
+    targets = [storage] + ([(storage / "refs" / rev).resolve(),
+                            (storage / "snapshots" / rev).resolve()] if rev else [])
+    for t in targets:
+        if root != t and root not in t.parents:
+            raise ValueError(f"{HF_PREFIX}{repo_id}@{rev}: its cache files would be written "
+                             f"outside {cache}; use a plain branch, tag or commit")
 
 
 def _endpoint(endpoint: Optional[str] = None) -> Optional[str]:
@@ -77,6 +125,7 @@ def _download_files(repo_id: str, rev: Optional[str], names: Sequence[str], *,
 
     offline = is_offline() if offline is None else offline
     cache = hf_cache_dir(cache_dir)
+    _check_cache_paths(cache, repo_id, rev)
     ep = _endpoint(endpoint)
     where = f"{HF_PREFIX}{repo_id}" + (f"@{rev}" if rev else "")
     silence = not progress and not are_progress_bars_disabled()
@@ -152,19 +201,64 @@ def download_config(repo_spec: str, cache_dir: Optional[PathLike] = None,
                            progress=progress)[0]
 
 
+class UploadError(DownloadError):
+    """An upload to the Hub failed; the message names the repository and the fix."""
+
+
+_TRANSPORTS = {"httpx", "httpx2", "httpcore", "requests", "urllib3", "h11", "ssl", "socket"}
+
+
+def _is_transport_error(exc: BaseException) -> bool:
+    """A network failure, whichever HTTP library the Hub client uses."""
+    return isinstance(exc, (OSError, ConnectionError)) or any(
+        t.__module__.split(".")[0] in _TRANSPORTS for t in type(exc).__mro__)
+
+
+def _upload_error(exc: BaseException, repo_id: str, ep: Optional[str]) -> UploadError:
+    """One line for a failed upload (raw Hub-client exceptions carry URLs, bodies, hints)."""
+    from huggingface_hub import errors as hf_errors
+
+    where, host = f"{HF_PREFIX}{repo_id}", ep or "https://huggingface.co"
+    if isinstance(exc, hf_errors.RepositoryNotFoundError):
+        return UploadError(f"{where}: the repository does not exist at {host} or this token "
+                           "cannot write it; pass token= (or run `hf auth login`), or "
+                           "create_repo=True")
+    if isinstance(exc, hf_errors.HfHubHTTPError):
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status in (401, 403):
+            return UploadError(f"{where}: HTTP {status}: the token cannot write this "
+                               "repository; pass a write token with token= or run "
+                               "`hf auth login`")
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return UploadError(f"{where}: the upload to {host} failed ({first}); check the "
+                           "repository id, token and HF_ENDPOINT")
+    return UploadError(f"{where}: could not reach the Hub at {host} ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0] if str(exc) else ''}); check the network "
+                       "or HF_ENDPOINT")
+
+
 def upload_folder(folder: PathLike, repo_id: str, *, token: Union[str, bool, None] = None,
                   private: Optional[bool] = None, revision: Optional[str] = None,
                   commit_message: str = "Upload t-ReX model (trex_hub)",
                   create_repo: bool = True, endpoint: Optional[str] = None) -> str:
     """Upload the files of ``folder`` to the model repository ``repo_id``; returns the commit
-    URL."""
+    URL. Failures are an :class:`UploadError` with one line naming the repository and the fix."""
     from huggingface_hub import HfApi
+    from huggingface_hub import errors as hf_errors
 
     repo_id, _ = parse_hf_id(repo_id)
-    api = HfApi(endpoint=_endpoint(endpoint), token=token, library_name="trex_hub",
+    if revision is not None:
+        check_revision(revision, repo_id)
+    ep = _endpoint(endpoint)
+    api = HfApi(endpoint=ep, token=token, library_name="trex_hub",
                 library_version=__version__)
-    if create_repo:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
-                             commit_message=commit_message, repo_type="model")
+    try:
+        if create_repo:
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
+                                 commit_message=commit_message, repo_type="model")
+    except Exception as exc:  # noqa: BLE001 - sorted into one line below, others re-raised
+        if isinstance(exc, hf_errors.HfHubHTTPError) or _is_transport_error(exc):
+            raise _upload_error(exc, repo_id, ep) from None
+        raise
     return str(info)

@@ -157,6 +157,19 @@ def _open(url: str, tmp: Path, offset: int, timeout: float):
         raise _Transient(f"{type(reason).__name__}: {reason}") from None
 
 
+def head_size(url: str, timeout: float = 3.0) -> Optional[int]:
+    """The size a server announces for ``url`` (``Content-Length`` of a HEAD request), or
+    ``None`` when it does not answer within ``timeout`` or announces none. Never raises."""
+    req = urllib.request.Request(url, method="HEAD", headers={
+        "User-Agent": user_agent(), "Accept-Encoding": "identity"})
+    try:
+        with _opener(url).open(req, timeout=timeout) as resp:
+            length = resp.headers.get("Content-Length")
+            return int(length) if length and length.isdigit() else None
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError):
+        return None
+
+
 def _attempt(url: str, tmp: Path, *, timeout: float, expected_size: Optional[int],
              progress: bool, desc: str) -> int:
     """One HTTP attempt appending to ``tmp`` (resuming from its size). Returns the total size."""
