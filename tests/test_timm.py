@@ -164,6 +164,17 @@ def test_non_resnet_timm_folders_are_refused_clearly(tmp_path):
         trex_hub.load(tmp_path / "d")
 
 
+def test_timm_config_values_meet_the_schema(tmp_path):
+    """num_features and the name read from a timm config.json are validated like our own."""
+    net = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    timm.models.save_for_hf(net, tmp_path / "t", safe_serialization=True)
+    cfg = json.loads((tmp_path / "t" / "config.json").read_text())
+    cfg["num_features"] = "many"
+    (tmp_path / "t" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="num_features"):
+        trex_hub.load(tmp_path / "t")
+
+
 def test_unknown_save_format_is_an_error(released_r50, tmp_path):
     with pytest.raises(ValueError, match="use 'trex_hub'"):
         trex_hub.save_pretrained(released_r50, tmp_path / "x", format="keras")

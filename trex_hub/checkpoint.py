@@ -284,9 +284,11 @@ def _from_folder(folder: Path) -> Checkpoint:
 
     if is_timm_config(config):  # a timm folder: trex_hub.timm_format knows its layout
         try:
-            return Checkpoint(*from_timm(state, config), "timm", str(folder))
+            canonical, converted = from_timm(state, config)
         except ValueError as exc:
             raise CheckpointError(f"{folder}: {exc}") from None
+        # what came from the file (num_features, name) meets the same schema as our own configs
+        return Checkpoint(canonical, read_config(cfg_path, converted), "timm", str(folder))
     return Checkpoint(state, read_config(cfg_path, config), "safetensors", str(folder))
 
 
