@@ -167,7 +167,7 @@ def tensor_batches(groups: Iterable[Sequence[int]], fetch: Callable[[int], Any],
             if jd is not None and decoded.get(pos) is not None:
                 pix = decoded[pos]
             elif res[0] is not None:
-                pix = torch.from_numpy(res[0]).to(device)
+                pix = torch.from_numpy(np.array(res[0])).to(device)  # PIL's array is read-only
             else:
                 failures.append((pos, res[1]))
                 continue
