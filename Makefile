@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-local test test-slow bench clean
+.PHONY: install demo demo-local test test-slow bench bench-gpu clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ test-slow: install
 
 bench: install
 	$(PY) benchmarks/extract_bench.py
+
+# trex-extract against the naive DataLoader loop on a CUDA GPU (>= 10,000 JPEGs, whole processes,
+# fp32 / fp16, model-only); writes its section of docs/benchmarks.md. Refuses without CUDA.
+bench-gpu: install
+	$(PY) benchmarks/extract_gpu_bench.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

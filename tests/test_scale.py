@@ -261,3 +261,34 @@ def test_cuda_async_pipeline_keeps_order(r18_path, folder):  # noqa: F811
         got = model.extract(files, device="cuda", decode="cpu", batch_size=3,
                             precision=precision)
         assert rel_err(got, ref) < tol, precision
+
+
+def test_compiled_runner_pads_a_short_last_batch(r18_path):  # noqa: F811
+    """With torch.compile a smaller last batch would recompile; it is padded and sliced (the
+    padding logic is checked on the eager module, compile itself takes a minute here)."""
+    model = trex_hub.load(r18_path)
+    runner = prepare(model, "cpu")
+    x = torch.from_numpy(np.stack(photos(5, (64, 64))))
+    ref = runner(x[:3])
+    runner.compiled = True
+    try:
+        runner(x)
+        seen = []
+        handle = runner.module.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+        out = runner(x[:3])
+        handle.remove()
+    finally:
+        runner.compiled = False
+    assert seen == [5] and out.shape == ref.shape and rel_err(out, ref) < 1e-5
+
+
+def test_gpu_bench_refuses_in_one_line_without_cuda(capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "benchmarks"))
+    import extract_gpu_bench
+
+    assert extract_gpu_bench.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs a GPU" in err

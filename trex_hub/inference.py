@@ -298,12 +298,19 @@ class InferenceModel:
         """Features of ``batch`` on the device (float32), in this model's precision."""
         with torch.inference_mode(), fp32_mode(self.precision):
             x = self.to_input(batch)
+            n = x.shape[0]
+            if self.compiled:  # a short last batch is padded: no recompilation for its shape
+                self._full = max(getattr(self, "_full", 0), n)
+                if n < self._full:
+                    x = torch.cat([x, x.new_zeros((self._full - n, *x.shape[1:]))])
+                    if self.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
             if self.precision in _AUTOCAST_DTYPES:
                 with torch.autocast(self.device.type, dtype=_AUTOCAST_DTYPES[self.precision]):
                     y = self.module(x)
             else:
                 y = self.module(x)
-            return y.float()
+            return y[:n].float()
 
     def launch(self, batch: torch.Tensor) -> Pending:
         """Start ``batch``; on CUDA the features come back to pinned host memory without
