@@ -292,3 +292,14 @@ def test_gpu_bench_refuses_in_one_line_without_cuda(capsys, monkeypatch):
     assert extract_gpu_bench.main([]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "needs a GPU" in err
+
+
+def test_run_options_refuse_a_bad_decode_before_writing(r18_path, folder, tmp_path):  # noqa: F811
+    from trex_hub.extract_run import extract_to_file
+    from trex_hub.imagefiles import collect_inputs
+
+    model = trex_hub.load(r18_path)
+    with pytest.raises(ValueError, match="decode='gpu' resizes to a preset"):
+        extract_to_file(model, collect_inputs([folder]), tmp_path / "f.npy", decode="gpu",
+                        preprocess=None)
+    assert not (tmp_path / "f.npy.parts").exists()

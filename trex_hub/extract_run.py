@@ -83,6 +83,8 @@ class RunOptions:
         if self.batch_size < 1 or self.chunk_size < 1:
             raise ValueError("batch_size and chunk_size must be >= 1")
         preset_geometry(self.preprocess)  # validates the name
+        choose_decoding(self.decode, self.workers_mode, torch.device("cpu"), self.preprocess,
+                        True, 0, 0)  # validates decode / workers_mode before anything is written
 
 
 @dataclass(frozen=True)
