@@ -168,6 +168,7 @@ def test_decompression_bomb_is_refused(model, tmp_path, monkeypatch):
         model.extract([tmp_path / "big.png"])
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_extract_on_cuda(tmp_path):
     path = tmp_path / "r18.pth"

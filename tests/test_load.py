@@ -106,6 +106,7 @@ def test_cuda_device_without_cuda_is_a_clear_error():
         trex_hub.load("trex", pretrained=False, device="cuda")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_load_and_extract_on_cuda(released_files):
     model = trex_hub.load(released_files / "trex_2_checkpoint_full.pth", projector=True,
