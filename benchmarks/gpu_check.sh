@@ -8,7 +8,7 @@ set -u
 cd "$(dirname "$0")/.."
 LOGS="${OUT:-$PWD/gpu_check_logs}"
 mkdir -p "$LOGS"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 {
   date -u
@@ -25,7 +25,7 @@ test_rc=${PIPESTATUS[0]}
 echo "== bench-gpu" | tee "$LOGS/bench_gpu.txt"
 timeout 330 "$PY" benchmarks/extract_gpu_bench.py --images "${GPU_BENCH_IMAGES:-10000}" \
   --work-dir /tmp/trex-gpu-bench --md "$LOGS/benchmarks_gpu.md" --json "$LOGS/bench_gpu.json" \
-  ${GPU_BENCH_ARGS:-} 2>&1 | tee -a "$LOGS/bench_gpu.txt"
+  ${GPU_BENCH_ARGS:---compile} 2>&1 | tee -a "$LOGS/bench_gpu.txt"
 bench_rc=${PIPESTATUS[0]}
 echo "pytest -m cuda rc=$test_rc, bench-gpu rc=$bench_rc" | tee "$LOGS/summary.txt"
 [ "$test_rc" = 0 ] && [ "$bench_rc" = 0 ]
