@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-local test test-slow bench bench-train clean
+.PHONY: install demo demo-local test test-slow bench bench-train bench-gpu clean
 
 install: $(STAMP)
 
@@ -36,6 +36,11 @@ bench: install
 # issue's H100 setting on CUDA); the table goes into docs/benchmarks.md ("Training").
 bench-train: install
 	$(PY) benchmarks/train_bench.py --write-docs docs/benchmarks.md
+
+# trex-extract against the naive DataLoader loop on a CUDA GPU (>= 10,000 JPEGs, whole processes,
+# fp32 / fp16, model-only); writes its section of docs/benchmarks.md. Refuses without CUDA.
+bench-gpu: install
+	$(PY) benchmarks/extract_gpu_bench.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

@@ -1,9 +1,12 @@
 """The in-memory extraction engine: images in, an ``[N, D]`` feature matrix out.
 
-:func:`extract_features` is what ``model.extract(...)`` calls. Decoding runs in threads and
-overlaps the forward pass (:func:`decode_batches`); the forward pass runs on the prepared fast
-path of :mod:`trex_hub.inference` (BatchNorm folded, channels_last, inference mode, optional
-autocast on CUDA).
+:func:`extract_features` is what ``model.extract(...)`` calls. Decoding overlaps the forward
+pass, by one of three paths that :func:`open_batches` picks: threads
+(:mod:`trex_hub.decoding`, the reference), worker processes writing shared-memory batches
+(:mod:`trex_hub.decode_procs`, many files on many cores) or batched ``decode_jpeg`` on the device
+(:mod:`trex_hub.tensor_decode`, nvJPEG on a GPU). The forward pass runs on the prepared fast
+path of :mod:`trex_hub.inference` (BatchNorm folded, channels_last, inference mode, precision),
+one batch ahead of the copy of its features back to the host (:func:`run_batches`).
 
 Files on disk are handled elsewhere: :mod:`trex_hub.imagefiles` lists the input images,
 :mod:`trex_hub.featurefile` defines the on-disk features format (and reads it back), and
@@ -14,18 +17,23 @@ from __future__ import annotations
 
 import os
 import sys
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from typing import (Any, Callable, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple,
-                    Union)
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .inference import PRECISIONS, InferenceModel, prepare
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD
+from . import preprocess as pp
+from .decode_procs import process_batches
+from .decoding import Batch, batch_ranges, decode_batches, default_workers, normalise
+from .inference import PRECISIONS, InferenceModel, Pending, prepare
+from .tensor_decode import tensor_batches
 from .transforms import Decoder, ImageLoadError, build_transform, preset_geometry
+
+DECODES = ("auto", "cpu", "gpu")
+WORKER_MODES = ("auto", "threads", "processes")
+# "auto" decodes in processes from this many files and this many workers on
+PROCESS_MIN_FILES, PROCESS_MIN_WORKERS = 512, 4
 
 _SINGLE = (str, os.PathLike)
 
@@ -74,125 +82,69 @@ def _split_inputs(images: Any) -> Tuple[Optional[torch.Tensor], List[Any]]:
 # --------------------------------------------------------------------------------------------
 
 
-class Batch(NamedTuple):
-    """A decoded batch: ``data`` holds the items at ``positions`` (uint8 ``[n, H, W, 3]``, or
-    float ``[n, 3, H, W]`` when an input was an already-normalised tensor; ``None`` when every
-    item failed); ``failures`` lists ``(position, reason)`` of the items that could not be used."""
-
-    positions: List[int]
-    data: Optional[torch.Tensor]
-    failures: List[Tuple[int, str]]
-
-
-def _decode_one(decoder: Decoder, item: Any, what: str) -> Union[np.ndarray, torch.Tensor]:
-    if isinstance(item, torch.Tensor) and item.is_floating_point():
-        if item.ndim != 3 or item.shape[0] != 3:
-            raise ImageLoadError(f"{what}: a float tensor item must be a normalised [3, H, W] "
-                                 f"image; got {tuple(item.shape)}")
-        return item.detach().float().cpu()
-    return decoder(item, what)
-
-
-def _normalise(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[..., H, W, 3]`` -> float ``[..., 3, H, W]``, normalised (ImageNet mean/std)."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (pixels.movedim(-1, -3).float() / 255.0 - mean) / std
-
-
-def batch_ranges(count: int, batch_size: int) -> List[range]:
-    """Positions ``0..count-1`` cut into consecutive batches of ``batch_size``."""
-    return [range(s, min(s + batch_size, count)) for s in range(0, count, batch_size)]
-
-
-def _stack(positions: List[int], arrays: List[Union[np.ndarray, torch.Tensor]]) -> torch.Tensor:
-    shapes = {tuple(a.shape) for a in arrays}
-    floats = any(isinstance(a, torch.Tensor) for a in arrays)
-    if floats:
-        arrays = [a if isinstance(a, torch.Tensor) else _normalise(torch.from_numpy(np.array(a)))
-                  for a in arrays]
-        shapes = {tuple(a.shape) for a in arrays}
-    if len(shapes) > 1:
-        raise ImageLoadError(f"items {positions[0]}..{positions[-1]} have different sizes "
-                             f"{sorted(shapes)}; use a preprocess preset to resize them")
-    if floats:
-        return torch.stack(arrays)
-    return torch.from_numpy(np.stack(arrays))
-
-
-def decode_batches(groups: Iterable[Sequence[int]], fetch: Callable[[int], Any],
-                   decoder: Decoder, *, num_workers: int = 0, prefetch: int = 2,
-                   strict: bool = True, describe: Callable[[int], str] = "item {}".format,
-                   catch_all: bool = False) -> Iterator[Batch]:
-    """Decode ``fetch(i)`` for the positions of each group into one :class:`Batch` per group,
-    in order. With ``num_workers > 0`` a thread pool decodes up to ``prefetch`` groups ahead of
-    the consumer (PIL releases the GIL while decoding and resizing, so this overlaps the forward
-    pass). ``strict`` raises the first :class:`ImageLoadError`; otherwise failures are reported
-    in the batch. ``catch_all`` also turns unexpected exceptions into failures.
-    """
-
-    def work(pos: int):
-        try:
-            return _decode_one(decoder, fetch(pos), describe(pos)), None
-        except ImageLoadError as exc:
-            if strict:
-                raise
-            return None, str(exc)
-        except Exception as exc:
-            if strict or not catch_all:
-                raise
-            return None, f"{describe(pos)}: {type(exc).__name__}: {exc}"
-
-    def assemble(group: Sequence[int], results) -> Batch:
-        ok_pos, arrays, failures = [], [], []
-        for pos, (arr, err) in zip(group, results):
-            if err is None:
-                ok_pos.append(pos)
-                arrays.append(arr)
-            else:
-                failures.append((pos, err))
-        data = _stack(ok_pos, arrays) if arrays else None
-        return Batch(ok_pos, data, failures)
-
-    if num_workers <= 0:
-        for group in groups:
-            yield assemble(group, [work(p) for p in group])
-        return
-    pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="trex-decode")
-    try:
-        it = iter(groups)
-        pending: deque = deque()
-
-        def fill() -> None:
-            while len(pending) <= prefetch:
-                group = next(it, None)
-                if group is None:
-                    return
-                group = list(group)
-                pending.append((group, [pool.submit(work, p) for p in group]))
-
-        fill()
-        while pending:
-            group, futures = pending.popleft()
-            results = [f.result() for f in futures]
-            fill()  # keep the workers busy while the consumer runs the model
-            yield assemble(group, results)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 def iter_batches(items: Sequence[Any], *, batch_size: int, preprocess: Optional[str],
                  num_workers: int = 0, draft: bool = True) -> Iterator[torch.Tensor]:
     """Decode and preprocess ``items`` into normalised float batches ``[n, 3, H, W]``."""
     decoder = Decoder(preprocess, draft=draft)
     groups = batch_ranges(len(items), batch_size)
     for b in decode_batches(groups, items.__getitem__, decoder, num_workers=num_workers):
-        yield _normalise(b.data) if b.data.dtype == torch.uint8 else b.data
+        yield normalise(b.data) if b.data.dtype == torch.uint8 else b.data
 
 
-def default_workers() -> int:
-    """Decoding threads by default: one per core, at most 8."""
-    return max(1, min(8, os.cpu_count() or 1))
+def choose_decoding(decode: str, workers_mode: str, device: torch.device,
+                    preprocess: Optional[str], paths: bool, count: int, workers: int) -> str:
+    """``"threads"``, ``"processes"`` or ``"tensor"`` for a run (see :func:`open_batches`)."""
+    if decode not in DECODES:
+        raise ValueError(f"decode must be one of {DECODES}, not {decode!r}")
+    if workers_mode not in WORKER_MODES:
+        raise ValueError(f"workers_mode must be one of {WORKER_MODES}, not {workers_mode!r}")
+    if decode == "gpu" and preprocess is None:
+        raise ValueError("decode='gpu' resizes to a preset; pass preprocess='transfer' or "
+                         "'imagenet', or decode='cpu'")
+    if decode == "gpu" or (decode == "auto" and device.type == "cuda" and preprocess is not None
+                           and paths):
+        return "tensor"
+    if workers_mode == "processes" and preprocess is None:
+        raise ValueError("workers_mode='processes' needs a preprocess preset (fixed image "
+                         "size); pass preprocess='transfer' or workers_mode='threads'")
+    if workers_mode == "processes" and not paths:
+        raise ValueError("workers_mode='processes' decodes files: pass paths, or use "
+                         "workers_mode='threads' for in-memory images")
+    if workers_mode == "processes" or (
+            workers_mode == "auto" and paths and preprocess is not None and workers > 0
+            and count >= PROCESS_MIN_FILES and workers >= PROCESS_MIN_WORKERS):
+        return "processes" if workers > 0 else "threads"
+    return "threads"
+
+
+def open_batches(groups: Sequence[Sequence[int]], fetch: Callable[[int], Any], decoder: Decoder,
+                 *, kind: str, device: torch.device, num_workers: int, strict: bool = True,
+                 describe: Callable[[int], str] = "item {}".format,
+                 catch_all: bool = False) -> Iterator[Batch]:
+    """The batches of ``groups`` by the decoding path ``kind`` (:func:`choose_decoding`)."""
+    kw = dict(strict=strict, describe=describe, catch_all=catch_all)
+    if kind == "tensor":
+        cfg = pp.PRESETS[decoder.preset]
+        return tensor_batches(groups, fetch, decoder, cfg, device=device,
+                              num_workers=max(1, num_workers), **kw)
+    if kind == "processes":
+        return process_batches(groups, fetch, decoder, num_workers=num_workers,
+                               crop=pp.PRESETS[decoder.preset].crop, **kw)
+    return decode_batches(groups, fetch, decoder, num_workers=num_workers, **kw)
+
+
+def run_batches(runner: InferenceModel, batches: Iterable[Batch]
+                ) -> Iterator[Tuple[Batch, Optional[torch.Tensor]]]:
+    """``(batch, features)`` in order; batch ``k + 1`` is decoded and launched before the
+    features of batch ``k`` are waited for (on CUDA they come back asynchronously)."""
+    held: Optional[Tuple[Batch, Optional[Pending]]] = None
+    for b in batches:
+        launched = runner.launch(b.data) if b.data is not None else None
+        if held is not None:
+            yield held[0], held[1].result() if held[1] is not None else None
+        held = (b, launched)
+    if held is not None:
+        yield held[0], held[1].result() if held[1] is not None else None
 
 
 def progress_bar(total: int, enabled: bool, desc: str = "extract"):
@@ -210,7 +162,8 @@ def extract_features(model: torch.nn.Module, images: Any, *, batch_size: int = 3
                      output: str = "torch", num_workers: Optional[int] = None,
                      device: Union[str, torch.device, None] = None, precision: str = "fp32",
                      compile: bool = False, fast: bool = True, draft: bool = True,
-                     progress: bool = False) -> Union[torch.Tensor, np.ndarray]:
+                     progress: bool = False, decode: str = "auto",
+                     workers_mode: str = "auto") -> Union[torch.Tensor, np.ndarray]:
     """Features of ``images`` from the model's active head (backbone or projector).
 
     Args:
@@ -221,17 +174,23 @@ def extract_features(model: torch.nn.Module, images: Any, *, batch_size: int = 3
             protocol), ``"imagenet"`` (Resize 256 + CenterCrop 224) or ``None``.
         normalize: L2-normalise each feature vector.
         output: ``"torch"`` (float32 CPU tensor) or ``"numpy"``.
-        num_workers: decoding threads; ``None`` picks one per core when there is more than one
-            image, ``0`` decodes in the calling thread.
+        num_workers: decoding workers; ``None`` picks one per core this process may use when
+            there is more than one image, ``0`` decodes in the calling thread.
         device: where to run (default: the model's device). The model itself is not moved.
-        precision: ``"fp32"`` (default), or ``"bf16"`` / ``"fp16"`` autocast (meant for CUDA;
-            on CPU bf16 is only fast with AVX512-BF16/AMX).
+        precision: ``"fp32"`` (default; full fp32, TF32 off on CUDA inside the call), ``"tf32"``
+            (TF32 matmul / convolutions on Ampere+ GPUs), or ``"bf16"`` / ``"fp16"`` autocast
+            (meant for CUDA; on CPU bf16 is only fast with AVX512-BF16/AMX).
         compile: ``torch.compile`` the prepared model (tens of seconds up front; pays off only
             on long runs).
         fast: use the prepared fast path (BatchNorm folded, channels_last). ``False`` runs the
             model as it is, in eval mode.
         draft: let JPEG decoding skip resolution the preset throws away (large photos only).
         progress: show a progress bar with images/s.
+        decode: ``"cpu"`` (PIL, the exact reference), ``"gpu"`` (JPEG files decoded in batches
+            by ``decode_jpeg`` on the run's device, nvJPEG on CUDA; other files fall back to
+            PIL) or ``"auto"`` (``"gpu"`` for files on CUDA with a preset, else ``"cpu"``).
+        workers_mode: CPU decoding in ``"threads"``, worker ``"processes"`` (files only, into
+            shared memory), or ``"auto"`` (processes for many files and workers).
 
     Returns:
         ``[N, D]`` float32 features on the CPU (``D = model.out_dim``); ``[0, D]`` for no input.
@@ -257,10 +216,15 @@ def extract_features(model: torch.nn.Module, images: Any, *, batch_size: int = 3
         elif items:
             workers = num_workers if num_workers is not None else (
                 default_workers() if len(items) > 1 else 0)
+            paths = all(isinstance(i, _SINGLE) for i in items)
+            kind = choose_decoding(decode, workers_mode, runner.device, preprocess, paths,
+                                   len(items), workers)
             decoder = Decoder(preprocess, draft=draft)
             groups = batch_ranges(len(items), batch_size)
-            for b in decode_batches(groups, items.__getitem__, decoder, num_workers=workers):
-                outs.append(runner(b.data))
+            batches = open_batches(groups, items.__getitem__, decoder, kind=kind,
+                                   device=runner.device, num_workers=workers)
+            for b, feats in run_batches(runner, batches):
+                outs.append(feats)
                 if bar is not None:
                     bar.update(len(b.positions))
     finally:
@@ -273,6 +237,7 @@ def extract_features(model: torch.nn.Module, images: Any, *, batch_size: int = 3
     return feats.numpy() if output == "numpy" else feats
 
 
-__all__ = ["extract_features", "decode_batches", "iter_batches", "default_workers",
-           "progress_bar", "Batch", "ImageLoadError", "PRECISIONS", "InferenceModel",
+__all__ = ["extract_features", "decode_batches", "open_batches", "choose_decoding",
+           "run_batches", "iter_batches", "default_workers", "batch_ranges", "progress_bar",
+           "Batch", "ImageLoadError", "PRECISIONS", "DECODES", "WORKER_MODES", "InferenceModel",
            "build_transform"]

@@ -29,7 +29,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .extract import decode_batches, default_workers, progress_bar
+from .extract import (choose_decoding, default_workers, open_batches, progress_bar,
+                      run_batches)
 from .featurefile import (FORMAT_VERSION, ExtractError, chunk_done, merge, output_paths,
                           write_chunk)
 from .fileio import PathLike, atomic_write
@@ -50,9 +51,11 @@ def _no_log(msg: str) -> None:
 class RunOptions:
     """How a run computes and what it does with what is already on disk.
 
-    Computing: ``batch_size`` images per forward pass, ``num_workers`` decoding threads (``None``:
-    one per core, at most 8), ``preprocess`` preset, ``normalize`` (L2 per row), ``precision``,
-    ``device``, ``compile``, ``draft`` JPEG decoding, ``max_pixels`` per image.
+    Computing: ``batch_size`` images per forward pass, ``num_workers`` decoding workers (``None``:
+    one per core this process may use), ``preprocess`` preset, ``normalize`` (L2 per row),
+    ``precision``, ``device``, ``compile``, ``draft`` JPEG decoding, ``max_pixels`` per image,
+    ``decode`` (``auto`` / ``cpu`` / ``gpu``) and ``workers_mode`` (``auto`` / ``threads`` /
+    ``processes``): see :func:`trex_hub.extract.extract_features`.
     On disk: ``chunk_size`` inputs per committed chunk (rounded up to a multiple of the batch),
     ``resume`` an unfinished run, ``overwrite`` an existing output or unfinished run, ``strict``
     (the first bad file stops the run), ``keep_parts`` after merging. ``progress`` shows a bar.
@@ -77,11 +80,15 @@ class RunOptions:
     keep_parts: bool = False
     progress: bool = False
     engine: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    decode: str = "auto"
+    workers_mode: str = "auto"
 
     def check(self) -> None:
         if self.batch_size < 1 or self.chunk_size < 1:
             raise ValueError("batch_size and chunk_size must be >= 1")
         preset_geometry(self.preprocess)  # validates the name
+        choose_decoding(self.decode, self.workers_mode, torch.device("cpu"), self.preprocess,
+                        True, 0, 0)  # validates decode / workers_mode before anything is written
 
 
 @dataclass(frozen=True)
@@ -160,7 +167,7 @@ def fingerprint(model: torch.nn.Module, entries: Sequence[Entry], opts: RunOptio
         "count": len(entries), "weights": _weights_digest(model),
         "dim": int(getattr(model, "out_dim", 0) or 0), "preprocess": opts.preprocess,
         "normalize": bool(opts.normalize), "precision": opts.precision,
-        "draft": bool(opts.draft), "max_pixels": opts.max_pixels,
+        "draft": bool(opts.draft), "max_pixels": opts.max_pixels, "decode": opts.decode,
         "batch_size": opts.batch_size, "chunk_size": chunk_size,
     }
     if opts.engine is not None:  # a resumed run must not mix engines
@@ -286,15 +293,18 @@ def run_chunks(model: torch.nn.Module, entries: Sequence[Entry], plan: Plan, opt
     computed = 0
     chunk = _ChunkBuffer(plan.paths["parts"], dim, opts.normalize)
     try:
-        batches = decode_batches(groups, lambda i: entries[i].path, decoder,
-                                 num_workers=workers, strict=False, catch_all=True,
-                                 describe=lambda i: entries[i].rel)
-        for b in batches:
+        kind = choose_decoding(opts.decode, opts.workers_mode, runner.device if runner else
+                               torch.device("cpu"), opts.preprocess, True, len(entries), workers)
+        batches = open_batches(groups, lambda i: entries[i].path, decoder, kind=kind,
+                               device=runner.device if runner else torch.device("cpu"),
+                               num_workers=workers, strict=False, catch_all=True,
+                               describe=lambda i: entries[i].rel)
+        for b, feats in run_batches(runner, batches):
             chunk.enter((b.positions or [b.failures[0][0]])[0] // plan.chunk_size)
             if b.failures and opts.strict:
                 raise ExtractError(f"--strict: {b.failures[0][1]}")
-            if b.data is not None:
-                chunk.feats.append(runner(b.data).numpy())
+            if feats is not None:
+                chunk.feats.append(feats.numpy())
             for pos in b.positions:
                 chunk.add_row(pos, entries[pos])
             for pos, why in b.failures:

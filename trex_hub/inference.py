@@ -16,16 +16,21 @@ What the prepared copy does differently from ``model.eval()``:
 * channels_last (NHWC) weights and inputs: oneDNN's fastest convolution layout on CPU and the
   tensor-core layout on CUDA.
 * ``torch.inference_mode`` and no parameter gradients.
-* On CUDA: ``precision="bf16"`` / ``"fp16"`` autocast; uint8 batches are copied to the device
-  from pinned memory without blocking and normalised there (4x less transfer than float).
+* Precision means what it says: ``"fp32"`` is full IEEE fp32 (TF32 off for matmul and cuDNN
+  inside the call, the caller's flags restored after), ``"tf32"`` lets Ampere+ GPUs use TF32,
+  ``"bf16"`` / ``"fp16"`` autocast.
+* On CUDA: uint8 batches are copied into reused pinned buffers and to the device without
+  blocking, normalised there (4x less transfer than float); :meth:`InferenceModel.launch`
+  copies the features back asynchronously (pinned output + event) so the next batch overlaps.
 * Optionally ``torch.compile`` (opt-in: it costs tens of seconds up front).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 import weakref
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -33,8 +38,53 @@ from torch.nn.utils import skip_init
 
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _tf32_flags() -> List[Tuple[Any, str]]:
+    """The (object, attribute) pairs that decide whether fp32 matmul / convolutions may use TF32:
+    the ``fp32_precision`` API of torch >= 2.9 where it exists (mixing it with the legacy
+    ``allow_tf32`` flags is an error there), else the legacy flags."""
+    b = torch.backends
+    new = [(b.cuda.matmul, "fp32_precision"), (getattr(b.cudnn, "conv", None), "fp32_precision"),
+           (getattr(b.cudnn, "rnn", None), "fp32_precision")]
+    if all(obj is not None and hasattr(obj, attr) for obj, attr in new):
+        return new
+    return [(b.cuda.matmul, "allow_tf32"), (b.cudnn, "allow_tf32")]
+
+
+@contextlib.contextmanager
+def fp32_mode(precision: str) -> Iterator[None]:
+    """Inside: TF32 off (``"fp32"``) or on (``"tf32"``) for matmul and cuDNN; the caller's flags
+    are restored on exit whatever happens. Other precisions leave the flags alone."""
+    if precision not in ("fp32", "tf32"):
+        yield
+        return
+    flags = _tf32_flags()
+    saved = [getattr(obj, attr) for obj, attr in flags]
+    tf32 = precision == "tf32"
+    try:
+        for obj, attr in flags:
+            setattr(obj, attr, ("tf32" if tf32 else "ieee") if attr == "fp32_precision" else tf32)
+        yield
+    finally:
+        for (obj, attr), value in zip(flags, saved):
+            setattr(obj, attr, value)
+
+
+class Pending:
+    """Features of one launched batch: ``result()`` waits for the device and returns them as a
+    float32 CPU tensor (on CUDA they are copied back without blocking into pinned memory)."""
+
+    def __init__(self, out: torch.Tensor, event: Optional[Any] = None):
+        self._out, self._event = out, event
+
+    def result(self) -> torch.Tensor:
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        return self._out
 
 # --------------------------------------------------------------------------------------------
 # BatchNorm folding
@@ -195,6 +245,30 @@ class InferenceModel:
             self.compiled = True
         self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        # CUDA: a small ring of pinned uint8 input buffers, each reusable once its copy is done
+        self._pinned: List[Tuple[torch.Tensor, Any]] = []
+        self._next_pinned = 0
+
+    def _pinned_copy(self, batch: torch.Tensor) -> torch.Tensor:
+        """``batch`` (uint8, CPU) on the device, through a reused pinned buffer, not blocking."""
+        n = batch.shape[0]
+        slot = self._next_pinned % 3
+        self._next_pinned += 1
+        if slot >= len(self._pinned) or self._pinned[slot][0].shape[1:] != batch.shape[1:] \
+                or self._pinned[slot][0].shape[0] < n:
+            buf = torch.empty(batch.shape, dtype=torch.uint8, pin_memory=True)
+            entry = (buf, torch.cuda.Event())
+            if slot < len(self._pinned):
+                self._pinned[slot][1].synchronize()
+                self._pinned[slot] = entry
+            else:
+                self._pinned.append(entry)
+        buf, done = self._pinned[slot]
+        done.synchronize()  # its previous copy to the device has finished
+        buf[:n].copy_(batch)
+        x = buf[:n].to(self.device, non_blocking=True)
+        done.record()
+        return x
 
     # -- batches -------------------------------------------------------------------------------
     def to_input(self, batch: torch.Tensor) -> torch.Tensor:
@@ -204,8 +278,9 @@ class InferenceModel:
             if batch.ndim != 4 or batch.shape[-1] != 3:
                 raise ValueError(f"uint8 batches must be [N, H, W, 3]; got {tuple(batch.shape)}")
             if cuda and batch.device.type == "cpu":
-                batch = batch.pin_memory() if not batch.is_pinned() else batch
-            x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+                x = self._pinned_copy(batch).permute(0, 3, 1, 2)
+            else:
+                x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
             # the permuted NHWC buffer is already channels_last; float() keeps that layout.
             # (x / 255 - mean) / std, op for op as ToTensor + Normalize.
             x = x.float().div_(255.0).sub_(self._mean).div_(self._std)
@@ -219,15 +294,39 @@ class InferenceModel:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Features of ``batch`` on the device (float32), in this model's precision."""
+        with torch.inference_mode(), fp32_mode(self.precision):
             x = self.to_input(batch)
-            if self.precision != "fp32":
+            n = x.shape[0]
+            if self.compiled:  # a short last batch is padded: no recompilation for its shape
+                self._full = max(getattr(self, "_full", 0), n)
+                if n < self._full:
+                    x = torch.cat([x, x.new_zeros((self._full - n, *x.shape[1:]))])
+                    if self.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+            if self.precision in _AUTOCAST_DTYPES:
                 with torch.autocast(self.device.type, dtype=_AUTOCAST_DTYPES[self.precision]):
                     y = self.module(x)
             else:
                 y = self.module(x)
-            return y.float().cpu()
+            return y[:n].float()
+
+    def launch(self, batch: torch.Tensor) -> Pending:
+        """Start ``batch``; on CUDA the features come back to pinned host memory without
+        blocking, so the caller can prepare (and launch) the next batch meanwhile."""
+        y = self.forward(batch)
+        if self.device.type != "cuda":
+            return Pending(y.cpu())
+        with torch.inference_mode():
+            out = torch.empty(y.shape, dtype=torch.float32, pin_memory=True)
+            out.copy_(y, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        return Pending(out, event)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.launch(batch).result()
 
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, Dict[Any, Tuple[Any, InferenceModel]]]" = \
@@ -264,5 +363,5 @@ def clear_cache() -> None:
         _CACHE.clear()
 
 
-__all__ = ["InferenceModel", "prepare", "fold_batchnorm", "fold_conv_bn", "fold_linear_bn",
-           "PRECISIONS", "clear_cache"]
+__all__ = ["InferenceModel", "Pending", "prepare", "fold_batchnorm", "fold_conv_bn",
+           "fold_linear_bn", "fp32_mode", "PRECISIONS", "clear_cache"]

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .fileio import PathLike
+from .inference import Pending
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, PRESETS
 
 INPUT_NAME = "pixel_values"
@@ -198,6 +199,11 @@ class OnnxRuntimeModel:
         x = self.to_input(batch).numpy()
         (y,) = self.session.run([self.output], {self.input_name: x})
         return torch.from_numpy(y).float()
+
+    def launch(self, batch: torch.Tensor) -> Pending:
+        """The extraction engine's batch interface: ONNX Runtime runs synchronously on the
+        CPU, so the result is ready when this returns."""
+        return Pending(self(batch))
 
 
 def prepare_onnxruntime(model: nn.Module, workdir: Optional[PathLike] = None, *,

@@ -56,10 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated file extensions picked up in folders")
     p.add_argument("-b", "--batch-size", type=int, default=32)
     p.add_argument("-j", "--workers", type=int, default=None,
-                   help="decoding threads (default: one per core, at most 8)")
+                   help="decoding workers (default: one per core this process may use)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="bf16/fp16 autocast is meant for CUDA")
+                   help="fp32: full fp32 (no TF32); tf32: TF32 on Ampere+ GPUs; bf16/fp16 "
+                        "autocast is meant for CUDA")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--engine", choices=("torch", "onnxruntime"), default="torch",
@@ -89,8 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    _add_scale_options(p)
     add_debug_flag(p)
     return p
+
+
+def _add_scale_options(p: argparse.ArgumentParser) -> None:
+    """Decoding at scale (issue 11): where JPEGs are decoded and by what kind of workers."""
+    p.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="gpu: JPEGs decoded in batches on the device (nvJPEG on CUDA), other "
+                        "files by PIL; cpu: PIL (the exact reference); auto: gpu on CUDA")
+    p.add_argument("--workers-mode", choices=("auto", "threads", "processes"), default="auto",
+                   help="CPU decoding in threads or in worker processes writing shared memory; "
+                        "auto: processes for many files on >= 4 workers")
 
 
 def _dist_env() -> tuple:
@@ -117,7 +129,7 @@ def run_options(args: argparse.Namespace, device: str, engine=None):
                       draft=args.draft, max_pixels=args.max_pixels, chunk_size=args.chunk_size,
                       resume=args.resume, overwrite=args.overwrite, strict=args.strict,
                       keep_parts=args.keep_parts, progress=args.progress and not args.quiet,
-                      engine=engine)
+                      decode=args.decode, workers_mode=args.workers_mode, engine=engine)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

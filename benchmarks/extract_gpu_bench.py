@@ -1,0 +1,291 @@
+"""GPU extraction benchmark (issue 11): trex-extract against the naive DataLoader loop on CUDA.
+
+    python benchmarks/extract_gpu_bench.py            # = make bench-gpu; needs a CUDA GPU
+
+One run, one machine, same photos (>= 10,000 photo-like 500x375 JPEGs, generated in parallel),
+same random ResNet-50 weights in the released layout:
+
+* whole processes, each timed by this script from start to exit (interpreter start-up and model
+  loading included) and timing its own loop: the naive recipe (``ImageFolder`` + the transfer
+  transform + ``DataLoader(num_workers=cores, pin_memory=True)`` + torchvision ``resnet50``, fp32
+  or fp16 autocast) and ``trex-extract`` (``--precision fp32`` / ``fp16``, GPU decoding by
+  default on CUDA, plus ``--decode cpu``: worker processes);
+* model-only: images/s of the network alone on a batch already on the GPU, naive fp32 / fp16
+  autocast against the prepared model in fp32 / tf32 / bf16 / fp16 (and ``torch.compile`` fp16
+  with ``--compile``);
+* features: max relative difference of every run against the naive fp32 features.
+
+Prints a markdown section and writes it into docs/benchmarks.md (between the ``gpu-bench``
+markers; ``--md`` also writes it to a file). Without CUDA it refuses in one line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+START, END = "<!-- gpu-bench:start -->", "<!-- gpu-bench:end -->"
+
+
+def _photos_part(folder: str, n: int, size, part: int, parts: int) -> None:
+    from extract_bench import make_photos
+
+    # each part writes its own file names (class{i % 4}/img{i}), seeded by its part number
+    sub = Path(folder) / f"part{part:02d}"
+    make_photos(sub, len(range(part, n, parts)), size=size, seed=1000 + part)
+
+
+def make_many_photos(folder: Path, n: int, size=(500, 375), jobs: int = 8) -> int:
+    done = folder / f".complete-{n}"
+    if not done.exists():
+        with ProcessPoolExecutor(jobs) as pool:
+            list(pool.map(_photos_part, [str(folder)] * jobs, [n] * jobs, [size] * jobs,
+                          range(jobs), [jobs] * jobs))
+        done.write_text("ok")
+    return sum(1 for _ in folder.rglob("*.jpg"))
+
+
+# --------------------------------------------------------------------------- children -------
+def child_naive(args) -> dict:
+    from torch.utils.data import DataLoader
+    from torchvision import datasets
+    from torchvision import transforms as T
+
+    from extract_bench import naive_model
+
+    dev = torch.device("cuda")
+    model = naive_model(Path(args.ckpt)).to(dev)
+    tf = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224),
+                    T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    ds = datasets.ImageFolder(args.data, transform=tf)
+    dl = DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers, shuffle=False,
+                    pin_memory=True)
+    outs = []
+    t0 = time.perf_counter()
+    with torch.no_grad(), torch.autocast("cuda", torch.float16, enabled=args.precision == "fp16"):
+        for x, _ in dl:
+            outs.append(model(x.to(dev, non_blocking=True)).float().cpu())
+    torch.cuda.synchronize()
+    secs = time.perf_counter() - t0
+    np.save(args.out, torch.cat(outs).numpy())
+    rels = [os.path.relpath(path, args.data) for path, _ in ds.samples]
+    Path(args.out + ".paths.json").write_text(json.dumps(rels))
+    return {"loop_s": secs, "images": len(ds)}
+
+
+def run_naive(ckpt, data, out, precision, batch, workers) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--ckpt", str(ckpt), "--data", str(data),
+           "--out", str(out), "--precision", precision, "--batch-size", str(batch),
+           "--workers", str(workers)]
+    t = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if res.returncode != 0:
+        raise RuntimeError(f"naive {precision} failed:\n{res.stderr[-3000:]}")
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    return {"in_loop": got["images"] / got["loop_s"], "whole_s": wall, "images": got["images"]}
+
+
+def run_ours(ckpt, data, out, precision, batch, extra=()) -> dict:
+    cmd = [sys.executable, "-m", "trex_hub.cli.extract", str(ckpt), str(data), "-o", str(out),
+           "-b", str(batch), "--precision", precision, "--overwrite", "--no-progress",
+           "--chunk-size", str(batch * 16), *extra]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH",
+                                                                                  "")]))
+    t = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t
+    if res.returncode != 0:
+        raise RuntimeError(f"trex-extract {precision} {extra} failed:\n{res.stderr[-3000:]}")
+    rate = re.findall(r"([\d.]+) img/s", res.stderr)
+    n = re.findall(r"(\d+) images ->", res.stderr)
+    return {"in_loop": float(rate[-1]) if rate else float("nan"), "whole_s": wall,
+            "images": int(n[-1]) if n else 0}
+
+
+def model_only(ckpt: Path, batch: int, compile_: bool, log) -> dict:
+    import trex_hub
+    from extract_bench import naive_model
+    from trex_hub.inference import prepare
+
+    dev = torch.device("cuda")
+    xd = torch.randn(batch, 3, 224, 224, device=dev)
+
+    def timed(fn, reps=20):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+        return batch * reps / (time.perf_counter() - t)
+
+    naive = naive_model(ckpt).to(dev)
+    res = {}
+    with torch.no_grad():
+        res["naive fp32"] = timed(lambda: naive(xd))
+        with torch.autocast("cuda", torch.float16):
+            res["naive fp16 autocast"] = timed(lambda: naive(xd))
+    model = trex_hub.load(ckpt)
+    for prec in ("fp32", "tf32", "bf16", "fp16"):
+        r = prepare(model, dev, prec)
+        res[f"trex_hub {prec}"] = timed(lambda: r.forward(xd))
+    if compile_:
+        t = time.perf_counter()
+        try:
+            r = prepare(model, dev, "fp16", compile=True)
+            r.forward(xd)
+            torch.cuda.synchronize()
+            res["compile_s"] = time.perf_counter() - t
+            res["trex_hub fp16 + torch.compile"] = timed(lambda: r.forward(xd))
+        except Exception as exc:  # report it; the other figures stand
+            log(f"  torch.compile failed: {type(exc).__name__}: {str(exc)[:300]}")
+    for k, v in res.items():
+        log(f"  {k}: {v:,.0f}" + (" s" if k.endswith("_s") else " img/s"))
+    return res
+
+
+# ------------------------------------------------------------------------------- report ------
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def render(env: dict, runs: dict, errs: dict, mo: dict) -> str:
+    nf, nh = runs["naive fp32"], runs["naive fp16"]
+    lines = [START, f"## Results: CUDA, {env['gpu']} (`make bench-gpu`)", "",
+             f"{env['images']:,} JPEGs {env['size']}, batch {env['batch']}, {env['cores']} "
+             f"cores (naive DataLoader workers = cores), torch {env['torch']}, "
+             f"torchvision {env['torchvision']}, load average {env['load']}.", "",
+             "| run | images/s in the loop | whole process (s) | vs naive, same precision "
+             "(loop / whole) | max rel. diff vs naive fp32 |", "|---|---|---|---|---|"]
+    for name, r in runs.items():
+        base = nh if "fp16" in name else nf
+        lines.append(f"| {name} | {r['in_loop']:,.0f} | {r['whole_s']:.1f} | "
+                     f"{r['in_loop'] / base['in_loop']:.2f}x / "
+                     f"{base['whole_s'] / r['whole_s']:.2f}x | {errs.get(name, 0.0):.1e} |")
+    lines += ["", "Model only (batch already on the GPU):", "", "| model | images/s |",
+              "|---|---|"]
+    lines += [f"| {k} | {v:,.0f} |" for k, v in mo.items() if not k.endswith("_s")]
+    if "compile_s" in mo:
+        lines.append(f"\n`torch.compile` took {mo['compile_s']:.0f} s before the first batch.")
+    lines += ["", "Targets (issue 11): trex-extract fp16 in the loop >= 2x naive fp16 and >= "
+              "3,500 images/s; whole process >= 1.5x naive; fp32 >= 1.5x naive fp32; fp32 "
+              "features within 1e-5 of the CPU (tests), fp16 / GPU decoding within 1e-2.", END]
+    return "\n".join(lines) + "\n"
+
+
+def write_docs(section: str, path: Path) -> None:
+    text = path.read_text() if path.exists() else ""
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=10000)
+    p.add_argument("--size", default="500x375")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=None, help="naive DataLoader workers "
+                                                              "(default: cores)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (model)")
+    p.add_argument("--work-dir", default=None)
+    p.add_argument("--docs", default=str(REPO / "docs" / "benchmarks.md"))
+    p.add_argument("--md", default=None, help="also write the markdown section here")
+    p.add_argument("--json", default=None)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--ckpt", help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("extract_gpu_bench: no CUDA device here; this benchmark needs a GPU (nothing "
+              "measured)", file=sys.stderr)
+        return 2
+    if args.child:
+        print(json.dumps(child_naive(args)))
+        return 0
+
+    import factories as fx
+    import torchvision
+
+    from trex_hub import read_features
+    from trex_hub.decoding import available_cores
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    cores = available_cores()
+    workers = args.workers or cores
+    w, h = (int(v) for v in args.size.lower().split("x"))
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="trex-gpu-"))
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = work / "trex.pth"
+    if not ckpt.exists():
+        fx.write_backbone_file(ckpt, arch="resnet50", seed=0)
+    data = work / f"photos-{w}x{h}-{args.images}"
+    t = time.perf_counter()
+    n = make_many_photos(data, args.images, (w, h), jobs=cores)
+    log(f"{n} photos in {data} ({time.perf_counter() - t:.0f} s)")
+    env = {"gpu": torch.cuda.get_device_name(0), "images": n, "size": f"{w}x{h}",
+           "batch": args.batch_size, "cores": cores, "torch": torch.__version__,
+           "torchvision": torchvision.__version__,
+           "load": " ".join(f"{v:.1f}" for v in os.getloadavg())}
+    runs, outs = {}, {}
+    plan = [("naive fp32", "naive", "fp32", ()), ("naive fp16", "naive", "fp16", ()),
+            ("trex-extract fp32", "ours", "fp32", ()),
+            ("trex-extract fp16", "ours", "fp16", ()),
+            ("trex-extract fp16 --decode cpu", "ours", "fp16", ("--decode", "cpu"))]
+    for name, kind, prec, extra in plan:
+        out = work / (re.sub(r"\W+", "_", name) + ".npy")
+        r = (run_naive(ckpt, data, out, prec, args.batch_size, workers) if kind == "naive"
+             else run_ours(ckpt, data, out, prec, args.batch_size, extra))
+        runs[name], outs[name] = r, out
+        log(f"{name}: {r['in_loop']:,.0f} img/s in the loop, {r['whole_s']:.1f} s whole process")
+    ref = np.load(outs["naive fp32"])
+    order = {r: i for i, r in enumerate(json.loads(
+        Path(str(outs["naive fp32"]) + ".paths.json").read_text()))}
+    errs = {}
+    for name, out in outs.items():
+        if name.startswith("naive"):
+            feats = np.load(out)
+        else:  # rows in the naive loop's order (ImageFolder's), by relative path
+            feats, rows = read_features(out)
+            idx = np.argsort([order[r["path"]] for r in rows])
+            feats = np.asarray(feats)[idx]
+        errs[name] = rel(np.asarray(feats), ref)
+    log("model only, batch on the GPU")
+    mo = model_only(ckpt, args.batch_size, args.compile, log)
+    section = render(env, runs, errs, mo)
+    print(section)
+    write_docs(section, Path(args.docs))
+    if args.md:
+        Path(args.md).write_text(section)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"env": env, "runs": runs, "errors": errs,
+                                               "model_only": mo}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""Issue 11 on a CPU: precision flags, worker-process decoding, the tensor (nvJPEG) decode path,
+the asynchronous pipeline; the CUDA-only checks are marked ``cuda``."""
+import io
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import trex_hub
+from trex_hub import extract as ex
+from trex_hub.decode_procs import process_batches
+from trex_hub.decoding import batch_ranges, decode_batches
+from trex_hub.inference import _tf32_flags, fp32_mode, prepare
+from trex_hub.tensor_decode import jpeg_fits, tensor_batches
+from trex_hub.transforms import Decoder, ImageLoadError
+
+from test_extract import make_bad_files, photos, r18_path, rel_err  # noqa: F401 (fixture)
+
+
+def flag_values():
+    return [getattr(obj, attr) for obj, attr in _tf32_flags()]
+
+
+def jpeg_bytes(arr, **kw):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=92, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Photos of several sizes and orientations (JPEG), a PNG, a greyscale JPEG."""
+    root = tmp_path_factory.mktemp("scale")
+    sizes = [(300, 220), (180, 260), (500, 375), (230, 230), (400, 250), (260, 400)]
+    for i, size in enumerate(sizes * 2):
+        (root / f"p{i:02d}.jpg").write_bytes(jpeg_bytes(photos(1, size, seed=i)[0]))
+    Image.fromarray(photos(1, (240, 240), seed=40)[0]).save(root / "q.png")
+    Image.fromarray(photos(1, (250, 240), seed=41)[0][:, :, 0]).save(root / "grey.jpg")
+    return root
+
+
+# ---------------------------------------------------------------------- precision flags ----
+def test_fp32_mode_sets_and_restores_the_tf32_flags():
+    before = flag_values()
+    with fp32_mode("fp32"):
+        assert set(flag_values()) <= {"ieee", False}
+    with fp32_mode("tf32"):
+        assert set(flag_values()) <= {"tf32", True}
+    with pytest.raises(RuntimeError):
+        with fp32_mode("fp32"):
+            raise RuntimeError("boom")
+    with fp32_mode("bf16"):
+        assert flag_values() == before
+    assert flag_values() == before
+
+
+@pytest.mark.parametrize("precision,inside", [("fp32", {"ieee", False}),
+                                              ("tf32", {"tf32", True})])
+def test_extract_runs_under_its_precision_and_leaves_flags_untouched(r18_path, precision,  # noqa: F811
+                                                                     inside):
+    model = trex_hub.load(r18_path)
+    before = flag_values()
+    seen = []
+    runner = prepare(model, "cpu", precision)
+    handle = runner.module.register_forward_hook(lambda *a: seen.append(flag_values()))
+    try:
+        out = model.extract(photos(2), precision=precision)
+    finally:
+        handle.remove()
+    assert out.shape == (2, 512) and seen and set(seen[0]) <= inside
+    assert flag_values() == before
+    if precision == "tf32":  # on a CPU TF32 changes nothing
+        assert rel_err(out, model.extract(photos(2))) < 1e-6
+
+
+def test_precisions_include_tf32_in_the_cli():
+    from trex_hub.cli.extract import build_parser
+
+    args = build_parser().parse_args(["m", "x", "-o", "f.npy", "--precision", "tf32",
+                                      "--decode", "gpu", "--workers-mode", "processes"])
+    assert (args.precision, args.decode, args.workers_mode) == ("tf32", "gpu", "processes")
+
+
+# ------------------------------------------------------------------- process decoding ------
+def _collect(batches):
+    return [(b.positions, None if b.data is None else b.data.clone(), b.failures)
+            for b in batches]
+
+
+def test_process_batches_equal_thread_batches_byte_for_byte(folder, tmp_path):
+    make_bad_files(tmp_path)
+    files = sorted(folder.iterdir()) + sorted(tmp_path.iterdir())
+    dec = Decoder("transfer", max_pixels=10_000_000)
+    groups = batch_ranges(len(files), 5)
+    kw = dict(strict=False, describe=lambda i: files[i].name)
+    threads = _collect(decode_batches(groups, files.__getitem__, dec, num_workers=2, **kw))
+    procs = _collect(process_batches(groups, files.__getitem__, dec, num_workers=2, crop=224,
+                                     **kw))
+    assert len(threads) == len(procs) == len(groups)
+    n_fail = 0
+    for (tp, td, tf), (pp_, pd, pf) in zip(threads, procs):
+        assert tp == pp_ and tf == pf
+        n_fail += len(tf)
+        assert (td is None and pd is None) or torch.equal(td, pd)
+    assert n_fail == 5  # the five bad files, reported by their names
+
+
+def test_process_batches_strict_raises_naming_the_file(tmp_path):
+    make_bad_files(tmp_path)
+    files = [tmp_path / "zero.jpg"]
+    with pytest.raises(ImageLoadError, match="zero.jpg.*empty file"):
+        list(process_batches([[0]], files.__getitem__, Decoder("transfer"), num_workers=1,
+                             crop=224, describe=lambda i: str(files[i])))
+
+
+def test_extract_in_processes_equals_threads(r18_path, folder):  # noqa: F811
+    model = trex_hub.load(r18_path)
+    files = sorted(folder.iterdir())
+    ref = model.extract(files, batch_size=4, workers_mode="threads")
+    got = model.extract(files, batch_size=4, workers_mode="processes", num_workers=2)
+    assert torch.equal(ref, got)
+
+
+def test_choose_decoding_rules():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    choose = ex.choose_decoding
+    assert choose("auto", "auto", cpu, "transfer", True, 10, 2) == "threads"
+    assert choose("auto", "auto", cpu, "transfer", True, 5000, 16) == "processes"
+    assert choose("auto", "auto", cpu, "transfer", False, 5000, 16) == "threads"  # in memory
+    assert choose("auto", "auto", cpu, None, True, 5000, 16) == "threads"  # no fixed size
+    assert choose("auto", "auto", cuda, "transfer", True, 10, 2) == "tensor"
+    assert choose("cpu", "threads", cuda, "transfer", True, 5000, 16) == "threads"
+    assert choose("gpu", "auto", cpu, "imagenet", True, 1, 1) == "tensor"
+    assert choose("cpu", "processes", cpu, "transfer", True, 1, 2) == "processes"
+    with pytest.raises(ValueError, match="decode='gpu' resizes to a preset"):
+        choose("gpu", "auto", cpu, None, True, 1, 1)
+    with pytest.raises(ValueError, match="workers_mode='threads' for in-memory"):
+        choose("cpu", "processes", cpu, "transfer", False, 1, 2)
+    with pytest.raises(ValueError, match="decode must be one of"):
+        choose("nvjpeg", "auto", cpu, "transfer", True, 1, 1)
+
+
+def test_default_workers_follow_the_affinity_not_a_cap():
+    import os
+
+    assert ex.default_workers() == len(os.sched_getaffinity(0))
+
+
+# ---------------------------------------------------------------------- tensor decoding ----
+def _exif_rotated(arr):
+    """A JPEG whose EXIF says 'rotate 90' (orientation 6)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return jpeg_bytes(arr, exif=exif.tobytes())
+
+
+def test_jpeg_fits_reads_the_headers(folder):
+    arr = photos(1, (120, 90))[0]
+    assert jpeg_fits(jpeg_bytes(arr))
+    assert jpeg_fits((folder / "grey.jpg").read_bytes())
+    assert not jpeg_fits(_exif_rotated(arr))
+    cmyk = io.BytesIO()
+    Image.fromarray(arr).convert("CMYK").save(cmyk, format="JPEG")
+    assert not jpeg_fits(cmyk.getvalue())
+    assert not jpeg_fits((folder / "q.png").read_bytes())
+    assert not jpeg_fits(b"") and not jpeg_fits(b"\xff\xd8\xff\xe0" + struct.pack(">H", 200))
+
+
+def test_tensor_path_on_cpu_is_close_to_pil_and_falls_back(tmp_path, folder):
+    arr = photos(1, (330, 250), seed=9)[0]
+    (tmp_path / "rot.jpg").write_bytes(_exif_rotated(arr))
+    cmyk = Image.fromarray(arr).convert("CMYK")
+    cmyk.save(tmp_path / "cmyk.jpg", format="JPEG")
+    make_bad_files(tmp_path)
+    files = sorted(folder.iterdir()) + sorted(tmp_path.iterdir())
+    for preset in ("transfer", "imagenet"):
+        dec = Decoder(preset, draft=False)
+        cfg = trex_hub.preprocess.PRESETS[preset]
+        groups = batch_ranges(len(files), 6)
+        kw = dict(strict=False, catch_all=True, describe=lambda i: files[i].name)
+        ref = _collect(decode_batches(groups, files.__getitem__, dec, **kw))
+        got = _collect(tensor_batches(groups, files.__getitem__, dec, cfg, device="cpu", **kw))
+        for (rp, rd, rf), (gp, gd, gf) in zip(ref, got):
+            assert rp == gp and [p for p, _ in rf] == [p for p, _ in gf]
+            assert gd.dtype == torch.uint8 and gd.shape == rd.shape
+            diff = (gd.int() - rd.int()).abs()
+            assert diff.float().mean() < 2.0 and diff.max() <= 64
+            for k, pos in enumerate(rp):  # the files PIL decodes here are the PIL pixels
+                if not files[pos].name.endswith(".jpg") or files[pos].name in ("rot.jpg",
+                                                                               "cmyk.jpg"):
+                    assert torch.equal(gd[k], rd[k]), files[pos].name
+
+
+def test_extract_decode_gpu_on_cpu_within_1e2_of_pil(r18_path, folder):  # noqa: F811
+    model = trex_hub.load(r18_path)
+    files = sorted(folder.iterdir())
+    ref = model.extract(files, decode="cpu", draft=False)
+    got = model.extract(files, decode="gpu", batch_size=5)
+    assert got.shape == ref.shape
+    assert rel_err(got, ref) < 1e-2
+
+
+def test_cli_runs_with_processes_and_tensor_decoding(r18_path, folder, tmp_path):  # noqa: F811
+    from trex_hub.cli.extract import main
+
+    outs = {}
+    for mode in (["--workers-mode", "threads"], ["--workers-mode", "processes", "-j", "2"],
+                 ["--decode", "gpu"]):
+        out = tmp_path / f"{mode[1]}.npy"
+        assert main([str(r18_path), str(folder), "-o", str(out), "-q", "-b", "4"] + mode) == 0
+        outs[mode[1]] = np.load(out)
+    assert np.array_equal(outs["threads"], outs["processes"])
+    assert rel_err(outs["gpu"], outs["threads"]) < 1e-2
+
+
+# ------------------------------------------------------------------------------ CUDA ------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_fp32_is_full_fp32_and_tf32_is_opt_in(r18_path):  # noqa: F811
+    model = trex_hub.load(r18_path)
+    imgs = photos(8, (120, 90))
+    ref = model.extract(imgs)
+    before = flag_values()
+    assert rel_err(model.extract(imgs, device="cuda"), ref) < 1e-5
+    assert rel_err(model.extract(imgs, device="cuda", precision="tf32"), ref) < 1e-2
+    assert flag_values() == before
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_tensor_decoding_matches_cpu_path(r18_path, folder, tmp_path):  # noqa: F811
+    model = trex_hub.load(r18_path)
+    make_bad_files(tmp_path)
+    files = sorted(folder.iterdir()) + sorted(tmp_path.iterdir())
+    good = sorted(folder.iterdir())
+    ref = model.extract(good, decode="cpu", draft=False)
+    gpu = model.extract(good, device="cuda", decode="gpu", batch_size=5)
+    assert rel_err(gpu, ref) < 1e-2
+    on_cpu = model.extract(good, decode="gpu", batch_size=5)
+    assert rel_err(gpu, on_cpu) < 1e-2
+    dec = Decoder("transfer")
+    batches = list(tensor_batches(batch_ranges(len(files), 6), files.__getitem__, dec,
+                                  trex_hub.preprocess.PRESETS["transfer"], device="cuda",
+                                  strict=False, catch_all=True))
+    assert sum(len(b.failures) for b in batches) == 5
+    assert all(b.data.is_cuda for b in batches if b.data is not None)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_async_pipeline_keeps_order(r18_path, folder):  # noqa: F811
+    model = trex_hub.load(r18_path)
+    files = sorted(folder.iterdir())
+    ref = model.extract(files, decode="cpu")
+    for precision, tol in (("fp32", 1e-5), ("fp16", 1e-2), ("bf16", 1e-2)):
+        got = model.extract(files, device="cuda", decode="cpu", batch_size=3,
+                            precision=precision)
+        assert rel_err(got, ref) < tol, precision
+
+
+def test_compiled_runner_pads_a_short_last_batch(r18_path):  # noqa: F811
+    """With torch.compile a smaller last batch would recompile; it is padded and sliced (the
+    padding logic is checked on the eager module, compile itself takes a minute here)."""
+    model = trex_hub.load(r18_path)
+    runner = prepare(model, "cpu")
+    x = torch.from_numpy(np.stack(photos(5, (64, 64))))
+    ref = runner(x[:3])
+    runner.compiled = True
+    try:
+        runner(x)
+        seen = []
+        handle = runner.module.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+        out = runner(x[:3])
+        handle.remove()
+    finally:
+        runner.compiled = False
+    assert seen == [5] and out.shape == ref.shape and rel_err(out, ref) < 1e-5
+
+
+def test_gpu_bench_refuses_in_one_line_without_cuda(capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "benchmarks"))
+    import extract_gpu_bench
+
+    assert extract_gpu_bench.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs a GPU" in err
+
+
+def test_run_options_refuse_a_bad_decode_before_writing(r18_path, folder, tmp_path):  # noqa: F811
+    from trex_hub.extract_run import extract_to_file
+    from trex_hub.imagefiles import collect_inputs
+
+    model = trex_hub.load(r18_path)
+    with pytest.raises(ValueError, match="decode='gpu' resizes to a preset"):
+        extract_to_file(model, collect_inputs([folder]), tmp_path / "f.npy", decode="gpu",
+                        preprocess=None)
+    assert not (tmp_path / "f.npy.parts").exists()

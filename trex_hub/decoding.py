@@ -1,0 +1,147 @@
+"""Decoding in threads: inputs -> uint8 batches, in order, a bounded number of batches ahead.
+
+The reference CPU decoding (:class:`~trex_hub.transforms.Decoder`, PIL) run by a thread pool
+(PIL releases the GIL while decoding and resizing). :class:`Batch` is what every decoding path
+yields: this one, the worker processes of :mod:`trex_hub.decode_procs` and the tensor / nvJPEG
+path of :mod:`trex_hub.tensor_decode`; :mod:`trex_hub.extract` picks one.
+"""
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import (Any, Callable, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple,
+                    Union)
+
+import numpy as np
+import torch
+
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD
+from .transforms import Decoder, ImageLoadError
+
+
+class Batch(NamedTuple):
+    """A decoded batch: ``data`` holds the items at ``positions`` (uint8 ``[n, H, W, 3]``, or
+    float ``[n, 3, H, W]`` when an input was an already-normalised tensor; ``None`` when every
+    item failed); ``failures`` lists ``(position, reason)`` of the items that could not be used."""
+
+    positions: List[int]
+    data: Optional[torch.Tensor]
+    failures: List[Tuple[int, str]]
+
+
+def _decode_one(decoder: Decoder, item: Any, what: str) -> Union[np.ndarray, torch.Tensor]:
+    if isinstance(item, torch.Tensor) and item.is_floating_point():
+        if item.ndim != 3 or item.shape[0] != 3:
+            raise ImageLoadError(f"{what}: a float tensor item must be a normalised [3, H, W] "
+                                 f"image; got {tuple(item.shape)}")
+        return item.detach().float().cpu()
+    return decoder(item, what)
+
+
+def normalise(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[..., H, W, 3]`` -> float ``[..., 3, H, W]``, normalised (ImageNet mean/std)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (pixels.movedim(-1, -3).float() / 255.0 - mean) / std
+
+
+def batch_ranges(count: int, batch_size: int) -> List[range]:
+    """Positions ``0..count-1`` cut into consecutive batches of ``batch_size``."""
+    return [range(s, min(s + batch_size, count)) for s in range(0, count, batch_size)]
+
+
+def _stack(positions: List[int], arrays: List[Union[np.ndarray, torch.Tensor]]) -> torch.Tensor:
+    shapes = {tuple(a.shape) for a in arrays}
+    floats = any(isinstance(a, torch.Tensor) for a in arrays)
+    if floats:
+        arrays = [a if isinstance(a, torch.Tensor) else normalise(torch.from_numpy(np.array(a)))
+                  for a in arrays]
+        shapes = {tuple(a.shape) for a in arrays}
+    if len(shapes) > 1:
+        raise ImageLoadError(f"items {positions[0]}..{positions[-1]} have different sizes "
+                             f"{sorted(shapes)}; use a preprocess preset to resize them")
+    if floats:
+        return torch.stack(arrays)
+    return torch.from_numpy(np.stack(arrays))
+
+
+def decode_batches(groups: Iterable[Sequence[int]], fetch: Callable[[int], Any],
+                   decoder: Decoder, *, num_workers: int = 0, prefetch: int = 2,
+                   strict: bool = True, describe: Callable[[int], str] = "item {}".format,
+                   catch_all: bool = False) -> Iterator[Batch]:
+    """Decode ``fetch(i)`` for the positions of each group into one :class:`Batch` per group,
+    in order. With ``num_workers > 0`` a thread pool decodes up to ``prefetch`` groups ahead of
+    the consumer (PIL releases the GIL while decoding and resizing, so this overlaps the forward
+    pass). ``strict`` raises the first :class:`ImageLoadError`; otherwise failures are reported
+    in the batch. ``catch_all`` also turns unexpected exceptions into failures.
+    """
+
+    def work(pos: int):
+        try:
+            return _decode_one(decoder, fetch(pos), describe(pos)), None
+        except ImageLoadError as exc:
+            if strict:
+                raise
+            return None, str(exc)
+        except Exception as exc:
+            if strict or not catch_all:
+                raise
+            return None, f"{describe(pos)}: {type(exc).__name__}: {exc}"
+
+    def assemble(group: Sequence[int], results) -> Batch:
+        ok_pos, arrays, failures = [], [], []
+        for pos, (arr, err) in zip(group, results):
+            if err is None:
+                ok_pos.append(pos)
+                arrays.append(arr)
+            else:
+                failures.append((pos, err))
+        data = _stack(ok_pos, arrays) if arrays else None
+        return Batch(ok_pos, data, failures)
+
+    if num_workers <= 0:
+        for group in groups:
+            yield assemble(group, [work(p) for p in group])
+        return
+    pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="trex-decode")
+    try:
+        it = iter(groups)
+        pending: deque = deque()
+
+        def fill() -> None:
+            while len(pending) <= prefetch:
+                group = next(it, None)
+                if group is None:
+                    return
+                group = list(group)
+                pending.append((group, [pool.submit(work, p) for p in group]))
+
+        fill()
+        while pending:
+            group, futures = pending.popleft()
+            results = [f.result() for f in futures]
+            fill()  # keep the workers busy while the consumer runs the model
+            yield assemble(group, results)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def default_workers() -> int:
+    """Decoding workers by default: one per core this process may run on (no cap: worker
+    processes scale where threads were held back by the GIL)."""
+    return available_cores()
+
+
+__all__ = ["Batch", "decode_batches", "batch_ranges", "default_workers", "available_cores",
+           "normalise"]

@@ -1,0 +1,201 @@
+"""Decoding JPEGs as tensors, in batches: nvJPEG on a GPU, libjpeg on the CPU (same code).
+
+:func:`tensor_batches` reads the files' bytes in threads, decodes each batch of JPEGs with one
+``torchvision.io.decode_jpeg`` call on ``device`` (``"cuda"``: nvJPEG; ``"cpu"``: the same path,
+which is what the tests run), then resizes (antialiased, the preset's bicubic / bilinear) and
+centre-crops every image as a tensor, with the geometry of the model's
+:class:`~trex_hub.preprocess.PreprocessConfig`. The result is the uint8 NHWC batch every other
+decoding path produces, already on ``device``.
+
+Whatever this path cannot reproduce exactly goes to the reference PIL decoder
+(:class:`~trex_hub.transforms.Decoder`) for that file alone, never failing the run: non-JPEG
+files (PNG, ...), CMYK / YCCK JPEGs, JPEGs with an EXIF rotation (nvJPEG ignores it), in-memory
+inputs, and any file the batched decoder refuses (corrupt or truncated data).
+
+It is not bit-exact with the PIL path: libjpeg's IDCT / chroma upsampling and the tensor
+resampling kernels differ in rounding. ``docs/benchmarks.md`` gives the measured distance on
+features; ``decode="cpu"`` stays the exact reference.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .decoding import Batch
+from .preprocess import PreprocessConfig
+from .transforms import Decoder, ImageLoadError
+
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _exif_orientation(seg: bytes) -> int:
+    """The orientation tag of an APP1 Exif payload (1 when absent or unreadable)."""
+    if not seg.startswith(b"Exif\0\0") or len(seg) < 14:
+        return 1
+    tiff = seg[6:]
+    order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
+    if order is None:
+        return 1
+    try:
+        (ifd,) = struct.unpack(order + "I", tiff[4:8])
+        (count,) = struct.unpack(order + "H", tiff[ifd:ifd + 2])
+        for i in range(count):
+            at = ifd + 2 + 12 * i
+            tag, _kind, _n = struct.unpack(order + "HHI", tiff[at:at + 8])
+            if tag == 0x0112:
+                return struct.unpack(order + "H", tiff[at + 8:at + 10])[0]
+    except struct.error:
+        return 1
+    return 1
+
+
+def jpeg_fits(data: bytes) -> bool:
+    """Whether ``data`` is a JPEG the tensor path decodes as PIL would: 1 (grey) or 3 (YCbCr)
+    components and no EXIF rotation. Reads the markers up to the frame header only."""
+    if len(data) < 4 or data[:3] != b"\xff\xd8\xff":
+        return False
+    at, orientation = 2, 1
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return False
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        (length,) = struct.unpack(">H", data[at + 2:at + 4])
+        seg = data[at + 4:at + 2 + length]
+        if marker == 0xE1:
+            orientation = _exif_orientation(seg)
+        elif marker in _SOF:
+            return len(seg) >= 6 and seg[5] in (1, 3) and orientation == 1
+        elif marker == 0xDA:  # scan before any frame header: malformed
+            return False
+        at += 2 + length
+    return False
+
+
+def _decode_jpegs(datas: List[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision.io -> torchcodec notice
+        out = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+    return list(out)
+
+
+class TensorGeometry:
+    """Resize the shorter side (antialiased) and centre-crop ``[3, H, W]`` uint8 tensors, as
+    ``transforms.Resize`` / ``CenterCrop`` do on tensors."""
+
+    def __init__(self, cfg: PreprocessConfig):
+        from torchvision.transforms import InterpolationMode
+
+        self.cfg = cfg
+        self.mode = InterpolationMode(cfg.interpolation)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms import functional as TF
+
+        img = TF.resize(img, [self.cfg.resize], interpolation=self.mode, antialias=True)
+        return TF.center_crop(img, [self.cfg.crop, self.cfg.crop])
+
+
+def tensor_batches(groups: Iterable[Sequence[int]], fetch: Callable[[int], Any],
+                   decoder: Decoder, cfg: PreprocessConfig, *,
+                   device: Union[str, torch.device] = "cpu", num_workers: int = 4,
+                   prefetch: int = 2, strict: bool = True,
+                   describe: Callable[[int], str] = "item {}".format,
+                   catch_all: bool = False) -> Iterator[Batch]:
+    """Batches of ``crop x crop`` uint8 NHWC tensors on ``device`` (see the module docstring).
+    ``decoder`` is the PIL fallback (same preset); failures follow
+    :func:`trex_hub.decoding.decode_batches` (``strict`` raises, else they are reported)."""
+    device = torch.device(device)
+    geometry = TensorGeometry(cfg)
+
+    def fallback(pos: int, item: Any) -> Tuple[Optional[np.ndarray], Optional[str]]:
+        try:
+            return decoder(item, describe(pos)), None
+        except ImageLoadError as exc:
+            if strict:
+                raise
+            return None, str(exc)
+        except Exception as exc:
+            if strict or not catch_all:
+                raise
+            return None, f"{describe(pos)}: {type(exc).__name__}: {exc}"
+
+    def read(pos: int):
+        """(pos, JPEG bytes, None) for the batched decoder, else (pos, None, PIL result)."""
+        item = fetch(pos)
+        if isinstance(item, (str, os.PathLike)):
+            try:
+                data = Path(item).read_bytes()
+            except OSError:
+                data = b""
+            if jpeg_fits(data):
+                return pos, (item, data), None
+        return pos, None, fallback(pos, item)
+
+    def assemble(results) -> Batch:
+        jpegs = [(pos, item, data) for pos, jd, _ in results if jd is not None
+                 for item, data in [jd]]
+        decoded = {}
+        if jpegs:
+            raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for _, _, d in jpegs]
+            try:
+                imgs = _decode_jpegs(raw, device)
+            except RuntimeError:  # one bad file fails the batched call: retry one by one
+                imgs = []
+                for r in raw:
+                    try:
+                        imgs.append(_decode_jpegs([r], device)[0])
+                    except RuntimeError:
+                        imgs.append(None)
+            for (pos, item, _), img in zip(jpegs, imgs):
+                decoded[pos] = geometry(img).permute(1, 2, 0) if img is not None else None
+        ok, tensors, failures = [], [], []
+        for pos, jd, res in results:
+            if jd is not None and decoded.get(pos) is None:
+                res = fallback(pos, jd[0])  # refused by the batched decoder: the PIL path
+            if jd is not None and decoded.get(pos) is not None:
+                pix = decoded[pos]
+            elif res[0] is not None:
+                pix = torch.from_numpy(np.array(res[0])).to(device)  # PIL's array is read-only
+            else:
+                failures.append((pos, res[1]))
+                continue
+            ok.append(pos)
+            tensors.append(pix)
+        data = torch.stack(tensors) if tensors else None
+        return Batch(ok, data, failures)
+
+    pool = ThreadPoolExecutor(max_workers=max(1, num_workers), thread_name_prefix="trex-read")
+    try:
+        it = iter(groups)
+        pending: List[list] = []
+
+        def fill() -> None:
+            while len(pending) <= prefetch:
+                group = next(it, None)
+                if group is None:
+                    return
+                pending.append([pool.submit(read, p) for p in group])
+
+        fill()
+        while pending:
+            futures = pending.pop(0)
+            results = [f.result() for f in futures]
+            fill()
+            yield assemble(results)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+__all__ = ["tensor_batches", "jpeg_fits", "TensorGeometry"]
