@@ -35,7 +35,8 @@ models: registry names (trex, trex_star, ...), checkpoint paths (.pth, .safetens
 folders), hf-hub:org/repo, or random:NAME for NAME's architecture with random weights (drawn
 with torch seed 0, so the same in every run).
 
-protocol (TREX_SPEC section 4): trainval is split 80/20 per class (>= 1 val image, seeded by the
+protocol (the paper's linear-probe transfer evaluation; see the README's "Transfer
+evaluation" section): trainval is split 80/20 per class (>= 1 val image, seeded by the
 seed; --split published draws it as the authors' code does, so a seed picks the same validation
 images); the probe's hyper-parameters are searched log-uniformly on that split over --trials
 trials (Optuna TPE when installed, else a log grid); the probe is refitted on all of trainval and
