@@ -60,12 +60,13 @@ def test_argparse_exits_become_codes(capsys):
     assert lines(capsys.readouterr().err) == ["bad setting"]
 
 
-def test_other_errors_are_not_hidden():
+def test_other_errors_are_not_hidden(capsys):
+    """A bug is named with its type (issue 10: one line, no traceback unless --debug)."""
     def bug(args):
         raise ZeroDivisionError("a bug, not a user error")
 
-    with pytest.raises(ZeroDivisionError):
-        run([], bug)
+    assert run([], bug) == 1
+    assert "unexpected ZeroDivisionError: a bug, not a user error" in capsys.readouterr().err
 
 
 def test_debug_flag_and_env_show_the_traceback(capsys, monkeypatch):
