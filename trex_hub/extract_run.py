@@ -4,10 +4,12 @@
 :class:`RunOptions`, and goes through three steps, each a function of its own:
 
 1. :func:`plan_run` - rank 0 checks what is on disk against the run's fingerprint (fresh start,
-   resume, refusal, nothing to do) and records the fingerprint in ``<out>.parts/state.json``;
-   every rank then picks its chunks (``rank, rank + world_size, ...``) not yet committed;
-2. :func:`run_chunks` - decode and run the model over those chunks, committing each chunk as
-   soon as it is complete, so an interruption loses at most one chunk per rank;
+   resume, refusal, nothing to do; :mod:`trex_hub.run_state`), records the fingerprint in
+   ``<out>.parts/state.json`` and holds the folder's lock; every rank then picks its chunks
+   (``rank, rank + world_size, ...``) and, in each, the inputs not yet committed;
+2. :func:`run_chunks` - decode and run the model over those inputs, committing a segment when a
+   chunk is complete or ``commit_seconds`` after the last commit (always between batches, so
+   the batches, hence the features, are those of an uninterrupted run);
 3. :func:`finish_run` - rank 0 merges every chunk in input order into the final files
    (:mod:`trex_hub.featurefile`) once all ranks are past the barrier.
 
@@ -75,7 +77,7 @@ class RunOptions:
     draft: bool = True
     max_pixels: Optional[int] = None
     chunk_size: int = 1024
-    commit_seconds: float = 30.0
+    commit_seconds: float = 5.0
     resume: bool = False
     overwrite: bool = False
     strict: bool = False

@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder: label each image by its parent folder's name")
     p.add_argument("--extensions", default=",".join(IMAGE_EXTENSIONS),
                    help="comma-separated file extensions picked up in folders")
-    p.add_argument("-b", "--batch-size", type=int, default=32,
-                   help="images per forward pass")
+    p.add_argument("-b", "--batch-size", type=int, default=None,
+                   help="images per forward pass (default: 32 on a GPU, 8 on a CPU, where "
+                        "larger batches are not faster and smaller ones commit more often)")
     p.add_argument("-j", "--workers", type=int, default=None,
                    help="decoding threads (default: one per core, at most 8)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=1024,
                    help="images per chunk, the unit shared out to torchrun ranks (rounded up "
                         "to a multiple of the batch)")
-    p.add_argument("--commit-every", type=float, default=30.0, metavar="SECONDS",
+    p.add_argument("--commit-every", type=float, default=5.0, metavar="SECONDS",
                    help="also commit the work done so far every SECONDS, so a kill loses "
                         "little (the output is the same wherever the commits fall)")
     p.add_argument("--resume", action="store_true",
@@ -130,7 +131,8 @@ def run_options(args: argparse.Namespace, device: str):
     """The :class:`~trex_hub.extract_run.RunOptions` of a parsed command line."""
     from ..extract_run import RunOptions
 
-    return RunOptions(batch_size=args.batch_size, num_workers=args.workers,
+    batch_size = args.batch_size or (32 if str(device).startswith("cuda") else 8)
+    return RunOptions(batch_size=batch_size, num_workers=args.workers,
                       preprocess=args.preprocess, normalize=args.normalize,
                       precision=args.precision, device=device, compile=args.compile,
                       draft=args.draft, max_pixels=args.max_pixels, chunk_size=args.chunk_size,
@@ -147,7 +149,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def parse() -> argparse.Namespace:
         args = parser.parse_args(argv)
-        if args.batch_size < 1 or args.chunk_size < 1:
+        if (args.batch_size is not None and args.batch_size < 1) or args.chunk_size < 1:
             parser.error("--batch-size and --chunk-size must be >= 1")
         if args.workers is not None and args.workers < 0:
             parser.error("--workers must be >= 0")
