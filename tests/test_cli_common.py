@@ -60,12 +60,13 @@ def test_argparse_exits_become_codes(capsys):
     assert lines(capsys.readouterr().err) == ["bad setting"]
 
 
-def test_other_errors_are_not_hidden():
+def test_other_errors_are_not_hidden(capsys):
+    """A bug is named with its type (issue 10: one line, no traceback unless --debug)."""
     def bug(args):
         raise ZeroDivisionError("a bug, not a user error")
 
-    with pytest.raises(ZeroDivisionError):
-        run([], bug)
+    assert run([], bug) == 1
+    assert "unexpected ZeroDivisionError: a bug, not a user error" in capsys.readouterr().err
 
 
 def test_debug_flag_and_env_show_the_traceback(capsys, monkeypatch):
@@ -109,3 +110,30 @@ def test_all_four_clis_use_it(tmp_path, capsys, monkeypatch):
     assert extract_cli.main(["m", str(tmp_path), "-o", str(tmp_path / "f.npy"), "-q"]) == 130
     assert lines(capsys.readouterr().err) == [
         "trex-extract: interrupted; committed chunks are kept: rerun with --resume to continue"]
+
+
+def test_unexpected_errors_still_end_in_one_line(capsys):
+    def boom(args):
+        raise RuntimeError("something nobody foresaw")
+
+    assert run([], boom) == 1
+    err = capsys.readouterr().err
+    assert lines(err) == ["prog: error: unexpected RuntimeError: something nobody foresaw (rerun "
+                          "with --debug for the traceback)"]
+    assert run(["--debug"], boom) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and lines(err)[-1] == (
+        "prog: error: unexpected RuntimeError: something nobody foresaw")
+
+
+def test_help_formatter_shows_only_useful_defaults():
+    p = argparse.ArgumentParser(prog="prog", formatter_class=common.HelpFormatter)
+    p.add_argument("-o", required=True, help="out")
+    p.add_argument("--flag", action="store_true", help="a flag")
+    p.add_argument("--no-x", dest="x", action="store_false", help="no x")
+    p.add_argument("-j", type=int, default=None, help="threads (default: one per core)")
+    p.add_argument("-b", type=int, default=32, help="batch")
+    text = " ".join(p.format_help().split())
+    assert "-o O out" in text and "--flag a flag" in text and "--no-x no x" in text
+    assert "threads (default: one per core)" in text and "batch (default: 32)" in text
+    assert text.count("default") == 2

@@ -66,7 +66,7 @@ def test_folder_manifest_labels_and_bad_files(ckpt, folder, tmp_path, capsys):
     model = trex_hub.load(ckpt)
     want = model.extract([root / r["path"] for r in ok]).numpy()
     assert np.abs(feats - want).max() / np.abs(want).max() < 1e-5
-    meta = json.loads((tmp_path / "feats.meta.json").read_text())
+    meta = json.loads((tmp_path / "feats.npy.meta.json").read_text())
     assert (meta["ok"], meta["failed"], meta["dim"], meta["head"]) == (6, 5, 512, "backbone")
 
 
@@ -89,9 +89,13 @@ def test_list_order_formats_and_existing_outputs(ckpt, folder, tmp_path, capsys)
     assert [Path(r["path"]).relative_to(root).as_posix() for r in rows] == names
     assert np.allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-6)
     # an existing output is not replaced silently; --resume of a finished run does nothing
+    # when it is the same run, and says what differs otherwise
     assert run(ckpt, lst, "-o", out) == 1
     assert "--overwrite" in capsys.readouterr().err
-    assert run(ckpt, lst, "-o", out, "--resume") == 0
+    assert run(ckpt, lst, "-o", out, "--resume", "--normalize") == 0
+    assert "already complete" in capsys.readouterr().err
+    assert run(ckpt, lst, "-o", out, "--resume") == 1
+    assert "--normalize (was True, now False)" in capsys.readouterr().err
     assert run(ckpt, lst, "-o", out, "--overwrite", "--head", "backbone") == 0
     pt = tmp_path / "f.pt"
     assert run(ckpt, lst, "-o", pt) == 0
@@ -117,7 +121,8 @@ def test_resume_refuses_a_changed_run(ckpt, folder, tmp_path, capsys):
     assert (tmp_path / "f.npy.parts").is_dir()
     assert run(ckpt, root / "cats", "-o", out, "--preprocess", "imagenet") == 1
     assert run(ckpt, root / "cats", "-o", out, "--resume", "--preprocess", "imagenet") == 1
-    assert "the run changed (preprocess)" in capsys.readouterr().err
+    assert "the run changed (--preprocess (was 'transfer', now 'imagenet'))" in \
+        capsys.readouterr().err
     assert run(ckpt, root / "cats", "-o", out, "--resume") == 0  # adopts the run's -b 2
     assert not (tmp_path / "f.npy.parts").exists()
 
@@ -144,7 +149,7 @@ def test_resume_after_sigkill_gives_identical_file(ckpt, tmp_path):
                              "-o", str(out), *opts], env=env, cwd=tmp_path)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and proc.poll() is None:
-        if len(list(parts.glob("chunk-*.jsonl"))) >= 3:
+        if len(list(parts.glob("part-*.jsonl"))) >= 3:
             break
         time.sleep(0.01)
     assert proc.poll() is None, "the run finished before it could be killed"
@@ -152,20 +157,20 @@ def test_resume_after_sigkill_gives_identical_file(ckpt, tmp_path):
     proc.wait()
     assert not out.exists()
     committed = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
-                 for p in parts.glob("chunk-*") if not p.name.endswith(".tmp")}
+                 for p in parts.glob("part-*") if not p.name.endswith(".tmp")}
     assert 3 <= len([n for n in committed if n.endswith(".jsonl")]) < 12
 
     assert _run_main_threads1(ckpt, data, "-o", out, *opts[:6], "--resume",
                               "--keep-parts") == 0
-    kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in parts.glob("chunk-*")}
+    kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in parts.glob("part-*")}
     for name, stamp in committed.items():
         if name.endswith(".jsonl"):  # committed chunks were not recomputed
             assert kept[name] == stamp and kept[name[:-6] + ".npy"] == committed[name[:-6] + ".npy"]
     ref = tmp_path / "ref.npy"
     assert _run_main_threads1(ckpt, data, "-o", ref, *opts[:6]) == 0
     assert out.read_bytes() == ref.read_bytes()
-    assert (tmp_path / "killed.manifest.jsonl").read_text() == \
-        (tmp_path / "ref.manifest.jsonl").read_text()
+    assert (tmp_path / "killed.npy.manifest.jsonl").read_text() == \
+        (tmp_path / "ref.npy.manifest.jsonl").read_text()
     feats, rows = read_features(out)
     assert feats.shape == (95, 512) and rows[50]["status"] == "failed"
 

@@ -59,17 +59,18 @@ def test_chunks_are_committed_while_running(r18_path, tmp_path, monkeypatch):
         Image.fromarray(a).save(folder / f"{i}.png")
     entries = collect_inputs([folder])
     seen = []
-    real_write = extract_run.write_chunk
+    real_write = extract_run.write_segment
 
-    def spy(parts, k, feats, rows):
-        seen.append((k, feats.shape[0], sorted(p.name for p in parts.glob("chunk-*.jsonl"))))
-        real_write(parts, k, feats, rows)
+    def spy(parts, start, stop, feats, rows):
+        seen.append((start, stop, feats.shape[0],
+                     sorted(p.name for p in parts.glob("part-*.jsonl"))))
+        real_write(parts, start, stop, feats, rows)
 
-    monkeypatch.setattr(extract_run, "write_chunk", spy)
+    monkeypatch.setattr(extract_run, "write_segment", spy)
     extract_to_file(model, entries, tmp_path / "o.npy", batch_size=2, chunk_size=2,
                     normalize=True, num_workers=2)
-    assert [(k, n) for k, n, _ in seen] == [(0, 2), (1, 2), (2, 2)]
-    assert seen[2][2] == ["chunk-00000000.jsonl", "chunk-00000001.jsonl"]
+    assert [(a, b, n) for a, b, n, _ in seen] == [(0, 2, 2), (2, 4, 2), (4, 6, 2)]
+    assert seen[2][3] == ["part-0000000000-0000000002.jsonl", "part-0000000002-0000000004.jsonl"]
     feats, _ = read_features(tmp_path / "o.npy")
     assert np.allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-6)
 
@@ -104,22 +105,23 @@ def test_plan_resumes_only_the_chunks_not_committed(r18_path, tmp_path):
     out = tmp_path / "f.npy"
     opts = RunOptions(batch_size=2, chunk_size=3, num_workers=0, keep_parts=True)
     extract_to_file(model, entries, out, opts)
-    reference = out.read_bytes(), (tmp_path / "f.manifest.jsonl").read_text()
+    reference = out.read_bytes(), (tmp_path / "f.npy.manifest.jsonl").read_text()
     # as if killed while computing chunk 1 of 0..3 (chunk_size rounds up to 4: chunks 0 and 1)
     parts = tmp_path / "f.npy.parts"
     assert json.loads((parts / "state.json").read_text())["chunk_size"] == 4
-    (parts / "chunk-00000001.jsonl").unlink()
-    for p in (out, tmp_path / "f.manifest.jsonl", tmp_path / "f.meta.json"):
+    (parts / "part-0000000004-0000000007.jsonl").unlink()
+    for p in (out, tmp_path / "f.npy.manifest.jsonl", tmp_path / "f.npy.meta.json"):
         p.unlink()
     plan = extract_run.plan_run(model, entries, out, RunOptions(batch_size=2, chunk_size=3,
                                                                  resume=True))
     assert (plan.n_chunks, plan.mine, plan.batch_size) == (2, [1], 2)
     assert [list(g) for g in plan.batches(len(entries))] == [[4, 5], [6]]
+    plan.close()
     with pytest.raises(ExtractError, match="unfinished run"):
         extract_to_file(model, entries, out, opts, keep_parts=False)
     s = extract_to_file(model, entries, out, opts, resume=True, keep_parts=False)
     assert s.computed == 3 and (s.ok, s.failed) == (6, 1)
-    assert (out.read_bytes(), (tmp_path / "f.manifest.jsonl").read_text()) == reference
+    assert (out.read_bytes(), (tmp_path / "f.npy.manifest.jsonl").read_text()) == reference
     assert not parts.exists()
 
 
@@ -137,4 +139,4 @@ def test_steps_shard_chunks_across_ranks(r18_path, tmp_path):
     assert dims == [512, 512]
     assert extract_run.finish_run(plans[0], opts, 512, len(entries), 2) == (8, 1)
     assert out.read_bytes() == (tmp_path / "one.npy").read_bytes()
-    assert json.loads((tmp_path / "two.meta.json").read_text())["world_size"] == 2
+    assert json.loads((tmp_path / "two.npy.meta.json").read_text())["world_size"] == 2

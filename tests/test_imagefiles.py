@@ -58,9 +58,11 @@ def test_walk_order_hidden_and_links(tmp_path):
     root = tmp_path / "r"
     touch(root, "b/2.jpg", "b/10.jpg", "a/x.PNG", ".a/h.jpg", "a/.h.jpg", "c.bmp")
     os.symlink(root, root / "b" / "loop")  # a link back up is not followed again
-    os.symlink(root / "a", root / "linked")  # a link to a sibling folder is
+    os.symlink(root / "a", root / "linked")  # a second path to a folder already listed: once
+    os.symlink(tmp_path / "elsewhere", root / "z")  # a link to a folder outside is followed
+    touch(tmp_path / "elsewhere", "e.jpg")
     rels = [rel for rel, _ in walk_images(root)]
-    assert rels == ["a/x.PNG", "b/10.jpg", "b/2.jpg", "c.bmp", "linked/x.PNG"]
+    assert rels == ["a/x.PNG", "b/10.jpg", "b/2.jpg", "c.bmp", "z/e.jpg"]
     assert walk_images(root, ["bmp"]) == [("c.bmp", str(root / "c.bmp"))]
 
 

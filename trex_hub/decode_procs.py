@@ -133,9 +133,14 @@ def process_batches(groups: Iterable[Sequence[int]], fetch: Callable[[int], Any]
             nonlocal submitted
             while free and submitted < len(groups):
                 bid, slot = submitted, free.pop(0)
-                rows = [(r, fetch(pos), describe(pos)) for r, pos in enumerate(groups[bid])]
+                rows, known_bad = [], []
+                for r, pos in enumerate(groups[bid]):
+                    try:
+                        rows.append((r, fetch(pos), describe(pos)))
+                    except ImageLoadError as exc:  # unreadable before decoding
+                        known_bad.append((r, "image", str(exc)))
                 chunks = [rows[i:i + piece] for i in range(0, len(rows), piece)]
-                state[bid] = [slot, len(chunks), []]
+                state[bid] = [slot, len(chunks), known_bad]
                 for c in chunks:
                     pool.tasks.put((bid, slot, c))
                 submitted += 1

@@ -4,10 +4,12 @@
 :class:`RunOptions`, and goes through three steps, each a function of its own:
 
 1. :func:`plan_run` - rank 0 checks what is on disk against the run's fingerprint (fresh start,
-   resume, refusal, nothing to do) and records the fingerprint in ``<out>.parts/state.json``;
-   every rank then picks its chunks (``rank, rank + world_size, ...``) not yet committed;
-2. :func:`run_chunks` - decode and run the model over those chunks, committing each chunk as
-   soon as it is complete, so an interruption loses at most one chunk per rank;
+   resume, refusal, nothing to do; :mod:`trex_hub.run_state`), records the fingerprint in
+   ``<out>.parts/state.json`` and holds the folder's lock; every rank then picks its chunks
+   (``rank, rank + world_size, ...``) and, in each, the inputs not yet committed;
+2. :func:`run_chunks` - decode and run the model over those inputs, committing a segment when a
+   chunk is complete or ``commit_seconds`` after the last commit (always between batches, so
+   the batches, hence the features, are those of an uninterrupted run);
 3. :func:`finish_run` - rank 0 merges every chunk in input order into the final files
    (:mod:`trex_hub.featurefile`) once all ranks are past the barrier.
 
@@ -31,12 +33,16 @@ import torch
 
 from .extract import (choose_decoding, default_workers, open_batches, progress_bar,
                       run_batches)
-from .featurefile import (FORMAT_VERSION, ExtractError, chunk_done, merge, output_paths,
-                          write_chunk)
-from .fileio import PathLike, atomic_write
+from .featurefile import (FORMAT_VERSION, ExtractError, committed_segments, merge, output_paths,
+                          segment_files, write_segment)
+from .fileio import PathLike
 from .imagefiles import Entry
 from .inference import prepare
-from .transforms import Decoder, preset_geometry
+from .run_state import prepare_parts, release, write_errors
+from .transforms import Decoder, ImageLoadError, preset_geometry
+
+
+PARTS_LAYOUT = 2  # part-A-B segments (1: chunk-K files)
 
 
 def _no_barrier() -> None:
@@ -56,7 +62,10 @@ class RunOptions:
     ``precision``, ``device``, ``compile``, ``draft`` JPEG decoding, ``max_pixels`` per image,
     ``decode`` (``auto`` / ``cpu`` / ``gpu``) and ``workers_mode`` (``auto`` / ``threads`` /
     ``processes``): see :func:`trex_hub.extract.extract_features`.
-    On disk: ``chunk_size`` inputs per committed chunk (rounded up to a multiple of the batch),
+    On disk: ``chunk_size`` inputs per chunk (rounded up to a multiple of the batch; the unit
+    that ranks share out), committed when complete or after ``commit_seconds`` of work,
+    whichever comes first (cuts fall between batches, so the merged file is the same wherever
+    they fall),
     ``resume`` an unfinished run, ``overwrite`` an existing output or unfinished run, ``strict``
     (the first bad file stops the run), ``keep_parts`` after merging. ``progress`` shows a bar.
     ``engine`` replaces the PyTorch fast path with another batch runner of the same interface
@@ -74,6 +83,7 @@ class RunOptions:
     draft: bool = True
     max_pixels: Optional[int] = None
     chunk_size: int = 1024
+    commit_seconds: float = 5.0
     resume: bool = False
     overwrite: bool = False
     strict: bool = False
@@ -86,6 +96,8 @@ class RunOptions:
     def check(self) -> None:
         if self.batch_size < 1 or self.chunk_size < 1:
             raise ValueError("batch_size and chunk_size must be >= 1")
+        if not self.commit_seconds > 0:
+            raise ValueError("commit_seconds must be > 0")
         preset_geometry(self.preprocess)  # validates the name
         choose_decoding(self.decode, self.workers_mode, torch.device("cpu"), self.preprocess,
                         True, 0, 0)  # validates decode / workers_mode before anything is written
@@ -118,7 +130,9 @@ class Summary:
 
 @dataclass
 class Plan:
-    """What this rank computes: chunks ``mine`` of ``n_chunks``, with the run's own sizes."""
+    """What this rank computes: chunks ``mine`` of ``n_chunks`` (chunk ``k`` from input
+    ``starts[k]`` on, past what a killed run committed), with the run's own sizes; ``lock`` is
+    the parts folder's lock held by rank 0."""
 
     paths: Dict[str, Path]
     fingerprint: Dict[str, Any]
@@ -126,14 +140,23 @@ class Plan:
     chunk_size: int
     n_chunks: int
     mine: List[int]
+    starts: Dict[int, int] = dataclasses.field(default_factory=dict)
+    lock: Optional[int] = None
+
+    def close(self) -> None:
+        """Release the parts folder's lock (rank 0; done by :func:`finish_run`)."""
+        release(self.lock)
+        self.lock = None
 
     def batches(self, count: int) -> List[range]:
-        """The forward-pass batches of this rank's chunks (``count`` inputs in all)."""
+        """The forward-pass batches of this rank's chunks (``count`` inputs in all). Batches
+        start at the chunk's start, every ``batch_size`` inputs, resumed or not."""
         out: List[range] = []
         for k in self.mine:
-            start, stop = k * self.chunk_size, min((k + 1) * self.chunk_size, count)
+            first, stop = k * self.chunk_size, min((k + 1) * self.chunk_size, count)
+            start = self.starts.get(k, first)
             out += [range(s, min(s + self.batch_size, stop))
-                    for s in range(start, stop, self.batch_size)]
+                    for s in range(first, stop, self.batch_size) if s >= start]
         return out
 
 
@@ -168,56 +191,28 @@ def fingerprint(model: torch.nn.Module, entries: Sequence[Entry], opts: RunOptio
         "dim": int(getattr(model, "out_dim", 0) or 0), "preprocess": opts.preprocess,
         "normalize": bool(opts.normalize), "precision": opts.precision,
         "draft": bool(opts.draft), "max_pixels": opts.max_pixels, "decode": opts.decode,
-        "batch_size": opts.batch_size, "chunk_size": chunk_size,
+        "batch_size": opts.batch_size, "chunk_size": chunk_size, "parts": PARTS_LAYOUT,
     }
     if opts.engine is not None:  # a resumed run must not mix engines
         fp["engine"] = type(opts.engine).__name__
     return fp
 
 
-def _adopt_unfinished(parts: Path, fp: Dict[str, Any], log: Callable[[str], None]) -> None:
-    """--resume: keep the parts folder if its run is this run, else refuse."""
-    try:
-        old = json.loads((parts / "state.json").read_text())
-    except (OSError, ValueError):
-        old = None
-    if old is None:  # killed before the state was written: nothing committed
-        shutil.rmtree(parts)
-        return
-    # batch and chunk sizes only shape the work: keep the run's own
-    for key in ("batch_size", "chunk_size"):
-        if key in old and old[key] != fp[key]:
-            log(f"resuming with the run's {key.replace('_', ' ')} {old[key]}")
-            fp[key] = old[key]
-    if old != fp:
-        diff = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
-        raise ExtractError(f"cannot resume {parts}: the run changed ({', '.join(diff)}); pass "
-                           "--overwrite to start again")
-
-
-def _prepare_parts(paths: Dict[str, Path], fp: Dict[str, Any], opts: RunOptions,
-                   log: Callable[[str], None]) -> bool:
-    """Rank 0: make ``parts`` hold this run's state; ``False`` when the output is complete."""
-    parts = paths["parts"]
-    if parts.exists():
-        if opts.overwrite:
-            shutil.rmtree(parts)
-        elif not opts.resume:
-            raise ExtractError(f"{parts} holds an unfinished run; pass --resume to continue it "
-                               "or --overwrite to start again")
-        else:
-            _adopt_unfinished(parts, fp, log)
-    elif paths["features"].exists() and paths["manifest"].exists() and not opts.overwrite:
-        if opts.resume:
-            log(f"{paths['features']} is already complete; nothing to do")
-            return False
-        raise ExtractError(f"{paths['features']} exists; pass --overwrite to replace it")
-    if not parts.exists():
-        parts.mkdir(parents=True)
-        atomic_write(parts / "state.json", lambda fh: fh.write(json.dumps(fp, indent=2)), "w")
-    for leftover in parts.glob("*.tmp"):
-        leftover.unlink()
-    return True
+def _resume_point(parts: Path, segs: List[Tuple[int, int]], first: int, stop: int,
+                  batch_size: int) -> int:
+    """Where chunk ``first..stop-1`` resumes: the end of its committed segments from ``first``
+    on (a batch boundary); segments past that point are stale and removed."""
+    pos = first
+    for a, b in segs:
+        if a == pos and b <= stop:
+            pos = b
+    if (pos - first) % batch_size and pos != stop:  # not a batch boundary: redo the chunk
+        pos = first
+    for a, b in segs:
+        if first <= a and a >= pos and a < stop:
+            for f in segment_files(parts, a, b)[::-1]:
+                f.unlink(missing_ok=True)
+    return pos
 
 
 def plan_run(model: torch.nn.Module, entries: Sequence[Entry], out: PathLike,
@@ -227,18 +222,35 @@ def plan_run(model: torch.nn.Module, entries: Sequence[Entry], out: PathLike,
     rank, or ``None`` when the output is already complete (with ``opts.resume``)."""
     paths = output_paths(out)
     fp = fingerprint(model, entries, opts)
-    complete = shard.rank == 0 and not _prepare_parts(paths, fp, opts, log)
-    shard.barrier()
-    if complete or not paths["parts"].exists():  # rank 0 found the run already complete
-        return None
-    state = json.loads((paths["parts"] / "state.json").read_text())
-    batch_size, chunk_size = int(state["batch_size"]), int(state["chunk_size"])
-    n_chunks = max(1, math.ceil(len(entries) / chunk_size)) if entries else 0
-    ours = range(shard.rank, n_chunks, shard.world_size)
-    mine = [k for k in ours if not chunk_done(paths["parts"], k)]
-    if len(ours) > len(mine):
-        log(f"rank {shard.rank}: resuming, {len(ours) - len(mine)} committed chunk(s) kept")
-    return Plan(paths, fp, batch_size, chunk_size, n_chunks, mine)
+    lock = None
+    complete = False
+    if shard.rank == 0:
+        with write_errors(paths):
+            go, lock = prepare_parts(paths, fp, entries, opts.resume, opts.overwrite, log)
+        complete = not go
+    try:
+        shard.barrier()
+        if complete or not paths["parts"].exists():  # rank 0 found the run already complete
+            return None
+        state = json.loads((paths["parts"] / "state.json").read_text())
+        batch_size, chunk_size = int(state["batch_size"]), int(state["chunk_size"])
+        n_chunks = max(1, math.ceil(len(entries) / chunk_size)) if entries else 0
+        segs = committed_segments(paths["parts"])
+        mine, starts = [], {}
+        for k in range(shard.rank, n_chunks, shard.world_size):
+            first, stop = k * chunk_size, min((k + 1) * chunk_size, len(entries))
+            pos = _resume_point(paths["parts"], segs, first, stop, batch_size)
+            if pos < stop:
+                mine.append(k)
+                starts[k] = pos
+        kept = sum(starts.get(k, min((k + 1) * chunk_size, len(entries))) - k * chunk_size
+                   for k in range(shard.rank, n_chunks, shard.world_size))
+        if kept:
+            log(f"rank {shard.rank}: resuming, {kept} committed input(s) kept")
+        return Plan(paths, fp, batch_size, chunk_size, n_chunks, mine, starts, lock)
+    except BaseException:
+        release(lock)
+        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,35 +258,53 @@ def plan_run(model: torch.nn.Module, entries: Sequence[Entry], out: PathLike,
 # --------------------------------------------------------------------------------------------
 
 
-class _ChunkBuffer:
-    """Features and manifest rows of the chunk being computed, committed when the next starts."""
+class _Segment:
+    """Features and manifest rows not yet committed: the inputs from ``start`` to ``stop``."""
 
-    def __init__(self, parts: Path, dim: int, normalize: bool):
+    def __init__(self, parts: Path, dim: int, normalize: bool, chunk_size: int):
         self.parts, self.dim, self.normalize = parts, dim, normalize
-        self.current: Optional[int] = None
+        self.chunk_size = chunk_size
+        self.start: Optional[int] = None
+        self.stop = 0
         self.feats: List[np.ndarray] = []
         self.rows: List[Tuple[int, Dict[str, Any]]] = []
+        self.since = time.monotonic()
 
-    def enter(self, k: int) -> None:
-        if self.current is not None and k != self.current:
+    def add_batch(self, group: range) -> None:
+        if self.start is not None and (group.start != self.stop or  # another chunk
+                                       group.start // self.chunk_size
+                                       != self.start // self.chunk_size):
             self.commit()
-        self.current = k
+        if self.start is None:
+            self.start = group.start
+        self.stop = group.stop
 
     def add_row(self, pos: int, e: Entry, error: Optional[str] = None) -> None:
         self.rows.append((pos, {"index": None, "path": e.rel, "label": e.label,
                                 "status": "ok" if error is None else "failed", "error": error}))
 
     def commit(self) -> None:
-        if self.current is None:
+        self.since = time.monotonic()
+        if self.start is None:
             return
         arr = np.concatenate(self.feats) if self.feats else np.zeros((0, self.dim), np.float32)
         if self.normalize and arr.shape[0]:
             arr = arr / np.maximum(np.linalg.norm(arr, axis=1, keepdims=True), 1e-12)
         self.rows.sort(key=lambda r: r[0])
-        write_chunk(self.parts, self.current, arr.astype(np.float32, copy=False),
-                    [row for _, row in self.rows])
+        write_segment(self.parts, self.start, self.stop, arr.astype(np.float32, copy=False),
+                      [row for _, row in self.rows])
+        self.start = None
         self.feats.clear()
         self.rows.clear()
+
+
+def _fetch(entries: Sequence[Entry]) -> Callable[[int], str]:
+    def fetch(i: int) -> str:
+        e = entries[i]
+        if e.error is not None:
+            raise ImageLoadError(f"{e.rel} ({e.path}): {e.error}")
+        return e.path
+    return fetch
 
 
 def run_chunks(model: torch.nn.Module, entries: Sequence[Entry], plan: Plan, opts: RunOptions,
@@ -291,16 +321,16 @@ def run_chunks(model: torch.nn.Module, entries: Sequence[Entry], plan: Plan, opt
                        desc="trex-extract")
     failures: List[Tuple[str, str]] = []
     computed = 0
-    chunk = _ChunkBuffer(plan.paths["parts"], dim, opts.normalize)
+    chunk = _Segment(plan.paths["parts"], dim, opts.normalize, plan.chunk_size)
     try:
         kind = choose_decoding(opts.decode, opts.workers_mode, runner.device if runner else
                                torch.device("cpu"), opts.preprocess, True, len(entries), workers)
-        batches = open_batches(groups, lambda i: entries[i].path, decoder, kind=kind,
+        batches = open_batches(groups, _fetch(entries), decoder, kind=kind,
                                device=runner.device if runner else torch.device("cpu"),
                                num_workers=workers, strict=False, catch_all=True,
                                describe=lambda i: entries[i].rel)
-        for b, feats in run_batches(runner, batches):
-            chunk.enter((b.positions or [b.failures[0][0]])[0] // plan.chunk_size)
+        for group, (b, feats) in zip(groups, run_batches(runner, batches)):
+            chunk.add_batch(group)
             if b.failures and opts.strict:
                 raise ExtractError(f"--strict: {b.failures[0][1]}")
             if feats is not None:
@@ -314,6 +344,8 @@ def run_chunks(model: torch.nn.Module, entries: Sequence[Entry], plan: Plan, opt
                 chunk.add_row(pos, e, why)
                 failures.append((e.rel, why))
             computed += len(b.positions) + len(b.failures)
+            if time.monotonic() - chunk.since >= opts.commit_seconds:
+                chunk.commit()
             if bar is not None:
                 bar.update(len(b.positions) + len(b.failures))
                 if failures:
@@ -340,10 +372,11 @@ def finish_run(plan: Plan, opts: RunOptions, dim: int, total: int, world_size: i
                 preprocess=opts.preprocess, normalize=bool(opts.normalize),
                 precision=opts.precision, draft=bool(opts.draft),
                 weights_sha256=plan.fingerprint["weights"], world_size=world_size,
-                manifest=plan.paths["manifest"].name)
-    n_ok, n_failed = merge(plan.paths, plan.n_chunks, dim, meta)
+                manifest=plan.paths["manifest"].name, fingerprint=plan.fingerprint)
+    n_ok, n_failed = merge(plan.paths, total, dim, meta)
     if not opts.keep_parts:
         shutil.rmtree(plan.paths["parts"], ignore_errors=True)
+    plan.close()
     return n_ok, n_failed
 
 
@@ -373,12 +406,17 @@ def extract_to_file(model: torch.nn.Module, entries: Sequence[Entry], out: PathL
     if plan is None:
         dim = int(getattr(model, "out_dim", 0) or 0)
         return Summary(len(entries), -1, -1, dim, 0.0, 0, [], Path(out) if rank == 0 else None)
-    computed, failures, dim = run_chunks(model, entries, plan, opts, shard)
-    shard.barrier()
-    if rank != 0:
-        return Summary(len(entries), -1, len(failures), dim, time.perf_counter() - t_start,
-                       computed, failures, None)
-    n_ok, n_failed = finish_run(plan, opts, dim, len(entries), world_size, info)
+    try:
+        with write_errors(plan.paths):
+            computed, failures, dim = run_chunks(model, entries, plan, opts, shard)
+        shard.barrier()
+        if rank != 0:
+            return Summary(len(entries), -1, len(failures), dim, time.perf_counter() - t_start,
+                           computed, failures, None)
+        with write_errors(plan.paths):
+            n_ok, n_failed = finish_run(plan, opts, dim, len(entries), world_size, info)
+    finally:
+        plan.close()
     return Summary(len(entries), n_ok, n_failed, dim, time.perf_counter() - t_start, computed,
                    failures, plan.paths["features"])
 

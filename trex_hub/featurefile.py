@@ -1,22 +1,29 @@
-"""The features file written by ``trex-extract``: its format, its committed chunks, the merge that
+"""The features file written by ``trex-extract``: its format, its committed segments, the merge that
 finishes it, and :func:`read_features` that reads it back.
 
 For ``OUT`` = ``feats.npy``, ``feats.safetensors`` or ``feats.pt``::
 
     feats.npy                 float32 [N_ok, D]: one row per image decoded successfully,
                               in input order
-    feats.manifest.jsonl      one JSON object per INPUT file, in input order:
+    feats.npy.manifest.jsonl  one JSON object per INPUT file, in input order:
                               {"index": row in feats or null, "path": relative path,
                                "label": str or null, "status": "ok" | "failed",
                                "error": null or why the file was skipped}
-    feats.meta.json           the run: model, head, preprocess, precision, dim, counts, ...
+    feats.npy.meta.json       the run: model, head, preprocess, precision, dim, counts, and
+                              the fingerprint a later --resume is checked against
+
+The manifest and meta names carry the whole output name, so ``feats.npy`` and
+``feats.safetensors`` in one folder do not share them. Outputs written before this rule (named
+``feats.manifest.jsonl`` / ``feats.meta.json``) are still read.
 
 ``.safetensors`` holds one tensor named ``features`` (and the run as string metadata); ``.pt`` is
 ``torch.save({"features": Tensor, "meta": dict})`` and loads with ``weights_only=True``.
 
-While a run is going, its committed chunks live in ``feats.npy.parts/`` (``chunk-K.npy`` with the
-features, then ``chunk-K.jsonl`` with the manifest rows as the commit marker, each written
-atomically); :func:`merge` writes the final files atomically from them, in chunk order. The run
+While a run is going, its committed segments live in ``feats.npy.parts/``: ``part-A-B.npy`` with
+the features of inputs ``A..B-1``, then ``part-A-B.jsonl`` with their manifest rows as the commit
+marker, each written atomically. Segments are cut wherever the run committed (by size or by
+time); :func:`merge` checks that they tile ``0..N-1`` and concatenates them in input order, so the
+final files do not depend on where the cuts fell. The run
 itself (what to compute, resuming, sharding) is :mod:`trex_hub.extract_run`.
 """
 from __future__ import annotations
@@ -44,10 +51,26 @@ def output_paths(out: PathLike) -> Dict[str, Path]:
     out = Path(out)
     if out.suffix not in OUTPUT_FORMATS:
         raise ValueError(f"output '{out}' must end with one of {', '.join(OUTPUT_FORMATS)}")
-    stem = out.with_suffix("")
-    return {"features": out, "manifest": stem.with_name(stem.name + ".manifest.jsonl"),
-            "meta": stem.with_name(stem.name + ".meta.json"),
+    return {"features": out, "manifest": out.with_name(out.name + ".manifest.jsonl"),
+            "meta": out.with_name(out.name + ".meta.json"),
             "parts": out.with_name(out.name + ".parts")}
+
+
+def legacy_paths(out: PathLike) -> Dict[str, Path]:
+    """The manifest and meta names of outputs written before they carried the suffix
+    (``feats.manifest.jsonl``, shared by ``feats.npy`` and ``feats.pt``)."""
+    stem = Path(out).with_suffix("")
+    return {"manifest": stem.with_name(stem.name + ".manifest.jsonl"),
+            "meta": stem.with_name(stem.name + ".meta.json")}
+
+
+def existing_paths(out: PathLike) -> Dict[str, Path]:
+    """:func:`output_paths`, with the legacy manifest/meta names when only those exist."""
+    paths = output_paths(out)
+    old = legacy_paths(out)
+    if not paths["manifest"].exists() and old["manifest"].exists():
+        paths.update(old)
+    return paths
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,7 +88,7 @@ def read_features(path: PathLike, *, mmap: bool = False
     ``None``), ``status`` (``"ok"`` / ``"failed"``) and ``error`` (``None`` or the reason).
     ``mmap=True`` maps a ``.npy`` file instead of reading it.
     """
-    paths = output_paths(path)
+    paths = existing_paths(path)
     out = paths["features"]
     if out.suffix == ".npy":
         feats = np.load(out, mmap_mode="r" if mmap else None, allow_pickle=False)
@@ -92,33 +115,59 @@ def read_features(path: PathLike, *, mmap: bool = False
 
 
 # --------------------------------------------------------------------------------------------
-# Committed chunks
+# Committed segments
 # --------------------------------------------------------------------------------------------
 
 
-def chunk_files(parts: Path, k: int) -> Tuple[Path, Path]:
-    """(features, manifest rows) files of chunk ``k``."""
-    return parts / f"chunk-{k:08d}.npy", parts / f"chunk-{k:08d}.jsonl"
+def segment_files(parts: Path, start: int, stop: int) -> Tuple[Path, Path]:
+    """(features, manifest rows) files of the segment of inputs ``start..stop-1``."""
+    name = f"part-{start:010d}-{stop:010d}"
+    return parts / f"{name}.npy", parts / f"{name}.jsonl"
 
 
-def chunk_done(parts: Path, k: int) -> bool:
-    feats, rows = chunk_files(parts, k)
-    return rows.exists() and feats.exists()
+def committed_segments(parts: Path) -> List[Tuple[int, int]]:
+    """``(start, stop)`` of every committed segment (its rows file exists), sorted."""
+    found = []
+    for rows in parts.glob("part-*-*.jsonl"):
+        try:
+            start, stop = (int(x) for x in rows.stem.split("-")[1:3])
+        except ValueError:
+            continue
+        if segment_files(parts, start, stop)[0].exists():
+            found.append((start, stop))
+    return sorted(found)
 
 
-def write_chunk(parts: Path, k: int, feats: np.ndarray, rows: List[Dict[str, Any]]) -> None:
-    """Commit chunk ``k``: its features, then its manifest rows (the commit marker)."""
-    fpath, rpath = chunk_files(parts, k)
+def write_segment(parts: Path, start: int, stop: int, feats: np.ndarray,
+                  rows: List[Dict[str, Any]]) -> None:
+    """Commit inputs ``start..stop-1``: their features, then their manifest rows (the commit
+    marker)."""
+    fpath, rpath = segment_files(parts, start, stop)
     atomic_write(fpath, lambda fh: np.save(fh, np.ascontiguousarray(feats, dtype=np.float32),
                                             allow_pickle=False))
     # the rows file is the commit marker: written last
     atomic_write(rpath, lambda fh: fh.write("".join(json.dumps(r) + "\n" for r in rows)), "w")
 
 
-def _chunk_rows(parts: Path, k: int):
-    with open(chunk_files(parts, k)[1], "r", encoding="utf-8") as src:
+def _segment_rows(parts: Path, seg: Tuple[int, int]):
+    with open(segment_files(parts, *seg)[1], "r", encoding="utf-8") as src:
         for line in src:
             yield json.loads(line)
+
+
+def tiling(parts: Path, total: int) -> Tuple[List[Tuple[int, int]], List[Tuple[int, int]]]:
+    """The committed segments that cover ``0..total-1`` in order, and the gaps left."""
+    segs, gaps, pos = [], [], 0
+    for start, stop in committed_segments(parts):
+        if start < pos:  # overlapping leftover of a cut elsewhere: the first one wins
+            continue
+        if start > pos:
+            gaps.append((pos, start))
+        segs.append((start, stop))
+        pos = stop
+    if pos < total:
+        gaps.append((pos, total))
+    return segs, gaps
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,23 +192,25 @@ def _safetensors_header(rows: int, dim: int, meta: Dict[str, Any]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-def merge(paths: Dict[str, Path], n_chunks: int, dim: int, meta: Dict[str, Any]) -> Tuple[int, int]:
-    """Concatenate the committed chunks into the final files; returns (ok, failed)."""
+def merge(paths: Dict[str, Path], total: int, dim: int, meta: Dict[str, Any]) -> Tuple[int, int]:
+    """Concatenate the committed segments of inputs ``0..total-1`` into the final files;
+    returns (ok, failed)."""
     parts = paths["parts"]
     out = paths["features"]
-    missing = [k for k in range(n_chunks) if not chunk_done(parts, k)]
-    if missing:
-        raise ExtractError(f"{parts}: chunk(s) {missing[:10]} were never committed (did a rank "
-                           "fail?); rerun with --resume")
+    segs, gaps = tiling(parts, total)
+    if gaps:
+        raise ExtractError(f"{parts}: inputs {', '.join(f'{a}..{b - 1}' for a, b in gaps[:5])} "
+                           "were never committed (a rank failed, or another run changed this "
+                           "folder); rerun with --resume")
     n_ok = n_failed = 0
-    for k in range(n_chunks):
-        n_ok += np.load(chunk_files(parts, k)[0], mmap_mode="r").shape[0]
-        n_failed += sum(1 for row in _chunk_rows(parts, k) if row["status"] != "ok")
+    for seg in segs:
+        n_ok += np.load(segment_files(parts, *seg)[0], mmap_mode="r").shape[0]
+        n_failed += sum(1 for row in _segment_rows(parts, seg) if row["status"] != "ok")
     meta = dict(meta, ok=n_ok, failed=n_failed)
 
     def copy_rows(fh) -> None:
-        for k in range(n_chunks):
-            arr = np.load(chunk_files(parts, k)[0], mmap_mode="r")
+        for seg in segs:
+            arr = np.load(segment_files(parts, *seg)[0], mmap_mode="r")
             if arr.shape[0]:
                 fh.write(np.ascontiguousarray(arr, dtype="<f4").tobytes())
 
@@ -178,8 +229,8 @@ def merge(paths: Dict[str, Path], n_chunks: int, dim: int, meta: Dict[str, Any])
 
     def write_manifest(fh) -> None:
         index = 0
-        for k in range(n_chunks):
-            for row in _chunk_rows(parts, k):
+        for seg in segs:
+            for row in _segment_rows(parts, seg):
                 if row["status"] == "ok":
                     row["index"] = index
                     index += 1
@@ -190,5 +241,6 @@ def merge(paths: Dict[str, Path], n_chunks: int, dim: int, meta: Dict[str, Any])
     return n_ok, n_failed
 
 
-__all__ = ["OUTPUT_FORMATS", "FORMAT_VERSION", "ExtractError", "output_paths", "read_features",
-           "chunk_files", "chunk_done", "write_chunk", "merge"]
+__all__ = ["OUTPUT_FORMATS", "FORMAT_VERSION", "ExtractError", "output_paths", "legacy_paths",
+           "existing_paths", "read_features", "segment_files", "committed_segments",
+           "write_segment", "tiling", "merge"]

@@ -133,7 +133,12 @@ def tensor_batches(groups: Iterable[Sequence[int]], fetch: Callable[[int], Any],
 
     def read(pos: int):
         """(pos, JPEG bytes, None) for the batched decoder, else (pos, None, PIL result)."""
-        item = fetch(pos)
+        try:
+            item = fetch(pos)
+        except ImageLoadError as exc:  # an input known to be unreadable before decoding
+            if strict:
+                raise
+            return pos, None, (None, str(exc))
         if isinstance(item, (str, os.PathLike)):
             try:
                 data = Path(item).read_bytes()

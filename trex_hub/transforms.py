@@ -139,10 +139,14 @@ def _array_to_pil(arr: np.ndarray, what: str) -> Image.Image:
                          "(C = 1, 3 or 4)")
 
 
-def _pixel_limit(max_pixels: Optional[int]) -> Optional[int]:
+# the most pixels any image may have, whatever max_pixels says: 1 gigapixel is about 3 GB decoded
+MAX_PIXELS_CEILING = 1_000_000_000
+
+
+def _pixel_limit(max_pixels: Optional[int]) -> int:
     if max_pixels is None:
-        return Image.MAX_IMAGE_PIXELS
-    return max_pixels if max_pixels > 0 else None
+        max_pixels = Image.MAX_IMAGE_PIXELS or 0
+    return min(max_pixels, MAX_PIXELS_CEILING) if max_pixels > 0 else MAX_PIXELS_CEILING
 
 
 def _draft(img: Image.Image, draft_size: Optional[int]) -> None:
@@ -163,7 +167,8 @@ def open_image(item: Any, what: str = "image", draft_size: Optional[int] = None,
     ``draft_size`` lets JPEG decoding skip resolution it would throw away (the image stays at
     least that large on its shorter side). Files with more than ``max_pixels`` pixels are refused
     as decompression bombs before decoding (default: ``PIL.Image.MAX_IMAGE_PIXELS``, about 89
-    megapixels; ``0`` disables the check). Raises :class:`ImageLoadError` naming ``what``.
+    megapixels; ``0`` means up to :data:`MAX_PIXELS_CEILING`, which no setting lifts).
+    Raises :class:`ImageLoadError` naming ``what``.
     """
     if isinstance(item, (str, os.PathLike)):
         path = Path(item)
@@ -172,7 +177,7 @@ def open_image(item: Any, what: str = "image", draft_size: Optional[int] = None,
         try:
             with Image.open(path) as img:
                 w, h = img.size
-                if limit is not None and w * h > limit:
+                if w * h > limit:
                     raise Image.DecompressionBombError(
                         f"{w}x{h} = {w * h} pixels, over the limit of {limit}")
                 _draft(img, draft_size)

@@ -8,6 +8,8 @@ the problem and the fix:
 
 argparse's own usage errors keep argparse's message and exit 2; ``--help`` exits 0. With
 ``--debug`` (or ``TREX_HUB_DEBUG=1`` in the environment) the traceback is printed above that line.
+An exception no program expected still ends in one line (``error: unexpected <type>: ...``, exit
+1), never a bare traceback.
 
 A program's ``main`` is ``run_cli(prog, parse, body)``; inside ``body`` a problem is raised as a
 :class:`CliError` / :class:`UsageError`, or library errors are turned into one with
@@ -56,6 +58,20 @@ def failing_on(*errors: type, code: int = EXIT_FAIL) -> Iterator[None]:
         raise CliError(str(exc), code) from exc
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """``(default: X)`` after an option's help only where it tells something: not for flags
+    (``store_true`` / ``store_false``), required options, ``None`` defaults, or help that
+    already states its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or action.required or action.nargs == 0
+                or action.default in (None, argparse.SUPPRESS)
+                or not action.option_strings):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true",
                         help=f"on an error, also print the traceback (or set {DEBUG_ENV}=1)")
@@ -101,9 +117,15 @@ def run_cli(prog: Union[str, Callable[[argparse.Namespace], str]],
             traceback.print_exc()
     except SystemExit as exc:  # parser.error() called by the body
         return _exit_code(exc)
+    except Exception as exc:  # a case nobody foresaw: still one line
+        code = EXIT_FAIL
+        line = (f"error: unexpected {type(exc).__name__}: {exc}"
+                + ("" if _debug_wanted(args) else " (rerun with --debug for the traceback)"))
+        if _debug_wanted(args):
+            traceback.print_exc()
     print(f"{name}: {line}{suffix}", file=sys.stderr, flush=True)
     return code
 
 
 __all__ = ["EXIT_OK", "EXIT_FAIL", "EXIT_USAGE", "EXIT_INTERRUPTED", "CliError", "UsageError",
-           "fail", "failing_on", "add_debug_flag", "run_cli"]
+           "fail", "failing_on", "HelpFormatter", "add_debug_flag", "run_cli"]

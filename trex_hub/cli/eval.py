@@ -36,7 +36,8 @@ models: registry names (trex, trex_star, ...), checkpoint paths (.pth, .safetens
 folders), hf-hub:org/repo, or random:NAME for NAME's architecture with random weights (drawn
 with torch seed 0, so the same in every run).
 
-protocol (TREX_SPEC section 4): trainval is split 80/20 per class (>= 1 val image, seeded by the
+protocol (the paper's linear-probe transfer evaluation; see the README's "Transfer
+evaluation" section): trainval is split 80/20 per class (>= 1 val image, seeded by the
 seed; --split published draws it as the authors' code does, so a seed picks the same validation
 images); the probe's hyper-parameters are searched log-uniformly on that split over --trials
 trials (Optuna TPE when installed, else a log grid); the probe is refitted on all of trainval and
@@ -289,11 +290,11 @@ def _image_root(args: argparse.Namespace, feats_path: Path) -> Optional[Path]:
     """The folder the manifest's relative paths are relative to (None: as given)."""
     import json
 
-    from ..featurefile import output_paths
+    from ..featurefile import existing_paths
 
     where = args.images
     if where is None:
-        meta_path = output_paths(feats_path)["meta"]
+        meta_path = existing_paths(feats_path)["meta"]
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         inputs = meta.get("inputs") or []
         if len(inputs) != 1:

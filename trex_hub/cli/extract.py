@@ -5,8 +5,9 @@
 MODEL is a registry name (``trex_star``), a checkpoint path or ``hf-hub:org/repo``. INPUTs are
 image files, folders (searched recursively) or text files listing one image per line
 (``path`` or ``path<TAB>label``). Rows follow the sorted relative paths of a folder and the
-order of a list. Next to OUT go ``<stem>.manifest.jsonl`` (one row per input: index, path,
-label, status, error) and ``<stem>.meta.json``; see :mod:`trex_hub.featurefile`.
+order of a list; with several folder INPUTs, paths are relative to their common parent. Next to
+OUT go ``OUT.manifest.jsonl`` (one row per input: index, path, label, status, error) and
+``OUT.meta.json``; see :mod:`trex_hub.featurefile`.
 
 Runs are resumable (``--resume`` after Ctrl-C, SIGKILL or a power cut recomputes nothing that was
 committed) and scale out with torchrun::
@@ -24,7 +25,8 @@ import os
 import sys
 from typing import List, Optional
 
-from .common import EXIT_OK, EXIT_USAGE, UsageError, add_debug_flag, failing_on, run_cli
+from .common import (EXIT_OK, EXIT_USAGE, HelpFormatter, UsageError, add_debug_flag, failing_on,
+                     run_cli)
 
 PROG = "trex-extract"
 
@@ -32,12 +34,13 @@ PROG = "trex-extract"
 def build_parser() -> argparse.ArgumentParser:
     from ..imagefiles import IMAGE_EXTENSIONS
     from ..inference import PRECISIONS
+    from ..transforms import MAX_PIXELS_CEILING
 
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Extract t-ReX features of images into a .npy / .safetensors / .pt file "
                     "plus a manifest mapping rows back to files.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("model", help="registry name (e.g. trex_star), checkpoint path or "
                                  "hf-hub:org/repo")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -54,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder: label each image by its parent folder's name")
     p.add_argument("--extensions", default=",".join(IMAGE_EXTENSIONS),
                    help="comma-separated file extensions picked up in folders")
-    p.add_argument("-b", "--batch-size", type=int, default=32)
+    p.add_argument("-b", "--batch-size", type=int, default=None,
+                   help="images per forward pass (default: 32 on a GPU, 8 on a CPU, where "
+                        "larger batches are not faster and smaller ones commit more often)")
     p.add_argument("-j", "--workers", type=int, default=None,
                    help="decoding workers (default: one per core this process may use)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -73,11 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "(exact pixels, slower on large photos)")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="refuse images with more pixels (decompression bombs; default: "
-                        "PIL's limit, about 89M; 0 = no limit)")
+                        "PIL's limit, about 89M; 0 = up to the hard ceiling of "
+                        f"{MAX_PIXELS_CEILING:,}, about 3 GB of RGB)")
     p.add_argument("--chunk-size", type=int, default=1024,
-                   help="images per committed chunk (rounded up to a multiple of the batch)")
+                   help="images per chunk, the unit shared out to torchrun ranks (rounded up "
+                        "to a multiple of the batch)")
+    p.add_argument("--commit-every", type=float, default=5.0, metavar="SECONDS",
+                   help="also commit the work done so far every SECONDS, so a kill loses "
+                        "little (the output is the same wherever the commits fall)")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run into the same OUT")
+                   help="continue an interrupted run into the same OUT (refused, saying what "
+                        "differs, unless model, options and inputs are the same)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing OUT or unfinished run")
     p.add_argument("--strict", action="store_true",
@@ -105,6 +116,18 @@ def _add_scale_options(p: argparse.ArgumentParser) -> None:
                         "auto: processes for many files on >= 4 workers")
 
 
+def silence_handled_warnings() -> None:
+    """PIL warns about what the run handles itself: images over PIL's pixel limit (refused by
+    the run's own --max-pixels check, with a line in the manifest) and corrupt EXIF data (the
+    image is read without it). Nothing else is silenced."""
+    import warnings
+
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    warnings.filterwarnings("ignore", message="Corrupt EXIF data", category=UserWarning)
+
+
 def _dist_env() -> tuple:
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     rank = int(os.environ.get("RANK", "0") or 0)
@@ -123,22 +146,26 @@ def run_options(args: argparse.Namespace, device: str, engine=None):
     """The :class:`~trex_hub.extract_run.RunOptions` of a parsed command line."""
     from ..extract_run import RunOptions
 
-    return RunOptions(batch_size=args.batch_size, num_workers=args.workers,
+    batch_size = args.batch_size or (32 if str(device).startswith("cuda") else 8)
+    return RunOptions(batch_size=batch_size, num_workers=args.workers,
                       preprocess=args.preprocess, normalize=args.normalize,
                       precision=args.precision, device=device, compile=args.compile,
                       draft=args.draft, max_pixels=args.max_pixels, chunk_size=args.chunk_size,
+                      commit_seconds=args.commit_every,
                       resume=args.resume, overwrite=args.overwrite, strict=args.strict,
                       keep_parts=args.keep_parts, progress=args.progress and not args.quiet,
                       decode=args.decode, workers_mode=args.workers_mode, engine=engine)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from ..transforms import MAX_PIXELS_CEILING
+
     parser = build_parser()
     rank, world, local_rank = _dist_env()
 
     def parse() -> argparse.Namespace:
         args = parser.parse_args(argv)
-        if args.batch_size < 1 or args.chunk_size < 1:
+        if (args.batch_size is not None and args.batch_size < 1) or args.chunk_size < 1:
             parser.error("--batch-size and --chunk-size must be >= 1")
         if args.workers is not None and args.workers < 0:
             parser.error("--workers must be >= 0")
@@ -146,6 +173,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                                              or args.device not in ("auto", "cpu")):
             parser.error("--engine onnxruntime runs fp32 on the CPU: drop --precision, "
                          "--compile and --device (or use --engine torch)")
+        if not args.commit_every > 0:
+            parser.error("--commit-every must be > 0 seconds")
+        if args.max_pixels is not None and not 0 <= args.max_pixels <= MAX_PIXELS_CEILING:
+            parser.error(f"--max-pixels must be between 0 and {MAX_PIXELS_CEILING} (0: the "
+                         "ceiling itself)")
         return args
 
     return run_cli(PROG, parse, lambda args: _main(args, rank, world, local_rank),
@@ -176,6 +208,7 @@ def _main(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> i
     from ..checkpoint import CheckpointError
     from ..extract_run import ExtractError, extract_to_file
     from ..featurefile import output_paths
+    from ..hub.http import DownloadError
     from ..registry import UnknownModelError
 
     quiet = args.quiet or rank != 0
@@ -186,6 +219,7 @@ def _main(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> i
 
     with failing_on(ValueError, code=EXIT_USAGE):
         output_paths(args.output)
+    silence_handled_warnings()
     device = _device(args, world, local_rank)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -212,7 +246,7 @@ def _main(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> i
             entries = collect(args)
         if not entries:
             say("warning: no images found in the inputs")
-        with failing_on(ModelLoadError, UnknownModelError, CheckpointError):
+        with failing_on(ModelLoadError, UnknownModelError, CheckpointError, DownloadError):
             model = load(args.model, projector=args.head == "projector", ema=args.ema,
                          cache_dir=args.cache_dir, progress=not quiet)
         say(f"{len(entries)} images, model {args.model} ({args.head}, {model.out_dim}-d), "

@@ -1,0 +1,235 @@
+"""What is on disk for a ``trex-extract`` output, and whether a run may write there.
+
+:func:`prepare_parts` (rank 0, before any work) decides between a fresh start, a resume of the
+unfinished run in ``OUT.parts/``, "already complete" and a refusal, and takes the run's lock:
+
+* the fingerprint of a run (model weights digest, options, input list; see
+  :func:`trex_hub.extract_run.fingerprint`) is kept in ``OUT.parts/state.json`` while it runs
+  and in the meta file once it is merged; ``--resume`` compares it with the current run in both
+  cases and says in words what differs (:func:`describe_changes`);
+* ``OUT.parts/lock`` is ``flock``-ed by the process writing the parts (released on exit, even
+  on SIGKILL): a second ``--resume`` or ``--overwrite`` of the same output while the first runs
+  is refused with a line naming the other run, instead of both writing the same files;
+* :func:`write_errors` turns the ``OSError`` of a write (read-only folder, full disk, parts
+  removed by another process) into one :class:`~trex_hub.featurefile.ExtractError` line that
+  says what to do.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+from .featurefile import ExtractError, existing_paths
+from .fileio import atomic_write
+from .imagefiles import Entry
+
+# the keys of a fingerprint, in words for the user
+_WORDS = {"format_version": "the file format version", "parts": "the parts layout",
+          "inputs": "the input list", "count": "the number of inputs",
+          "weights": "the model weights (another model or checkpoint)",
+          "dim": "the feature size (--head)", "preprocess": "--preprocess",
+          "normalize": "--normalize", "precision": "--precision", "draft": "--no-draft",
+          "max_pixels": "--max-pixels"}
+# sizes that only shape the work: a resume keeps the run's own
+SHAPING = ("batch_size", "chunk_size")
+_SHOW_VALUES = ("count", "dim", "preprocess", "normalize", "precision", "draft", "max_pixels")
+
+
+def describe_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    """What differs between two fingerprints, one phrase per key (shaping sizes ignored)."""
+    out = []
+    for key in sorted(set(old) | set(new), key=lambda k: list(_WORDS).index(k)
+                      if k in _WORDS else len(_WORDS)):
+        if key in SHAPING or old.get(key) == new.get(key):
+            continue
+        what = _WORDS.get(key, key)
+        if key in _SHOW_VALUES:
+            what += f" (was {old.get(key)!r}, now {new.get(key)!r})"
+        elif key in ("inputs", "weights"):
+            what += " differs"
+        out.append(what)
+    return out
+
+
+def _legacy_fingerprint(meta: Dict[str, Any], rows: List[Dict[str, Any]],
+                        entries: Sequence[Entry], fp: Dict[str, Any]) -> Dict[str, Any]:
+    """An output written before the meta kept its fingerprint: rebuild what can be compared
+    (weights digest and options from the meta, the input list from the manifest)."""
+    old = {k: v for k, v in fp.items() if k in ("format_version", "parts", "max_pixels")}
+    old.update(weights=meta.get("weights_sha256"), dim=meta.get("dim"),
+               preprocess=meta.get("preprocess"), normalize=meta.get("normalize"),
+               precision=meta.get("precision"), draft=meta.get("draft"), count=len(rows))
+    same = [(r.get("path"), r.get("label")) for r in rows] == [(e.rel, e.label) for e in entries]
+    old["inputs"] = fp["inputs"] if same else "?"
+    return old
+
+
+def check_complete(out: Path, fp: Dict[str, Any], entries: Sequence[Entry]) -> None:
+    """``--resume`` on a finished output: refuse unless it was made by this very run."""
+    paths = existing_paths(out)
+    try:
+        meta = json.loads(paths["meta"].read_text(encoding="utf-8"))
+        with open(paths["manifest"], "r", encoding="utf-8") as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+    except (OSError, ValueError) as exc:
+        raise ExtractError(f"cannot resume {out}: its manifest or meta file is missing or "
+                           f"unreadable ({exc.__class__.__name__}); pass --overwrite to replace "
+                           "it") from None
+    old = meta.get("fingerprint")
+    if not isinstance(old, dict):
+        old = _legacy_fingerprint(meta, rows, entries, fp)
+    changes = describe_changes(old, fp)
+    if changes:
+        raise ExtractError(f"cannot resume {out}: it is complete but was made by a different run "
+                           f"({'; '.join(changes)}); pass --overwrite to replace it")
+
+
+# --------------------------------------------------------------------------------------------
+# The lock of a parts folder
+# --------------------------------------------------------------------------------------------
+
+
+def _another_run(out: Path, parts: Path) -> ExtractError:
+    return ExtractError(f"another trex-extract process is writing {out} (it holds "
+                        f"{parts / 'lock'}); wait for it to finish, or stop it and rerun with "
+                        "--resume")
+
+
+def _lock(parts: Path, out: Path) -> Optional[int]:
+    """Hold ``parts/lock`` (an fd, ``None`` where file locks are unavailable)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    fd = os.open(parts / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise _another_run(out, parts) from None
+    except OSError:  # no locks on this filesystem: go on without
+        pass
+    return fd
+
+
+def release(fd: Optional[int]) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _fresh(paths: Dict[str, Path], fp: Dict[str, Any]) -> Optional[int]:
+    parts, out = paths["parts"], paths["features"]
+    parts.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parts.mkdir()
+    except FileExistsError:
+        raise ExtractError(f"another trex-extract process started writing {out} at the same "
+                           "time; let it finish, then rerun with --resume") from None
+    fd = _lock(parts, out)
+    atomic_write(parts / "state.json", lambda fh: fh.write(json.dumps(fp, indent=2)), "w")
+    return fd
+
+
+def _adopt(paths: Dict[str, Path], fp: Dict[str, Any], log: Callable[[str], None]) -> None:
+    """--resume: keep the parts folder if its run is this run, else refuse."""
+    parts = paths["parts"]
+    try:
+        old = json.loads((parts / "state.json").read_text())
+    except (OSError, ValueError):
+        old = None
+    if old is None:  # killed before the state was written: nothing committed
+        for p in parts.iterdir():
+            if p.name != "lock":
+                p.unlink() if not p.is_dir() else shutil.rmtree(p)
+        atomic_write(parts / "state.json", lambda fh: fh.write(json.dumps(fp, indent=2)), "w")
+        return
+    for key in SHAPING:
+        if key in old and old[key] != fp[key]:
+            log(f"resuming with the run's {key.replace('_', ' ')} {old[key]}")
+            fp[key] = old[key]
+    changes = describe_changes(old, fp)
+    if changes:
+        raise ExtractError(f"cannot resume {parts}: the run changed ({'; '.join(changes)}); "
+                           "pass --overwrite to start again")
+
+
+def prepare_parts(paths: Dict[str, Path], fp: Dict[str, Any], entries: Sequence[Entry],
+                  resume: bool, overwrite: bool, log: Callable[[str], None]):
+    """Rank 0: make ``parts`` hold this run's state, locked; returns ``(True, lock fd)``, or
+    ``(False, None)`` when ``resume`` finds the output complete and made by this run."""
+    parts, out = paths["parts"], paths["features"]
+    for attempt in (0, 1):  # once more if another run finished while we looked
+        try:
+            if not parts.exists():
+                if out.exists() and not overwrite:
+                    if not resume:
+                        raise ExtractError(f"{out} exists; pass --overwrite to replace it (or "
+                                           "--resume to check it is complete)")
+                    check_complete(out, fp, entries)
+                    log(f"{out} is already complete; nothing to do")
+                    return False, None
+                return True, _fresh(paths, fp)
+            if not (resume or overwrite):
+                raise ExtractError(f"{parts} holds an unfinished run; pass --resume to continue "
+                                   "it or --overwrite to start again")
+            fd = _lock(parts, out)
+            try:
+                if overwrite:
+                    for p in parts.iterdir():
+                        if p.name != "lock":
+                            p.unlink() if not p.is_dir() else shutil.rmtree(p)
+                    atomic_write(parts / "state.json",
+                                 lambda fh: fh.write(json.dumps(fp, indent=2)), "w")
+                else:
+                    _adopt(paths, fp, log)
+                for leftover in parts.glob("*.tmp"):
+                    leftover.unlink()
+            except BaseException:
+                release(fd)
+                raise
+            return True, fd
+        except FileNotFoundError:
+            if attempt:
+                raise ExtractError(f"{parts} was removed by another process while this run "
+                                   "started; rerun once the other trex-extract has finished")
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# --------------------------------------------------------------------------------------------
+# Write errors
+# --------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def write_errors(paths: Dict[str, Path]) -> Iterator[None]:
+    """Turn the ``OSError`` of writing the output into one actionable :class:`ExtractError`."""
+    try:
+        yield
+    except ExtractError:
+        raise
+    except OSError as exc:
+        where = exc.filename or paths["parts"]
+        why = exc.strerror or str(exc)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise ExtractError(f"cannot write {where}: {why}; committed chunks are kept: free "
+                               "space (or move the output) and rerun with --resume") from exc
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise ExtractError(f"cannot write {where}: {why}; choose an -o path in a folder "
+                               "you can write to") from exc
+        if exc.errno == errno.ENOENT and not paths["parts"].exists():
+            raise ExtractError(f"{paths['parts']} was removed by another process during this "
+                               "run (a concurrent --overwrite or --resume?); run one "
+                               "trex-extract per output, then rerun with --resume") from exc
+        raise ExtractError(f"cannot write {where}: {why}") from exc
+
+
+__all__ = ["describe_changes", "check_complete", "prepare_parts", "release", "write_errors",
+           "SHAPING"]
