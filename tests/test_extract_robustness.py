@@ -405,3 +405,23 @@ def test_resume_after_sigkill_halfway_is_cheap(tmp_path):
                      kill_at_committed=0.5, commit_every=1.0)
     assert result["identical"], result
     assert result["committed_at_kill"] > 0 and result["ratio"] < 0.6, result
+
+
+def test_offline_with_an_empty_cache_is_one_line(tmp_path, monkeypatch, capsys):
+    """trex-extract of a registry model, offline, nothing cached: one line naming offline mode,
+    exit 1, no output and nothing added to the cache."""
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(img_dir / "a.png")
+    cache = tmp_path / "empty-cache"
+    cache.mkdir()
+    monkeypatch.setenv("TREX_HUB_OFFLINE", "1")
+    out = tmp_path / "o.npy"
+    code = extract_cli.main(["trex_star", str(img_dir), "-o", str(out), "--cache-dir", str(cache),
+                             "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(err) == 1 and "offline" in err[0].lower(), err
+    assert "Traceback" not in err[0] and "unexpected" not in err[0], err
+    assert not out.exists()
+    assert sorted(p.name for p in cache.rglob("*") if p.is_file()) == []
