@@ -159,7 +159,7 @@ def test_trex_extract_engine_onnxruntime_matches_torch(tmp_path, capsys):
     got, rows = read_features(tmp_path / "ort.npy")
     assert rows == ref_rows and got.shape == (len(PHOTOS), 512)
     assert np.abs(got - ref).max() <= REL * np.abs(ref).max()
-    meta = json.loads((tmp_path / "ort.meta.json").read_text())
+    meta = json.loads((tmp_path / "ort.npy.meta.json").read_text())
     assert meta["engine"] == "onnxruntime"
     capsys.readouterr()
     code = extract_main(common + ["-o", str(tmp_path / "x.npy"), "--engine", "onnxruntime",

@@ -73,7 +73,7 @@ def test_trex_eval_neighbours_on_a_trex_extract_output(ckpt, tmp_path, capsys):
     with Image.open(tmp_path / "grid.png") as img:
         assert img.size == (round(3 * 2.1 * 100), round((3 * 2.45 + 0.5) * 100))
     # --images defaults to trex-extract's single input, read from the meta file
-    assert json.loads((tmp_path / "feats.meta.json").read_text())["inputs"] == [str(data)]
+    assert json.loads((tmp_path / "feats.npy.meta.json").read_text())["inputs"] == [str(data)]
     assert eval_main(["neighbours", str(feats), "--out", str(tmp_path / "g2.png")]) == 0
     capsys.readouterr()
     # a wrong --images is one actionable line

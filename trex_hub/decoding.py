@@ -39,6 +39,22 @@ def _decode_one(decoder: Decoder, item: Any, what: str) -> Union[np.ndarray, tor
     return decoder(item, what)
 
 
+def decode_item(decoder: Decoder, get_item: Callable[[], Any], what: str, *, strict: bool,
+                catch_all: bool) -> Tuple[Optional[Union[np.ndarray, torch.Tensor]], Optional[str]]:
+    """``(decoded, None)`` or ``(None, why)``: one input through the PIL decoder, with the
+    engine's failure rules (``strict`` raises; ``catch_all`` also reports unexpected errors)."""
+    try:
+        return _decode_one(decoder, get_item(), what), None
+    except ImageLoadError as exc:
+        if strict:
+            raise
+        return None, str(exc)
+    except Exception as exc:
+        if strict or not catch_all:
+            raise
+        return None, f"{what}: {type(exc).__name__}: {exc}"
+
+
 def normalise(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 ``[..., H, W, 3]`` -> float ``[..., 3, H, W]``, normalised (ImageNet mean/std)."""
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
@@ -78,16 +94,8 @@ def decode_batches(groups: Iterable[Sequence[int]], fetch: Callable[[int], Any],
     """
 
     def work(pos: int):
-        try:
-            return _decode_one(decoder, fetch(pos), describe(pos)), None
-        except ImageLoadError as exc:
-            if strict:
-                raise
-            return None, str(exc)
-        except Exception as exc:
-            if strict or not catch_all:
-                raise
-            return None, f"{describe(pos)}: {type(exc).__name__}: {exc}"
+        return decode_item(decoder, lambda: fetch(pos), describe(pos), strict=strict,
+                           catch_all=catch_all)
 
     def assemble(group: Sequence[int], results) -> Batch:
         ok_pos, arrays, failures = [], [], []

@@ -34,10 +34,11 @@ _WORDS = {"format_version": "the file format version", "parts": "the parts layou
           "weights": "the model weights (another model or checkpoint)",
           "dim": "the feature size (--head)", "preprocess": "--preprocess",
           "normalize": "--normalize", "precision": "--precision", "draft": "--no-draft",
-          "max_pixels": "--max-pixels"}
+          "max_pixels": "--max-pixels", "decode": "--decode", "engine": "--engine"}
 # sizes that only shape the work: a resume keeps the run's own
 SHAPING = ("batch_size", "chunk_size")
-_SHOW_VALUES = ("count", "dim", "preprocess", "normalize", "precision", "draft", "max_pixels")
+_SHOW_VALUES = ("count", "dim", "preprocess", "normalize", "precision", "draft", "max_pixels",
+                "decode", "engine")
 
 
 def describe_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
@@ -60,7 +61,11 @@ def _legacy_fingerprint(meta: Dict[str, Any], rows: List[Dict[str, Any]],
                         entries: Sequence[Entry], fp: Dict[str, Any]) -> Dict[str, Any]:
     """An output written before the meta kept its fingerprint: rebuild what can be compared
     (weights digest and options from the meta, the input list from the manifest)."""
-    old = {k: v for k, v in fp.items() if k in ("format_version", "parts", "max_pixels")}
+    # older versions decoded with PIL only and recorded no max_pixels: those are taken as given
+    old = {k: v for k, v in fp.items() if k in ("format_version", "parts", "max_pixels",
+                                                 "decode")}
+    if "engine" in fp or meta.get("engine"):  # only --engine onnxruntime was ever recorded
+        old["engine"] = "OnnxRuntimeModel" if meta.get("engine") == "onnxruntime" else None
     old.update(weights=meta.get("weights_sha256"), dim=meta.get("dim"),
                preprocess=meta.get("preprocess"), normalize=meta.get("normalize"),
                precision=meta.get("precision"), draft=meta.get("draft"), count=len(rows))

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, 
 import numpy as np
 import torch
 
-from .decoding import Batch
+from .decoding import Batch, decode_item
 from .preprocess import PreprocessConfig
 from .transforms import Decoder, ImageLoadError
 
@@ -120,16 +120,8 @@ def tensor_batches(groups: Iterable[Sequence[int]], fetch: Callable[[int], Any],
     geometry = TensorGeometry(cfg)
 
     def fallback(pos: int, item: Any) -> Tuple[Optional[np.ndarray], Optional[str]]:
-        try:
-            return decoder(item, describe(pos)), None
-        except ImageLoadError as exc:
-            if strict:
-                raise
-            return None, str(exc)
-        except Exception as exc:
-            if strict or not catch_all:
-                raise
-            return None, f"{describe(pos)}: {type(exc).__name__}: {exc}"
+        return decode_item(decoder, lambda: item, describe(pos), strict=strict,
+                           catch_all=catch_all)
 
     def read(pos: int):
         """(pos, JPEG bytes, None) for the batched decoder, else (pos, None, PIL result)."""
