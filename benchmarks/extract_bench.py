@@ -467,8 +467,8 @@ def main(argv=None) -> int:
         log("| engine, model-only fp32 | PyTorch engine (img/s) | ONNX Runtime (img/s) | ratio | "
             "max rel. diff |")
         log("|---|---|---|---|---|")
-        log(f"| best of {args.rounds} | {o['torch']['best']:.2f} | {o['onnxruntime']['best']:.2f} | "
-            f"**{o['ratio_best']:.2f}x** | {o['rel_err']:.1e} |")
+        log(f"| best of {args.rounds} | {o['torch']['best']:.2f} | "
+            f"{o['onnxruntime']['best']:.2f} | **{o['ratio_best']:.2f}x** | {o['rel_err']:.1e} |")
         log(f"| median | {o['torch']['median']:.2f} | {o['onnxruntime']['median']:.2f} | "
             f"{o['ratio_median']:.2f}x | |")
         log(f"ONNX export + session: {o['export_and_session_seconds']:.1f} s (once per run)")
