@@ -58,6 +58,31 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def cpu_model() -> str:
+    """The CPU's model name (what docs/benchmarks.md records for each run)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def bench_workdir(work_dir, prefix: str):
+    """``(work, ckpt)``: the benchmark's folder (kept when named, else a new temporary one) and a
+    generated ResNet-50 backbone file in the released layout inside it."""
+    import factories as fx
+
+    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = work / "trex.pth"
+    if not ckpt.exists():
+        fx.write_backbone_file(ckpt, arch="resnet50", seed=0)
+    return work, ckpt
+
+
 def make_photos(folder: Path, n: int, size=(500, 375), classes: int = 4, seed: int = 0,
                 fmt: str = "JPEG") -> None:
     """Photo-like JPEGs: smooth colour fields, edges and sensor noise (quality 90)."""
@@ -381,20 +406,14 @@ def main(argv=None) -> int:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
-    import factories as fx
-
     w, h = (int(v) for v in args.size.lower().split("x"))
-    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="trex-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    ckpt = work / "trex.pth"
-    if not ckpt.exists():
-        fx.write_backbone_file(ckpt, arch="resnet50", seed=0)
+    work, ckpt = bench_workdir(args.work_dir, "trex-bench-")
     data = work / f"photos-{w}x{h}-{args.images}"
     make_photos(data, args.images, size=(w, h))
 
     load = os.getloadavg()
     env = {"python": platform.python_version(), "torch": torch.__version__,
-           "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+           "cpu": cpu_model(), "cores": os.cpu_count(),
            "threads": torch.get_num_threads(), "loadavg_start": [round(v, 2) for v in load],
            "images": args.images, "size": f"{w}x{h}", "batch_size": args.batch_size,
            "workers": args.workers}

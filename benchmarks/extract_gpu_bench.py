@@ -26,7 +26,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -226,7 +225,6 @@ def main(argv=None) -> int:
         print(json.dumps(child_naive(args)))
         return 0
 
-    import factories as fx
     import torchvision
 
     from trex_hub import read_features
@@ -238,11 +236,9 @@ def main(argv=None) -> int:
     cores = available_cores()
     workers = args.workers or cores
     w, h = (int(v) for v in args.size.lower().split("x"))
-    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="trex-gpu-"))
-    work.mkdir(parents=True, exist_ok=True)
-    ckpt = work / "trex.pth"
-    if not ckpt.exists():
-        fx.write_backbone_file(ckpt, arch="resnet50", seed=0)
+    from extract_bench import bench_workdir
+
+    work, ckpt = bench_workdir(args.work_dir, "trex-gpu-")
     data = work / f"photos-{w}x{h}-{args.images}"
     t = time.perf_counter()
     n = make_many_photos(data, args.images, (w, h), jobs=cores)

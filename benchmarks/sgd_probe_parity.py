@@ -22,7 +22,6 @@ import contextlib
 import io
 import json
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -30,6 +29,9 @@ import time
 import warnings
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from extract_bench import cpu_model  # noqa: E402  (one home for the machine's description)
 
 
 def synthetic(n: int, n_test: int, dim: int, classes: int, seed: int = 0):
@@ -41,17 +43,6 @@ def synthetic(n: int, n_test: int, dim: int, classes: int, seed: int = 0):
     xtv = centers[ytv] + rng.normal(scale=4.0, size=(n, dim)).astype(np.float32)
     xte = centers[yte] + rng.normal(scale=4.0, size=(len(yte), dim)).astype(np.float32)
     return xtv.astype(np.float32), ytv, xte.astype(np.float32), yte
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def run_trex_eval(data, seed, args):

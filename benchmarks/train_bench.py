@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -41,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from extract_bench import make_photos  # noqa: E402
+from extract_bench import cpu_model, make_photos  # noqa: E402
 
 
 def make_folder(root: Path, n_train: int, size=(500, 375), classes: int = 4) -> Path:
@@ -49,17 +48,6 @@ def make_folder(root: Path, n_train: int, size=(500, 375), classes: int = 4) -> 
     make_photos(root / "train", n_train, size=size, classes=classes, seed=0)
     make_photos(root / "val", classes, size=size, classes=classes, seed=1)
     return root
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ------------------------------------------------------------------------------ children ----
