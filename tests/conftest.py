@@ -42,3 +42,17 @@ def released_files(tmp_path_factory):
     fx.write_full_checkpoint(root / "trex_2_checkpoint_full.pth", num_layers=3, seed=2)
     fx.write_full_checkpoint(root / "trexstar_2_checkpoint_full.pth", num_layers=1, seed=3)
     return root
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A loopback Hugging Face Hub emulator; the real huggingface_hub client is pointed at it
+    (HF_ENDPOINT) with a private HF_HOME and no token or offline setting from the environment."""
+    from http_server import HubServer
+
+    with HubServer() as srv:
+        monkeypatch.setenv("HF_ENDPOINT", srv.url.rstrip("/"))
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+        for var in ("HF_HUB_CACHE", "HF_TOKEN", "HF_HUB_OFFLINE"):
+            monkeypatch.delenv(var, raising=False)
+        yield srv

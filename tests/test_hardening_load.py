@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import trex_hub
-from http_server import Faults, FileServer, HubServer
+from http_server import Faults, FileServer
 from trex_hub.checkpoint import CheckpointError
 from trex_hub.cli import download as dl_cli
 from trex_hub.hub import cache
@@ -46,16 +46,6 @@ def small_model(num_layers: int = 1) -> TReX:
     torch.manual_seed(0)
     return TReX("resnet18", projector={"num_layers": num_layers, "hidden_dim": 32,
                                        "out_dim": 8}, num_classes=5, name="mini").eval()
-
-
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    with HubServer() as srv:
-        monkeypatch.setenv("HF_ENDPOINT", srv.url.rstrip("/"))
-        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-        for var in ("HF_HUB_CACHE", "HF_TOKEN", "HF_HUB_OFFLINE"):
-            monkeypatch.delenv(var, raising=False)
-        yield srv
 
 
 @pytest.fixture(scope="module")

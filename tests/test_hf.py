@@ -57,16 +57,6 @@ def exported(tmp_path_factory):
     return model, folder
 
 
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    with HubServer() as srv:
-        monkeypatch.setenv("HF_ENDPOINT", srv.url.rstrip("/"))
-        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-        for var in ("HF_HUB_CACHE", "HF_TOKEN", "HF_HUB_OFFLINE"):
-            monkeypatch.delenv(var, raising=False)
-        yield srv
-
-
 def publish(hub: HubServer, repo: str, folder: Path, **kw) -> str:
     return hub.add(repo, {n: (folder / n).read_bytes() for n in FILES}, **kw)
 
