@@ -27,7 +27,6 @@ import re
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,20 +40,12 @@ import torch  # noqa: E402
 START, END = "<!-- gpu-bench:start -->", "<!-- gpu-bench:end -->"
 
 
-def _photos_part(folder: str, n: int, size, part: int, parts: int) -> None:
-    from extract_bench import make_photos
-
-    # each part writes its own file names (class{i % 4}/img{i}), seeded by its part number
-    sub = Path(folder) / f"part{part:02d}"
-    make_photos(sub, len(range(part, n, parts)), size=size, seed=1000 + part)
-
-
 def make_many_photos(folder: Path, n: int, size=(500, 375), jobs: int = 8) -> int:
+    from extract_bench import make_photos_parallel
+
     done = folder / f".complete-{n}"
     if not done.exists():
-        with ProcessPoolExecutor(jobs) as pool:
-            list(pool.map(_photos_part, [str(folder)] * jobs, [n] * jobs, [size] * jobs,
-                          range(jobs), [jobs] * jobs))
+        make_photos_parallel(folder, n, size=size, seed=1000, jobs=jobs)
         done.write_text("ok")
     return sum(1 for _ in folder.rglob("*.jpg"))
 
@@ -67,19 +58,22 @@ def child_naive(args) -> dict:
 
     from extract_bench import naive_model
 
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
     model = naive_model(Path(args.ckpt)).to(dev)
     tf = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224),
                     T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
     ds = datasets.ImageFolder(args.data, transform=tf)
     dl = DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers, shuffle=False,
-                    pin_memory=True)
+                    pin_memory=cuda)
     outs = []
     t0 = time.perf_counter()
-    with torch.no_grad(), torch.autocast("cuda", torch.float16, enabled=args.precision == "fp16"):
+    with torch.no_grad(), torch.autocast(dev.type, torch.float16 if cuda else torch.bfloat16,
+                                         enabled=args.precision == "fp16"):
         for x, _ in dl:
             outs.append(model(x.to(dev, non_blocking=True)).float().cpu())
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     secs = time.perf_counter() - t0
     np.save(args.out, torch.cat(outs).numpy())
     rels = [os.path.relpath(path, args.data) for path, _ in ds.samples]
@@ -87,12 +81,21 @@ def child_naive(args) -> dict:
     return {"loop_s": secs, "images": len(ds)}
 
 
-def run_naive(ckpt, data, out, precision, batch, workers) -> dict:
+def _run(cmd, timeout: float, env=None) -> subprocess.CompletedProcess:
+    """One timed child; a child that outlives ``timeout`` seconds counts as failed."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(cmd, 124, "", f"timed out after {timeout:.0f} s")
+
+
+def run_naive(ckpt, data, out, precision, batch, workers, device="cuda",
+              timeout=600.0) -> dict:
     cmd = [sys.executable, __file__, "--child", "--ckpt", str(ckpt), "--data", str(data),
            "--out", str(out), "--precision", precision, "--batch-size", str(batch),
-           "--workers", str(workers)]
+           "--workers", str(workers), "--device", device]
     t = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    res = _run(cmd, timeout)
     wall = time.perf_counter() - t
     if res.returncode != 0:
         raise RuntimeError(f"naive {precision} failed:\n{res.stderr[-3000:]}")
@@ -100,14 +103,15 @@ def run_naive(ckpt, data, out, precision, batch, workers) -> dict:
     return {"in_loop": got["images"] / got["loop_s"], "whole_s": wall, "images": got["images"]}
 
 
-def run_ours(ckpt, data, out, precision, batch, extra=()) -> dict:
+def run_ours(ckpt, data, out, precision, batch, extra=(), device="cuda",
+             timeout=600.0) -> dict:
     cmd = [sys.executable, "-m", "trex_hub.cli.extract", str(ckpt), str(data), "-o", str(out),
            "-b", str(batch), "--precision", precision, "--overwrite", "--no-progress",
-           "--chunk-size", str(batch * 16), *extra]
+           "--chunk-size", str(batch * 16), "--device", device, *extra]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH",
                                                                                   "")]))
     t = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    res = _run(cmd, timeout, env)
     wall = time.perf_counter() - t
     if res.returncode != 0:
         raise RuntimeError(f"trex-extract {precision} {extra} failed:\n{res.stderr[-3000:]}")
@@ -117,32 +121,39 @@ def run_ours(ckpt, data, out, precision, batch, extra=()) -> dict:
             "images": int(n[-1]) if n else 0}
 
 
-def model_only(ckpt: Path, batch: int, compile_: bool, log) -> dict:
+def model_only(ckpt: Path, batch: int, compile_: bool, log, device: str = "cuda",
+               reps: int = 20) -> dict:
     import trex_hub
     from extract_bench import naive_model
     from trex_hub.inference import prepare
 
-    dev = torch.device("cuda")
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
     xd = torch.randn(batch, 3, 224, 224, device=dev)
 
-    def timed(fn, reps=20):
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def timed(fn):
         for _ in range(3):
             fn()
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         for _ in range(reps):
             fn()
-        torch.cuda.synchronize()
+        sync()
         return batch * reps / (time.perf_counter() - t)
 
     naive = naive_model(ckpt).to(dev)
     res = {}
     with torch.no_grad():
         res["naive fp32"] = timed(lambda: naive(xd))
-        with torch.autocast("cuda", torch.float16):
-            res["naive fp16 autocast"] = timed(lambda: naive(xd))
+        if cuda:
+            with torch.autocast("cuda", torch.float16):
+                res["naive fp16 autocast"] = timed(lambda: naive(xd))
     model = trex_hub.load(ckpt)
-    for prec in ("fp32", "tf32", "bf16", "fp16"):
+    for prec in (("fp32", "tf32", "bf16", "fp16") if cuda else ("fp32",)):
         r = prepare(model, dev, prec)
         res[f"trex_hub {prec}"] = timed(lambda: r.forward(xd))
     if compile_:
@@ -150,7 +161,7 @@ def model_only(ckpt: Path, batch: int, compile_: bool, log) -> dict:
         try:
             r = prepare(model, dev, "fp16", compile=True)
             r.forward(xd)
-            torch.cuda.synchronize()
+            sync()
             res["compile_s"] = time.perf_counter() - t
             res["trex_hub fp16 + torch.compile"] = timed(lambda: r.forward(xd))
         except Exception as exc:  # report it; the other figures stand
@@ -166,19 +177,25 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def render(env: dict, runs: dict, errs: dict, mo: dict) -> str:
-    nf, nh = runs["naive fp32"], runs["naive fp16"]
-    lines = [START, f"## Results: CUDA, {env['gpu']} (`make bench-gpu`)", "",
+    nf, nh = runs.get("naive fp32", {}), runs.get("naive fp16", {})
+    lines = [START, f"## Results: {env['device_kind']}, {env['gpu']} (`make bench-gpu`)", "",
              f"{env['images']:,} JPEGs {env['size']}, batch {env['batch']}, {env['cores']} "
              f"cores (naive DataLoader workers = cores), torch {env['torch']}, "
-             f"torchvision {env['torchvision']}, load average {env['load']}.", "",
+             f"torchvision {env['torchvision']}, load average {env['load']}. One run of each "
+             "side, in the order of the table.", "",
              "| run | images/s in the loop | whole process (s) | vs naive, same precision "
              "(loop / whole) | max rel. diff vs naive fp32 |", "|---|---|---|---|---|"]
     for name, r in runs.items():
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error']} | - | - | - |")
+            continue
         base = nh if "fp16" in name else nf
-        lines.append(f"| {name} | {r['in_loop']:,.0f} | {r['whole_s']:.1f} | "
-                     f"{r['in_loop'] / base['in_loop']:.2f}x / "
-                     f"{base['whole_s'] / r['whole_s']:.2f}x | {errs.get(name, 0.0):.1e} |")
-    lines += ["", "Model only (batch already on the GPU):", "", "| model | images/s |",
+        ratio = (f"{r['in_loop'] / base['in_loop']:.2f}x / {base['whole_s'] / r['whole_s']:.2f}x"
+                 if "in_loop" in base else "-")
+        err = errs.get(name)
+        lines.append(f"| {name} | {r['in_loop']:,.0f} | {r['whole_s']:.1f} | {ratio} | "
+                     f"{'-' if err is None else f'{err:.1e}'} |")
+    lines += ["", "Model only (batch already on the device):", "", "| model | images/s |",
               "|---|---|"]
     lines += [f"| {k} | {v:,.0f} |" for k, v in mo.items() if not k.endswith("_s")]
     if "compile_s" in mo:
@@ -216,8 +233,11 @@ def main(argv=None) -> int:
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    p.add_argument("--run-timeout", type=float, default=300.0,
+                   help="seconds one run may take before it counts as failed (300)")
+    p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: a dry run
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("extract_gpu_bench: no CUDA device here; this benchmark needs a GPU (nothing "
               "measured)", file=sys.stderr)
         return 2
@@ -243,7 +263,9 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     n = make_many_photos(data, args.images, (w, h), jobs=cores)
     log(f"{n} photos in {data} ({time.perf_counter() - t:.0f} s)")
-    env = {"gpu": torch.cuda.get_device_name(0), "images": n, "size": f"{w}x{h}",
+    cuda = args.device == "cuda"
+    env = {"gpu": torch.cuda.get_device_name(0) if cuda else "CPU dry run",
+           "device_kind": "CUDA" if cuda else "CPU", "images": n, "size": f"{w}x{h}",
            "batch": args.batch_size, "cores": cores, "torch": torch.__version__,
            "torchvision": torchvision.__version__,
            "load": " ".join(f"{v:.1f}" for v in os.getloadavg())}
@@ -254,33 +276,48 @@ def main(argv=None) -> int:
             ("trex-extract fp16 --decode cpu", "ours", "fp16", ("--decode", "cpu"))]
     for name, kind, prec, extra in plan:
         out = work / (re.sub(r"\W+", "_", name) + ".npy")
-        r = (run_naive(ckpt, data, out, prec, args.batch_size, workers) if kind == "naive"
-             else run_ours(ckpt, data, out, prec, args.batch_size, extra))
+        try:  # one failing run is reported in its row; the others still run
+            r = (run_naive(ckpt, data, out, prec, args.batch_size, workers, args.device,
+                           args.run_timeout) if kind == "naive"
+                 else run_ours(ckpt, data, out, prec, args.batch_size, extra, args.device,
+                               args.run_timeout))
+        except RuntimeError as exc:
+            log(f"{name}: FAILED\n{exc}")
+            last = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+            runs[name] = {"error": (last[-1] if last else "no output")[:200].replace("|", "/")}
+            continue
         runs[name], outs[name] = r, out
         log(f"{name}: {r['in_loop']:,.0f} img/s in the loop, {r['whole_s']:.1f} s whole process")
-    ref = np.load(outs["naive fp32"])
-    order = {r: i for i, r in enumerate(json.loads(
-        Path(str(outs["naive fp32"]) + ".paths.json").read_text()))}
     errs = {}
-    for name, out in outs.items():
-        if name.startswith("naive"):
-            feats = np.load(out)
-        else:  # rows in the naive loop's order (ImageFolder's), by relative path
-            feats, rows = read_features(out)
-            idx = np.argsort([order[r["path"]] for r in rows])
-            feats = np.asarray(feats)[idx]
-        errs[name] = rel(np.asarray(feats), ref)
-    log("model only, batch on the GPU")
-    mo = model_only(ckpt, args.batch_size, args.compile, log)
+    if "naive fp32" in outs:
+        ref = np.load(outs["naive fp32"])
+        order = {r: i for i, r in enumerate(json.loads(
+            Path(str(outs["naive fp32"]) + ".paths.json").read_text()))}
+        for name, out in outs.items():
+            if name.startswith("naive"):
+                feats = np.load(out)
+            else:  # rows in the naive loop's order (ImageFolder's), by relative path
+                feats, rows = read_features(out)
+                idx = np.argsort([order[r["path"]] for r in rows])
+                feats = np.asarray(feats)[idx]
+            errs[name] = rel(np.asarray(feats), ref)
+    log("model only, batch on the device")
+    try:
+        mo = model_only(ckpt, args.batch_size, args.compile, log, args.device,
+                        reps=20 if cuda else 2)
+    except Exception as exc:  # noqa: BLE001 - the extraction figures above still stand
+        log(f"model only: FAILED: {type(exc).__name__}: {exc}")
+        mo = {}
     section = render(env, runs, errs, mo)
     print(section)
-    write_docs(section, Path(args.docs))
+    if cuda:  # a CPU dry run never touches the docs
+        write_docs(section, Path(args.docs))
     if args.md:
         Path(args.md).write_text(section)
     if args.json:
         Path(args.json).write_text(json.dumps({"env": env, "runs": runs, "errors": errs,
                                                "model_only": mo}, indent=2))
-    return 0
+    return 0 if all("error" not in r for r in runs.values()) and mo else 1
 
 
 if __name__ == "__main__":

@@ -1,31 +1,126 @@
 #!/usr/bin/env bash
-# Issue 11's GPU checks in one call, for a machine with a CUDA GPU and no internet:
-#   bash benchmarks/gpu_check.sh            (from the repository root; logs go to $OUT if set)
-# 1. the CUDA tests (pytest -m cuda), 2. make bench-gpu at a size that fits about 8 minutes.
-# Runs with PYTHONPATH=$PWD and whatever python has torch (no install). GPU_BENCH_IMAGES and
-# GPU_BENCH_ARGS adjust the benchmark.
+# Every GPU check of issues 11 and 12 in one call, for a CUDA machine without internet:
+#
+#   bash benchmarks/gpu_check.sh              (from anywhere; results go to $OUT if set)
+#
+# Stages (GPU_CHECK_STAGES, in this order; the whole script keeps inside GPU_CHECK_BUDGET s):
+#   tests        pytest -m cuda (CUDA tests of extraction, precision, GPU decoding, training),
+#                run while the reproduction trains (neither is timed)
+#   repro        benchmarks/repro_fmnist.sh with RECIPE=gpu: baseline / t-ReX* / t-ReX x 2 seeds
+#                on Fashion-MNIST classes 0-4, all six at once on the GPU, then the linear probe on
+#                classes 5-9 (needs the idx files in $FMNIST, default .carry/fashion-mnist)
+#   bench-gpu    benchmarks/extract_gpu_bench.py (make bench-gpu): >= 10,000 JPEGs, naive loop vs
+#                trex-extract, fp32 / fp16, whole processes, model only (GPU_BENCH_ARGS=--compile
+#                adds torch.compile, about a minute more)
+#   bench-train  benchmarks/train_bench.py (make bench-train): naive loop vs the baseline and
+#                t-ReX* presets (TRAIN_BENCH_PRESETS), one round (TRAIN_BENCH_ROUNDS)
+# The two benchmarks run alone on the machine, after the rest. Runs with PYTHONPATH=$PWD and the
+# python that has torch (no install); wheels in .whl/ (Optuna for the probe's TPE search) are
+# unpacked to /tmp/site first. Files in $OUT (at most 8): log.txt, pytest_cuda.txt,
+# bench_gpu.txt, bench_gpu.json, train_bench.txt, train_bench.json, repro.tgz, benchmarks.md
+# (docs/benchmarks.md with both benchmark sections filled in).
 set -u
 cd "$(dirname "$0")/.."
 LOGS="${OUT:-$PWD/gpu_check_logs}"
 mkdir -p "$LOGS"
-PY="${PYTHON:-$(command -v python || command -v python3)}"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+BUDGET=${GPU_CHECK_BUDGET:-585}
+STAGES=${GPU_CHECK_STAGES:-"tests repro bench-gpu bench-train"}
+FMNIST=${FMNIST:-$PWD/.carry/fashion-mnist}
+T0=$(date +%s)
+LOG="$LOGS/log.txt"
+
+say() { echo "[gpu-check $(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+# cap WANTED seconds by what is left of the budget minus RESERVE (seconds kept for later stages)
+cap() { local l=$(( $(left) - $2 )); [ "$l" -lt "$1" ] && echo $(( l > 10 ? l : 10 )) || echo "$1"; }
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+
 {
   date -u
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | head -3
-  echo "cores: $(nproc)"
-  "$PY" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available())"
-} 2>&1 | tee "$LOGS/env.txt"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,utilization.gpu --format=csv 2>&1 | head -3
+  echo "cores: $(nproc); cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
+  "$PY" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available(), 'cudnn tf32 default', torch.backends.cudnn.allow_tf32)"
+} 2>&1 | tee -a "$LOG"
 
-echo "== pytest -m cuda" | tee "$LOGS/pytest_cuda.txt"
-timeout 200 "$PY" -m pytest -q -m cuda -p no:cacheprovider -o addopts="" tests/ 2>&1 \
-  | tail -40 | tee -a "$LOGS/pytest_cuda.txt"
-test_rc=${PIPESTATUS[0]}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl >>"$LOG" 2>&1 && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  "$PY" -c "import optuna; print('optuna', optuna.__version__)" 2>&1 | tee -a "$LOG"
+fi
 
-echo "== bench-gpu" | tee "$LOGS/bench_gpu.txt"
-timeout 330 "$PY" benchmarks/extract_gpu_bench.py --images "${GPU_BENCH_IMAGES:-10000}" \
-  --work-dir /tmp/trex-gpu-bench --md "$LOGS/benchmarks_gpu.md" --json "$LOGS/bench_gpu.json" \
-  ${GPU_BENCH_ARGS:---compile} 2>&1 | tee -a "$LOGS/bench_gpu.txt"
-bench_rc=${PIPESTATUS[0]}
-echo "pytest -m cuda rc=$test_rc, bench-gpu rc=$bench_rc" | tee "$LOGS/summary.txt"
-[ "$test_rc" = 0 ] && [ "$bench_rc" = 0 ]
+rc_tests=skipped rc_repro=skipped rc_gpu=skipped rc_train=skipped
+REPRO_OUT=/tmp/trex-repro
+DEV=${GPU_CHECK_DEVICE:-cuda}  # cpu: a dry run of the script itself (tiny sizes via the env)
+repro_env=(env RECIPE=gpu OUT="$REPRO_OUT" FMNIST="$FMNIST" PYTHON="$PY" DEVICE="$DEV"
+           PROBE_DEVICE="$DEV" THREADS=1)
+
+# --- stage 1: CUDA tests while the reproduction trains -------------------------------------
+if has repro; then
+  if ls "$FMNIST"/train-images*idx3-ubyte* >/dev/null 2>&1; then
+    say "repro: training 6 runs at once (timeout $(cap 240 200) s)"
+    timeout "$(cap 240 200)" "${repro_env[@]}" bash benchmarks/repro_fmnist.sh train \
+        > "$LOGS/repro_train.txt" 2>&1 &
+    repro_pid=$!
+  else
+    say "repro: no Fashion-MNIST idx files in $FMNIST, skipped"
+  fi
+fi
+if has tests; then
+  say "tests: pytest -m cuda"
+  timeout "$(cap 180 300)" "$PY" -m pytest -q -m cuda -p no:cacheprovider -o addopts="-ra" \
+      tests/ > "$LOGS/pytest_cuda.txt" 2>&1
+  rc_tests=$?
+  tail -15 "$LOGS/pytest_cuda.txt" | tee -a "$LOG"
+fi
+if [ -n "${repro_pid:-}" ]; then
+  wait "$repro_pid"; rc_repro=$?
+  tail -12 "$LOGS/repro_train.txt" | tee -a "$LOG"
+  say "repro training rc=$rc_repro"
+  if [ "$rc_repro" = 0 ]; then
+    say "repro: probes (timeout $(cap 120 240) s)"
+    timeout "$(cap 120 240)" "${repro_env[@]}" TRIALS=10 bash benchmarks/repro_fmnist.sh probe \
+        > "$LOGS/repro_probe.txt" 2>&1
+    rc_repro=$?
+    tail -8 "$LOGS/repro_probe.txt" | tee -a "$LOG"
+  fi
+  rm -f "$LOGS/repro.tgz"
+  tar -czf "$LOGS/repro.tgz" --exclude='*.pth' --exclude='probe-cache' -C "$LOGS" \
+      repro_train.txt $( [ -f "$LOGS/repro_probe.txt" ] && echo repro_probe.txt ) \
+      -C /tmp trex-repro 2>>"$LOG"
+  rm -f "$LOGS/repro_train.txt" "$LOGS/repro_probe.txt"
+  say "repro rc=$rc_repro"
+fi
+
+# --- stage 2: the extraction benchmark, alone ----------------------------------------------
+if has bench-gpu; then
+  t=$(cap 230 110)
+  say "bench-gpu (timeout $t s)"
+  timeout "$t" "$PY" benchmarks/extract_gpu_bench.py --images "${GPU_BENCH_IMAGES:-10000}" \
+      --work-dir /tmp/trex-gpu-bench --json "$LOGS/bench_gpu.json" --run-timeout 90 \
+      ${GPU_BENCH_ARGS:-} > "$LOGS/bench_gpu.txt" 2>&1
+  rc_gpu=$?
+  grep -v "^  " "$LOGS/bench_gpu.txt" | tail -25 | tee -a "$LOG"
+fi
+
+# --- stage 3: the training benchmark, alone ------------------------------------------------
+if has bench-train; then
+  t=$(cap 160 5)
+  say "bench-train (timeout $t s)"
+  timeout "$t" "$PY" benchmarks/train_bench.py --rounds "${TRAIN_BENCH_ROUNDS:-1}" \
+      --presets "${TRAIN_BENCH_PRESETS:-baseline,trex_star}" \
+      --run-timeout 75 --work-dir /tmp/trex-train-bench --json "$LOGS/train_bench.json" \
+      --write-docs docs/benchmarks.md > "$LOGS/train_bench.txt" 2>&1
+  rc_train=$?
+  tail -12 "$LOGS/train_bench.txt" | tee -a "$LOG"
+fi
+
+cp docs/benchmarks.md "$LOGS/benchmarks.md"
+say "done: tests rc=$rc_tests, repro rc=$rc_repro, bench-gpu rc=$rc_gpu, bench-train rc=$rc_train"
+[ "$rc_tests" != 0 ] && [ "$rc_tests" != skipped ] && exit 1
+for rc in "$rc_repro" "$rc_gpu" "$rc_train"; do
+  [ "$rc" != 0 ] && [ "$rc" != skipped ] && exit 1
+done
+exit 0

@@ -10,40 +10,69 @@
 #
 # Environment: PYTHON (default .venv/bin/python), OUT (default results/repro_fmnist, git-ignored),
 # FMNIST (idx folder, default /usr/share/datasets/fashion-mnist), SEEDS ("0 1"), EPOCHS (3),
-# TRAIN_LIMIT (1000), PROBE_TRAIN / PROBE_TEST (1000 / 1000), TRIALS (10), MAX_ITER (1000),
-# THREADS (2).
+# TRAIN_LIMIT (1000), VAL_LIMIT (1000), PROBE_TRAIN / PROBE_TEST (1000 / 1000), TRIALS (10),
+# MAX_ITER (1000), THREADS (2), and the recipe: GLOBAL_SIZE (16), LOCAL_SIZE (8), LOCAL_CROPS (4),
+# BLUR ("0.01 0.15"), BATCH (32), LR (0.4), WARMUP (0.5), MEMORY (512), EMA (0.95), WORKERS (0),
+# DEVICE (auto), PROBE_DEVICE (cpu), PARALLEL (0; 1 = all trainings at once, e.g. on one GPU).
+# RECIPE=gpu sets the GPU-scale defaults in one go (docs/training.md, "GPU scale"):
+# 10,000 images, 30 epochs, 64/32 px crops, batch 256, 4 loader workers each, all runs at once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${RECIPE:-cpu}" = gpu ]; then
+  : "${TRAIN_LIMIT:=10000}" "${VAL_LIMIT:=5000}" "${EPOCHS:=30}" "${GLOBAL_SIZE:=64}"
+  : "${LOCAL_SIZE:=32}" "${BLUR:=0.029 0.57}" "${BATCH:=256}" "${LR:=0.2}" "${WARMUP:=2}"
+  : "${MEMORY:=4096}" "${EMA:=0.99}" "${WORKERS:=4}" "${PARALLEL:=1}"
+  : "${PROBE_TRAIN:=5000}" "${PROBE_TEST:=5000}"
+fi
 PYTHON=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-results/repro_fmnist}
 FMNIST=${FMNIST:-/usr/share/datasets/fashion-mnist}
 SEEDS=${SEEDS:-"0 1"}
 EPOCHS=${EPOCHS:-3}
 TRAIN_LIMIT=${TRAIN_LIMIT:-1000}
+VAL_LIMIT=${VAL_LIMIT:-1000}
 PROBE_TRAIN=${PROBE_TRAIN:-1000}
 PROBE_TEST=${PROBE_TEST:-1000}
 THREADS=${THREADS:-2}
 PRESETS=${PRESETS:-"baseline trex_star trex"}
+GLOBAL_SIZE=${GLOBAL_SIZE:-16}
+LOCAL_SIZE=${LOCAL_SIZE:-8}
+LOCAL_CROPS=${LOCAL_CROPS:-4}
+BLUR=${BLUR:-"0.01 0.15"}
+BATCH=${BATCH:-32}
+LR=${LR:-0.4}
+WARMUP=${WARMUP:-0.5}
+MEMORY=${MEMORY:-512}
+EMA=${EMA:-0.95}
+WORKERS=${WORKERS:-0}
+DEVICE=${DEVICE:-auto}
+PROBE_DEVICE=${PROBE_DEVICE:-cpu}
+PARALLEL=${PARALLEL:-0}
 PHASE=${1:-all}
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=$THREADS
 
-# Scaled-down recipe (docs/training.md says why each value differs from ImageNet): 1000
-# training images (200 per class), 3 epochs of 31 iterations, batch 32, --lr 0.4 (peak 0.05,
+# Scaled-down recipe (docs/training.md says why each value differs from ImageNet). CPU defaults:
+# 1000 training images (200 per class), 3 epochs of 31 iterations, batch 32, --lr 0.4 (peak 0.05,
 # 4x the linear-scaling value, because the schedule is ~5000x shorter), half an epoch of warm-up;
 # 16 px global / 8 px local crops (ImageNet 224 / 96) and 4 local crops (ImageNet 8), blur
 # radius scaled by 16/224; OCM memory 512 (16 iterations; 8192 is 32 iterations at batch 256)
 # and EMA momentum 0.95 so that the prototypes follow the network within ~20 iterations
 # (0.999 does that over ~1000 of ImageNet's 500k).
+# shellcheck disable=SC2206
+blur=($BLUR)
 COMMON=(--arch resnet18 --dataset fashion-mnist --data "$FMNIST" --classes 0-4
-        --train-limit "$TRAIN_LIMIT" --val-limit 1000 --global-size 16 --local-size 8
-        --blur-radius 0.01 0.15 --epochs "$EPOCHS" --warmup-epochs 0.5 --batch-size 32
-        --lr 0.4 --workers 0 --print-freq 10 --eval-every "$EPOCHS")
+        --train-limit "$TRAIN_LIMIT" --val-limit "$VAL_LIMIT" --global-size "$GLOBAL_SIZE"
+        --local-size "$LOCAL_SIZE" --blur-radius "${blur[@]}" --epochs "$EPOCHS"
+        --warmup-epochs "$WARMUP" --batch-size "$BATCH" --lr "$LR" --workers "$WORKERS"
+        --device "$DEVICE" --print-freq 10 --eval-every "$EPOCHS")
 
 train_one() {  # preset seed
   local dir="$OUT/$1-s$2"
   local extra=()
-  if [ "$1" != baseline ]; then extra=(--memory-size 512 --ema-momentum 0.95 --local-crops 4); fi
+  if [ "$1" != baseline ]; then
+    extra=(--memory-size "$MEMORY" --ema-momentum "$EMA" --local-crops "$LOCAL_CROPS")
+  fi
   echo "== $(date -u +%H:%M:%S) train $1 seed $2 -> $dir"
   "$PYTHON" -m trex_hub.cli.train --preset "$1" --seed "$2" "${COMMON[@]}" "${extra[@]}" \
       --output-dir "$dir" --resume 2>&1 | grep -v "^\[trex-train\] epoch .*\] loss" || true
@@ -51,11 +80,28 @@ train_one() {  # preset seed
 }
 
 if [ "$PHASE" = all ] || [ "$PHASE" = train ]; then
-  for seed in $SEEDS; do
-    for preset in $PRESETS; do
-      train_one "$preset" "$seed"
+  if [ "$PARALLEL" = 1 ]; then  # every run at once, each logging to its own file
+    pids=(); runs=()
+    for seed in $SEEDS; do
+      for preset in $PRESETS; do
+        mkdir -p "$OUT/$preset-s$seed"
+        train_one "$preset" "$seed" > "$OUT/train-$preset-s$seed.log" 2>&1 &
+        pids+=($!); runs+=("$preset-s$seed")
+      done
     done
-  done
+    failed=0
+    for i in "${!pids[@]}"; do
+      if wait "${pids[$i]}"; then echo "== $(date -u +%H:%M:%S) ${runs[$i]} done"
+      else echo "== ${runs[$i]} FAILED:"; tail -5 "$OUT/train-${runs[$i]}.log"; failed=1; fi
+    done
+    [ "$failed" = 0 ]
+  else
+    for seed in $SEEDS; do
+      for preset in $PRESETS; do
+        train_one "$preset" "$seed"
+      done
+    done
+  fi
 fi
 
 if [ "$PHASE" = all ] || [ "$PHASE" = probe ]; then
@@ -78,8 +124,8 @@ if [ "$PHASE" = all ] || [ "$PHASE" = probe ]; then
   for i in "${!models[@]}"; do
     "$PYTHON" -m trex_hub.cli.eval run --models "${models[$i]}" --names "${names[$i]}" \
         --format fashion-mnist --data "$FMNIST" --classes 5-9 --train-limit "$PROBE_TRAIN" \
-        --test-limit "$PROBE_TEST" --image-size 16 --trials "${TRIALS:-10}" \
-        --max-iter "${MAX_ITER:-1000}" --threads 1 --out "$OUT/probe" \
+        --test-limit "$PROBE_TEST" --image-size "$GLOBAL_SIZE" --trials "${TRIALS:-10}" \
+        --max-iter "${MAX_ITER:-1000}" --threads 1 --device "$PROBE_DEVICE" --out "$OUT/probe" \
         --cache "$OUT/probe-cache" -q > "$OUT/probe-${names[$i]}.log" 2>&1 &
     pids+=($!)
   done

@@ -40,12 +40,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from extract_bench import cpu_model, make_photos  # noqa: E402
+from extract_bench import cpu_model, make_photos, make_photos_parallel  # noqa: E402
 
 
 def make_folder(root: Path, n_train: int, size=(500, 375), classes: int = 4) -> Path:
-    """``root/train/class{k}/*.jpg`` (n_train photos) and ``root/val`` (one per class)."""
-    make_photos(root / "train", n_train, size=size, classes=classes, seed=0)
+    """``root/train/class{k}/*.jpg`` (n_train photos, written by all cores) and ``root/val``
+    (one per class)."""
+    make_photos_parallel(root / "train", n_train, size=size, classes=classes, seed=0)
     make_photos(root / "val", classes, size=size, classes=classes, seed=1)
     return root
 
@@ -120,7 +121,11 @@ def run_child(side: str, opts: argparse.Namespace, work: Path) -> Dict[str, Any]
            str(opts.global_size), "--local-size", str(opts.local_size), "--device", opts.device,
            "--aug", opts.aug]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                              timeout=opts.run_timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{side} timed out after {opts.run_timeout:.0f} s") from None
     if proc.returncode != 0:
         raise RuntimeError(f"{side} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -136,7 +141,8 @@ def steady(result: Dict[str, Any]) -> float:
 
 # ------------------------------------------------------------------------------ report ------
 def render(results: Dict[str, List[float]], opts: argparse.Namespace, machine: str,
-           command: str) -> str:
+           command: str, errors: Optional[Dict[str, str]] = None) -> str:
+    errors = errors or {}
     base = statistics.median(results["naive"]) if results.get("naive") else None
     lines = [f"Machine: {machine}. torch {opts.torch_version}, {opts.device}. "
              f"{time.strftime('%Y-%m-%d')}.", "",
@@ -147,6 +153,9 @@ def render(results: Dict[str, List[float]], opts: argparse.Namespace, machine: s
              f"2-{opts.epochs} (steady state), one value per round, rounds alternate the order.",
              "", "| side | images/s per round | median | vs naive |", "|---|---|---|---|"]
     for side, vals in results.items():
+        if not vals:
+            lines.append(f"| {side} | failed: {errors.get(side, '?')} | - | - |")
+            continue
         med = statistics.median(vals)
         ratio = f"{med / base:.2f}x" if base else "-"
         name = ("naive supervised loop" if side == "naive"
@@ -188,6 +197,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--aug", default="auto", choices=("auto", "cpu", "gpu"))
     p.add_argument("--work-dir", default=None, help="data and runs (default: a temporary folder)")
     p.add_argument("--json", default=None, help="also write the raw results here")
+    p.add_argument("--run-timeout", type=float, default=900.0,
+                   help="seconds one side's run may take before it counts as failed (900)")
     p.add_argument("--write-docs", default=None, metavar="MD",
                    help="put the table into the Training section of this file")
     # children
@@ -225,26 +236,35 @@ def main(argv: Optional[List[str]] = None) -> int:
     opts.data = make_folder(work / "data", opts.images)
     sides = ["naive"] + [f"trex:{p}" for p in opts.presets.split(",") if p]
     results: Dict[str, List[float]] = {s: [] for s in sides}
+    errors: Dict[str, str] = {}
     print(f"[train-bench] {machine}; {opts.arch}, {opts.images} images, batch "
           f"{opts.batch_size}, {opts.workers} workers, {opts.epochs} epochs", file=sys.stderr)
     for r in range(opts.rounds):
         for side in (sides if r % 2 == 0 else sides[::-1]):
             t0 = time.time()
-            res = run_child(side, opts, work)
+            try:  # a failing side is reported in its row; the others still run
+                res = run_child(side, opts, work)
+            except RuntimeError as exc:
+                print(f"[train-bench] round {r + 1} {side}: FAILED\n{exc}", file=sys.stderr,
+                      flush=True)
+                last = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+                errors[side] = (last[-1] if last else "no output")[:200].replace("|", "/")
+                continue
             results[side].append(steady(res))
             print(f"[train-bench] round {r + 1} {side}: {results[side][-1]:.1f} images/s "
                   f"(run {time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     given = " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
     command = f"python benchmarks/train_bench.py {given}".strip()
-    block = render(results, opts, machine, command)
+    block = render(results, opts, machine, command, errors)
     print(block)
     if opts.json:
         Path(opts.json).write_text(json.dumps({"machine": machine, "results": results,
+                                               "errors": errors,
                                                "options": {k: str(v) for k, v in
                                                            vars(opts).items()}}, indent=1))
     if opts.write_docs:
         write_docs(Path(opts.write_docs), "cuda" if cuda else "cpu", block)
-    return 0
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -260,3 +260,39 @@ def test_persistent_workers_see_the_epoch(photo_data):
         assert len(inline) == 8
         assert all(torch.equal(a, b) for a, b in zip(inline, workers)), aug
         assert not torch.equal(inline[0], inline[4])
+
+
+def test_collate_groups_are_sorted_padded_and_bounded():
+    """Every image lands once, at its index, zero-padded, in (height, width) order; a group holds
+    at most ``group_pixels`` padded pixels unless it is one image; same-size batches make one
+    group. (The grouping is linear in the batch size: 4,096 small images take well under a
+    second.)"""
+    import random
+    import time
+
+    rng = random.Random(3)
+    samples = []
+    for k in range(60):
+        h, w = rng.randint(4, 50), rng.randint(4, 50)
+        samples.append((torch.randint(1, 256, (3, h, w), dtype=torch.uint8),
+                        torch.full((2, 17), float(k), dtype=torch.float64), k % 3))
+    batch = collate_decoded(samples, group_pixels=6000)
+    seen = []
+    for group, idx in zip(batch["groups"], batch["index"]):
+        assert len(idx) == 1 or group.shape[0] * group.shape[2] * group.shape[3] <= 6000
+        for j, i in enumerate(idx.tolist()):
+            img = samples[i][0]
+            h, w = img.shape[1:]
+            assert torch.equal(group[j, :, :h, :w], img)
+            assert not group[j, :, h:, :].any() and not group[j, :, :, w:].any()
+            seen.append(i)
+    assert sorted(seen) == list(range(60))
+    assert [tuple(batch["sizes"][i].tolist()) for i in seen] == sorted(
+        tuple(s[0].shape[1:]) for s in samples)
+    assert torch.equal(batch["labels"], torch.tensor([k % 3 for k in range(60)]))
+    same = [(torch.zeros(3, 28, 28, dtype=torch.uint8), torch.zeros(1, 17, dtype=torch.float64),
+             0)] * 4096
+    t = time.perf_counter()
+    one = collate_decoded(same)
+    assert len(one["groups"]) == 1 and one["groups"][0].shape == (4096, 3, 28, 28)
+    assert time.perf_counter() - t < 5.0

@@ -120,34 +120,37 @@ class DecodedMultiCropDataset(MultiCropDataset):
 def collate_decoded(samples: Sequence[Tuple[torch.Tensor, torch.Tensor, int]],
                     group_pixels: int = GROUP_PIXELS) -> Dict[str, Any]:
     """Batch of decoded samples: images sorted by (height, width) into zero-padded groups of at
-    most ``group_pixels`` padded pixels (one image alone may exceed it), with their positions."""
-    sizes = torch.tensor([[s[0].shape[1], s[0].shape[2]] for s in samples], dtype=torch.int64)
-    order = sorted(range(len(samples)), key=lambda i: (int(sizes[i, 0]), int(sizes[i, 1])))
+    most ``group_pixels`` padded pixels (one image alone may exceed it), with their positions.
+    Linear in the batch size: each group keeps its running padded height and width."""
+    hw = [(int(s[0].shape[1]), int(s[0].shape[2])) for s in samples]
+    order = sorted(range(len(samples)), key=hw.__getitem__)
     groups: List[torch.Tensor] = []
     index: List[torch.Tensor] = []
-    cur: List[int] = []
 
-    def flush() -> None:
-        hmax = max(int(sizes[i, 0]) for i in cur)
-        wmax = max(int(sizes[i, 1]) for i in cur)
-        g = torch.zeros(len(cur), 3, hmax, wmax, dtype=torch.uint8)
-        for j, i in enumerate(cur):
-            img = samples[i][0]
-            g[j, :, :img.shape[1], :img.shape[2]] = img
+    def flush(cur: List[int], hmax: int, wmax: int) -> None:
+        imgs = [samples[i][0] for i in cur]
+        if all(hw[i] == (hmax, wmax) for i in cur):
+            g = torch.stack(imgs)
+        else:
+            g = torch.zeros(len(cur), 3, hmax, wmax, dtype=torch.uint8)
+            for j, img in enumerate(imgs):
+                g[j, :, :img.shape[1], :img.shape[2]] = img
         groups.append(g)
         index.append(torch.tensor(cur, dtype=torch.int64))
 
+    cur: List[int] = []
+    hmax = wmax = 0
     for i in order:
-        nxt = cur + [i]
-        hmax = max(int(sizes[j, 0]) for j in nxt)
-        wmax = max(int(sizes[j, 1]) for j in nxt)
-        if cur and len(nxt) * hmax * wmax > group_pixels:
-            flush()
-            nxt = [i]
-        cur = nxt
+        h, w = max(hmax, hw[i][0]), max(wmax, hw[i][1])
+        if cur and (len(cur) + 1) * h * w > group_pixels:
+            flush(cur, hmax, wmax)
+            cur, h, w = [], hw[i][0], hw[i][1]
+        cur.append(i)
+        hmax, wmax = h, w
     if cur:
-        flush()
-    return {"groups": groups, "index": index, "sizes": sizes,
+        flush(cur, hmax, wmax)
+    return {"groups": groups, "index": index,
+            "sizes": torch.tensor(hw, dtype=torch.int64).reshape(len(samples), 2),
             "params": torch.stack([s[1] for s in samples]),
             "labels": torch.tensor([s[2] for s in samples], dtype=torch.int64)}
 
