@@ -9,6 +9,7 @@
 #   repro        benchmarks/repro_fmnist.sh with RECIPE=gpu: baseline / t-ReX* / t-ReX x 2 seeds
 #                on Fashion-MNIST classes 0-4, all six at once on the GPU, then the linear probe on
 #                classes 5-9 (needs the idx files in $FMNIST, default .carry/fashion-mnist)
+#   decode       benchmarks/gpu_decode_check.py: nvJPEG vs PIL features, race or not
 #   bench-gpu    benchmarks/extract_gpu_bench.py (make bench-gpu): >= 10,000 JPEGs, naive loop vs
 #                trex-extract, fp32 / fp16, whole processes, model only (GPU_BENCH_ARGS=--compile
 #                adds torch.compile, about a minute more)
@@ -17,8 +18,9 @@
 # The two benchmarks run alone on the machine, after the rest. Runs with PYTHONPATH=$PWD and the
 # python that has torch (no install); wheels in .whl/ (Optuna for the probe's TPE search) are
 # unpacked to /tmp/site first. Files in $OUT (at most 8): log.txt, pytest_cuda.txt,
-# bench_gpu.txt, bench_gpu.json, train_bench.txt, train_bench.json, repro.tgz, benchmarks.md
-# (docs/benchmarks.md with both benchmark sections filled in).
+# decode_check.txt, bench_gpu.txt, bench_gpu.json, train_bench.txt, train_bench.json, repro.tgz;
+# with all stages that is 8, so the updated docs/benchmarks.md stays behind unless a stage is off
+# (it is then copied as benchmarks.md).
 set -u
 cd "$(dirname "$0")/.."
 LOGS="${OUT:-$PWD/gpu_check_logs}"
@@ -27,16 +29,26 @@ PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 BUDGET=${GPU_CHECK_BUDGET:-585}
-STAGES=${GPU_CHECK_STAGES:-"tests repro bench-gpu bench-train"}
+STAGES=${GPU_CHECK_STAGES:-"tests repro decode bench-gpu bench-train"}
 FMNIST=${FMNIST:-$PWD/.carry/fashion-mnist}
 T0=$(date +%s)
 LOG="$LOGS/log.txt"
 
 say() { echo "[gpu-check $(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
-# cap WANTED seconds by what is left of the budget minus RESERVE (seconds kept for later stages)
-cap() { local l=$(( $(left) - $2 )); [ "$l" -lt "$1" ] && echo $(( l > 10 ? l : 10 )) || echo "$1"; }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
+# the least time each later stage needs to say something useful
+declare -A NEED=([tests]=45 [decode]=30 [bench-gpu]=100 [bench-train]=120)
+reserve_after() {  # seconds to keep for the enabled stages after $1
+  local sum=0 seen=0 st
+  for st in tests decode bench-gpu bench-train; do
+    if [ "$seen" = 1 ] && has "$st"; then sum=$(( sum + NEED[$st] )); fi
+    [ "$st" = "$1" ] && seen=1
+  done
+  echo "$sum"
+}
+# cap WANTED seconds by what is left of the budget once the later stages' share is kept
+cap() { local l=$(( $(left) - $(reserve_after "$2") )); [ "$l" -lt "$1" ] && echo $(( l > 10 ? l : 10 )) || echo "$1"; }
 
 {
   date -u
@@ -60,8 +72,8 @@ repro_env=(env RECIPE=gpu OUT="$REPRO_OUT" FMNIST="$FMNIST" PYTHON="$PY" DEVICE=
 # --- stage 1: CUDA tests while the reproduction trains -------------------------------------
 if has repro; then
   if ls "$FMNIST"/train-images*idx3-ubyte* >/dev/null 2>&1; then
-    say "repro: training 6 runs at once (timeout $(cap 240 200) s)"
-    timeout "$(cap 240 200)" "${repro_env[@]}" bash benchmarks/repro_fmnist.sh train \
+    say "repro: training 6 runs at once (timeout $(cap 240 tests) s)"
+    timeout "$(cap 240 tests)" "${repro_env[@]}" bash benchmarks/repro_fmnist.sh train \
         > "$LOGS/repro_train.txt" 2>&1 &
     repro_pid=$!
   else
@@ -70,7 +82,7 @@ if has repro; then
 fi
 if has tests; then
   say "tests: pytest -m cuda"
-  timeout "$(cap 180 300)" "$PY" -m pytest -q -m cuda -p no:cacheprovider -o addopts="-ra" \
+  timeout "$(cap 180 tests)" "$PY" -m pytest -q -m cuda -p no:cacheprovider -o addopts="-ra" \
       tests/ > "$LOGS/pytest_cuda.txt" 2>&1
   rc_tests=$?
   tail -15 "$LOGS/pytest_cuda.txt" | tee -a "$LOG"
@@ -80,8 +92,8 @@ if [ -n "${repro_pid:-}" ]; then
   tail -12 "$LOGS/repro_train.txt" | tee -a "$LOG"
   say "repro training rc=$rc_repro"
   if [ "$rc_repro" = 0 ]; then
-    say "repro: probes (timeout $(cap 120 240) s)"
-    timeout "$(cap 120 240)" "${repro_env[@]}" TRIALS=10 bash benchmarks/repro_fmnist.sh probe \
+    say "repro: probes (timeout $(cap 120 tests) s)"
+    timeout "$(cap 120 tests)" "${repro_env[@]}" TRIALS=10 bash benchmarks/repro_fmnist.sh probe \
         > "$LOGS/repro_probe.txt" 2>&1
     rc_repro=$?
     tail -8 "$LOGS/repro_probe.txt" | tee -a "$LOG"
@@ -94,9 +106,17 @@ if [ -n "${repro_pid:-}" ]; then
   say "repro rc=$rc_repro"
 fi
 
+# --- stage 1b: nvJPEG against the PIL path, with and without the race ----------------------
+if has decode; then
+  say "decode: benchmarks/gpu_decode_check.py"
+  timeout "$(cap 60 decode)" "$PY" benchmarks/gpu_decode_check.py 2>&1 | tee "$LOGS/decode_check.txt" \
+      | tee -a "$LOG" >/dev/null
+  tail -14 "$LOGS/decode_check.txt"
+fi
+
 # --- stage 2: the extraction benchmark, alone ----------------------------------------------
 if has bench-gpu; then
-  t=$(cap 230 110)
+  t=$(cap 230 bench-gpu)
   say "bench-gpu (timeout $t s)"
   timeout "$t" "$PY" benchmarks/extract_gpu_bench.py --images "${GPU_BENCH_IMAGES:-10000}" \
       --work-dir /tmp/trex-gpu-bench --json "$LOGS/bench_gpu.json" --run-timeout 90 \
@@ -107,17 +127,17 @@ fi
 
 # --- stage 3: the training benchmark, alone ------------------------------------------------
 if has bench-train; then
-  t=$(cap 160 5)
+  t=$(cap 160 bench-train)
   say "bench-train (timeout $t s)"
   timeout "$t" "$PY" benchmarks/train_bench.py --rounds "${TRAIN_BENCH_ROUNDS:-1}" \
-      --presets "${TRAIN_BENCH_PRESETS:-baseline,trex_star}" \
-      --run-timeout 75 --work-dir /tmp/trex-train-bench --json "$LOGS/train_bench.json" \
+      --presets "${TRAIN_BENCH_PRESETS:-trex_star,baseline}" \
+      --run-timeout "${TRAIN_BENCH_RUN_TIMEOUT:-75}" --work-dir /tmp/trex-train-bench --json "$LOGS/train_bench.json" \
       --write-docs docs/benchmarks.md > "$LOGS/train_bench.txt" 2>&1
   rc_train=$?
   tail -12 "$LOGS/train_bench.txt" | tee -a "$LOG"
 fi
 
-cp docs/benchmarks.md "$LOGS/benchmarks.md"
+[ "$(ls "$LOGS" | wc -l)" -lt 8 ] && cp docs/benchmarks.md "$LOGS/benchmarks.md"
 say "done: tests rc=$rc_tests, repro rc=$rc_repro, bench-gpu rc=$rc_gpu, bench-train rc=$rc_train"
 [ "$rc_tests" != 0 ] && [ "$rc_tests" != skipped ] && exit 1
 for rc in "$rc_repro" "$rc_gpu" "$rc_train"; do

@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -120,15 +121,25 @@ def run_child(side: str, opts: argparse.Namespace, work: Path) -> Dict[str, Any]
            str(opts.batch_size), "--workers", str(opts.workers), "--global-size",
            str(opts.global_size), "--local-size", str(opts.local_size), "--device", opts.device,
            "--aug", opts.aug]
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONFAULTHANDLER="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                              timeout=opts.run_timeout)
+        out, err = proc.communicate(timeout=opts.run_timeout)
     except subprocess.TimeoutExpired:
-        raise RuntimeError(f"{side} timed out after {opts.run_timeout:.0f} s") from None
+        # where it was: faulthandler writes every thread's stack on SIGABRT
+        proc.send_signal(signal.SIGABRT)
+        try:
+            out, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        raise RuntimeError(f"{err[-6000:]}\n{side} timed out after {opts.run_timeout:.0f} s") \
+            from None
     if proc.returncode != 0:
-        raise RuntimeError(f"{side} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"{side} failed:\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def steady(result: Dict[str, Any]) -> float:
@@ -251,6 +262,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 errors[side] = (last[-1] if last else "no output")[:200].replace("|", "/")
                 continue
             results[side].append(steady(res))
+            if opts.json:  # so far, in case a later side outlives the caller's patience
+                Path(opts.json).write_text(json.dumps({"machine": machine, "partial": True,
+                                                       "results": results, "errors": errors},
+                                                      indent=1))
             print(f"[train-bench] round {r + 1} {side}: {results[side][-1]:.1f} images/s "
                   f"(run {time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     given = " ".join(a for a in (argv if argv is not None else sys.argv[1:]))

@@ -123,3 +123,34 @@ def test_non_finite_loss_is_reported_late_but_exactly(folder, tmp_path, monkeypa
     assert "non-finite loss" in err and "epoch 1, iteration 2" in err
     assert "read 1 step(s) later" in err
     assert not (tmp_path / "nan" / "checkpoint.pth").exists()
+
+
+def test_fused_sgd_survives_an_overflowing_first_step():
+    """fp16's first steps often overflow and GradScaler skips them; the fused SGD kernel then
+    never fills the momentum buffers it made with empty_like, and the next step read garbage
+    (NaN weights in the short CUDA runs above). _optimizer gives it zero buffers: same update."""
+    from types import SimpleNamespace
+
+    from trex_hub.train.loop import _optimizer
+
+    dev = torch.device("cuda")
+    for _ in range(4):  # leave freed NaN blocks of the right size for empty_like to pick up
+        torch.full((64, 32), float("nan"), device=dev)
+    w = torch.nn.Parameter(torch.randn(64, 32, device=dev))
+    module = SimpleNamespace(trainable_parameters=lambda: [("w", w)])
+    args = SimpleNamespace(weight_decay=1e-4, wd_all=False, momentum=0.9)
+    opt = _optimizer(module, args, dev)
+    scaler = torch.amp.GradScaler("cuda")
+    for first in (True, False):
+        opt.param_groups[0]["lr"] = 0.1
+        opt.zero_grad(set_to_none=True)
+        loss = (w.float() ** 2).sum() * (float("inf") if first else 1.0)
+        scaler.scale(loss).backward()
+        before = w.detach().clone()
+        scaler.step(opt)
+        scaler.update()
+        if first:  # skipped: the weights did not move
+            assert torch.equal(w.detach(), before)
+    assert torch.isfinite(w).all()
+    expected = before - 0.1 * (2 * before + 1e-4 * before)  # buf = grad on the first real step
+    assert torch.allclose(w.detach(), expected, rtol=1e-5, atol=1e-6)

@@ -23,7 +23,8 @@ import struct
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import (Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple,
+                    Union)
 
 import numpy as np
 import torch
@@ -81,13 +82,35 @@ def jpeg_fits(data: bytes) -> bool:
     return False
 
 
+_DECODE_STREAMS: Dict[int, Any] = {}
+
+
 def _decode_jpegs(datas: List[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
+    """``decode_jpeg`` on a batch; on CUDA on a stream of its own.
+
+    torchvision's CUDA decoder allocates its outputs on the caller's current stream and lets
+    nvJPEG (whose hardware engine does not wait for queued work) write them at once. On the
+    caller's stream the caching allocator may hand it a block that queued kernels of the previous
+    batch still read, which corrupts that batch (wrong features, NaN; seen on an H100). A block
+    allocated on a private stream is only ever reused on that stream, and ``record_stream``
+    keeps each output from being reused before the caller's kernels that read it have run."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torchvision.io -> torchcodec notice
-        out = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
-    return list(out)
+        if device.type != "cuda":
+            return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        stream = _DECODE_STREAMS.get(index)
+        if stream is None:
+            stream = _DECODE_STREAMS.setdefault(index, torch.cuda.Stream(index))
+        consumer = torch.cuda.current_stream(index)
+        with torch.cuda.stream(stream):
+            out = list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
+        consumer.wait_stream(stream)
+        for img in out:
+            img.record_stream(consumer)
+    return out
 
 
 class TensorGeometry:

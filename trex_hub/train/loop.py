@@ -61,9 +61,21 @@ def _optimizer(module: TrainModule, args: argparse.Namespace,
     """SGD; on CUDA the fused kernel (one launch for all parameters, and GradScaler hands it the
     inf check on the device instead of reading it every step). The CPU keeps the per-parameter
     loop, whose results the CPU tests pin down."""
-    extra = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.SGD(param_groups(module, args.weight_decay, not args.wd_all), lr=0.0,
-                           momentum=args.momentum, nesterov=False, **extra)
+    fused = device.type == "cuda"
+    opt = torch.optim.SGD(param_groups(module, args.weight_decay, not args.wd_all), lr=0.0,
+                          momentum=args.momentum, nesterov=False,
+                          **({"fused": True} if fused else {}))
+    if fused and args.momentum:
+        # The fused kernel creates its momentum buffers with empty_like on the first step and
+        # fills them in the kernel, which GradScaler skips when that step's gradients overflow
+        # (usual at fp16's first steps, scale 2**16): the next step then reads uninitialised
+        # memory and the weights turn NaN. Zero buffers give the same first update (buf = grad,
+        # dampening 0) whether or not the first step is skipped.
+        for group in opt.param_groups:
+            for p in group["params"]:
+                opt.state[p]["momentum_buffer"] = torch.zeros_like(
+                    p, memory_format=torch.preserve_format)
+    return opt
 
 
 class LossGuard:
