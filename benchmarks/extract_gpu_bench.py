@@ -178,7 +178,7 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
 
 def render(env: dict, runs: dict, errs: dict, mo: dict) -> str:
     nf, nh = runs.get("naive fp32", {}), runs.get("naive fp16", {})
-    lines = [START, f"## Results: {env['device_kind']}, {env['gpu']} (`make bench-gpu`)", "",
+    lines = [START, f"#### `make bench-gpu`: {env['device_kind']}, {env['gpu']}", "",
              f"{env['images']:,} JPEGs {env['size']}, batch {env['batch']}, {env['cores']} "
              f"cores (naive DataLoader workers = cores), torch {env['torch']}, "
              f"torchvision {env['torchvision']}, load average {env['load']}. One run of each "

@@ -34,6 +34,11 @@ DECODES = ("auto", "cpu", "gpu")
 WORKER_MODES = ("auto", "threads", "processes")
 # "auto" decodes in processes from this many files and this many workers on
 PROCESS_MIN_FILES, PROCESS_MIN_WORKERS = 512, 4
+# decode="auto" on CUDA: nvJPEG below this many CPU decode workers, the exact PIL path from it on.
+# On an H100 with 16 cores, 16 decode processes kept up with nvJPEG (1,828-2,005 vs 1,892-2,014
+# images/s, fp16, two runs: docs/benchmarks.md), so the GPU path buys nothing there and costs
+# exactness (2e-3 to 5e-3 relative on photos); with fewer workers the CPU path falls behind.
+GPU_DECODE_BELOW_WORKERS = 16
 
 _SINGLE = (str, os.PathLike)
 
@@ -102,7 +107,7 @@ def choose_decoding(decode: str, workers_mode: str, device: torch.device,
         raise ValueError("decode='gpu' resizes to a preset; pass preprocess='transfer' or "
                          "'imagenet', or decode='cpu'")
     if decode == "gpu" or (decode == "auto" and device.type == "cuda" and preprocess is not None
-                           and paths):
+                           and paths and workers < GPU_DECODE_BELOW_WORKERS):
         return "tensor"
     if workers_mode == "processes" and preprocess is None:
         raise ValueError("workers_mode='processes' needs a preprocess preset (fixed image "
@@ -188,7 +193,8 @@ def extract_features(model: torch.nn.Module, images: Any, *, batch_size: int = 3
         progress: show a progress bar with images/s.
         decode: ``"cpu"`` (PIL, the exact reference), ``"gpu"`` (JPEG files decoded in batches
             by ``decode_jpeg`` on the run's device, nvJPEG on CUDA; other files fall back to
-            PIL) or ``"auto"`` (``"gpu"`` for files on CUDA with a preset, else ``"cpu"``).
+            PIL) or ``"auto"`` (``"gpu"`` for files on CUDA with a preset when fewer than 16 decode
+            workers are at hand, else ``"cpu"``).
         workers_mode: CPU decoding in ``"threads"``, worker ``"processes"`` (files only, into
             shared memory), or ``"auto"`` (processes for many files and workers).
 

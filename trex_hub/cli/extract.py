@@ -110,7 +110,8 @@ def _add_scale_options(p: argparse.ArgumentParser) -> None:
     """Decoding at scale (issue 11): where JPEGs are decoded and by what kind of workers."""
     p.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto",
                    help="gpu: JPEGs decoded in batches on the device (nvJPEG on CUDA), other "
-                        "files by PIL; cpu: PIL (the exact reference); auto: gpu on CUDA")
+                        "files by PIL; cpu: PIL (the exact reference); auto: gpu on CUDA with fewer "
+                        "than 16 decode workers, else cpu (as fast there, and exact)")
     p.add_argument("--workers-mode", choices=("auto", "threads", "processes"), default="auto",
                    help="CPU decoding in threads or in worker processes writing shared memory; "
                         "auto: processes for many files on >= 4 workers")
