@@ -27,19 +27,13 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 
-def rel(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if not np.isfinite(a).all():
-        return float("nan")
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
 def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_decode_check: needs CUDA (nothing measured)", file=sys.stderr)
         return 2
     import trex_hub
     from extract_bench import bench_workdir, make_photos
+    from extract_gpu_bench import rel  # NaN anywhere gives NaN
     from torchvision.io import ImageReadMode, decode_jpeg
     from trex_hub import tensor_decode
 
@@ -76,7 +70,8 @@ def main() -> int:
             finally:
                 tensor_decode._decode_jpegs = shipped
         for name, feats in got.items():
-            rows.append((precision, name, rel(feats, ref), rel(feats, got["gpu, synchronised"])))
+            rows.append((precision, name, rel(np.asarray(feats), np.asarray(ref)),
+                         rel(np.asarray(feats), np.asarray(got["gpu, synchronised"]))))
     print(f"{len(files)} JPEGs; features: max relative difference")
     print("| precision | decoding | vs PIL path | vs synchronised nvJPEG |")
     print("|---|---|---|---|")

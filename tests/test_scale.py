@@ -310,6 +310,11 @@ def test_gpu_bench_refuses_in_one_line_without_cuda(capsys, monkeypatch):
     assert extract_gpu_bench.main([]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "needs a GPU" in err
+    import gpu_decode_check
+
+    assert gpu_decode_check.main() == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs CUDA" in err
 
 
 def test_run_options_refuse_a_bad_decode_before_writing(r18_path, folder, tmp_path):  # noqa: F811
