@@ -21,6 +21,13 @@
 # decode_check.txt, bench_gpu.txt, bench_gpu.json, train_bench.txt, train_bench.json, repro.tgz;
 # with all stages that is 8, so the updated docs/benchmarks.md stays behind unless a stage is off
 # (it is then copied as benchmarks.md).
+#
+# Before the call, on a machine with the package registries (both folders are git-ignored and must
+# be carried to the GPU machine):
+#   apt-get download dataset-fashion-mnist && dpkg -x dataset-fashion-mnist_*.deb /tmp/fm &&
+#     mkdir -p .carry && cp -r /tmp/fm/usr/share/datasets/fashion-mnist .carry/
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#     -d .whl optuna alembic sqlalchemy mako colorlog
 set -u
 cd "$(dirname "$0")/.."
 LOGS="${OUT:-$PWD/gpu_check_logs}"
