@@ -234,6 +234,33 @@ def test_resume_of_a_finished_output_checks_model_and_inputs(ckpt, other_ckpt, t
     assert "the input list differs" in capsys.readouterr().err
 
 
+def test_resume_refuses_to_switch_the_decoder_auto_chose(ckpt, tmp_path, monkeypatch, capsys):
+    """--decode auto picks nvJPEG or PIL from the device and the worker count (-j), so the same
+    command line can pick another decoder on resume: that is refused in words, and an output of
+    an older version (no recorded decoder) still resumes."""
+    import trex_hub.extract_run as er
+
+    root = _images(tmp_path / "d", 4)
+    out = tmp_path / "f.npy"
+    assert run(ckpt, root, "-o", out, "-b", "2", "--chunk-size", "2") == 0
+    state = json.loads((tmp_path / "f.npy.meta.json").read_text())["fingerprint"]
+    assert state["decode"] == "auto" and state["decoder"] == "cpu"
+    before = snapshot(tmp_path)
+    real = er.choose_decoding
+    # what auto decides on a CUDA machine with few workers; the decoding itself stays on the CPU
+    monkeypatch.setattr(er, "choose_decoding", lambda *a: "tensor")
+    assert run(ckpt, root, "-o", out, "--resume") == 1
+    line = one_line(capsys.readouterr().err)
+    assert "the decoder --decode auto chose" in line and "(was 'cpu', now 'gpu')" in line
+    assert snapshot(tmp_path) == before
+    monkeypatch.setattr(er, "choose_decoding", real)
+    meta = json.loads((tmp_path / "f.npy.meta.json").read_text())
+    del meta["fingerprint"]["decoder"]  # as written before the decoder was recorded
+    (tmp_path / "f.npy.meta.json").write_text(json.dumps(meta))
+    monkeypatch.setattr(er, "choose_decoding", lambda *a: "tensor")
+    assert run(ckpt, root, "-o", out, "--resume") == 0
+
+
 def test_read_only_output_folder(ckpt, tmp_path, monkeypatch, capsys):
     root = _images(tmp_path / "d", 2)
     ro = tmp_path / "ro"

@@ -37,7 +37,7 @@ from .featurefile import (FORMAT_VERSION, ExtractError, committed_segments, merg
                           segment_files, write_segment)
 from .fileio import PathLike
 from .imagefiles import Entry
-from .inference import prepare
+from .inference import prepare, resolve_device
 from .run_state import prepare_parts, release, write_errors
 from .transforms import Decoder, ImageLoadError, preset_geometry
 
@@ -195,7 +195,27 @@ def fingerprint(model: torch.nn.Module, entries: Sequence[Entry], opts: RunOptio
     }
     if opts.engine is not None:  # a resumed run must not mix engines
         fp["engine"] = type(opts.engine).__name__
+    # which decoder --decode auto picks depends on the device and the number of workers: a
+    # resumed run must not append nvJPEG rows to PIL rows (or the reverse)
+    fp["decoder"] = "gpu" if _decoding_kind(model, len(entries), opts) == "tensor" else "cpu"
     return fp
+
+
+def _run_device(model: torch.nn.Module, opts: RunOptions) -> torch.device:
+    """The device the run computes on (an engine's own, else the model's or ``opts.device``)."""
+    if opts.engine is not None:
+        return torch.device(getattr(opts.engine, "device", "cpu"))
+    try:
+        return resolve_device(opts.device, model)
+    except ValueError:  # no CUDA here: prepare() says so in its own words later
+        return torch.device("cpu")
+
+
+def _decoding_kind(model: torch.nn.Module, count: int, opts: RunOptions,
+                   device: Optional[torch.device] = None) -> str:
+    workers = opts.num_workers if opts.num_workers is not None else default_workers()
+    return choose_decoding(opts.decode, opts.workers_mode, device or _run_device(model, opts),
+                           opts.preprocess, True, count, workers)
 
 
 def _resume_point(parts: Path, segs: List[Tuple[int, int]], first: int, stop: int,
@@ -323,8 +343,8 @@ def run_chunks(model: torch.nn.Module, entries: Sequence[Entry], plan: Plan, opt
     computed = 0
     chunk = _Segment(plan.paths["parts"], dim, opts.normalize, plan.chunk_size)
     try:
-        kind = choose_decoding(opts.decode, opts.workers_mode, runner.device if runner else
-                               torch.device("cpu"), opts.preprocess, True, len(entries), workers)
+        kind = _decoding_kind(model, len(entries), opts,
+                              runner.device if runner else torch.device("cpu"))
         batches = open_batches(groups, _fetch(entries), decoder, kind=kind,
                                device=runner.device if runner else torch.device("cpu"),
                                num_workers=workers, strict=False, catch_all=True,

@@ -34,11 +34,15 @@ _WORDS = {"format_version": "the file format version", "parts": "the parts layou
           "weights": "the model weights (another model or checkpoint)",
           "dim": "the feature size (--head)", "preprocess": "--preprocess",
           "normalize": "--normalize", "precision": "--precision", "draft": "--no-draft",
-          "max_pixels": "--max-pixels", "decode": "--decode", "engine": "--engine"}
+          "max_pixels": "--max-pixels", "decode": "--decode", "engine": "--engine",
+          "decoder": "the decoder --decode auto chose (gpu: nvJPEG, cpu: PIL; it depends on the "
+                     "device and the number of workers, -j)"}
 # sizes that only shape the work: a resume keeps the run's own
 SHAPING = ("batch_size", "chunk_size")
 _SHOW_VALUES = ("count", "dim", "preprocess", "normalize", "precision", "draft", "max_pixels",
-                "decode", "engine")
+                "decode", "engine", "decoder")
+# recorded from this version on: an older output without it is taken as made by the same decoder
+_NEWER = ("decoder",)
 
 
 def describe_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
@@ -46,7 +50,7 @@ def describe_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
     out = []
     for key in sorted(set(old) | set(new), key=lambda k: list(_WORDS).index(k)
                       if k in _WORDS else len(_WORDS)):
-        if key in SHAPING or old.get(key) == new.get(key):
+        if key in SHAPING or old.get(key) == new.get(key) or (key in _NEWER and key not in old):
             continue
         what = _WORDS.get(key, key)
         if key in _SHOW_VALUES:
