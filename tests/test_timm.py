@@ -58,6 +58,12 @@ def test_timm_folder_files_and_config(timm_folder):
     assert pre["input_size"] == [3, 224, 224]
     card = (timm_folder / "README.md").read_text()
     assert "library_name: timm" in card and "license: cc-by-nc-sa-4.0" in card
+    # the released model's published figures and the citation, from the one card module
+    from trex_hub import registry
+
+    entry = registry.get_entry("trex_star")
+    assert f"ImageNet-1K top-1: {entry.imagenet_top1} %" in card
+    assert "## Citation" in card and registry.CITATION in card
 
 
 def test_timm_loads_the_local_folder_with_identical_outputs(released_r50, timm_folder):

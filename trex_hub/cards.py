@@ -9,6 +9,9 @@ A card is a head followed by sections. The head depends on what the weights are:
   ``source_checkpoint``): a card that says it is *not* a released model;
 * anything else: a short generic card.
 
+A timm-format export (``save_pretrained(format="timm")``) gets :func:`render_timm_card`: the same
+facts, told for a timm user.
+
 The sections come from ``config.json``: the files of the export (architecture, preprocessing,
 how to load it) and, when present, the training settings.
 """
@@ -126,3 +129,40 @@ def render_card(config: Dict[str, Any], *, name: Optional[str] = None,
     else:
         data, head = _generic_head(title, license)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{head}{sections}")
+
+
+def render_timm_card(config: Dict[str, Any], *, name: Optional[str] = None,
+                     license: Optional[str] = None, repo_id: Optional[str] = None) -> str:
+    """``README.md`` of a timm-format export: ``library_name: timm``, how ``timm.create_model``
+    loads it, its preprocessing, the citation and, for a released model, its published figures.
+    ``config`` is the timm ``config.json`` (``architecture``, ``num_features``,
+    ``pretrained_cfg``)."""
+    from huggingface_hub import ModelCardData
+
+    entry = registry.get_entry(name) if name and registry.is_known(name) else None
+    data = ModelCardData(license=license, library_name="timm",
+                         tags=["image-feature-extraction", "timm", "t-rex", "trex_hub"],
+                         pipeline_tag="image-feature-extraction")
+    target = f"hf-hub:{repo_id}" if repo_id else "hf-hub:ORG/REPO"
+    pre = config["pretrained_cfg"]
+    paper = pre.get("paper_name") or registry.PAPER_URL
+    ids = pre.get("paper_ids")
+    facts = ""
+    if entry is not None:
+        facts = (f"\n{entry.description}\n\n- ImageNet-1K top-1: {entry.imagenet_top1} %\n"
+                 f"- mean transfer log-odds (15 datasets): {entry.transfer_log_odds}\n")
+    return (
+        f"---\n{data.to_yaml()}\n---\n\n# {name or config['architecture']} (t-ReX backbone, "
+        f"timm format)\n\nA {config['architecture']} backbone trained with the t-ReX recipe "
+        f"({paper}{', ' + ids if ids else ''}), exported by trex_hub in timm's layout: "
+        "`model.safetensors` + `config.json`. It has no classifier (`num_classes = 0`); "
+        f"the model returns {config['num_features']}-d pooled features.\n{facts}\n"
+        "```python\nimport timm\n"
+        f'model = timm.create_model("{target}", pretrained=True, num_classes=0).eval()\n'
+        "cfg = timm.data.resolve_data_config({}, model=model)\n"
+        "transform = timm.data.create_transform(**cfg)   # Resize 224 bicubic + CenterCrop 224\n"
+        "```\n\nPreprocessing (the paper's transfer protocol): resize the shorter side to "
+        f"{pre['input_size'][1]} ({pre['interpolation']}), centre-crop "
+        f"{pre['input_size'][1]}, normalise with mean {pre['mean']} and std {pre['std']}.\n"
+        + (f"\nLicence of the weights: {license}.\n" if license else "")
+        + f"\n## Citation\n\n```bibtex\n{registry.CITATION}\n```\n")

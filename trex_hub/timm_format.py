@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+from .cards import render_timm_card
 from .fileio import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, PathLike, atomic_write
 from .preprocess import PRESETS, PreprocessConfig
 
@@ -94,31 +95,6 @@ def _registry_facts(name: Optional[str]):
     return registry.get_entry(name) if name and registry.is_known(name) else None
 
 
-def _card(config: Dict[str, Any], name: Optional[str], license: Optional[str],
-          repo_id: Optional[str]) -> str:
-    from huggingface_hub import ModelCardData
-
-    data = ModelCardData(license=license, library_name="timm",
-                         tags=["image-feature-extraction", "timm", "t-rex", "trex_hub"],
-                         pipeline_tag="image-feature-extraction")
-    target = f"hf-hub:{repo_id}" if repo_id else "hf-hub:ORG/REPO"
-    pre = config["pretrained_cfg"]
-    return (
-        f"---\n{data.to_yaml()}\n---\n\n# {name or config['architecture']} (t-ReX backbone, "
-        f"timm format)\n\nA {config['architecture']} backbone trained with the t-ReX recipe "
-        f"({PAPER_NAME}, {PAPER_ID}), exported by trex_hub in timm's layout: "
-        f"`model.safetensors` + `config.json`. It has no classifier (`num_classes = 0`); "
-        f"the model returns {config['num_features']}-d pooled features.\n\n"
-        "```python\nimport timm\n"
-        f'model = timm.create_model("{target}", pretrained=True, num_classes=0).eval()\n'
-        "cfg = timm.data.resolve_data_config({}, model=model)\n"
-        "transform = timm.data.create_transform(**cfg)   # Resize 224 bicubic + CenterCrop 224\n"
-        "```\n\nPreprocessing (the paper's transfer protocol): resize the shorter side to "
-        f"{pre['input_size'][1]} ({pre['interpolation']}), centre-crop "
-        f"{pre['input_size'][1]}, normalise with mean {pre['mean']} and std {pre['std']}.\n"
-        + (f"\nLicence of the weights: {license}.\n" if license else ""))
-
-
 def save_timm(model: Any, folder: PathLike, *, name: Optional[str] = None,
               license: Optional[str] = None, repo_id: Optional[str] = None) -> Path:
     """Write ``model``'s backbone as a timm folder (``model.safetensors``, ``config.json``,
@@ -142,7 +118,7 @@ def save_timm(model: Any, folder: PathLike, *, name: Optional[str] = None,
     atomic_write(folder / WEIGHTS_NAME, lambda fh: fh.write(blob))
     text = json.dumps(config, indent=2) + "\n"
     atomic_write(folder / CONFIG_NAME, lambda fh: fh.write(text.encode()))
-    card = _card(config, name, license, repo_id)
+    card = render_timm_card(config, name=name, license=license, repo_id=repo_id)
     atomic_write(folder / CARD_NAME, lambda fh: fh.write(card.encode()))
     return folder
 
