@@ -30,12 +30,14 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -197,6 +199,34 @@ def _ours_no_resize(args) -> int:
     return 0
 
 
+def run_timed(cmd: List[str], timeout: Optional[float] = None,
+              env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """Run a benchmark child and capture its output. One that outlives ``timeout`` seconds gets
+    SIGABRT first, so that faulthandler writes every thread's stack (where it hung), then
+    returncode 124 with "timed out after N s" as the last line of its stderr."""
+    env = dict(os.environ if env is None else env, PYTHONFAULTHANDLER="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        try:
+            out, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        return subprocess.CompletedProcess(cmd, 124, out,
+                                           f"{err}\ntimed out after {timeout:.0f} s")
+
+
+def last_line(text: str, limit: int = 200) -> str:
+    """The last non-empty line of ``text``, short and fit for a markdown table cell."""
+    lines = [ln for ln in str(text).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else "no output")[:limit].replace("|", "/")
+
+
 def run_child(kind: str, **kw) -> dict:
     cmd = [sys.executable, __file__, "--child", kind]
     for k, v in kw.items():
@@ -204,10 +234,20 @@ def run_child(kind: str, **kw) -> dict:
             cmd.append(f"--{k.replace('_', '-')}")
         elif v not in (None, False):
             cmd += [f"--{k.replace('_', '-')}", str(v)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    res = run_timed(cmd)
     if res.returncode != 0:
         raise RuntimeError(f"{kind} failed:\n{res.stderr[-4000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def rates(times: Dict[str, List[float]], n: int, ours: str, base: str) -> dict:
+    """Images/s (best and median over the rounds) of each side timed on ``n`` images, and the
+    ratios of ``ours`` to ``base``."""
+    out = {name: {"best": n / min(ts), "median": n / statistics.median(ts)}
+           for name, ts in times.items()}
+    out["ratio_best"] = out[ours]["best"] / out[base]["best"]
+    out["ratio_median"] = out[ours]["median"] / out[base]["median"]
+    return out
 
 
 # ---------------------------------------------------------------------------- sections ------
@@ -235,12 +275,7 @@ def bench_model_only(ckpt: Path, batch: torch.Tensor, rounds: int, log) -> dict:
         log(f"  round {r + 1}/{rounds}: naive {batch.shape[0] / times['naive'][-1]:.2f} img/s, "
             f"ours {batch.shape[0] / times['ours'][-1]:.2f} img/s")
     n = batch.shape[0]
-    out = {"rel_err": err}
-    for name, ts in times.items():
-        out[name] = {"best": n / min(ts), "median": n / statistics.median(ts)}
-    out["ratio_best"] = out["ours"]["best"] / out["naive"]["best"]
-    out["ratio_median"] = out["ours"]["median"] / out["naive"]["median"]
-    return out
+    return {"rel_err": err, **rates(times, n, "ours", "naive")}
 
 
 def bench_ablation(ckpt: Path, batch: torch.Tensor, log, compile_: bool) -> dict:
@@ -309,12 +344,7 @@ def bench_e2e(ckpt: Path, data: Path, work: Path, n: int, batch_size: int, worke
     feats, rows = read_features(work / "ours.npy")
     assert len(rows) == n and feats.shape == ref.shape
     err = float(np.abs(feats - ref).max() / np.abs(ref).max())
-    out = {"rel_err": err, "peak_rss_mb": rss}
-    for name, ts in times.items():
-        out[name] = {"best": n / min(ts), "median": n / statistics.median(ts)}
-    out["ratio_best"] = out["ours"]["best"] / out["naive"]["best"]
-    out["ratio_median"] = out["ours"]["median"] / out["naive"]["median"]
-    return out
+    return {"rel_err": err, "peak_rss_mb": rss, **rates(times, n, "ours", "naive")}
 
 
 def bench_memory(work: Path, log, sizes=(2000, 20000)) -> dict:
@@ -359,12 +389,8 @@ def bench_onnxruntime(ckpt: Path, batch: torch.Tensor, rounds: int, log) -> dict
         log(f"  round {r + 1}/{rounds}: torch {batch.shape[0] / times['torch'][-1]:.2f} img/s, "
             f"onnxruntime {batch.shape[0] / times['onnxruntime'][-1]:.2f} img/s")
     n = batch.shape[0]
-    out = {"rel_err": err, "export_and_session_seconds": export_s}
-    for name, ts in times.items():
-        out[name] = {"best": n / min(ts), "median": n / statistics.median(ts)}
-    out["ratio_best"] = out["onnxruntime"]["best"] / out["torch"]["best"]
-    out["ratio_median"] = out["onnxruntime"]["median"] / out["torch"]["median"]
-    return out
+    return {"rel_err": err, "export_and_session_seconds": export_s,
+            **rates(times, n, "onnxruntime", "torch")}
 
 
 def bench_cuda(ckpt: Path, log) -> dict:

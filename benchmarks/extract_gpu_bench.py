@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from extract_bench import last_line, run_timed  # noqa: E402
 
 START, END = "<!-- gpu-bench:start -->", "<!-- gpu-bench:end -->"
 
@@ -81,21 +82,13 @@ def child_naive(args) -> dict:
     return {"loop_s": secs, "images": len(ds)}
 
 
-def _run(cmd, timeout: float, env=None) -> subprocess.CompletedProcess:
-    """One timed child; a child that outlives ``timeout`` seconds counts as failed."""
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return subprocess.CompletedProcess(cmd, 124, "", f"timed out after {timeout:.0f} s")
-
-
 def run_naive(ckpt, data, out, precision, batch, workers, device="cuda",
               timeout=600.0) -> dict:
     cmd = [sys.executable, __file__, "--child", "--ckpt", str(ckpt), "--data", str(data),
            "--out", str(out), "--precision", precision, "--batch-size", str(batch),
            "--workers", str(workers), "--device", device]
     t = time.perf_counter()
-    res = _run(cmd, timeout)
+    res = run_timed(cmd, timeout)
     wall = time.perf_counter() - t
     if res.returncode != 0:
         raise RuntimeError(f"naive {precision} failed:\n{res.stderr[-3000:]}")
@@ -111,7 +104,7 @@ def run_ours(ckpt, data, out, precision, batch, extra=(), device="cuda",
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH",
                                                                                   "")]))
     t = time.perf_counter()
-    res = _run(cmd, timeout, env)
+    res = run_timed(cmd, timeout, env)
     wall = time.perf_counter() - t
     if res.returncode != 0:
         raise RuntimeError(f"trex-extract {precision} {extra} failed:\n{res.stderr[-3000:]}")
@@ -216,10 +209,6 @@ def write_docs(section: str, path: Path) -> None:
     path.write_text(text)
 
 
-class _Skipped(Exception):
-    pass
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=10000)
@@ -289,8 +278,7 @@ def main(argv=None) -> int:
                                args.run_timeout))
         except RuntimeError as exc:
             log(f"{name}: FAILED\n{exc}")
-            last = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-            runs[name] = {"error": (last[-1] if last else "no output")[:200].replace("|", "/")}
+            runs[name] = {"error": last_line(str(exc))}
             continue
         runs[name], outs[name] = r, out
         log(f"{name}: {r['in_loop']:,.0f} img/s in the loop, {r['whole_s']:.1f} s whole process")
@@ -307,17 +295,16 @@ def main(argv=None) -> int:
                 idx = np.argsort([order[r["path"]] for r in rows])
                 feats = np.asarray(feats)[idx]
             errs[name] = rel(np.asarray(feats), ref)
-    log("model only, batch on the device")
     mo = {}
-    try:
-        if args.skip_model_only:
-            raise _Skipped
-        mo = model_only(ckpt, args.batch_size, args.compile, log, args.device,
-                        reps=20 if cuda else 2)
-    except _Skipped:
-        log("  (skipped)")
-    except Exception as exc:  # noqa: BLE001 - the extraction figures above still stand
-        log(f"model only: FAILED: {type(exc).__name__}: {exc}")
+    if args.skip_model_only:
+        log("model only: skipped")
+    else:
+        log("model only, batch on the device")
+        try:
+            mo = model_only(ckpt, args.batch_size, args.compile, log, args.device,
+                            reps=20 if cuda else 2)
+        except Exception as exc:  # noqa: BLE001 - the extraction figures above still stand
+            log(f"model only: FAILED: {type(exc).__name__}: {exc}")
     section = render(env, runs, errs, mo)
     print(section)
     if cuda:  # a CPU dry run never touches the docs

@@ -28,9 +28,7 @@ import argparse
 import json
 import os
 import re
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from extract_bench import cpu_model, make_photos, make_photos_parallel  # noqa: E402
+from extract_bench import (cpu_model, last_line, make_photos, make_photos_parallel,  # noqa: E402
+                           run_timed)
 
 
 def make_folder(root: Path, n_train: int, size=(500, 375), classes: int = 4) -> Path:
@@ -121,25 +120,11 @@ def run_child(side: str, opts: argparse.Namespace, work: Path) -> Dict[str, Any]
            str(opts.batch_size), "--workers", str(opts.workers), "--global-size",
            str(opts.global_size), "--local-size", str(opts.local_size), "--device", opts.device,
            "--aug", opts.aug]
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               PYTHONFAULTHANDLER="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
-    try:
-        out, err = proc.communicate(timeout=opts.run_timeout)
-    except subprocess.TimeoutExpired:
-        # where it was: faulthandler writes every thread's stack on SIGABRT
-        proc.send_signal(signal.SIGABRT)
-        try:
-            out, err = proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        raise RuntimeError(f"{err[-6000:]}\n{side} timed out after {opts.run_timeout:.0f} s") \
-            from None
-    if proc.returncode != 0:
-        raise RuntimeError(f"{side} failed:\n{err[-3000:]}")
-    return json.loads(out.strip().splitlines()[-1])
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = run_timed(cmd, opts.run_timeout, env)
+    if proc.returncode != 0:  # a hung child's stderr holds its stacks, then "timed out after"
+        raise RuntimeError(f"{side} failed:\n{proc.stderr[-6000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def steady(result: Dict[str, Any]) -> float:
@@ -258,8 +243,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             except RuntimeError as exc:
                 print(f"[train-bench] round {r + 1} {side}: FAILED\n{exc}", file=sys.stderr,
                       flush=True)
-                last = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-                errors[side] = (last[-1] if last else "no output")[:200].replace("|", "/")
+                errors[side] = last_line(str(exc))
                 continue
             results[side].append(steady(res))
             if opts.json:  # so far, in case a later side outlives the caller's patience

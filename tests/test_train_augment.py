@@ -33,6 +33,7 @@ from trex_hub.train.batch_augment import (BatchAugment, DecodedMultiCropDataset,
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from extract_bench import make_photos  # noqa: E402  (photo-like JPEGs)
+from train_helpers import photo_images  # noqa: E402
 
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small ops: threads only contend
@@ -111,11 +112,7 @@ def test_resized_crop_and_flip_within_one_level(images):
 
 @pytest.fixture(scope="module")
 def photo_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("photos")
-    make_photos(root / "a", 10, size=(120, 90), seed=0)
-    make_photos(root / "b", 6, size=(90, 110), seed=1)
-    paths = sorted(str(p) for p in root.rglob("*.jpg"))
-    return LabeledImages(paths, np.arange(len(paths)) % 3, ["x", "y", "z"], name="photos")
+    return photo_images(tmp_path_factory.mktemp("photos"), (10, (120, 90)), (6, (90, 110)))
 
 
 def test_drawn_parameters_and_crop_boxes_are_the_pil_paths(photo_data):

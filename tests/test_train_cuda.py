@@ -4,22 +4,16 @@ non-finite check). Skipped without CUDA; run on a GPU machine with ``pytest -m c
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from trex_hub.checkpoint import torch_load
 from trex_hub.cli.train import main
-from trex_hub.datasets import LabeledImages
 from trex_hub.preprocess import IMAGENET_STD
 from trex_hub.train.augment import MultiCrop
 from trex_hub.train.batch_augment import BatchAugment, DecodedMultiCropDataset, collate_decoded
-from train_helpers import make_pattern_folder, small_args
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from train_helpers import make_pattern_folder, photo_images, small_args
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -27,13 +21,7 @@ pytestmark = [pytest.mark.cuda,
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    from extract_bench import make_photos
-
-    root = tmp_path_factory.mktemp("photos")
-    make_photos(root / "a", 12, size=(320, 240), seed=0)
-    make_photos(root / "b", 6, size=(240, 300), seed=1)
-    paths = sorted(str(p) for p in root.rglob("*.jpg"))
-    return LabeledImages(paths, np.arange(len(paths)) % 3, ["x", "y", "z"], name="photos")
+    return photo_images(tmp_path_factory.mktemp("photos"), (12, (320, 240)), (6, (240, 300)))
 
 
 def test_augmentation_on_cuda_matches_cpu_tensors(photos):

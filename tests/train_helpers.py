@@ -10,6 +10,23 @@ from PIL import Image
 CLASSES = ("checker", "horizontal", "vertical")
 
 
+def photo_images(root, *parts):
+    """Photo-like JPEGs as :class:`LabeledImages` (3 labels in turn): ``parts`` are
+    ``(count, (width, height))``, each written to its own sub-folder with its own seed."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from extract_bench import make_photos
+
+    from trex_hub.datasets import LabeledImages
+
+    root = Path(root)
+    for k, (count, size) in enumerate(parts):
+        make_photos(root / "abcdefgh"[k], count, size=size, seed=k)
+    paths = sorted(str(p) for p in root.rglob("*.jpg"))
+    return LabeledImages(paths, np.arange(len(paths)) % 3, ["x", "y", "z"], name="photos")
+
+
 def make_pattern_folder(root, n_train: int = 24, n_val: int = 12, size: int = 32,
                         seed: int = 0) -> Path:
     """An ImageFolder with train/ and val/ of 3 learnable classes: horizontal stripes, vertical

@@ -103,7 +103,7 @@ def _decode_jpegs(datas: List[torch.Tensor], device: torch.device) -> List[torch
         index = device.index if device.index is not None else torch.cuda.current_device()
         stream = _DECODE_STREAMS.get(index)
         if stream is None:
-            stream = _DECODE_STREAMS.setdefault(index, torch.cuda.Stream(index))
+            stream = _DECODE_STREAMS[index] = torch.cuda.Stream(index)
         consumer = torch.cuda.current_stream(index)
         with torch.cuda.stream(stream):
             out = list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
