@@ -153,6 +153,63 @@ def test_default_workers_follow_the_affinity_not_a_cap():
     assert ex.default_workers() == len(os.sched_getaffinity(0))
 
 
+# ------------------------------------------------------------- the background stage ----
+def test_in_background_keeps_order_and_raises_where_the_error_was():
+    import threading
+
+    from trex_hub.decoding import in_background
+
+    seen_in = []
+
+    def make():
+        for i in range(5):
+            seen_in.append(threading.current_thread().name)
+            if i == 3:
+                raise ValueError("item 3 is bad")
+            yield i
+
+    got = []
+    with pytest.raises(ValueError, match="item 3 is bad"):
+        for x in in_background(make, depth=2, name="trex-test"):
+            got.append(x)
+    assert got == [0, 1, 2] and set(seen_in) == {"trex-test"}
+    assert list(in_background(lambda: iter(range(7)))) == list(range(7))
+    assert list(in_background(lambda: iter(()))) == []
+
+
+def test_in_background_stops_and_cleans_up_when_the_consumer_leaves():
+    import threading
+
+    from trex_hub.decoding import in_background
+
+    produced, closed, entered = [], [], []
+
+    def make():
+        try:
+            for i in range(1000):
+                produced.append(i)
+                yield i
+        finally:
+            closed.append(threading.current_thread().name)
+
+    class Context:
+        def __enter__(self):
+            entered.append(threading.current_thread().name)
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+
+    it = in_background(make, depth=1, name="trex-leave", context=Context)
+    assert next(it) == 0 and next(it) == 1
+    it.close()
+    assert closed == ["trex-leave"] and entered == ["trex-leave", "exit"]
+    assert len(produced) <= 4  # a bounded distance ahead, not the whole source
+    assert not [t for t in threading.enumerate() if t.name == "trex-leave"]
+    unused = in_background(make, name="trex-unused")  # never iterated: no thread
+    assert not [t for t in threading.enumerate() if t.name == "trex-unused"]
+    del unused
+
+
 # ---------------------------------------------------------------------- tensor decoding ----
 def _exif_rotated(arr):
     """A JPEG whose EXIF says 'rotate 90' (orientation 6)."""
@@ -196,6 +253,46 @@ def test_tensor_path_on_cpu_is_close_to_pil_and_falls_back(tmp_path, folder):
                 if not files[pos].name.endswith(".jpg") or files[pos].name in ("rot.jpg",
                                                                                "cmyk.jpg"):
                     assert torch.equal(gd[k], rd[k]), files[pos].name
+
+
+@pytest.mark.parametrize("cfg", [trex_hub.preprocess.PRESETS["transfer"],
+                                 trex_hub.preprocess.PRESETS["imagenet"],
+                                 trex_hub.preprocess.PreprocessConfig(resize=96, crop=128)])
+def test_batched_geometry_is_the_per_image_geometry(cfg):
+    """One resize per distinct size gives the pixels of one resize per image, in input order
+    (sizes interleaved, a lone size, a crop larger than the resize that pads)."""
+    from trex_hub.tensor_decode import TensorGeometry
+
+    geometry = TensorGeometry(cfg)
+    sizes = [(300, 220), (180, 260), (300, 220), (97, 61), (180, 260), (300, 220)]
+    imgs = [torch.from_numpy(photos(1, size, seed=k)[0]).permute(2, 0, 1).contiguous()
+            for k, size in enumerate(sizes)]
+    got = geometry.batch(imgs, grouped=True)  # the CUDA default
+    want = torch.stack([geometry(img).permute(1, 2, 0) for img in imgs])
+    assert got.shape == (len(imgs), cfg.crop, cfg.crop, 3) and got.is_contiguous()
+    assert torch.equal(got, want) and torch.equal(geometry.batch(imgs), want)
+    same = geometry.batch(imgs[:1] * 3, grouped=True)  # one size: a single call
+    assert torch.equal(same, want[:1].expand(3, -1, -1, -1)) and same.is_contiguous()
+
+
+def test_tensor_path_strict_raises_at_the_bad_files_batch(tmp_path, folder):
+    """The decoding thread hands its error to the caller where the batch would have been: the
+    batches before it arrive, then the error names the file; the thread is gone after."""
+    import threading
+
+    files = sorted(p for p in folder.iterdir() if p.suffix == ".jpg")[:4]
+    bad = tmp_path / "truncated.jpg"
+    bad.write_bytes(files[0].read_bytes()[:200])
+    files = files + [bad]
+    dec = Decoder("transfer")
+    got = []
+    with pytest.raises(ImageLoadError, match="truncated.jpg"):
+        for b in tensor_batches(batch_ranges(len(files), 2), files.__getitem__, dec,
+                                trex_hub.preprocess.PRESETS["transfer"],
+                                describe=lambda i: files[i].name):
+            got.append(b.positions)
+    assert got == [[0, 1], [2, 3]]
+    assert not [t for t in threading.enumerate() if t.name.startswith("trex-")]
 
 
 def test_extract_decode_gpu_on_cpu_within_1e2_of_pil(r18_path, folder):  # noqa: F811

@@ -7,7 +7,10 @@ path of :mod:`trex_hub.tensor_decode`; :mod:`trex_hub.extract` picks one.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import (Any, Callable, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple,
@@ -135,6 +138,60 @@ def decode_batches(groups: Iterable[Sequence[int]], fetch: Callable[[int], Any],
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def in_background(make: Callable[[], Iterator[Any]], *, depth: int = 1, name: str = "trex-bg",
+                  context: Callable[[], Any] = contextlib.nullcontext) -> Iterator[Any]:
+    """The items of the iterator ``make()``, produced by a thread of its own up to ``depth``
+    items ahead of the consumer, in order. An exception raised by ``make()`` reaches the
+    consumer where the item would have been; closing the consumer (``break``, an error, garbage
+    collection) stops the thread and closes ``make()``'s iterator there (its ``finally`` runs).
+    ``context()`` is entered around the whole run in that thread (a CUDA device and stream)."""
+    items: "queue.Queue[Tuple[bool, Any]]" = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    end = object()
+
+    def put(entry: Tuple[bool, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            with context():
+                source = make()
+                try:
+                    for item in source:
+                        if not put((True, item)):
+                            return
+                finally:
+                    close = getattr(source, "close", None)
+                    if close is not None:
+                        close()
+            put((True, end))
+        except BaseException as exc:  # handed to the consumer, raised there
+            put((False, exc))
+
+    def consume() -> Iterator[Any]:
+        worker = threading.Thread(target=run, name=name, daemon=True)
+        worker.start()  # on the first next(): an iterator never used starts no thread
+        try:
+            while True:
+                ok, item = items.get()
+                if not ok:
+                    raise item
+                if item is end:
+                    return
+                yield item
+        finally:
+            stop.set()
+            worker.join()
+
+    return consume()
+
+
 
 
 def available_cores() -> int:
@@ -152,4 +209,4 @@ def default_workers() -> int:
 
 
 __all__ = ["Batch", "decode_batches", "batch_ranges", "default_workers", "available_cores",
-           "normalise"]
+           "normalise", "in_background"]

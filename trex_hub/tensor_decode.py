@@ -4,8 +4,10 @@
 ``torchvision.io.decode_jpeg`` call on ``device`` (``"cuda"``: nvJPEG; ``"cpu"``: the same path,
 which is what the tests run), then resizes (antialiased, the preset's bicubic / bilinear) and
 centre-crops every image as a tensor, with the geometry of the model's
-:class:`~trex_hub.preprocess.PreprocessConfig`. The result is the uint8 NHWC batch every other
-decoding path produces, already on ``device``.
+:class:`~trex_hub.preprocess.PreprocessConfig` (on CUDA one batched call per distinct image
+size). The result is the uint8 NHWC batch every other decoding path produces, already on
+``device``. Decoding and resizing run in a thread of their own, one batch ahead of the caller's
+forward pass (:func:`~trex_hub.decoding.in_background`).
 
 Whatever this path cannot reproduce exactly goes to the reference PIL decoder
 (:class:`~trex_hub.transforms.Decoder`) for that file alone, never failing the run: non-JPEG
@@ -18,6 +20,7 @@ features; ``decode="cpu"`` stays the exact reference.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import warnings
@@ -29,7 +32,7 @@ from typing import (Any, Callable, Dict, Iterable, Iterator, List, Optional, Seq
 import numpy as np
 import torch
 
-from .decoding import Batch, decode_item
+from .decoding import Batch, decode_item, in_background
 from .preprocess import PreprocessConfig
 from .transforms import Decoder, ImageLoadError
 
@@ -114,7 +117,7 @@ def _decode_jpegs(datas: List[torch.Tensor], device: torch.device) -> List[torch
 
 
 class TensorGeometry:
-    """Resize the shorter side (antialiased) and centre-crop ``[3, H, W]`` uint8 tensors, as
+    """Resize the shorter side (antialiased) and centre-crop ``[..., 3, H, W]`` uint8 tensors, as
     ``transforms.Resize`` / ``CenterCrop`` do on tensors."""
 
     def __init__(self, cfg: PreprocessConfig):
@@ -129,6 +132,48 @@ class TensorGeometry:
         img = TF.resize(img, [self.cfg.resize], interpolation=self.mode, antialias=True)
         return TF.center_crop(img, [self.cfg.crop, self.cfg.crop])
 
+    def batch(self, imgs: Sequence[torch.Tensor], grouped: Optional[bool] = None) -> torch.Tensor:
+        """``crop x crop`` uint8 NHWC of ``[3, H, W]`` images of any sizes, in their order.
+
+        ``grouped`` (default: on CUDA) resizes the images of one size in one batched call; the
+        kernels work plane by plane, so the pixels are those of one call per image. On a GPU
+        that cuts the Python work and kernel launches of a batch of photos from several per
+        image to several per distinct size; on the CPU torch's uint8 kernel is slower on a
+        batch than image by image (2x, 64 photos of 500x375), so there each image has its call."""
+        if not imgs:
+            raise ValueError("no images to resize")
+        if not (imgs[0].is_cuda if grouped is None else grouped):
+            return torch.stack([self(img).permute(1, 2, 0) for img in imgs])
+        by_size: Dict[Tuple[int, int], List[int]] = {}
+        for i, img in enumerate(imgs):
+            by_size.setdefault((img.shape[-2], img.shape[-1]), []).append(i)
+        rows: List[Optional[torch.Tensor]] = [None] * len(imgs)
+        for idx in by_size.values():
+            group = imgs[idx[0]][None] if len(idx) == 1 else torch.stack([imgs[i] for i in idx])
+            out = self(group).permute(0, 2, 3, 1)
+            if len(idx) == len(imgs):
+                return out.contiguous()
+            for k, i in enumerate(idx):
+                rows[i] = out[k]
+        return torch.stack(rows)  # type: ignore[arg-type]
+
+
+def _callers_stream(device: torch.device) -> Callable[[], Any]:
+    """A context factory that enters, in another thread, the calling thread's CUDA device and
+    current stream (a no-op off CUDA): kernels queued there run in order with the caller's."""
+    if device.type != "cuda":
+        return contextlib.nullcontext
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = torch.cuda.current_stream(index)
+
+    def enter() -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.cuda.device(index))
+        stack.enter_context(torch.cuda.stream(stream))
+        return stack
+
+    return enter
+
 
 def tensor_batches(groups: Iterable[Sequence[int]], fetch: Callable[[int], Any],
                    decoder: Decoder, cfg: PreprocessConfig, *,
@@ -138,7 +183,12 @@ def tensor_batches(groups: Iterable[Sequence[int]], fetch: Callable[[int], Any],
                    catch_all: bool = False) -> Iterator[Batch]:
     """Batches of ``crop x crop`` uint8 NHWC tensors on ``device`` (see the module docstring).
     ``decoder`` is the PIL fallback (same preset); failures follow
-    :func:`trex_hub.decoding.decode_batches` (``strict`` raises, else they are reported)."""
+    :func:`trex_hub.decoding.decode_batches` (``strict`` raises, else they are reported).
+
+    Three stages overlap: ``num_workers`` threads read files (and check their headers), one
+    thread decodes and resizes batch k + 1 (nvJPEG waits for its stream with the GIL released),
+    and the caller runs the model on batch k. On CUDA the resize kernels are queued on the
+    caller's current stream, so the caller's kernels see finished batches without a sync."""
     device = torch.device(device)
     geometry = TensorGeometry(cfg)
 
@@ -147,7 +197,8 @@ def tensor_batches(groups: Iterable[Sequence[int]], fetch: Callable[[int], Any],
                            catch_all=catch_all)
 
     def read(pos: int):
-        """(pos, JPEG bytes, None) for the batched decoder, else (pos, None, PIL result)."""
+        """(pos, (item, JPEG bytes as a uint8 tensor), None) for the batched decoder, else
+        (pos, None, PIL result)."""
         try:
             item = fetch(pos)
         except ImageLoadError as exc:  # an input known to be unreadable before decoding
@@ -160,62 +211,73 @@ def tensor_batches(groups: Iterable[Sequence[int]], fetch: Callable[[int], Any],
             except OSError:
                 data = b""
             if jpeg_fits(data):
-                return pos, (item, data), None
+                return pos, (item, torch.frombuffer(bytearray(data), dtype=torch.uint8)), None
         return pos, None, fallback(pos, item)
 
+    def decode(raw: List[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+        try:
+            return list(_decode_jpegs(raw, device))
+        except RuntimeError:  # one bad file fails the batched call: retry one by one
+            imgs: List[Optional[torch.Tensor]] = []
+            for r in raw:
+                try:
+                    imgs.append(_decode_jpegs([r], device)[0])
+                except RuntimeError:
+                    imgs.append(None)
+            return imgs
+
     def assemble(results) -> Batch:
-        jpegs = [(pos, item, data) for pos, jd, _ in results if jd is not None
-                 for item, data in [jd]]
-        decoded = {}
-        if jpegs:
-            raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for _, _, d in jpegs]
-            try:
-                imgs = _decode_jpegs(raw, device)
-            except RuntimeError:  # one bad file fails the batched call: retry one by one
-                imgs = []
-                for r in raw:
-                    try:
-                        imgs.append(_decode_jpegs([r], device)[0])
-                    except RuntimeError:
-                        imgs.append(None)
-            for (pos, item, _), img in zip(jpegs, imgs):
-                decoded[pos] = geometry(img).permute(1, 2, 0) if img is not None else None
+        jpegs = [(pos, jd) for pos, jd, _ in results if jd is not None]
+        imgs = decode([raw for _, (_, raw) in jpegs]) if jpegs else []
+        fine = [img for img in imgs if img is not None]
+        resized = geometry.batch(fine) if fine else None
+        decoded: Dict[int, torch.Tensor] = {}
+        k = 0
+        for (pos, _), img in zip(jpegs, imgs):
+            if img is not None:
+                decoded[pos] = resized[k]  # type: ignore[index]
+                k += 1
+        if resized is not None and len(decoded) == len(results):
+            return Batch([pos for pos, _, _ in results], resized, [])
         ok, tensors, failures = [], [], []
         for pos, jd, res in results:
-            if jd is not None and decoded.get(pos) is None:
-                res = fallback(pos, jd[0])  # refused by the batched decoder: the PIL path
-            if jd is not None and decoded.get(pos) is not None:
+            if pos in decoded:
                 pix = decoded[pos]
-            elif res[0] is not None:
-                pix = torch.from_numpy(np.array(res[0])).to(device)  # PIL's array is read-only
             else:
-                failures.append((pos, res[1]))
-                continue
+                if jd is not None:  # refused by the batched decoder: the PIL path
+                    res = fallback(pos, jd[0])
+                if res[0] is None:
+                    failures.append((pos, res[1]))
+                    continue
+                pix = torch.from_numpy(np.array(res[0])).to(device)  # PIL's array is read-only
             ok.append(pos)
             tensors.append(pix)
         data = torch.stack(tensors) if tensors else None
         return Batch(ok, data, failures)
 
-    pool = ThreadPoolExecutor(max_workers=max(1, num_workers), thread_name_prefix="trex-read")
-    try:
-        it = iter(groups)
-        pending: List[list] = []
+    def produce() -> Iterator[Batch]:
+        pool = ThreadPoolExecutor(max_workers=max(1, num_workers), thread_name_prefix="trex-read")
+        try:
+            it = iter(groups)
+            pending: List[list] = []
 
-        def fill() -> None:
-            while len(pending) <= prefetch:
-                group = next(it, None)
-                if group is None:
-                    return
-                pending.append([pool.submit(read, p) for p in group])
+            def fill() -> None:
+                while len(pending) <= prefetch:
+                    group = next(it, None)
+                    if group is None:
+                        return
+                    pending.append([pool.submit(read, p) for p in group])
 
-        fill()
-        while pending:
-            futures = pending.pop(0)
-            results = [f.result() for f in futures]
             fill()
-            yield assemble(results)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+            while pending:
+                futures = pending.pop(0)
+                results = [f.result() for f in futures]
+                fill()
+                yield assemble(results)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    return in_background(produce, depth=1, name="trex-decode", context=_callers_stream(device))
 
 
 __all__ = ["tensor_batches", "jpeg_fits", "TensorGeometry"]
