@@ -10,6 +10,8 @@
 #                on Fashion-MNIST classes 0-4, all six at once on the GPU, then the linear probe on
 #                classes 5-9 (needs the idx files in $FMNIST, default .carry/fashion-mnist)
 #   decode       benchmarks/gpu_decode_check.py: nvJPEG vs PIL features, race or not
+#   profile      benchmarks/gpu_pipeline_profile.py: each stage of GPU extraction timed alone (read,
+#                nvJPEG decode, resize, the background pipeline, model, extract) on 4,096 photos
 #   bench-gpu    benchmarks/extract_gpu_bench.py (make bench-gpu): >= 10,000 JPEGs, naive loop vs
 #                trex-extract, fp32 / fp16, whole processes, model only (GPU_BENCH_ARGS=--compile
 #                adds torch.compile, about a minute more)
@@ -18,7 +20,7 @@
 # The two benchmarks run alone on the machine, after the rest. Runs with PYTHONPATH=$PWD and the
 # python that has torch (no install); wheels in .whl/ (Optuna for the probe's TPE search) are
 # unpacked to /tmp/site first. Files in $OUT (at most 8): log.txt, pytest_cuda.txt,
-# decode_check.txt, bench_gpu.txt, bench_gpu.json, train_bench.txt, train_bench.json, repro.tgz;
+# decode.txt (decode + profile), bench_gpu.txt, bench_gpu.json, train_bench.txt, train_bench.json, repro.tgz;
 # with all stages that is 8, so the updated docs/benchmarks.md stays behind unless a stage is off
 # (it is then copied as benchmarks.md).
 #
@@ -36,7 +38,7 @@ PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 BUDGET=${GPU_CHECK_BUDGET:-585}
-STAGES=${GPU_CHECK_STAGES:-"tests repro decode bench-gpu bench-train"}
+STAGES=${GPU_CHECK_STAGES:-"tests repro decode profile bench-gpu bench-train"}
 FMNIST=${FMNIST:-$PWD/.carry/fashion-mnist}
 T0=$(date +%s)
 LOG="$LOGS/log.txt"
@@ -45,10 +47,10 @@ say() { echo "[gpu-check $(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 # the least time each later stage needs to say something useful
-declare -A NEED=([tests]=45 [decode]=30 [bench-gpu]=100 [bench-train]=120)
+declare -A NEED=([tests]=45 [decode]=30 [profile]=60 [bench-gpu]=100 [bench-train]=120)
 reserve_after() {  # seconds to keep for the enabled stages after $1
   local sum=0 seen=0 st
-  for st in tests decode bench-gpu bench-train; do
+  for st in tests decode profile bench-gpu bench-train; do
     if [ "$seen" = 1 ] && has "$st"; then sum=$(( sum + NEED[$st] )); fi
     [ "$st" = "$1" ] && seen=1
   done
@@ -116,9 +118,16 @@ fi
 # --- stage 1b: nvJPEG against the PIL path, with and without the race ----------------------
 if has decode; then
   say "decode: benchmarks/gpu_decode_check.py"
-  timeout "$(cap 60 decode)" "$PY" benchmarks/gpu_decode_check.py 2>&1 | tee "$LOGS/decode_check.txt" \
+  timeout "$(cap 60 decode)" "$PY" benchmarks/gpu_decode_check.py 2>&1 | tee -a "$LOGS/decode.txt" \
       | tee -a "$LOG" >/dev/null
-  tail -14 "$LOGS/decode_check.txt"
+  tail -14 "$LOGS/decode.txt"
+fi
+if has profile; then
+  say "profile: benchmarks/gpu_pipeline_profile.py"
+  size=(); [ "$DEV" = cpu ] && size=(--images 48 --batch 16 --rounds 1 --precision fp32)
+  timeout "$(cap 120 profile)" "$PY" benchmarks/gpu_pipeline_profile.py --device "$DEV" \
+      --work-dir /tmp/trex-profile "${size[@]}" 2>&1 | tee -a "$LOGS/decode.txt" | tail -14 \
+      | tee -a "$LOG"
 fi
 
 # --- stage 2: the extraction benchmark, alone ----------------------------------------------
