@@ -124,7 +124,7 @@ def main(argv=None) -> int:
 
     record("resize, image by image", timed(per_image, device, args.rounds))
     record("resize, one call per size", timed(per_size, device, args.rounds))
-    del decoded
+    decoded.clear()  # frees the decoded images
 
     dec = Decoder("transfer")
 
