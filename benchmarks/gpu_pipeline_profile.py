@@ -13,7 +13,9 @@ warm-up pass, each synchronised at its end:
 * ``decode``: ``decode_jpeg`` on the device, one call per batch, bytes already in memory;
 * ``resize, image by image`` / ``resize, one call per size``: the preset's resize and crop of
   decoded images already on the device, the old way and the way ``tensor_batches`` does it;
-* ``tensor_batches``: read + decode + resize as shipped (threads, background stage), no model;
+* ``tensor_batches``: read + decode + resize as shipped (threads, background stage), no model,
+  with one reader thread per core (the default) and with 4 (fewer threads contending for the
+  GIL with the decoding thread and the model's);
 * ``model``: the prepared model on uint8 batches already on the device (``launch`` + result);
 * ``extract``: ``model.extract(files, decode=...)``, the whole in-memory engine, for GPU
   decoding and for the CPU decoding the machine would pick (worker processes on many cores).
@@ -128,11 +130,13 @@ def main(argv=None) -> int:
 
     dec = Decoder("transfer")
 
-    def pipeline():
+    def pipeline(readers: int):
         for b in tensor_batches(groups, files.__getitem__, dec, cfg, device=device,
-                                num_workers=workers):
+                                num_workers=readers):
             assert not b.failures
-    record("tensor_batches (read + decode + resize)", timed(pipeline, device, args.rounds))
+    for readers in sorted({workers, min(workers, 4)}, reverse=True):
+        record(f"tensor_batches (read + decode + resize), {readers} reader threads",
+               timed(lambda: pipeline(readers), device, args.rounds))
 
     x = torch.randint(0, 256, (bs, cfg.crop, cfg.crop, 3), dtype=torch.uint8, device=device)
     runner.launch(x).result()

@@ -13,7 +13,9 @@ subprocess, alternating the order of the sides from round to round:
   torchvision network, SGD momentum 0.9, and on CUDA AMP fp16 + GradScaler and channels_last;
 * **trex-train** with each preset (``baseline``, ``trex_star``, ``trex`` by default), same
   architecture, batch, workers and crop size, ``--no-val``, default ``--aug`` (``auto``: batched
-  on the GPU with CUDA, PIL in the workers on CPU) unless ``--aug`` says otherwise.
+  on the GPU with CUDA, PIL in the workers on CPU) unless ``--aug`` says otherwise. A preset
+  written ``trex_star+compile`` also passes ``--compile`` (its run gets ``--compile-timeout``
+  more seconds: compilation happens in epoch 1, which the steady state leaves out).
 
 Steady state: images/s over epochs 2..E (the first epoch, with start-up, worker spawning and
 cuDNN autotuning, is left out); both sides time only their training steps (trex-train's
@@ -98,7 +100,8 @@ def child_trex(args: argparse.Namespace) -> Dict[str, Any]:
     from trex_hub.cli.train import main
 
     out = Path(tempfile.mkdtemp(prefix="trex-bench-", dir=args.work))
-    argv = ["--preset", args.preset, "--arch", args.arch, "--data", args.data, "--output-dir",
+    preset, flags = split_preset(args.preset)
+    argv = ["--preset", preset, *flags, "--arch", args.arch, "--data", args.data, "--output-dir",
             str(out), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
             "--workers", str(args.workers), "--global-size", str(args.global_size),
             "--local-size", str(args.local_size), "--no-val", "--print-freq", "0",
@@ -112,6 +115,16 @@ def child_trex(args: argparse.Namespace) -> Dict[str, Any]:
                         "images_per_s": r["images_per_s"]} for r in log]}
 
 
+def split_preset(spec: str):
+    """``"trex_star+compile"`` -> ``("trex_star", ["--compile"])``."""
+    preset, *extras = spec.split("+")
+    unknown = [e for e in extras if e != "compile"]
+    if unknown:
+        raise SystemExit(f"train_bench: unknown preset option(s) {unknown} in {spec!r} "
+                         "(known: +compile)")
+    return preset, [f"--{e}" for e in extras]
+
+
 def run_child(side: str, opts: argparse.Namespace, work: Path) -> Dict[str, Any]:
     kind, _, preset = side.partition(":")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind,
@@ -121,7 +134,8 @@ def run_child(side: str, opts: argparse.Namespace, work: Path) -> Dict[str, Any]
            str(opts.global_size), "--local-size", str(opts.local_size), "--device", opts.device,
            "--aug", opts.aug]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = run_timed(cmd, opts.run_timeout, env)
+    timeout = opts.run_timeout + (opts.compile_timeout if split_preset(preset or "-")[1] else 0)
+    proc = run_timed(cmd, timeout, env)
     if proc.returncode != 0:  # a hung child's stderr holds its stacks, then "timed out after"
         raise RuntimeError(f"{side} failed:\n{proc.stderr[-6000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -154,8 +168,11 @@ def render(results: Dict[str, List[float]], opts: argparse.Namespace, machine: s
             continue
         med = statistics.median(vals)
         ratio = f"{med / base:.2f}x" if base else "-"
-        name = ("naive supervised loop" if side == "naive"
-                else f"`trex-train --preset {side.split(':')[1]}` (--aug {opts.aug})")
+        if side == "naive":
+            name = "naive supervised loop"
+        else:
+            preset, flags = split_preset(side.split(":")[1])
+            name = f"`trex-train --preset {' '.join([preset, *flags])}` (--aug {opts.aug})"
         lines.append(f"| {name} | {', '.join(f'{v:.1f}' for v in vals)} | {med:.1f} | {ratio} |")
     return "\n".join(lines) + "\n"
 
@@ -195,6 +212,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--json", default=None, help="also write the raw results here")
     p.add_argument("--run-timeout", type=float, default=900.0,
                    help="seconds one side's run may take before it counts as failed (900)")
+    p.add_argument("--compile-timeout", type=float, default=300.0,
+                   help="extra seconds for a +compile side's run (300)")
     p.add_argument("--write-docs", default=None, metavar="MD",
                    help="put the table into the Training section of this file")
     # children
@@ -231,6 +250,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     opts.data = make_folder(work / "data", opts.images)
     sides = ["naive"] + [f"trex:{p}" for p in opts.presets.split(",") if p]
+    for side in sides[1:]:
+        split_preset(side.split(":")[1])  # a typo stops here, before any data is made
     results: Dict[str, List[float]] = {s: [] for s in sides}
     errors: Dict[str, str] = {}
     print(f"[train-bench] {machine}; {opts.arch}, {opts.images} images, batch "

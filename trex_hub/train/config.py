@@ -182,6 +182,10 @@ def build_parser(prog: str = "trex-train") -> argparse.ArgumentParser:
                         "runs are deterministic anyway)")
     g.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                    help="NHWC network and crops (auto: on with CUDA)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the online and EMA networks (a minute or more of "
+                        "compilation in the first steps, and again the first time validation "
+                        "runs; checkpoints are unchanged)")
     g.add_argument("--check-finite-every", type=int, default=0, metavar="N",
                    help="read the non-finite-loss flag every N steps (0 = auto: every step on "
                         "CPU, 50 on CUDA, where each read waits for the GPU); the error names "

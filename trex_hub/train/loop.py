@@ -112,6 +112,18 @@ class LossGuard:
             f"use --amp none. The last good checkpoint is {checkpoint}")
 
 
+def _compile_networks(module: TrainModule) -> None:
+    """``torch.compile`` the online and EMA networks in place (``nn.Module.compile``): the
+    parameters, buffers and ``state_dict`` keys stay those of the uncompiled module, so
+    checkpoints, resume, EMA and DDP see no difference. Static shapes: training batches all
+    have one size (``drop_last``); validation compiles its own graphs once."""
+    if not hasattr(nn.Module, "compile"):
+        raise TrainingError(f"--compile needs torch >= 2.2 (this is {torch.__version__}); "
+                            "upgrade torch or drop --compile")
+    module.model.compile(dynamic=False)
+    module.model_ema.compile(dynamic=False)
+
+
 def _use_sync_bn(args: argparse.Namespace, env: DistEnv) -> bool:
     if args.sync_bn == "off" or not env.distributed:
         return False
@@ -220,6 +232,8 @@ def _train(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
     else:
         module.to(env.device)
     optimizer = _optimizer(module, args, env.device)
+    if getattr(args, "compile", False):
+        _compile_networks(module)
     amp_mode, amp_dtype = _amp(args, env.device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_mode == "fp16")
 
@@ -248,7 +262,8 @@ def _train(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
               f"{env.world_size} process(es) x {args.batch_size} = batch {global_batch}, "
               f"{niter} it/epoch, peak lr {peak:.4g}, amp {amp_mode}, {bn_note}, "
               f"{env.device.type}, augmentation {data.mode}"
-              f"{', channels_last' if channels_last else ''}")
+              f"{', channels_last' if channels_last else ''}"
+              f"{', torch.compile' if getattr(args, 'compile', False) else ''}")
 
     dump_dir = Path(args.debug_dump) if args.debug_dump else None
     saved_args = plain_namespace(
