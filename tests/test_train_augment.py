@@ -239,11 +239,12 @@ def test_persistent_workers_see_the_epoch(photo_data):
 
     from trex_hub.train.data import build_train_loader
 
-    def crops(workers, aug):
+    def crops(workers, aug, start="auto"):
         args = argparse.Namespace(global_size=24, global_scale=(0.25, 1.0), global_crops=1,
                                   local_size=12, local_scale=(0.05, 0.25), local_crops=1,
                                   blur_radius=(0.1, 2.0), simple_aug=False, aug=aug, seed=4,
-                                  batch_size=4, workers=workers, prefetch_factor=2)
+                                  batch_size=4, workers=workers, prefetch_factor=2,
+                                  loader_start=start)
         data = build_train_loader(args, photo_data, torch.device("cpu"))
         out = []
         for epoch in range(2):
@@ -257,6 +258,20 @@ def test_persistent_workers_see_the_epoch(photo_data):
         assert len(inline) == 8
         assert all(torch.equal(a, b) for a, b in zip(inline, workers)), aug
         assert not torch.equal(inline[0], inline[4])
+        # workers started by a forkserver (--loader-start auto with CUDA): the dataset travels
+        # by pickling and gives the same crops
+        served = crops(2, aug, "forkserver")
+        assert all(torch.equal(a, b) for a, b in zip(inline, served)), aug
+
+
+def test_loader_start_method_follows_the_device():
+    from trex_hub.train.data import worker_start_method
+
+    assert worker_start_method("auto", torch.device("cpu")) is None
+    assert worker_start_method("auto", torch.device("cuda")) == "forkserver"
+    assert worker_start_method("spawn", torch.device("cpu")) == "spawn"
+    with pytest.raises(ValueError, match="--loader-start must be one of"):
+        worker_start_method("threads", torch.device("cpu"))
 
 
 def test_collate_groups_are_sorted_padded_and_bounded():

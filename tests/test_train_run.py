@@ -136,6 +136,17 @@ def test_batched_augmentation_run_resumes_bit_for_bit(folder, tmp_path):
         assert torch.equal(st["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"])
 
 
+def test_forkserver_workers_learn_bit_for_bit_what_the_main_process_learns(straight_run, folder,
+                                                                            tmp_path):
+    """Loader workers started by a forkserver (what --loader-start auto picks with CUDA) see
+    the same crops as decoding in the main process: the checkpoint is identical."""
+    out = tmp_path / "served"
+    assert main(small_args(folder, out, "--workers", "2", "--loader-start", "forkserver")) == 0
+    a, b = torch_load(straight_run / "checkpoint.pth"), torch_load(out / "checkpoint.pth")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
 def test_resume_refuses_a_different_schedule(straight_run, folder, tmp_path, capsys):
     import shutil
 

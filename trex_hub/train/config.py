@@ -103,6 +103,11 @@ def build_parser(prog: str = "trex-train") -> argparse.ArgumentParser:
                         "--seed so that runs with different seeds see the same images)")
     g.add_argument("--no-val", action="store_true", help="skip validation")
     g.add_argument("--workers", type=int, default=8, help="data-loader processes per GPU/process")
+    g.add_argument("--loader-start", choices=("auto", "fork", "forkserver", "spawn"),
+                   default="auto",
+                   help="how loader workers start (auto: forkserver with CUDA, where forking a "
+                        "process that runs CUDA threads can deadlock a worker; else the "
+                        "platform's default)")
     g.add_argument("--prefetch-factor", type=int, default=4,
                    help="batches each (persistent) loader worker prepares ahead (4)")
 

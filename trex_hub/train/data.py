@@ -84,11 +84,38 @@ def multicrop_from_args(args: argparse.Namespace) -> MultiCrop:
                      blur_radius=args.blur_radius, simple=bool(args.simple_aug))
 
 
+LOADER_STARTS = ("auto", "fork", "forkserver", "spawn")
+
+
+def worker_start_method(choice: str, device: torch.device) -> Optional[str]:
+    """How loader workers start: ``None`` for the platform's default, else a start method.
+
+    ``auto`` is ``forkserver`` on CUDA (where the platform has it): by the time the first
+    epoch starts its workers the process runs CUDA's, the pin-memory and the intra-op threads,
+    and a ``fork`` then copies whatever lock one of them holds into the child (Python 3.12 warns
+    about exactly this; a worker stuck on such a lock hangs the run). A forkserver worker starts
+    from a clean single-threaded process and receives the dataset by pickling, once per run
+    (workers are persistent). Elsewhere ``auto`` keeps the platform default."""
+    import multiprocessing
+
+    if choice not in LOADER_STARTS:
+        raise ValueError(f"--loader-start must be one of {', '.join(LOADER_STARTS)}, "
+                         f"not {choice!r}")
+    available = multiprocessing.get_all_start_methods()
+    if choice == "auto":
+        return "forkserver" if device.type == "cuda" and "forkserver" in available else None
+    if choice not in available:
+        raise ValueError(f"--loader-start {choice} is not available on this platform "
+                         f"(available: {', '.join(available)})")
+    return choice
+
+
 def build_train_loader(args: argparse.Namespace, train_data: Any, device: torch.device,
                        rank: int = 0, world_size: int = 1,
                        channels_last: bool = False) -> TrainLoader:
     """Per-process training loader: a seeded ``DistributedSampler`` (drop_last) wrapped in an
-    :class:`EpochSampler`; persistent workers with ``--prefetch-factor`` batches each."""
+    :class:`EpochSampler`; persistent workers with ``--prefetch-factor`` batches each, started
+    as :func:`worker_start_method` says."""
     from ..datasets import ImageDataset
 
     crops = multicrop_from_args(args)
@@ -108,6 +135,9 @@ def build_train_loader(args: argparse.Namespace, train_data: Any, device: torch.
     if args.workers > 0:
         extra = {"persistent_workers": True,
                  "prefetch_factor": max(1, int(getattr(args, "prefetch_factor", 4)))}
+        start = worker_start_method(getattr(args, "loader_start", "auto"), device)
+        if start is not None:
+            extra["multiprocessing_context"] = start
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
                         num_workers=args.workers, pin_memory=device.type == "cuda",
                         drop_last=True, collate_fn=collate, **extra)
@@ -115,4 +145,4 @@ def build_train_loader(args: argparse.Namespace, train_data: Any, device: torch.
 
 
 __all__ = ["load_data", "resolve_aug", "TrainLoader", "multicrop_from_args",
-           "build_train_loader"]
+           "build_train_loader", "worker_start_method", "LOADER_STARTS"]
