@@ -135,6 +135,37 @@ def _run_main_threads1(*args):
         torch.set_num_threads(before)
 
 
+def test_ctrl_c_stops_the_decoding_thread_and_resume_completes(ckpt, tmp_path):
+    """A real SIGINT while --decode gpu (batched decode_jpeg + resize in a thread of their own;
+    on the CPU here) is mid-run: exit 130 with the one-line hint, no traceback, no hung
+    thread; --resume then gives the file a straight run gives."""
+    data = tmp_path / "jpegs"
+    data.mkdir()
+    for i, a in enumerate(photos(96, (64, 48), seed=6)):
+        Image.fromarray(a).save(data / f"{i:03d}.jpg", quality=90)
+    out, parts = tmp_path / "stopped.npy", tmp_path / "stopped.npy.parts"
+    opts = ["-b", "4", "--chunk-size", "8", "-j", "1", "--decode", "gpu", "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "trex_hub.cli.extract", str(ckpt), str(data),
+                             "-o", str(out), *opts, "--threads", "1"], env=env, cwd=tmp_path,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list(parts.glob("part-*.jsonl"))) >= 2:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "--resume" in err
+    assert not out.exists()
+    assert _run_main_threads1(ckpt, data, "-o", out, *opts, "--resume") == 0
+    ref = tmp_path / "ref.npy"
+    assert _run_main_threads1(ckpt, data, "-o", ref, *opts) == 0
+    assert out.read_bytes() == ref.read_bytes()
+
+
 def test_resume_after_sigkill_gives_identical_file(ckpt, tmp_path):
     data = tmp_path / "many"
     data.mkdir()
