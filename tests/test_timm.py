@@ -146,6 +146,35 @@ def test_trex_hub_loads_a_timm_folder_and_hub_repo(released_r50, timm_folder, tm
         assert torch.equal(remote(X), ref)
 
 
+def test_pretrained_false_and_preprocessing_from_a_timm_config(tmp_path, monkeypatch):
+    """A timm repo rebuilds its architecture from config.json alone (no weights downloaded), and
+    the pretrained_cfg's geometry comes back as our preprocessing, both ways (timm's
+    resize = floor(crop / crop_pct))."""
+    torch.manual_seed(0)
+    model = TReX("resnet18", name="small")
+    model.set_preprocess(trex_hub.PreprocessConfig(resize=255, crop=224, interpolation="bilinear",
+                                                   mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
+    folder = trex_hub.save_pretrained(model, tmp_path / "small", format="timm")
+    assert trex_hub.load(folder).preprocess_config == model.preprocess_config
+    with HubServer() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url.rstrip("/"))
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+        hub.add("org/small", {n: (folder / n).read_bytes() for n in TIMM_FILES})
+        arch = trex_hub.load("hf-hub:org/small", pretrained=False)
+        assert [d[2] for d in hub.downloads] == ["config.json"]
+    assert arch.arch == "resnet18" and not arch.has_projector
+    assert arch.preprocess_config == model.preprocess_config
+    assert not torch.equal(arch.backbone.conv1.weight, model.backbone.conv1.weight)
+    # a timm model of another family: one line naming it, whether weights are read or not
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["architecture"] = "vit_small_patch16_224"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    from trex_hub.checkpoint import read_config
+
+    with pytest.raises(CheckpointError, match="'vit_small_patch16_224' model is not a t-ReX"):
+        read_config(folder / "config.json")
+
+
 def test_trex_hub_loads_a_folder_written_by_timm_itself(tmp_path):
     """A timm ResNet-50 with its ImageNet classifier, saved by timm: trex_hub keeps the backbone."""
     torch.manual_seed(0)

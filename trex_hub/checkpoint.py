@@ -305,13 +305,19 @@ def read_config(path: PathLike, config: Any = None) -> Dict[str, Any]:
     ``config`` is its already parsed content, if the caller has it."""
     from .configschema import ConfigFieldError, validate_config
 
+    from .timm_format import config_from_timm, is_timm_config
+
     if config is None:
         config = _read_json(path)
     try:
+        if is_timm_config(config):  # a timm folder's config.json (pretrained=False reads it)
+            config = config_from_timm(config)
         return validate_config(config)
     except ConfigFieldError as exc:
         raise CheckpointError(f"{path}: {exc}; fix the file or export the model again with "
                               "trex_hub.save_pretrained") from None
+    except ValueError as exc:  # a timm config of another architecture
+        raise CheckpointError(f"{path}: {exc}") from None
 
 
 def read_checkpoint(path: PathLike, *, ema: bool = False) -> Checkpoint:

@@ -19,6 +19,7 @@ huggingface_hub (the model card), reading needs neither timm nor this module's c
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -129,10 +130,32 @@ _PLAIN_RESNET_KEY = re.compile(
     r"downsample\.[01]\.\w+)|fc\.(weight|bias))$")
 
 
-def from_timm(state: Dict[str, Any], config: Dict[str, Any]) -> Tuple[Dict[str, Any],
-                                                                       Dict[str, Any]]:
-    """A timm folder's state dict + config -> (canonical ``backbone.*`` state dict, trex_hub
-    config). Raises ``ValueError`` (one line: what and how to fix) for another architecture."""
+def _preprocess_from_timm(pre: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """Our ``preprocess`` dict from timm's ``pretrained_cfg`` (``input_size``, ``crop_pct``,
+    ``interpolation``, ``mean`` / ``std``; resize = floor(crop / crop_pct) as timm computes it),
+    or ``None`` when it says something else than resize + centre crop (its values are then
+    checked by the config schema like any other)."""
+    try:
+        crop = int(pre["input_size"][-1])
+        pct = float(pre.get("crop_pct", 1.0))
+        if pre.get("crop_mode", "center") != "center" or not 0.0 < pct <= 1.0:
+            return None
+        if pre.get("interpolation", "bicubic") not in ("bicubic", "bilinear", "nearest"):
+            return None
+        out = {"resize": int(math.floor(crop / pct + 1e-3)), "crop": crop,
+               "interpolation": pre.get("interpolation", "bicubic")}
+        for key in ("mean", "std"):
+            if key in pre:
+                out[key] = [float(v) for v in pre[key]]
+        return out
+    except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError):
+        return None
+
+
+def config_from_timm(config: Dict[str, Any]) -> Dict[str, Any]:
+    """A timm ``config.json`` -> the trex_hub config that rebuilds the same backbone (arch,
+    features, name, preprocessing from its ``pretrained_cfg``). Raises ``ValueError`` (one line:
+    what and how to fix) for another architecture."""
     arch_name = str(config.get("architecture"))
     base = arch_name.split(".")[0]  # "resnet50.a1_in1k" -> "resnet50"
     ours = {v: k for k, v in TIMM_ARCHITECTURES.items()}.get(base)
@@ -140,18 +163,30 @@ def from_timm(state: Dict[str, Any], config: Dict[str, Any]) -> Tuple[Dict[str, 
         raise ValueError(f"a timm '{arch_name}' model is not a t-ReX backbone; trex_hub loads "
                          f"timm folders of {', '.join(TIMM_ARCHITECTURES)} only (load other "
                          "timm models with timm.create_model)")
+    pre = config.get("pretrained_cfg") if isinstance(config.get("pretrained_cfg"), dict) else {}
+    extra = config.get("trex_hub") if isinstance(config.get("trex_hub"), dict) else {}
+    cfg: Dict[str, Any] = {"arch": ours, "num_features": config.get("num_features"),
+                           "projector": None, "classifier": None,
+                           "name": extra.get("name") or pre.get("tag")}
+    preprocess = _preprocess_from_timm(pre)
+    if preprocess is not None:
+        cfg["preprocess"] = preprocess
+    return cfg
+
+
+def from_timm(state: Dict[str, Any], config: Dict[str, Any]) -> Tuple[Dict[str, Any],
+                                                                       Dict[str, Any]]:
+    """A timm folder's state dict + config -> (canonical ``backbone.*`` state dict, trex_hub
+    config). Raises ``ValueError`` (one line: what and how to fix) for another architecture."""
+    cfg = config_from_timm(config)
+    base = str(config.get("architecture")).split(".")[0]
     stray = sorted(k for k in state if not _PLAIN_RESNET_KEY.match(k))
     if stray:
         raise ValueError(f"the weights are not timm's plain {base} layout (unexpected "
                          f"{stray[:5]}); re-export them with timm or trex_hub")
     canonical = {f"backbone.{k}": v for k, v in state.items() if not k.startswith("fc.")}
-    pre = config.get("pretrained_cfg") or {}
-    extra = config.get("trex_hub") if isinstance(config.get("trex_hub"), dict) else {}
-    cfg: Dict[str, Any] = {"arch": ours, "num_features": config.get("num_features"),
-                           "projector": None, "classifier": None,
-                           "name": extra.get("name") or pre.get("tag")}
     return canonical, cfg
 
 
-__all__ = ["save_timm", "from_timm", "timm_config", "pretrained_cfg", "is_timm_config",
-           "TIMM_ARCHITECTURES"]
+__all__ = ["save_timm", "from_timm", "config_from_timm", "timm_config", "pretrained_cfg",
+           "is_timm_config", "TIMM_ARCHITECTURES"]
