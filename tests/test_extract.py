@@ -136,6 +136,40 @@ def test_extract_fast_equals_plain_eval(r18_path):
     assert rel_err(fast, ref) < 1e-4
 
 
+def test_extract_normalises_with_the_models_own_mean_and_std(r18_path, tmp_path):
+    """A model whose preprocessing has its own mean / std (a timm or exported config): every
+    engine path normalises with them, as get_transform(model) does; the preset only sets the
+    geometry. Also for decoded images mixed with already normalised tensors, and for the
+    ONNX Runtime engine when it is installed."""
+    from trex_hub import get_transform
+
+    model = trex_hub.load(r18_path)
+    model.set_preprocess(trex_hub.PreprocessConfig(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3)))
+    imgs = photos(4)
+    tf = get_transform(model)
+    x = torch.stack([tf(Image.fromarray(a)) for a in imgs])
+    with torch.no_grad():
+        ref = model(x)
+    assert rel_err(model.extract(imgs, batch_size=2), ref) < 1e-4
+    paths = []
+    for i, a in enumerate(imgs):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(a).save(paths[-1])
+    assert rel_err(model.extract(paths, batch_size=2, decode="cpu"), ref) < 1e-4
+    mixed = model.extract([x[0], imgs[1], x[2], imgs[3]], batch_size=4, fast=False)
+    assert rel_err(mixed, ref) < 1e-5
+    default = trex_hub.load(r18_path)  # ImageNet's mean / std: other features
+    assert rel_err(default.extract(imgs, batch_size=2), ref) > 1e-2
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from trex_hub.onnx_export import prepare_onnxruntime
+
+    runner = prepare_onnxruntime(model)
+    u8 = torch.from_numpy(np.stack([np.asarray(Decoder("transfer")(Image.fromarray(a)))
+                                    for a in imgs]))
+    assert rel_err(runner(u8), ref) < 1e-4
+
+
 def test_extract_inputs_and_options(r18_path, tmp_path):
     model = trex_hub.load(r18_path)
     imgs = photos(3)

@@ -58,11 +58,13 @@ def decode_item(decoder: Decoder, get_item: Callable[[], Any], what: str, *, str
         return None, f"{what}: {type(exc).__name__}: {exc}"
 
 
-def normalise(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[..., H, W, 3]`` -> float ``[..., 3, H, W]``, normalised (ImageNet mean/std)."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (pixels.movedim(-1, -3).float() / 255.0 - mean) / std
+def normalise(pixels: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """uint8 ``[..., H, W, 3]`` -> float ``[..., 3, H, W]``, normalised with ``mean`` / ``std``
+    (ImageNet's by default)."""
+    m = torch.tensor(tuple(mean), dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(tuple(std), dtype=torch.float32).view(3, 1, 1)
+    return (pixels.movedim(-1, -3).float() / 255.0 - m) / s
 
 
 def batch_ranges(count: int, batch_size: int) -> List[range]:
@@ -70,11 +72,13 @@ def batch_ranges(count: int, batch_size: int) -> List[range]:
     return [range(s, min(s + batch_size, count)) for s in range(0, count, batch_size)]
 
 
-def _stack(positions: List[int], arrays: List[Union[np.ndarray, torch.Tensor]]) -> torch.Tensor:
+def _stack(positions: List[int], arrays: List[Union[np.ndarray, torch.Tensor]],
+           decoder: Decoder) -> torch.Tensor:
     shapes = {tuple(a.shape) for a in arrays}
     floats = any(isinstance(a, torch.Tensor) for a in arrays)
-    if floats:
-        arrays = [a if isinstance(a, torch.Tensor) else normalise(torch.from_numpy(np.array(a)))
+    if floats:  # decoded images join the caller's normalised tensors, normalised the same way
+        arrays = [a if isinstance(a, torch.Tensor) else
+                  normalise(torch.from_numpy(np.array(a)), decoder.mean, decoder.std)
                   for a in arrays]
         shapes = {tuple(a.shape) for a in arrays}
     if len(shapes) > 1:
@@ -108,7 +112,7 @@ def decode_batches(groups: Iterable[Sequence[int]], fetch: Callable[[int], Any],
                 arrays.append(arr)
             else:
                 failures.append((pos, err))
-        data = _stack(ok_pos, arrays) if arrays else None
+        data = _stack(ok_pos, arrays, decoder) if arrays else None
         return Batch(ok_pos, data, failures)
 
     if num_workers <= 0:

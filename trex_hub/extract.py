@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from . import preprocess as pp
 from .decode_procs import process_batches
 from .decoding import Batch, batch_ranges, decode_batches, default_workers, normalise
-from .inference import PRECISIONS, InferenceModel, Pending, prepare
+from .inference import PRECISIONS, InferenceModel, Pending, normalisation, prepare
 from .tensor_decode import tensor_batches
 from .transforms import Decoder, ImageLoadError, build_transform, preset_geometry
 
@@ -88,12 +88,15 @@ def _split_inputs(images: Any) -> Tuple[Optional[torch.Tensor], List[Any]]:
 
 
 def iter_batches(items: Sequence[Any], *, batch_size: int, preprocess: Optional[str],
-                 num_workers: int = 0, draft: bool = True) -> Iterator[torch.Tensor]:
-    """Decode and preprocess ``items`` into normalised float batches ``[n, 3, H, W]``."""
-    decoder = Decoder(preprocess, draft=draft)
+                 num_workers: int = 0, draft: bool = True,
+                 mean: Sequence[float] = pp.IMAGENET_MEAN,
+                 std: Sequence[float] = pp.IMAGENET_STD) -> Iterator[torch.Tensor]:
+    """Decode and preprocess ``items`` into float batches ``[n, 3, H, W]`` normalised with
+    ``mean`` / ``std`` (ImageNet's by default; a model's own: ``inference.normalisation``)."""
+    decoder = Decoder(preprocess, draft=draft, mean=mean, std=std)
     groups = batch_ranges(len(items), batch_size)
     for b in decode_batches(groups, items.__getitem__, decoder, num_workers=num_workers):
-        yield normalise(b.data) if b.data.dtype == torch.uint8 else b.data
+        yield normalise(b.data, mean, std) if b.data.dtype == torch.uint8 else b.data
 
 
 def choose_decoding(decode: str, workers_mode: str, device: torch.device,
@@ -176,7 +179,9 @@ def extract_features(model: torch.nn.Module, images: Any, *, batch_size: int = 3
             iterable of those, or an already-normalised float batch [N, 3, H, W].
         batch_size: images per forward pass.
         preprocess: ``"transfer"`` (default; Resize 224 bicubic + CenterCrop 224, the paper's
-            protocol), ``"imagenet"`` (Resize 256 + CenterCrop 224) or ``None``.
+            protocol), ``"imagenet"`` (Resize 256 + CenterCrop 224) or ``None``. The preset
+            sets the geometry; pixels are normalised with the mean / std of the model's own
+            preprocessing config (ImageNet's for every released model), as ``get_transform``.
         normalize: L2-normalise each feature vector.
         output: ``"torch"`` (float32 CPU tensor) or ``"numpy"``.
         num_workers: decoding workers; ``None`` picks one per core this process may use when
@@ -225,7 +230,8 @@ def extract_features(model: torch.nn.Module, images: Any, *, batch_size: int = 3
             paths = all(isinstance(i, _SINGLE) for i in items)
             kind = choose_decoding(decode, workers_mode, runner.device, preprocess, paths,
                                    len(items), workers)
-            decoder = Decoder(preprocess, draft=draft)
+            mean, std = normalisation(model)
+            decoder = Decoder(preprocess, draft=draft, mean=mean, std=std)
             groups = batch_ranges(len(items), batch_size)
             batches = open_batches(groups, items.__getitem__, decoder, kind=kind,
                                    device=runner.device, num_workers=workers)

@@ -214,12 +214,24 @@ def _signature(model: nn.Module) -> Tuple[Any, ...]:
     return tuple(sig)
 
 
+def normalisation(model: Any) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """``(mean, std)`` the weights expect: the model's own preprocessing config (a
+    :class:`~trex_hub.model.TReX` carries it, from the registry, ``config.json`` or timm's
+    ``pretrained_cfg``), ImageNet's for a model without one. A preprocessing preset
+    (``"transfer"``, ``"imagenet"``) only sets the geometry, as in ``get_transform``."""
+    cfg = getattr(model, "preprocess_config", None)
+    if cfg is None:
+        return tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
+    return tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
+
+
 class InferenceModel:
     """A prepared copy of a model for one device / precision; call it on a batch.
 
     Accepts either an already normalised float batch ``[N, 3, H, W]`` or a uint8 batch in
     NHWC layout ``[N, H, W, 3]`` (what the decode pipeline produces), which it normalises with
-    the ImageNet mean/std on the device. Returns float32 features on the CPU.
+    ``mean`` / ``std`` on the device (:func:`prepare` passes the model's own, see
+    :func:`normalisation`). Returns float32 features on the CPU.
     """
 
     def __init__(self, model: nn.Module, device: torch.device, precision: str = "fp32",
@@ -344,14 +356,15 @@ def prepare(model: nn.Module, device: Union[str, torch.device, None] = None,
     """
     dev = resolve_device(device, model)
     check_precision(precision, dev)
-    key = (str(dev), precision, bool(channels_last), bool(fold_bn), bool(compile))
+    mean, std = normalisation(model)  # set_preprocess changes it without touching the weights
+    key = (str(dev), precision, bool(channels_last), bool(fold_bn), bool(compile), mean, std)
     sig = _signature(model)
     with _CACHE_LOCK:
         entry = _CACHE.get(model, {}).get(key)
         if entry is not None and entry[0] == sig:
             return entry[1]
     prepared = InferenceModel(model, dev, precision, channels_last=channels_last,
-                              fold_bn=fold_bn, compile=compile)
+                              fold_bn=fold_bn, compile=compile, mean=mean, std=std)
     with _CACHE_LOCK:
         # one prepared copy per model: a new key or new weights replace the old ones
         _CACHE[model] = {key: (sig, prepared)}
@@ -363,5 +376,5 @@ def clear_cache() -> None:
         _CACHE.clear()
 
 
-__all__ = ["InferenceModel", "Pending", "prepare", "fold_batchnorm", "fold_conv_bn",
+__all__ = ["InferenceModel", "Pending", "prepare", "normalisation", "fold_batchnorm", "fold_conv_bn",
            "fold_linear_bn", "fp32_mode", "PRECISIONS", "clear_cache"]

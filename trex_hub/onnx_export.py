@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .fileio import PathLike
-from .inference import Pending
+from .inference import Pending, normalisation
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, PRESETS
 
 INPUT_NAME = "pixel_values"
@@ -215,13 +215,16 @@ def prepare_onnxruntime(model: nn.Module, workdir: Optional[PathLike] = None, *,
     holds the graph. The exporter's optimiser is skipped: the session optimises the graph."""
     if head is None:
         head = "projector" if getattr(model, "has_projector", False) else "backbone"
+    mean, std = normalisation(model)  # the weights' own, as the torch engine uses
     name = f"{getattr(model, 'arch', 'model')}-{head}.onnx"
     if workdir is not None:
         path = export_onnx(model, Path(workdir) / name, head=head, optimize=False)
-        return OnnxRuntimeModel(path, output=HEADS[head][-1], threads=threads)
+        return OnnxRuntimeModel(path, output=HEADS[head][-1], threads=threads, mean=mean,
+                                    std=std)
     with tempfile.TemporaryDirectory(prefix="trex-onnx-") as tmp:
         path = export_onnx(model, Path(tmp) / name, head=head, optimize=False)
-        return OnnxRuntimeModel(path, output=HEADS[head][-1], threads=threads)
+        return OnnxRuntimeModel(path, output=HEADS[head][-1], threads=threads, mean=mean,
+                                    std=std)
 
 
 def engine_for(engine: str, model: nn.Module, workdir: Optional[PathLike] = None,

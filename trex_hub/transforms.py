@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -229,9 +229,13 @@ class Decoder:
     """
 
     def __init__(self, preset: Optional[str] = "transfer", draft: bool = True,
-                 max_pixels: Optional[int] = None):
+                 max_pixels: Optional[int] = None,
+                 mean: Sequence[float] = pp.IMAGENET_MEAN, std: Sequence[float] = pp.IMAGENET_STD):
         geo = preset_geometry(preset)
         self.preset = preset
+        # the weights' normalisation, for the rare batch that mixes decoded images with
+        # already normalised tensors (every other batch is normalised by the inference model)
+        self.mean, self.std = tuple(mean), tuple(std)
         self.max_pixels = max_pixels
         self.draft_size = geo[0] if (geo and draft) else None
         self.ops = []
