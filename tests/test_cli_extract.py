@@ -127,6 +127,35 @@ def test_resume_refuses_a_changed_run(ckpt, folder, tmp_path, capsys):
     assert not (tmp_path / "f.npy.parts").exists()
 
 
+def test_preprocess_model_follows_the_folder_config_and_resume_checks_it(ckpt, folder,
+                                                                          tmp_path, capsys):
+    """--preprocess model extracts with the exported folder's own geometry and mean / std; a
+    --resume after the folder's config.json changed either is refused, naming what changed
+    (the weights are the same, so only the recorded preprocessing can tell)."""
+    root, _ = folder
+    model = trex_hub.load(ckpt)
+    model.set_preprocess(trex_hub.PreprocessConfig(resize=48, crop=40, interpolation="bilinear",
+                                                   mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3)))
+    export = trex_hub.save_pretrained(model, tmp_path / "exported")
+    out = tmp_path / "f.npy"
+    assert run(export, root / "cats", "-o", out, "--preprocess", "model", "-b", "2") == 0
+    files = sorted(p for p in (root / "cats").iterdir() if p.suffix != ".txt")
+    ref = model.extract(files, preprocess="model", batch_size=2)
+    assert np.allclose(np.load(out), ref.numpy(), rtol=1e-4, atol=1e-5)
+    meta = json.loads((tmp_path / "f.npy.meta.json").read_text())
+    assert meta["preprocess"] == {"resize": 48, "crop": 40, "interpolation": "bilinear"}
+    config = json.loads((export / "config.json").read_text())
+    for change in ({"crop": 32}, {"mean": [0.485, 0.456, 0.406]}):
+        edited = dict(config, preprocess=dict(config["preprocess"], **change))
+        (export / "config.json").write_text(json.dumps(edited))
+        capsys.readouterr()
+        assert run(export, root / "cats", "-o", out, "--preprocess", "model", "--resume",
+                   "--keep-parts", "-b", "2") == 1
+        err = capsys.readouterr().err
+        word = "--preprocess" if "crop" in change else "the mean / std"
+        assert "made by a different run" in err and word in err, err
+
+
 def _run_main_threads1(*args):
     before = torch.get_num_threads()
     try:

@@ -170,6 +170,36 @@ def test_extract_normalises_with_the_models_own_mean_and_std(r18_path, tmp_path)
     assert rel_err(runner(u8), ref) < 1e-4
 
 
+def test_preprocess_model_uses_the_weights_own_geometry(r18_path, tmp_path):
+    """preprocess="model" is get_transform(model): the weights' own resize / crop /
+    interpolation (and mean / std), on every decoding path; a model without a config (a plain
+    torchvision ResNet) is told what to pass instead."""
+    from trex_hub import get_transform
+
+    model = trex_hub.load(r18_path)
+    model.set_preprocess(trex_hub.PreprocessConfig(resize=40, crop=32, interpolation="bilinear",
+                                                   mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3)))
+    imgs = photos(6)
+    tf = get_transform(model)
+    with torch.no_grad():
+        ref = model(torch.stack([tf(Image.fromarray(a)) for a in imgs]))
+    paths = []
+    for i, a in enumerate(imgs):
+        paths.append(tmp_path / f"{i}.jpg")
+        Image.fromarray(a).save(paths[-1], quality=95)
+    assert rel_err(model.extract(imgs, preprocess="model", batch_size=4), ref) < 1e-4
+    by_file = model.extract(paths, preprocess="model", decode="cpu", draft=False)
+    procs = model.extract(paths, preprocess="model", decode="cpu", draft=False, num_workers=2,
+                          workers_mode="processes")
+    assert torch.equal(by_file, procs)
+    tensor = model.extract(paths, preprocess="model", decode="gpu")  # decode_jpeg on the CPU
+    assert rel_err(tensor, by_file) < 1e-2  # the tensor path's documented bound (3e-3 here)
+    with pytest.raises(ValueError, match="this model has none.*'transfer' or 'imagenet'"):
+        ex.extract_features(torchvision.models.resnet18(), imgs, preprocess="model")
+    with pytest.raises(ValueError, match="choose one of .*'model' or None"):
+        model.extract(imgs, preprocess="imagenet256")
+
+
 def test_extract_inputs_and_options(r18_path, tmp_path):
     model = trex_hub.load(r18_path)
     imgs = photos(3)

@@ -28,7 +28,7 @@ from .decode_procs import process_batches
 from .decoding import Batch, batch_ranges, decode_batches, default_workers, normalise
 from .inference import PRECISIONS, InferenceModel, Pending, normalisation, prepare
 from .tensor_decode import tensor_batches
-from .transforms import Decoder, ImageLoadError, build_transform, preset_geometry
+from .transforms import Decoder, ImageLoadError, build_transform, resolve_preprocess
 
 DECODES = ("auto", "cpu", "gpu")
 WORKER_MODES = ("auto", "threads", "processes")
@@ -132,12 +132,12 @@ def open_batches(groups: Sequence[Sequence[int]], fetch: Callable[[int], Any], d
     """The batches of ``groups`` by the decoding path ``kind`` (:func:`choose_decoding`)."""
     kw = dict(strict=strict, describe=describe, catch_all=catch_all)
     if kind == "tensor":
-        cfg = pp.PRESETS[decoder.preset]
+        cfg = decoder.config
         return tensor_batches(groups, fetch, decoder, cfg, device=device,
                               num_workers=max(1, num_workers), **kw)
     if kind == "processes":
         return process_batches(groups, fetch, decoder, num_workers=num_workers,
-                               crop=pp.PRESETS[decoder.preset].crop, **kw)
+                               crop=decoder.config.crop, **kw)
     return decode_batches(groups, fetch, decoder, num_workers=num_workers, **kw)
 
 
@@ -166,7 +166,7 @@ def progress_bar(total: int, enabled: bool, desc: str = "extract"):
 
 
 def extract_features(model: torch.nn.Module, images: Any, *, batch_size: int = 32,
-                     preprocess: Optional[str] = "transfer", normalize: bool = False,
+                     preprocess: Any = "transfer", normalize: bool = False,
                      output: str = "torch", num_workers: Optional[int] = None,
                      device: Union[str, torch.device, None] = None, precision: str = "fp32",
                      compile: bool = False, fast: bool = True, draft: bool = True,
@@ -179,9 +179,11 @@ def extract_features(model: torch.nn.Module, images: Any, *, batch_size: int = 3
             iterable of those, or an already-normalised float batch [N, 3, H, W].
         batch_size: images per forward pass.
         preprocess: ``"transfer"`` (default; Resize 224 bicubic + CenterCrop 224, the paper's
-            protocol), ``"imagenet"`` (Resize 256 + CenterCrop 224) or ``None``. The preset
-            sets the geometry; pixels are normalised with the mean / std of the model's own
-            preprocessing config (ImageNet's for every released model), as ``get_transform``.
+            protocol), ``"imagenet"`` (Resize 256 + CenterCrop 224), ``"model"`` (the model's
+            own preprocessing config, as ``get_transform(model)``; the transfer preset for
+            every released model), a ``PreprocessConfig``, or ``None``. The preset sets the
+            geometry; pixels are normalised with the mean / std of the model's own config
+            (ImageNet's for every released model).
         normalize: L2-normalise each feature vector.
         output: ``"torch"`` (float32 CPU tensor) or ``"numpy"``.
         num_workers: decoding workers; ``None`` picks one per core this process may use when
@@ -211,7 +213,7 @@ def extract_features(model: torch.nn.Module, images: Any, *, batch_size: int = 3
         raise ValueError(f"output must be 'torch' or 'numpy', not {output!r}")
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    preset_geometry(preprocess)  # validates the name
+    preprocess = resolve_preprocess(preprocess, model)  # "model": the model's own geometry
     runner = prepare(model, device, precision, compile=compile, channels_last=fast,
                      fold_bn=fast)
     batch, items = _split_inputs(images)

@@ -37,9 +37,10 @@ from .featurefile import (FORMAT_VERSION, ExtractError, committed_segments, merg
                           segment_files, write_segment)
 from .fileio import PathLike
 from .imagefiles import Entry
-from .inference import prepare, resolve_device
+from .inference import normalisation, prepare, resolve_device
 from .run_state import prepare_parts, release, write_errors
-from .transforms import Decoder, ImageLoadError, preset_geometry
+from .transforms import (Decoder, ImageLoadError, check_preprocess, preprocess_record,
+                         resolve_preprocess)
 
 
 PARTS_LAYOUT = 2  # part-A-B segments (1: chunk-K files)
@@ -98,7 +99,7 @@ class RunOptions:
             raise ValueError("batch_size and chunk_size must be >= 1")
         if not self.commit_seconds > 0:
             raise ValueError("commit_seconds must be > 0")
-        preset_geometry(self.preprocess)  # validates the name
+        check_preprocess(self.preprocess)  # validates the name
         choose_decoding(self.decode, self.workers_mode, torch.device("cpu"), self.preprocess,
                         True, 0, 0)  # validates decode / workers_mode before anything is written
 
@@ -188,7 +189,9 @@ def fingerprint(model: torch.nn.Module, entries: Sequence[Entry], opts: RunOptio
     fp = {
         "format_version": FORMAT_VERSION, "inputs": _entries_digest(entries),
         "count": len(entries), "weights": _weights_digest(model),
-        "dim": int(getattr(model, "out_dim", 0) or 0), "preprocess": opts.preprocess,
+        "dim": int(getattr(model, "out_dim", 0) or 0),
+        "preprocess": preprocess_record(opts.preprocess, model),
+        "normalisation": [list(v) for v in normalisation(model)],
         "normalize": bool(opts.normalize), "precision": opts.precision,
         "draft": bool(opts.draft), "max_pixels": opts.max_pixels, "decode": opts.decode,
         "batch_size": opts.batch_size, "chunk_size": chunk_size, "parts": PARTS_LAYOUT,
@@ -334,7 +337,8 @@ def run_chunks(model: torch.nn.Module, entries: Sequence[Entry], plan: Plan, opt
     dim = int(getattr(model, "out_dim", 0) or 0)
     runner = ((opts.engine or prepare(model, opts.device, opts.precision, compile=opts.compile))
               if plan.mine else None)
-    decoder = Decoder(opts.preprocess, draft=opts.draft, max_pixels=opts.max_pixels)
+    decoder = Decoder(resolve_preprocess(opts.preprocess, model), draft=opts.draft,
+                      max_pixels=opts.max_pixels)
     workers = opts.num_workers if opts.num_workers is not None else default_workers()
     groups = plan.batches(len(entries))
     bar = progress_bar(sum(len(g) for g in groups), opts.progress and shard.rank == 0,
@@ -389,7 +393,7 @@ def finish_run(plan: Plan, opts: RunOptions, dim: int, total: int, world_size: i
     """Step 3 on rank 0, after every rank's chunks are committed: merge them into the final
     files (with ``info`` in the meta), drop the parts folder; returns (ok, failed)."""
     meta = dict(info or {}, format_version=FORMAT_VERSION, dim=dim, total=total,
-                preprocess=opts.preprocess, normalize=bool(opts.normalize),
+                preprocess=plan.fingerprint["preprocess"], normalize=bool(opts.normalize),
                 precision=opts.precision, draft=bool(opts.draft),
                 weights_sha256=plan.fingerprint["weights"], world_size=world_size,
                 manifest=plan.paths["manifest"].name, fingerprint=plan.fingerprint)

@@ -376,5 +376,5 @@ def clear_cache() -> None:
         _CACHE.clear()
 
 
-__all__ = ["InferenceModel", "Pending", "prepare", "normalisation", "fold_batchnorm", "fold_conv_bn",
-           "fold_linear_bn", "fp32_mode", "PRECISIONS", "clear_cache"]
+__all__ = ["InferenceModel", "Pending", "prepare", "normalisation", "fold_batchnorm",
+           "fold_conv_bn", "fold_linear_bn", "fp32_mode", "PRECISIONS", "clear_cache"]

@@ -36,13 +36,14 @@ _WORDS = {"format_version": "the file format version", "parts": "the parts layou
           "normalize": "--normalize", "precision": "--precision", "draft": "--no-draft",
           "max_pixels": "--max-pixels", "decode": "--decode", "engine": "--engine",
           "decoder": "the decoder --decode auto chose (gpu: nvJPEG, cpu: PIL; it depends on the "
-                     "device and the number of workers, -j)"}
+                     "device and the number of workers, -j)",
+          "normalisation": "the mean / std of the model's preprocessing config"}
 # sizes that only shape the work: a resume keeps the run's own
 SHAPING = ("batch_size", "chunk_size")
 _SHOW_VALUES = ("count", "dim", "preprocess", "normalize", "precision", "draft", "max_pixels",
-                "decode", "engine", "decoder")
-# recorded from this version on: an older output without it is taken as made by the same decoder
-_NEWER = ("decoder",)
+                "decode", "engine", "decoder", "normalisation")
+# recorded from later versions on: an older output without one is taken as made the same way
+_NEWER = ("decoder", "normalisation")
 
 
 def describe_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:

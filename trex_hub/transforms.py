@@ -36,13 +36,54 @@ def _geometry(cfg: pp.PreprocessConfig) -> Tuple[int, int, T.InterpolationMode]:
     return cfg.resize, cfg.crop, T.InterpolationMode(cfg.interpolation)
 
 
-def preset_geometry(preset: Optional[str]) -> Optional[Tuple[int, int, T.InterpolationMode]]:
-    """``(resize, crop, interpolation)`` of a preset name, or ``None`` for ``None``."""
-    if preset is None:
-        return None
-    if preset not in pp.PRESETS:
-        raise ValueError(f"unknown preprocess '{preset}'; choose one of {PRESETS} or None")
-    return _geometry(pp.PRESETS[preset])
+MODEL = "model"  # preprocess="model": the model's own preprocessing config
+
+
+def check_preprocess(preprocess: Any) -> None:
+    """A ``preprocess`` argument is a preset name, ``"model"``, a ``PreprocessConfig`` or
+    ``None``; anything else is a ``ValueError`` naming the choices."""
+    if preprocess is None or isinstance(preprocess, pp.PreprocessConfig) or preprocess == MODEL:
+        return
+    if preprocess not in pp.PRESETS:
+        raise ValueError(f"unknown preprocess '{preprocess}'; choose one of {PRESETS}, "
+                         f"'{MODEL}' or None")
+
+
+def resolve_preprocess(preprocess: Any, model: Any = None) -> Optional[pp.PreprocessConfig]:
+    """The config a ``preprocess`` argument stands for: a preset's, the model's own for
+    ``"model"`` (what ``get_transform(model)`` uses: registry, ``config.json`` or timm's
+    ``pretrained_cfg``), a ``PreprocessConfig`` as given, ``None`` (no resizing)."""
+    check_preprocess(preprocess)
+    if preprocess is None or isinstance(preprocess, pp.PreprocessConfig):
+        return preprocess
+    if preprocess == MODEL:
+        cfg = getattr(model, "preprocess_config", None)
+        if cfg is None:
+            raise ValueError(f"preprocess='{MODEL}' uses the model's own preprocessing config, "
+                             "and this model has none (trex_hub models do); pass "
+                             "'transfer' or 'imagenet'")
+        return cfg
+    return pp.PRESETS[preprocess]
+
+
+def preprocess_record(preprocess: Any, model: Any = None) -> Any:
+    """What a features file records about its preprocessing: the preset name (or ``None``), or
+    for ``"model"`` / a config the geometry it resolved to (a resumed run compares it)."""
+    if preprocess is None or (isinstance(preprocess, str) and preprocess != MODEL):
+        return preprocess
+    cfg = resolve_preprocess(preprocess, model)
+    assert cfg is not None
+    return {"resize": cfg.resize, "crop": cfg.crop, "interpolation": cfg.interpolation}
+
+
+def preset_geometry(preset: Any) -> Optional[Tuple[int, int, T.InterpolationMode]]:
+    """``(resize, crop, interpolation)`` of a preset name or ``PreprocessConfig``, or ``None``
+    for ``None``."""
+    if preset == MODEL:
+        raise ValueError(f"preprocess='{MODEL}' needs the model: resolve it first "
+                         "(resolve_preprocess)")
+    cfg = resolve_preprocess(preset)
+    return _geometry(cfg) if cfg is not None else None
 
 
 def transform_from_config(cfg: Optional[pp.PreprocessConfig]
@@ -228,11 +269,12 @@ class Decoder:
     pixels. Images that are already small are decoded exactly either way.
     """
 
-    def __init__(self, preset: Optional[str] = "transfer", draft: bool = True,
+    def __init__(self, preset: Any = "transfer", draft: bool = True,
                  max_pixels: Optional[int] = None,
                  mean: Sequence[float] = pp.IMAGENET_MEAN, std: Sequence[float] = pp.IMAGENET_STD):
         geo = preset_geometry(preset)
         self.preset = preset
+        self.config: Optional[pp.PreprocessConfig] = resolve_preprocess(preset)
         # the weights' normalisation, for the rare batch that mixes decoded images with
         # already normalised tensors (every other batch is normalised by the inference model)
         self.mean, self.std = tuple(mean), tuple(std)

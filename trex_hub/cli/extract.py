@@ -49,9 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="features file: .npy, .safetensors or .pt")
     p.add_argument("--head", choices=("backbone", "projector"), default="backbone",
                    help="2048-d backbone features or 256-d projector embeddings")
-    p.add_argument("--preprocess", choices=("transfer", "imagenet"), default="transfer",
+    p.add_argument("--preprocess", choices=("transfer", "imagenet", "model"), default="transfer",
                    help="transfer: Resize 224 bicubic + CenterCrop 224 (the paper's protocol); "
-                        "imagenet: Resize 256 + CenterCrop 224")
+                        "imagenet: Resize 256 + CenterCrop 224; model: the weights' own "
+                        "preprocessing config (the transfer preset for every released model)")
     p.add_argument("--normalize", action="store_true", help="L2-normalise every feature")
     p.add_argument("--labels", choices=("none", "folder"), default="none",
                    help="folder: label each image by its parent folder's name")
