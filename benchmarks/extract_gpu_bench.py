@@ -267,7 +267,7 @@ def main(argv=None) -> int:
            "load": " ".join(f"{v:.1f}" for v in os.getloadavg())}
     from trex_hub.extract import GPU_DECODE_BELOW_WORKERS
 
-    env["auto"] = "gpu" if workers < GPU_DECODE_BELOW_WORKERS else "cpu"
+    env["auto"] = "gpu" if cuda and workers < GPU_DECODE_BELOW_WORKERS else "cpu"
     runs, outs = {}, {}
     plan = [("naive fp32", "naive", "fp32", ()), ("naive fp16", "naive", "fp16", ()),
             # explicit decoders: --decode auto picks one of the two by the number of workers
