@@ -131,6 +131,34 @@ def test_retry_after_is_honoured(server, blobs, cache):
     assert [g[3] for g in server.gets("blob.bin")] == [429, 200]
 
 
+def test_a_host_that_does_not_resolve_fails_fast_and_says_offline(cache, monkeypatch):
+    """No DNS answer (a machine without network): one retry, not five back-offs, then a message
+    naming the host and the offline way out. The resolver is the one thing replaced here: a
+    real failed lookup would need an outside DNS server."""
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy",
+                "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    asked = []
+    real = socket.getaddrinfo
+
+    def no_dns(host, *args, **kw):
+        if host == "weights.example":
+            asked.append(host)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    t0 = time.monotonic()
+    with pytest.raises(dl.DownloadError) as err:
+        dl.fetch("blob.bin", base_url="http://weights.example/", cache_dir=cache, backoff=0.5,
+                 progress=False, retries=5)
+    assert time.monotonic() - t0 < 5 and len(asked) == 2
+    msg = str(err.value)
+    assert "giving up after 2 attempts" in msg and "cannot resolve weights.example" in msg
+    assert "offline" in msg and "TREX_HUB_OFFLINE=1" in msg
+    assert leftovers(cache) == []
+
+
 def test_a_complete_partial_is_verified_and_renamed_without_downloading_again(server, blobs,
                                                                                cache):
     cache.mkdir()

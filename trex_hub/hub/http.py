@@ -34,6 +34,9 @@ DEFAULT_TIMEOUT = 30.0        # seconds without a byte before a connection count
 DEFAULT_RETRIES = 5           # extra attempts after the first one, for transient failures
 DEFAULT_BACKOFF = 1.0         # first back-off in seconds; doubles each retry (capped, jittered)
 MAX_BACKOFF = 30.0
+# extra attempts when the host name does not resolve: on a machine without network every
+# attempt fails at once, and five back-offs (about 30 s) would only delay the message
+DNS_RETRIES = 1
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +90,14 @@ def _opener(url: str) -> urllib.request.OpenerDirector:
 
 
 class _Transient(Exception):
-    """A failure worth retrying (connection lost, timeout, 5xx, short body)."""
+    """A failure worth retrying (connection lost, timeout, 5xx, short body); ``unresolved``
+    names the host whose name did not resolve (retried :data:`DNS_RETRIES` times only)."""
 
-    def __init__(self, message: str, retry_after: Optional[float] = None):
+    def __init__(self, message: str, retry_after: Optional[float] = None,
+                 unresolved: Optional[str] = None):
         super().__init__(message)
         self.retry_after = retry_after
+        self.unresolved = unresolved
 
 
 def _retry_after(value: Optional[str]) -> Optional[float]:
@@ -154,6 +160,9 @@ def _open(url: str, tmp: Path, offset: int, timeout: float):
             raise DownloadError(f"{url}: TLS certificate verification failed ({reason}); fix "
                                 "the system certificates (SSL_CERT_FILE) or use a mirror "
                                 "(TREX_HUB_BASE_URL).") from None
+        if isinstance(reason, socket.gaierror):  # no DNS answer: offline, or a wrong host
+            host = urllib.parse.urlsplit(url).hostname or url
+            raise _Transient(f"cannot resolve {host} ({reason})", unresolved=host) from None
         raise _Transient(f"{type(reason).__name__}: {reason}") from None
 
 
@@ -260,13 +269,18 @@ def download(url: str, tmp: PathLike, *, sha256: Optional[str] = None,
                 got = _attempt(url, tmp, timeout=timeout, expected_size=size, progress=progress,
                                desc=desc or tmp.name)
             except _Transient as exc:
-                if attempt >= retries:
+                if attempt >= (min(retries, DNS_RETRIES) if exc.unresolved else retries):
                     kept = tmp.stat().st_size if tmp.exists() else 0
                     more = (f" {kept} bytes are kept in {tmp} and the next attempt resumes from "
                             "there." if kept and resumable else "")
+                    fix = ("This machine looks offline (or the host name is wrong): fetch the "
+                           "file with trex-download where there is network and set "
+                           "TREX_HUB_OFFLINE=1 here, or point TREX_HUB_BASE_URL at a mirror "
+                           "this machine reaches." if exc.unresolved else
+                           "Check the network or use a mirror (TREX_HUB_BASE_URL).")
                     raise DownloadError(
-                        f"{url}: giving up after {attempt + 1} attempts ({exc}).{more} Check the "
-                        f"network or use a mirror (TREX_HUB_BASE_URL).") from None
+                        f"{url}: giving up after {attempt + 1} attempts ({exc}).{more} "
+                        f"{fix}") from None
                 delay = _backoff(attempt, backoff)
                 if exc.retry_after is not None:  # the server said how long to wait
                     delay = min(MAX_BACKOFF, max(delay, exc.retry_after))
