@@ -304,7 +304,6 @@ def read_config(path: PathLike, config: Any = None) -> Dict[str, Any]:
     against :mod:`trex_hub.configschema` (types, bounds) before anything is built from it;
     ``config`` is its already parsed content, if the caller has it."""
     from .configschema import ConfigFieldError, validate_config
-
     from .timm_format import config_from_timm, is_timm_config
 
     if config is None:

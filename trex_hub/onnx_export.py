@@ -220,11 +220,11 @@ def prepare_onnxruntime(model: nn.Module, workdir: Optional[PathLike] = None, *,
     if workdir is not None:
         path = export_onnx(model, Path(workdir) / name, head=head, optimize=False)
         return OnnxRuntimeModel(path, output=HEADS[head][-1], threads=threads, mean=mean,
-                                    std=std)
+                                std=std)
     with tempfile.TemporaryDirectory(prefix="trex-onnx-") as tmp:
         path = export_onnx(model, Path(tmp) / name, head=head, optimize=False)
         return OnnxRuntimeModel(path, output=HEADS[head][-1], threads=threads, mean=mean,
-                                    std=std)
+                                std=std)
 
 
 def engine_for(engine: str, model: nn.Module, workdir: Optional[PathLike] = None,
