@@ -238,7 +238,7 @@ def test_resume_refuses_to_switch_the_decoder_auto_chose(ckpt, tmp_path, monkeyp
     """--decode auto picks nvJPEG or PIL from the device and the worker count (-j), so the same
     command line can pick another decoder on resume: that is refused in words, and an output of
     an older version (no recorded decoder) still resumes."""
-    import trex_hub.extract_run as er
+    import trex_hub.run_state as rs  # where the run's decoder is decided and recorded
 
     root = _images(tmp_path / "d", 4)
     out = tmp_path / "f.npy"
@@ -246,18 +246,18 @@ def test_resume_refuses_to_switch_the_decoder_auto_chose(ckpt, tmp_path, monkeyp
     state = json.loads((tmp_path / "f.npy.meta.json").read_text())["fingerprint"]
     assert state["decode"] == "auto" and state["decoder"] == "cpu"
     before = snapshot(tmp_path)
-    real = er.choose_decoding
+    real = rs.choose_decoding
     # what auto decides on a CUDA machine with few workers; the decoding itself stays on the CPU
-    monkeypatch.setattr(er, "choose_decoding", lambda *a: "tensor")
+    monkeypatch.setattr(rs, "choose_decoding", lambda *a: "tensor")
     assert run(ckpt, root, "-o", out, "--resume") == 1
     line = one_line(capsys.readouterr().err)
     assert "the decoder --decode auto chose" in line and "(was 'cpu', now 'gpu')" in line
     assert snapshot(tmp_path) == before
-    monkeypatch.setattr(er, "choose_decoding", real)
+    monkeypatch.setattr(rs, "choose_decoding", real)
     meta = json.loads((tmp_path / "f.npy.meta.json").read_text())
     del meta["fingerprint"]["decoder"]  # as written before the decoder was recorded
     (tmp_path / "f.npy.meta.json").write_text(json.dumps(meta))
-    monkeypatch.setattr(er, "choose_decoding", lambda *a: "tensor")
+    monkeypatch.setattr(rs, "choose_decoding", lambda *a: "tensor")
     assert run(ckpt, root, "-o", out, "--resume") == 0
 
 

@@ -19,7 +19,6 @@ uninterrupted run. Ranks share nothing but the parts folder and the barrier.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import shutil
@@ -37,13 +36,9 @@ from .featurefile import (FORMAT_VERSION, ExtractError, committed_segments, merg
                           segment_files, write_segment)
 from .fileio import PathLike
 from .imagefiles import Entry
-from .inference import normalisation, prepare, resolve_device
-from .run_state import prepare_parts, release, write_errors
-from .transforms import (Decoder, ImageLoadError, check_preprocess, preprocess_record,
-                         resolve_preprocess)
-
-
-PARTS_LAYOUT = 2  # part-A-B segments (1: chunk-K files)
+from .inference import prepare
+from .run_state import decoding_kind, fingerprint, prepare_parts, release, write_errors
+from .transforms import Decoder, ImageLoadError, check_preprocess, resolve_preprocess
 
 
 def _no_barrier() -> None:
@@ -164,61 +159,6 @@ class Plan:
 # --------------------------------------------------------------------------------------------
 # 1. plan
 # --------------------------------------------------------------------------------------------
-
-
-def _weights_digest(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _entries_digest(entries: Sequence[Entry]) -> str:
-    h = hashlib.sha256()
-    for e in entries:
-        h.update(f"{e.path}\0{e.rel}\0{e.label}\n".encode("utf-8", "surrogateescape"))
-    return h.hexdigest()
-
-
-def fingerprint(model: torch.nn.Module, entries: Sequence[Entry], opts: RunOptions
-                ) -> Dict[str, Any]:
-    """What a resumed run must share with the one it continues (``state.json``)."""
-    chunk_size = int(math.ceil(opts.chunk_size / opts.batch_size) * opts.batch_size)
-    fp = {
-        "format_version": FORMAT_VERSION, "inputs": _entries_digest(entries),
-        "count": len(entries), "weights": _weights_digest(model),
-        "dim": int(getattr(model, "out_dim", 0) or 0),
-        "preprocess": preprocess_record(opts.preprocess, model),
-        "normalisation": [list(v) for v in normalisation(model)],
-        "normalize": bool(opts.normalize), "precision": opts.precision,
-        "draft": bool(opts.draft), "max_pixels": opts.max_pixels, "decode": opts.decode,
-        "batch_size": opts.batch_size, "chunk_size": chunk_size, "parts": PARTS_LAYOUT,
-    }
-    if opts.engine is not None:  # a resumed run must not mix engines
-        fp["engine"] = type(opts.engine).__name__
-    # which decoder --decode auto picks depends on the device and the number of workers: a
-    # resumed run must not append nvJPEG rows to PIL rows (or the reverse)
-    fp["decoder"] = "gpu" if _decoding_kind(model, len(entries), opts) == "tensor" else "cpu"
-    return fp
-
-
-def _run_device(model: torch.nn.Module, opts: RunOptions) -> torch.device:
-    """The device the run computes on (an engine's own, else the model's or ``opts.device``)."""
-    if opts.engine is not None:
-        return torch.device(getattr(opts.engine, "device", "cpu"))
-    try:
-        return resolve_device(opts.device, model)
-    except ValueError:  # no CUDA here: prepare() says so in its own words later
-        return torch.device("cpu")
-
-
-def _decoding_kind(model: torch.nn.Module, count: int, opts: RunOptions,
-                   device: Optional[torch.device] = None) -> str:
-    workers = opts.num_workers if opts.num_workers is not None else default_workers()
-    return choose_decoding(opts.decode, opts.workers_mode, device or _run_device(model, opts),
-                           opts.preprocess, True, count, workers)
 
 
 def _resume_point(parts: Path, segs: List[Tuple[int, int]], first: int, stop: int,
@@ -347,8 +287,8 @@ def run_chunks(model: torch.nn.Module, entries: Sequence[Entry], plan: Plan, opt
     computed = 0
     chunk = _Segment(plan.paths["parts"], dim, opts.normalize, plan.chunk_size)
     try:
-        kind = _decoding_kind(model, len(entries), opts,
-                              runner.device if runner else torch.device("cpu"))
+        kind = decoding_kind(model, len(entries), opts,
+                             runner.device if runner else torch.device("cpu"))
         batches = open_batches(groups, _fetch(entries), decoder, kind=kind,
                                device=runner.device if runner else torch.device("cpu"),
                                num_workers=workers, strict=False, catch_all=True,

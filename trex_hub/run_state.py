@@ -3,8 +3,8 @@
 :func:`prepare_parts` (rank 0, before any work) decides between a fresh start, a resume of the
 unfinished run in ``OUT.parts/``, "already complete" and a refusal, and takes the run's lock:
 
-* the fingerprint of a run (model weights digest, options, input list; see
-  :func:`trex_hub.extract_run.fingerprint`) is kept in ``OUT.parts/state.json`` while it runs
+* the fingerprint of a run (model weights digest, options, input list, the decoder and the
+  normalisation it uses: :func:`fingerprint`) is kept in ``OUT.parts/state.json`` while it runs
   and in the meta file once it is merged; ``--resume`` compares it with the current run in both
   cases and says in words what differs (:func:`describe_changes`);
 * ``OUT.parts/lock`` is ``flock``-ed by the process writing the parts (released on exit, even
@@ -17,16 +17,83 @@ unfinished run in ``OUT.parts/``, "already complete" and a refusal, and takes th
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
+import math
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
-from .featurefile import ExtractError, existing_paths
+import torch
+
+from .extract import choose_decoding, default_workers
+from .featurefile import FORMAT_VERSION, ExtractError, existing_paths
 from .fileio import atomic_write
 from .imagefiles import Entry
+from .inference import normalisation, resolve_device
+from .transforms import preprocess_record
+
+PARTS_LAYOUT = 2  # part-A-B segments (1: chunk-K files)
+
+
+def _weights_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _entries_digest(entries: Sequence[Entry]) -> str:
+    h = hashlib.sha256()
+    for e in entries:
+        h.update(f"{e.path}\0{e.rel}\0{e.label}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def fingerprint(model: torch.nn.Module, entries: Sequence[Entry], opts: Any
+                ) -> Dict[str, Any]:
+    """What a resumed run must share with the one it continues (``state.json``); ``opts`` is
+    the run's :class:`~trex_hub.extract_run.RunOptions`."""
+    chunk_size = int(math.ceil(opts.chunk_size / opts.batch_size) * opts.batch_size)
+    fp = {
+        "format_version": FORMAT_VERSION, "inputs": _entries_digest(entries),
+        "count": len(entries), "weights": _weights_digest(model),
+        "dim": int(getattr(model, "out_dim", 0) or 0),
+        "preprocess": preprocess_record(opts.preprocess, model),
+        "normalisation": [list(v) for v in normalisation(model)],
+        "normalize": bool(opts.normalize), "precision": opts.precision,
+        "draft": bool(opts.draft), "max_pixels": opts.max_pixels, "decode": opts.decode,
+        "batch_size": opts.batch_size, "chunk_size": chunk_size, "parts": PARTS_LAYOUT,
+    }
+    if opts.engine is not None:  # a resumed run must not mix engines
+        fp["engine"] = type(opts.engine).__name__
+    # which decoder --decode auto picks depends on the device and the number of workers: a
+    # resumed run must not append nvJPEG rows to PIL rows (or the reverse)
+    fp["decoder"] = "gpu" if decoding_kind(model, len(entries), opts) == "tensor" else "cpu"
+    return fp
+
+
+def _run_device(model: torch.nn.Module, opts: Any) -> torch.device:
+    """The device the run computes on (an engine's own, else the model's or ``opts.device``)."""
+    if opts.engine is not None:
+        return torch.device(getattr(opts.engine, "device", "cpu"))
+    try:
+        return resolve_device(opts.device, model)
+    except ValueError:  # no CUDA here: prepare() says so in its own words later
+        return torch.device("cpu")
+
+
+def decoding_kind(model: torch.nn.Module, count: int, opts: Any,
+                  device: Optional[torch.device] = None) -> str:
+    """The decoding path the run takes (``choose_decoding``'s answer for its device)."""
+    workers = opts.num_workers if opts.num_workers is not None else default_workers()
+    return choose_decoding(opts.decode, opts.workers_mode, device or _run_device(model, opts),
+                           opts.preprocess, True, count, workers)
+
 
 # the keys of a fingerprint, in words for the user
 _WORDS = {"format_version": "the file format version", "parts": "the parts layout",
@@ -241,5 +308,5 @@ def write_errors(paths: Dict[str, Path]) -> Iterator[None]:
         raise ExtractError(f"cannot write {where}: {why}") from exc
 
 
-__all__ = ["describe_changes", "check_complete", "prepare_parts", "release", "write_errors",
-           "SHAPING"]
+__all__ = ["fingerprint", "decoding_kind", "describe_changes", "check_complete", "prepare_parts",
+           "release", "write_errors", "SHAPING", "PARTS_LAYOUT"]
