@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any, Dict, List, Optional, Sequence
 
+# how data-loader workers start (trex_hub.train.data.worker_start_method)
+LOADER_STARTS = ("auto", "fork", "forkserver", "spawn")
+
 PRESETS: Dict[str, Dict[str, Any]] = {
     # t-ReX: 3 hidden projector blocks, global crops (0.25, 1), local crops (0.05, 0.25)
     "trex": {"projector_layers": 3, "no_projector": False, "global_scale": (0.25, 1.0),
@@ -103,7 +106,7 @@ def build_parser(prog: str = "trex-train") -> argparse.ArgumentParser:
                         "--seed so that runs with different seeds see the same images)")
     g.add_argument("--no-val", action="store_true", help="skip validation")
     g.add_argument("--workers", type=int, default=8, help="data-loader processes per GPU/process")
-    g.add_argument("--loader-start", choices=("auto", "fork", "forkserver", "spawn"),
+    g.add_argument("--loader-start", choices=LOADER_STARTS,
                    default="auto",
                    help="how loader workers start (auto: forkserver with CUDA, where forking a "
                         "process that runs CUDA threads can deadlock a worker; else the "

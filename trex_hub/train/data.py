@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .augment import EpochSampler, MultiCrop, MultiCropDataset
 from .batch_augment import BatchAugment, DecodedMultiCropDataset, collate_decoded
+from .config import LOADER_STARTS
 from .runtime import TrainingError
 
 
@@ -84,9 +85,6 @@ def multicrop_from_args(args: argparse.Namespace) -> MultiCrop:
                      blur_radius=args.blur_radius, simple=bool(args.simple_aug))
 
 
-LOADER_STARTS = ("auto", "fork", "forkserver", "spawn")
-
-
 def worker_start_method(choice: str, device: torch.device) -> Optional[str]:
     """How loader workers start: ``None`` for the platform's default, else a start method.
 
@@ -108,6 +106,13 @@ def worker_start_method(choice: str, device: torch.device) -> Optional[str]:
         raise ValueError(f"--loader-start {choice} is not available on this platform "
                          f"(available: {', '.join(available)})")
     return choice
+
+
+def worker_start_kwargs(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
+    """The ``DataLoader`` keyword for ``--loader-start`` (empty without workers or for the
+    platform's default), shared by the training and validation loaders."""
+    start = worker_start_method(getattr(args, "loader_start", "auto"), device)
+    return {"multiprocessing_context": start} if start and args.workers > 0 else {}
 
 
 def build_train_loader(args: argparse.Namespace, train_data: Any, device: torch.device,
@@ -134,10 +139,8 @@ def build_train_loader(args: argparse.Namespace, train_data: Any, device: torch.
     extra: Dict[str, Any] = {}
     if args.workers > 0:
         extra = {"persistent_workers": True,
-                 "prefetch_factor": max(1, int(getattr(args, "prefetch_factor", 4)))}
-        start = worker_start_method(getattr(args, "loader_start", "auto"), device)
-        if start is not None:
-            extra["multiprocessing_context"] = start
+                 "prefetch_factor": max(1, int(getattr(args, "prefetch_factor", 4))),
+                 **worker_start_kwargs(args, device)}
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
                         num_workers=args.workers, pin_memory=device.type == "cuda",
                         drop_last=True, collate_fn=collate, **extra)
@@ -145,4 +148,4 @@ def build_train_loader(args: argparse.Namespace, train_data: Any, device: torch.
 
 
 __all__ = ["load_data", "resolve_aug", "TrainLoader", "multicrop_from_args",
-           "build_train_loader", "worker_start_method", "LOADER_STARTS"]
+           "build_train_loader", "worker_start_method", "worker_start_kwargs", "LOADER_STARTS"]

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Subset
 
 from .augment import eval_transform
 from .config import plain_namespace, projector_config
-from .data import build_train_loader, load_data, worker_start_method
+from .data import build_train_loader, load_data, worker_start_kwargs
 from .module import TrainModule, param_groups
 from .runtime import (CHECKPOINT_NAME, DistEnv, TrainingError, all_gather_cat, all_gather_objects,
                       checkpoint_dict, resume_from, rng_state, save_checkpoint, set_rng_state,
@@ -146,10 +146,9 @@ def evaluate(module: TrainModule, val_data: Any, args: argparse.Namespace, env: 
 
     dataset = ImageDataset(val_data, eval_transform(args.global_size))
     shard = Subset(dataset, list(range(env.rank, len(dataset), env.world_size)))
-    start = worker_start_method(getattr(args, "loader_start", "auto"), env.device)
     loader = DataLoader(shard, batch_size=max(1, args.batch_size), shuffle=False,
                         num_workers=args.workers, pin_memory=env.device.type == "cuda",
-                        **({"multiprocessing_context": start} if start and args.workers else {}))
+                        **worker_start_kwargs(args, env.device))
     net = module.model
     was_training = net.training
     net.eval()
