@@ -156,6 +156,9 @@ def test_pretrained_false_and_preprocessing_from_a_timm_config(tmp_path, monkeyp
                                                    mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
     folder = trex_hub.save_pretrained(model, tmp_path / "small", format="timm")
     assert trex_hub.load(folder).preprocess_config == model.preprocess_config
+    card = (folder / "README.md").read_text()  # the card tells the same geometry
+    assert "resize the shorter side to 255 (bilinear), centre-crop 224" in card
+    assert "Resize 255 bilinear + CenterCrop 224" in card and "transfer protocol" not in card
     with HubServer() as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.url.rstrip("/"))
         monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

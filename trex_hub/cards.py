@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from . import registry
+from .preprocess import PRESETS, preprocess_from_timm
 
 _CARDS_DIR = Path(__file__).resolve().parents[1] / "model_cards"  # present in a source checkout
 TAGS = ["image-feature-extraction", "transfer-learning", "resnet", "t-rex", "trex_hub"]
@@ -145,6 +146,14 @@ def render_timm_card(config: Dict[str, Any], *, name: Optional[str] = None,
                          pipeline_tag="image-feature-extraction")
     target = f"hf-hub:{repo_id}" if repo_id else "hf-hub:ORG/REPO"
     pre = config["pretrained_cfg"]
+    geo = preprocess_from_timm(pre) or {"resize": pre["input_size"][1],
+                                        "crop": pre["input_size"][1],
+                                        "interpolation": pre["interpolation"]}
+    steps = f"Resize {geo['resize']} {geo['interpolation']} + CenterCrop {geo['crop']}"
+    t = PRESETS["transfer"]
+    note = (" (the paper's transfer protocol)"
+            if (geo["resize"], geo["crop"], geo["interpolation"]) == (t.resize, t.crop,
+                                                                     t.interpolation) else "")
     paper = pre.get("paper_name") or registry.PAPER_URL
     ids = pre.get("paper_ids")
     facts = ""
@@ -160,9 +169,9 @@ def render_timm_card(config: Dict[str, Any], *, name: Optional[str] = None,
         "```python\nimport timm\n"
         f'model = timm.create_model("{target}", pretrained=True, num_classes=0).eval()\n'
         "cfg = timm.data.resolve_data_config({}, model=model)\n"
-        "transform = timm.data.create_transform(**cfg)   # Resize 224 bicubic + CenterCrop 224\n"
-        "```\n\nPreprocessing (the paper's transfer protocol): resize the shorter side to "
-        f"{pre['input_size'][1]} ({pre['interpolation']}), centre-crop "
-        f"{pre['input_size'][1]}, normalise with mean {pre['mean']} and std {pre['std']}.\n"
+        f"transform = timm.data.create_transform(**cfg)   # {steps}\n"
+        f"```\n\nPreprocessing{note}: resize the shorter side to {geo['resize']} "
+        f"({geo['interpolation']}), centre-crop {geo['crop']}, normalise with mean "
+        f"{pre['mean']} and std {pre['std']}.\n"
         + (f"\nLicence of the weights: {license}.\n" if license else "")
         + f"\n## Citation\n\n```bibtex\n{registry.CITATION}\n```\n")

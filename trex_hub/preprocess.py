@@ -5,8 +5,9 @@ inference engine all read these values from here, so one change of a preset reac
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict, Mapping, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 IMAGENET_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -79,3 +80,25 @@ def as_preprocess_config(value: PreprocessLike) -> PreprocessConfig:
                              f"{', '.join(PRESETS)}")
         return PRESETS[value]
     return PreprocessConfig.from_dict(value)
+
+
+def preprocess_from_timm(pre: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """Our ``preprocess`` dict from timm's ``pretrained_cfg`` (``input_size``, ``crop_pct``,
+    ``interpolation``, ``mean`` / ``std``; resize = floor(crop / crop_pct) as timm computes it),
+    or ``None`` when it says something else than resize + centre crop (its values are then
+    checked by the config schema like any other)."""
+    try:
+        crop = int(pre["input_size"][-1])
+        pct = float(pre.get("crop_pct", 1.0))
+        if pre.get("crop_mode", "center") != "center" or not 0.0 < pct <= 1.0:
+            return None
+        if pre.get("interpolation", "bicubic") not in INTERPOLATIONS:
+            return None
+        out = {"resize": int(math.floor(crop / pct + 1e-3)), "crop": crop,
+               "interpolation": pre.get("interpolation", "bicubic")}
+        for key in ("mean", "std"):
+            if key in pre:
+                out[key] = [float(v) for v in pre[key]]
+        return out
+    except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError):
+        return None

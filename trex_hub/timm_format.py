@@ -19,14 +19,13 @@ huggingface_hub (the model card), reading needs neither timm nor this module's c
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from .cards import render_timm_card
 from .fileio import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, PathLike, atomic_write
-from .preprocess import PRESETS, PreprocessConfig
+from .preprocess import PRESETS, PreprocessConfig, preprocess_from_timm
 
 
 # our arch -> timm's architecture name (the same network and module names in both libraries)
@@ -130,28 +129,6 @@ _PLAIN_RESNET_KEY = re.compile(
     r"downsample\.[01]\.\w+)|fc\.(weight|bias))$")
 
 
-def _preprocess_from_timm(pre: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """Our ``preprocess`` dict from timm's ``pretrained_cfg`` (``input_size``, ``crop_pct``,
-    ``interpolation``, ``mean`` / ``std``; resize = floor(crop / crop_pct) as timm computes it),
-    or ``None`` when it says something else than resize + centre crop (its values are then
-    checked by the config schema like any other)."""
-    try:
-        crop = int(pre["input_size"][-1])
-        pct = float(pre.get("crop_pct", 1.0))
-        if pre.get("crop_mode", "center") != "center" or not 0.0 < pct <= 1.0:
-            return None
-        if pre.get("interpolation", "bicubic") not in ("bicubic", "bilinear", "nearest"):
-            return None
-        out = {"resize": int(math.floor(crop / pct + 1e-3)), "crop": crop,
-               "interpolation": pre.get("interpolation", "bicubic")}
-        for key in ("mean", "std"):
-            if key in pre:
-                out[key] = [float(v) for v in pre[key]]
-        return out
-    except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError):
-        return None
-
-
 def config_from_timm(config: Dict[str, Any]) -> Dict[str, Any]:
     """A timm ``config.json`` -> the trex_hub config that rebuilds the same backbone (arch,
     features, name, preprocessing from its ``pretrained_cfg``). Raises ``ValueError`` (one line:
@@ -168,7 +145,7 @@ def config_from_timm(config: Dict[str, Any]) -> Dict[str, Any]:
     cfg: Dict[str, Any] = {"arch": ours, "num_features": config.get("num_features"),
                            "projector": None, "classifier": None,
                            "name": extra.get("name") or pre.get("tag")}
-    preprocess = _preprocess_from_timm(pre)
+    preprocess = preprocess_from_timm(pre)
     if preprocess is not None:
         cfg["preprocess"] = preprocess
     return cfg
