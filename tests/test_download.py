@@ -134,7 +134,8 @@ def test_retry_after_is_honoured(server, blobs, cache):
 def test_a_host_that_does_not_resolve_fails_fast_and_says_offline(cache, monkeypatch):
     """No DNS answer (a machine without network): one retry, not five back-offs, then a message
     naming the host and the offline way out. The resolver is the one thing replaced here: a
-    real failed lookup would need an outside DNS server."""
+    real failed lookup would need an outside DNS server (and the host is a reserved .invalid
+    name, so nothing could leave this machine even without the replacement)."""
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy",
                 "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
@@ -142,7 +143,7 @@ def test_a_host_that_does_not_resolve_fails_fast_and_says_offline(cache, monkeyp
     real = socket.getaddrinfo
 
     def no_dns(host, *args, **kw):
-        if host == "weights.example":
+        if host == "weights.invalid":
             asked.append(host)
             raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
         return real(host, *args, **kw)
@@ -150,11 +151,11 @@ def test_a_host_that_does_not_resolve_fails_fast_and_says_offline(cache, monkeyp
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
     t0 = time.monotonic()
     with pytest.raises(dl.DownloadError) as err:
-        dl.fetch("blob.bin", base_url="http://weights.example/", cache_dir=cache, backoff=0.5,
+        dl.fetch("blob.bin", base_url="http://weights.invalid/", cache_dir=cache, backoff=0.5,
                  progress=False, retries=5)
     assert time.monotonic() - t0 < 5 and len(asked) == 2
     msg = str(err.value)
-    assert "giving up after 2 attempts" in msg and "cannot resolve weights.example" in msg
+    assert "giving up after 2 attempts" in msg and "cannot resolve weights.invalid" in msg
     assert "offline" in msg and "TREX_HUB_OFFLINE=1" in msg
     assert leftovers(cache) == []
 
