@@ -164,6 +164,21 @@ def _run_main_threads1(*args):
         torch.set_num_threads(before)
 
 
+def _started_run(ckpt, data, out, opts, committed, **popen):
+    """trex-extract in a process of its own, returned once ``committed`` chunks of ``out`` are
+    on disk (or it ended, or 90 s passed): the moment to interrupt it."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "trex_hub.cli.extract", str(ckpt), str(data),
+                             "-o", str(out), *opts], env=env, cwd=out.parent, **popen)
+    parts = out.parent / (out.name + ".parts")
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list(parts.glob("part-*.jsonl"))) >= committed:
+            break
+        time.sleep(0.01)
+    return proc
+
+
 def test_ctrl_c_stops_the_decoding_thread_and_resume_completes(ckpt, tmp_path):
     """A real SIGINT while --decode gpu (batched decode_jpeg + resize in a thread of their own;
     on the CPU here) is mid-run: exit 130 with the one-line hint, no traceback, no hung
@@ -172,17 +187,10 @@ def test_ctrl_c_stops_the_decoding_thread_and_resume_completes(ckpt, tmp_path):
     data.mkdir()
     for i, a in enumerate(photos(96, (64, 48), seed=6)):
         Image.fromarray(a).save(data / f"{i:03d}.jpg", quality=90)
-    out, parts = tmp_path / "stopped.npy", tmp_path / "stopped.npy.parts"
+    out = tmp_path / "stopped.npy"
     opts = ["-b", "4", "--chunk-size", "8", "-j", "1", "--decode", "gpu", "--no-progress"]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "trex_hub.cli.extract", str(ckpt), str(data),
-                             "-o", str(out), *opts, "--threads", "1"], env=env, cwd=tmp_path,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and proc.poll() is None:
-        if len(list(parts.glob("part-*.jsonl"))) >= 2:
-            break
-        time.sleep(0.01)
+    proc = _started_run(ckpt, data, out, [*opts, "--threads", "1"], committed=2,
+                        stderr=subprocess.PIPE, text=True)
     assert proc.poll() is None, "the run finished before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -204,14 +212,7 @@ def test_resume_after_sigkill_gives_identical_file(ckpt, tmp_path):
     out = tmp_path / "killed.npy"
     parts = tmp_path / "killed.npy.parts"
     opts = ["-b", "4", "--chunk-size", "8", "-j", "1", "--threads", "1", "--no-progress", "-q"]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "trex_hub.cli.extract", str(ckpt), str(data),
-                             "-o", str(out), *opts], env=env, cwd=tmp_path)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and proc.poll() is None:
-        if len(list(parts.glob("part-*.jsonl"))) >= 3:
-            break
-        time.sleep(0.01)
+    proc = _started_run(ckpt, data, out, opts, committed=3)
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
