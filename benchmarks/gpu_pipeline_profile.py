@@ -17,6 +17,8 @@ warm-up pass, each synchronised at its end:
   with one reader thread per core (the default) and with 4 (fewer threads contending for the
   GIL with the decoding thread and the model's);
 * ``model``: the prepared model on uint8 batches already on the device (``launch`` + result);
+  on CUDA also exact fp32 with NHWC and NCHW weights, and tf32 (is channels_last right for
+  fp32 without tensor cores?);
 * ``extract``: ``model.extract(files, decode=...)``, the whole in-memory engine, for GPU
   decoding and for the CPU decoding the machine would pick (worker processes on many cores).
 
@@ -151,6 +153,12 @@ def main(argv=None) -> int:
         held.result()
     record(f"model ({args.precision}, uint8 batch on the device)",
            timed(model_only, device, args.rounds))
+    if device.type == "cuda":  # which layout exact fp32 (no TF32) should use on this GPU
+        for variant, channels_last in (("fp32", True), ("fp32", False), ("tf32", True)):
+            runner = prepare(model, device, variant, channels_last=channels_last)
+            runner.launch(x).result()
+            record(f"model ({variant}, {'NHWC' if channels_last else 'NCHW'} weights)",
+                   timed(model_only, device, args.rounds))
 
     for decode in ("gpu", "cpu"):
         kw = dict(device=device, decode=decode, batch_size=bs, precision=args.precision,
