@@ -11,7 +11,8 @@
 #                classes 5-9 (needs the idx files in $FMNIST, default .carry/fashion-mnist)
 #   decode       benchmarks/gpu_decode_check.py: nvJPEG vs PIL features, race or not
 #   profile      benchmarks/gpu_pipeline_profile.py: each stage of GPU extraction timed alone (read,
-#                nvJPEG decode, resize, the background pipeline, model, extract) on 4,096 photos
+#                nvJPEG decode, resize, the background pipeline, model, extract) on 4,096 photos;
+#                then benchmarks/read_stage_bench.py (reader threads vs the model-launch thread)
 #   bench-gpu    benchmarks/extract_gpu_bench.py (make bench-gpu): >= 10,000 JPEGs, naive loop vs
 #                trex-extract, fp32 / fp16, whole processes, model only (GPU_BENCH_ARGS=--compile
 #                adds torch.compile, about a minute more)
@@ -51,7 +52,7 @@ say() { echo "[gpu-check $(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 # the least time each later stage needs to say something useful
-declare -A NEED=([tests]=45 [decode]=30 [profile]=60 [bench-gpu]=100 [bench-train]=120)
+declare -A NEED=([tests]=45 [decode]=30 [profile]=90 [bench-gpu]=100 [bench-train]=120)
 reserve_after() {  # seconds to keep for the enabled stages after $1
   local sum=0 seen=0 st
   for st in tests decode profile bench-gpu bench-train; do
@@ -130,8 +131,11 @@ if has profile; then
   say "profile: benchmarks/gpu_pipeline_profile.py"
   size=(); [ "$DEV" = cpu ] && size=(--images 48 --batch 16 --rounds 1 --precision fp32)
   timeout "$(cap 120 profile)" "$PY" benchmarks/gpu_pipeline_profile.py --device "$DEV" \
-      --work-dir /tmp/trex-profile "${size[@]}" 2>&1 | tee -a "$LOGS/decode.txt" | tail -14 \
+      --work-dir /tmp/trex-profile "${size[@]}" 2>&1 | tee -a "$LOGS/decode.txt" | tail -18 \
       | tee -a "$LOG"
+  say "profile: benchmarks/read_stage_bench.py (the reader threads' GIL cost, 16 threads)"
+  timeout "$(cap 45 profile)" "$PY" benchmarks/read_stage_bench.py --rounds 3 \
+      --work-dir /tmp/trex-readbench 2>&1 | tee -a "$LOGS/decode.txt" | tail -7 | tee -a "$LOG"
 fi
 
 # --- stage 2: the extraction benchmark, alone ----------------------------------------------

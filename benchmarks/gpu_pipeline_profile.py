@@ -9,7 +9,8 @@ no faster than its slowest stage. This script times each stage on its own over t
 (generated photo-like 500x375 JPEGs, random ResNet-50 weights in the released layout), after a
 warm-up pass, each synchronised at its end:
 
-* ``read``: the reader threads alone (file bytes, JPEG header check, bytes to a tensor);
+* ``read``: the reader threads alone (file bytes, JPEG header check, bytes to a tensor), as
+  shipped: tasks of consecutive files (``benchmarks/read_stage_bench.py`` compares);
 * ``decode``: ``decode_jpeg`` on the device, one call per batch, bytes already in memory;
 * ``resize, image by image`` / ``resize, one call per size``: the preset's resize and crop of
   decoded images already on the device, the old way and the way ``tensor_batches`` does it;
@@ -79,7 +80,8 @@ def main(argv=None) -> int:
     from extract_bench import bench_workdir, make_photos_parallel
     from trex_hub.decoding import available_cores, batch_ranges
     from trex_hub.inference import prepare
-    from trex_hub.tensor_decode import TensorGeometry, _decode_jpegs, jpeg_fits, tensor_batches
+    from trex_hub.tensor_decode import (TensorGeometry, _decode_jpegs, read_jpeg_file,
+                                        submit_chunks, tensor_batches)
     from trex_hub.transforms import Decoder
 
     work, ckpt = bench_workdir(args.work_dir, "trex-profile-")
@@ -102,14 +104,17 @@ def main(argv=None) -> int:
         stages[name] = {"images_per_s": count / seconds, "ms_per_batch": 1e3 * seconds * bs / count}
         print(f"  {name}: {count / seconds:,.0f} img/s", flush=True)
 
-    def read_one(path: Path) -> torch.Tensor:
-        data = path.read_bytes()
-        assert jpeg_fits(data), path
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
     pool = ThreadPoolExecutor(max_workers=workers)
-    raw = list(pool.map(read_one, files))  # warm the page cache
-    record("read", timed(lambda: list(pool.map(read_one, files)), device, args.rounds))
+
+    def read_all() -> list:  # the shipped reader stage: chunks of files per task
+        got = [r for g in groups
+               for f in submit_chunks(pool, read_jpeg_file, [files[i] for i in g], workers)
+               for r in f.result()]
+        assert all(r is not None for r in got)
+        return got
+
+    raw = read_all()  # warm the page cache
+    record("read", timed(read_all, device, args.rounds))
     pool.shutdown()
 
     batches = [[raw[i] for i in g] for g in groups]

@@ -2,6 +2,7 @@
 the asynchronous pipeline; the CUDA-only checks are marked ``cuda``."""
 import io
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -228,6 +229,49 @@ def test_jpeg_fits_reads_the_headers(folder):
     assert not jpeg_fits(cmyk.getvalue())
     assert not jpeg_fits((folder / "q.png").read_bytes())
     assert not jpeg_fits(b"") and not jpeg_fits(b"\xff\xd8\xff\xe0" + struct.pack(">H", 200))
+
+
+def test_reader_reads_whole_files_and_keeps_only_fitting_jpegs(tmp_path, folder):
+    from trex_hub.tensor_decode import file_bytes, read_jpeg_file
+
+    jpg = sorted(folder.glob("*.jpg"))[0]
+    assert bytes(file_bytes(jpg)) == jpg.read_bytes()
+    (tmp_path / "empty").write_bytes(b"")
+    assert file_bytes(tmp_path / "empty") == bytearray()
+    status = Path("/proc/self/status")  # reports size 0 but has content: read to the end
+    if status.exists():
+        assert b"Name:" in file_bytes(status)
+    raw = read_jpeg_file(jpg)
+    assert raw.dtype == torch.uint8 and bytes(raw.numpy()) == jpg.read_bytes()
+    raw[0] = raw[0]  # a writable buffer of its own (no read-only frombuffer warning)
+    (tmp_path / "rot.jpg").write_bytes(_exif_rotated(photos(1, (40, 30))[0]))
+    for other in (folder / "q.png", tmp_path / "rot.jpg", tmp_path / "missing.jpg", tmp_path):
+        assert read_jpeg_file(other) is None, other
+
+
+def test_reader_tasks_are_chunks_in_order():
+    """A batch is read in a few tasks of consecutive files (not one future per file), in
+    order; an error in a chunk reaches whoever collects it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from trex_hub.tensor_decode import submit_chunks
+
+    with ThreadPoolExecutor(4) as pool:
+        for n, workers, sizes in ((256, 16, [32] * 8), (256, 4, [64] * 4), (70, 16, [32, 32, 6]),
+                                  (5, 16, [5]), (0, 4, [])):
+            futs = submit_chunks(pool, lambda i: i * 10, range(n), workers)
+            parts = [f.result() for f in futs]
+            assert [len(p) for p in parts] == sizes
+            assert [v for p in parts for v in p] == [i * 10 for i in range(n)]
+
+        def boom(i):
+            if i == 40:
+                raise ValueError("item 40")
+            return i
+        futs = submit_chunks(pool, boom, range(64), 2)
+        assert futs[0].result() == list(range(32))
+        with pytest.raises(ValueError, match="item 40"):
+            futs[1].result()
 
 
 def test_tensor_path_on_cpu_is_close_to_pil_and_falls_back(tmp_path, folder):
