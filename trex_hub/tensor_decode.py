@@ -281,14 +281,14 @@ def tensor_batches(groups: Iterable[Sequence[int]], fetch: Callable[[int], Any],
         imgs = decode([raw for _, (_, raw) in jpegs]) if jpegs else []
         fine = [img for img in imgs if img is not None]
         resized = geometry.batch(fine) if fine else None
+        if resized is not None and len(fine) == len(results):  # every file by nvJPEG
+            return Batch([pos for pos, _, _ in results], resized, [])
         decoded: Dict[int, torch.Tensor] = {}
         k = 0
         for (pos, _), img in zip(jpegs, imgs):
             if img is not None:
                 decoded[pos] = resized[k]  # type: ignore[index]
                 k += 1
-        if resized is not None and len(decoded) == len(results):
-            return Batch([pos for pos, _, _ in results], resized, [])
         ok, tensors, failures = [], [], []
         for pos, jd, res in results:
             if pos in decoded:
