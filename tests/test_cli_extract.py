@@ -1,6 +1,7 @@
 """`trex-extract`: folders and lists, manifest, bad files, --strict, formats, resume after SIGKILL."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -52,6 +53,7 @@ def test_folder_manifest_labels_and_bad_files(ckpt, folder, tmp_path, capsys):
     assert run(ckpt, root, "-o", out, "--labels", "folder", "-b", "2") == 0
     err = capsys.readouterr().err
     assert "5 failed" in err and "11 images" in err
+    assert re.search(r", [\d.]+ img/s \([\d.]+ img/s in the batch loop\)", err), err
     feats, rows = read_features(out)
     paths = [r["path"] for r in rows]
     assert paths == sorted(paths) and len(rows) == 11

@@ -118,10 +118,18 @@ class Summary:
     computed: int
     failures: List[Tuple[str, str]]
     out: Optional[Path]
+    loop_seconds: float = 0.0  # the batch loop alone: no planning, model preparation or merge
 
     @property
     def images_per_second(self) -> float:
         return self.computed / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def loop_images_per_second(self) -> float:
+        """Images/s of the batch loop (decoding, forward passes, segment commits), the part
+        that grows with the number of images; ``images_per_second`` also counts the one-off
+        steps (weights digest, model preparation, merge)."""
+        return self.computed / self.loop_seconds if self.loop_seconds > 0 else float("nan")
 
 
 @dataclass
@@ -271,9 +279,10 @@ def _fetch(entries: Sequence[Entry]) -> Callable[[int], str]:
 
 
 def run_chunks(model: torch.nn.Module, entries: Sequence[Entry], plan: Plan, opts: RunOptions,
-               shard: Shard = Shard()) -> Tuple[int, List[Tuple[str, str]], int]:
+               shard: Shard = Shard()) -> Tuple[int, List[Tuple[str, str]], int, float]:
     """Step 2: compute and commit this rank's chunks; returns (inputs computed, failures as
-    ``(path, why)``, feature dimension)."""
+    ``(path, why)``, feature dimension, seconds of the batch loop: from opening the decoder to
+    the last commit, after the model is prepared)."""
     dim = int(getattr(model, "out_dim", 0) or 0)
     runner = ((opts.engine or prepare(model, opts.device, opts.precision, compile=opts.compile))
               if plan.mine else None)
@@ -286,6 +295,7 @@ def run_chunks(model: torch.nn.Module, entries: Sequence[Entry], plan: Plan, opt
     failures: List[Tuple[str, str]] = []
     computed = 0
     chunk = _Segment(plan.paths["parts"], dim, opts.normalize, plan.chunk_size)
+    t_loop = time.perf_counter()
     try:
         kind = decoding_kind(model, len(entries), opts,
                              runner.device if runner else torch.device("cpu"))
@@ -318,9 +328,10 @@ def run_chunks(model: torch.nn.Module, entries: Sequence[Entry], plan: Plan, opt
     finally:
         if bar is not None:
             bar.close()
+    loop_seconds = time.perf_counter() - t_loop
     if dim == 0 and runner is not None:
         dim = runner.out_dim or dim
-    return computed, failures, dim
+    return computed, failures, dim, loop_seconds
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,17 +383,17 @@ def extract_to_file(model: torch.nn.Module, entries: Sequence[Entry], out: PathL
         return Summary(len(entries), -1, -1, dim, 0.0, 0, [], Path(out) if rank == 0 else None)
     try:
         with write_errors(plan.paths):
-            computed, failures, dim = run_chunks(model, entries, plan, opts, shard)
+            computed, failures, dim, loop_s = run_chunks(model, entries, plan, opts, shard)
         shard.barrier()
         if rank != 0:
             return Summary(len(entries), -1, len(failures), dim, time.perf_counter() - t_start,
-                           computed, failures, None)
+                           computed, failures, None, loop_s)
         with write_errors(plan.paths):
             n_ok, n_failed = finish_run(plan, opts, dim, len(entries), world_size, info)
     finally:
         plan.close()
     return Summary(len(entries), n_ok, n_failed, dim, time.perf_counter() - t_start, computed,
-                   failures, plan.paths["features"])
+                   failures, plan.paths["features"], loop_s)
 
 
 __all__ = ["RunOptions", "Shard", "Summary", "Plan", "ExtractError", "fingerprint", "plan_run",

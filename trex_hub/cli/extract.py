@@ -269,11 +269,11 @@ def _main(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> i
                                       rank=rank, world_size=world, barrier=barrier, info=info,
                                       log=say)
         if rank == 0 and summary.out is not None and summary.ok >= 0:
-            rate = summary.images_per_second
+            rate, loop = summary.images_per_second, summary.loop_images_per_second
             say(f"{summary.total} images -> {summary.out} [{summary.ok} x {summary.dim}], "
                 f"{summary.failed} failed, {summary.seconds:.1f} s"
-                + (f", {rate:.1f} img/s" + (" on rank 0" if world > 1 else "")
-                   if summary.computed else ""))
+                + (f", {rate:.1f} img/s ({loop:.1f} img/s in the batch loop)"
+                   + (" on rank 0" if world > 1 else "") if summary.computed else ""))
             for rel, why in summary.failures[:5]:
                 say(f"  skipped {rel}: {why}")
             if summary.failed > 5:
