@@ -52,7 +52,7 @@ say() { echo "[gpu-check $(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 # the least time each later stage needs to say something useful
-declare -A NEED=([tests]=45 [decode]=30 [profile]=90 [bench-gpu]=100 [bench-train]=120)
+declare -A NEED=([tests]=45 [decode]=30 [profile]=110 [bench-gpu]=100 [bench-train]=120)
 reserve_after() {  # seconds to keep for the enabled stages after $1
   local sum=0 seen=0 st
   for st in tests decode profile bench-gpu bench-train; do
@@ -131,7 +131,7 @@ if has profile; then
   say "profile: benchmarks/gpu_pipeline_profile.py"
   size=(); [ "$DEV" = cpu ] && size=(--images 48 --batch 16 --rounds 1 --precision fp32)
   timeout "$(cap 120 profile)" "$PY" benchmarks/gpu_pipeline_profile.py --device "$DEV" \
-      --work-dir /tmp/trex-profile "${size[@]}" 2>&1 | tee -a "$LOGS/decode.txt" | tail -18 \
+      --work-dir /tmp/trex-profile "${size[@]}" 2>&1 | tee -a "$LOGS/decode.txt" | tail -21 \
       | tee -a "$LOG"
   say "profile: benchmarks/read_stage_bench.py (the reader threads' GIL cost, 16 threads)"
   timeout "$(cap 45 profile)" "$PY" benchmarks/read_stage_bench.py --rounds 3 \

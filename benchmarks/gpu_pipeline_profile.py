@@ -19,7 +19,7 @@ warm-up pass, each synchronised at its end:
   GIL with the decoding thread and the model's);
 * ``model``: the prepared model on uint8 batches already on the device (``launch`` + result);
   on CUDA also exact fp32 with NHWC and NCHW weights, and tf32 (is channels_last right for
-  fp32 without tensor cores?);
+  fp32 without tensor cores?), and with ``cudnn.benchmark`` (does the autotuner pay?);
 * ``extract``: ``model.extract(files, decode=...)``, the whole in-memory engine, for GPU
   decoding and for the CPU decoding the machine would pick (worker processes on many cores).
 
@@ -158,12 +158,22 @@ def main(argv=None) -> int:
         held.result()
     record(f"model ({args.precision}, uint8 batch on the device)",
            timed(model_only, device, args.rounds))
-    if device.type == "cuda":  # which layout exact fp32 (no TF32) should use on this GPU
-        for variant, channels_last in (("fp32", True), ("fp32", False), ("tf32", True)):
-            runner = prepare(model, device, variant, channels_last=channels_last)
-            runner.launch(x).result()
-            record(f"model ({variant}, {'NHWC' if channels_last else 'NCHW'} weights)",
-                   timed(model_only, device, args.rounds))
+    if device.type == "cuda":  # which layout exact fp32 (no TF32) should use on this GPU, and
+        # whether cuDNN's autotuner (off in extraction) pays: its first call is timed apart
+        variants = [("fp32", True, False), ("fp32", False, False), ("tf32", True, False),
+                    (args.precision, True, True), ("fp32", True, True), ("fp32", False, True)]
+        variants = list(dict.fromkeys(variants))  # --precision fp32 repeats one
+        was = torch.backends.cudnn.benchmark
+        try:
+            for variant, channels_last, autotune in variants:
+                torch.backends.cudnn.benchmark = autotune
+                runner = prepare(model, device, variant, channels_last=channels_last)
+                first = timed(lambda: runner.launch(x).result(), device, 1)
+                tag = (f"{variant}, {'NHWC' if channels_last else 'NCHW'} weights"
+                       + (f", cudnn.benchmark (first batch {first:.1f} s)" if autotune else ""))
+                record(f"model ({tag})", timed(model_only, device, args.rounds))
+        finally:
+            torch.backends.cudnn.benchmark = was
 
     for decode in ("gpu", "cpu"):
         kw = dict(device=device, decode=decode, batch_size=bs, precision=args.precision,
