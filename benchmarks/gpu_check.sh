@@ -130,7 +130,7 @@ fi
 if has profile; then
   say "profile: benchmarks/gpu_pipeline_profile.py"
   size=(); [ "$DEV" = cpu ] && size=(--images 48 --batch 16 --rounds 1 --precision fp32)
-  timeout "$(cap 120 profile)" "$PY" benchmarks/gpu_pipeline_profile.py --device "$DEV" \
+  timeout "$(cap 150 profile)" "$PY" benchmarks/gpu_pipeline_profile.py --device "$DEV" \
       --work-dir /tmp/trex-profile "${size[@]}" 2>&1 | tee -a "$LOGS/decode.txt" | tail -21 \
       | tee -a "$LOG"
   say "profile: benchmarks/read_stage_bench.py (the reader threads' GIL cost, 16 threads)"
