@@ -232,7 +232,7 @@ def test_jpeg_fits_reads_the_headers(folder):
 
 
 def test_reader_reads_whole_files_and_keeps_only_fitting_jpegs(tmp_path, folder):
-    from trex_hub.tensor_decode import file_bytes, read_jpeg_file
+    from trex_hub.tensor_decode import MAX_JPEG_BYTES, file_bytes, read_jpeg_file
 
     jpg = sorted(folder.glob("*.jpg"))[0]
     assert bytes(file_bytes(jpg)) == jpg.read_bytes()
@@ -247,6 +247,14 @@ def test_reader_reads_whole_files_and_keeps_only_fitting_jpegs(tmp_path, folder)
     (tmp_path / "rot.jpg").write_bytes(_exif_rotated(photos(1, (40, 30))[0]))
     for other in (folder / "q.png", tmp_path / "rot.jpg", tmp_path / "missing.jpg", tmp_path):
         assert read_jpeg_file(other) is None, other
+    # a huge "JPEG" (sparse: no disk used) is not read into memory; the PIL path gets it
+    huge = tmp_path / "huge.jpg"
+    with open(huge, "wb") as fh:
+        fh.write(jpg.read_bytes())
+        fh.truncate(MAX_JPEG_BYTES + 1)
+    assert file_bytes(huge, MAX_JPEG_BYTES) is None and read_jpeg_file(huge) is None
+    assert bytes(file_bytes(jpg, len(jpg.read_bytes()))) == jpg.read_bytes()
+    assert file_bytes(jpg, len(jpg.read_bytes()) - 1) is None
 
 
 def test_reader_tasks_are_chunks_in_order():
