@@ -175,7 +175,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
-    from extract_bench import make_photos_parallel
+    from extract_bench import cpu_model, make_photos_parallel
+
+    from trex_hub.decoding import available_cores
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="trex-readbench-"))
     photos = work / f"photos-{args.images}"
@@ -203,17 +205,10 @@ def main(argv=None) -> int:
             share[kind].append(ops / alone)
             late[kind] = max(late[kind], lt)
 
-    import platform
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     batches = -(-len(files) // BATCH)
     print(f"\n{len(files)} reads of {args.images} photo-like 500x375 JPEGs (page cache), batches "
           f"of {BATCH}, {args.threads} reader threads, {args.rounds} rounds alternating; "
-          f"{cpu}, {len(__import__('os').sched_getaffinity(0))} usable cores, "
+          f"{cpu_model()}, {available_cores()} usable cores, "
           f"torch {torch.__version__}\n")
     print("| reader stage | flat out, files/s (best / median) | launch thread at "
           f"{args.rate:,.0f} files/s, share of alone (best / median) | late batches (worst "
