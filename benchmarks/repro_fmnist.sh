@@ -18,7 +18,7 @@
 # 10,000 images, 30 epochs, 64/32 px crops, batch 256, 4 loader workers each, all runs at once.
 # RECIPE=cpu32 is the longer CPU record (docs/training.md, "32 px"): 10,000 images, 10 epochs,
 # 32/16 px crops, batch 128 at the paper's linear-scaling lr, probes on 2,000 / 2,000 images
-# (2 cores, one thread per run: about 17 min per baseline and 75 min per t-ReX* run).
+# (2 cores, one thread per run: about 17 min per baseline and 67 min per t-ReX* run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${RECIPE:-cpu}" = gpu ]; then
