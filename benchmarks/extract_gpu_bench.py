@@ -2,7 +2,7 @@
 
     python benchmarks/extract_gpu_bench.py            # = make bench-gpu; needs a CUDA GPU
 
-One run, one machine, same photos (>= 10,000 photo-like 500x375 JPEGs, generated in parallel),
+One machine, same photos (>= 10,000 photo-like 500x375 JPEGs, generated in parallel),
 same random ResNet-50 weights in the released layout:
 
 * whole processes, each timed by this script from start to exit (interpreter start-up and model
@@ -14,6 +14,10 @@ same random ResNet-50 weights in the released layout:
   autocast against the prepared model in fp32 / tf32 / bf16 / fp16 (and ``torch.compile`` fp16
   with ``--compile``);
 * features: max relative difference of every run against the naive fp32 features.
+
+``--rounds N`` runs every side N times, the order reversed in every other round (the first side
+of one round is the last of the next), and reports each side's best and median; the ratios use
+the medians.
 
 Prints a markdown section and writes it into docs/benchmarks.md (between the ``gpu-bench``
 markers; ``--md`` also writes it to a file). Without CUDA it refuses in one line.
@@ -173,13 +177,45 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+def combine(results: list) -> dict:
+    """One side's rounds -> its medians (the ratios' basis), best and every value."""
+    if not results:
+        return {}
+    out = {"rounds": len(results)}
+    for key in ("in_loop", "extract", "whole_s"):
+        vals = [r[key] for r in results if key in r]
+        if vals:
+            out[key] = float(np.median(vals))
+            out[key + "_all"] = vals
+            out[key + "_best"] = min(vals) if key.endswith("_s") else max(vals)
+    out["images"] = results[-1].get("images", 0)
+    return out
+
+
+def round_order(plan: list, k: int) -> list:
+    """Round k (0-based) runs the plan forwards when k is even, backwards when it is odd."""
+    return list(plan) if k % 2 == 0 else list(reversed(plan))
+
+
+def _fmt(r: dict, key: str, spec: str) -> str:
+    if key not in r:
+        return "-"
+    if r.get("rounds", 1) > 1:
+        return f"{r[key + '_best']:{spec}} / {r[key]:{spec}}"
+    return f"{r[key]:{spec}}"
+
+
 def render(env: dict, runs: dict, errs: dict, mo: dict) -> str:
     nf, nh = runs.get("naive fp32", {}), runs.get("naive fp16", {})
+    rounds = env.get("rounds", 1)
+    how = ("One run of each side, in the order of the table." if rounds == 1 else
+           f"{rounds} rounds, the order of the sides reversed in every other round; each cell "
+           "is best / median, the ratios compare medians.")
     lines = [START, f"#### `make bench-gpu`: {env['device_kind']}, {env['gpu']}", "",
              f"{env['images']:,} JPEGs {env['size']}, batch {env['batch']}, {env['cores']} "
              f"cores (naive DataLoader workers = cores), torch {env['torch']}, "
-             f"torchvision {env['torchvision']}, load average {env['load']}. One run of each "
-             f"side, in the order of the table. `--decode auto` picks `{env.get('auto', '?')}` "
+             f"torchvision {env['torchvision']}, load average {env['load']}. {how} "
+             f"`--decode auto` picks `{env.get('auto', '?')}` "
              "with this many workers. In the loop: the naive `DataLoader` loop; trex-extract's "
              "batch loop (decoder start, forward passes, segment commits). Whole extract: "
              "trex-extract's own figure, which adds the run's one-off steps (weights digest, "
@@ -195,8 +231,8 @@ def render(env: dict, runs: dict, errs: dict, mo: dict) -> str:
         ratio = (f"{r['in_loop'] / base['in_loop']:.2f}x / {base['whole_s'] / r['whole_s']:.2f}x"
                  if "in_loop" in base else "-")
         err = errs.get(name)
-        whole = f"{r['extract']:,.0f}" if "extract" in r else "-"
-        lines.append(f"| {name} | {r['in_loop']:,.0f} | {whole} | {r['whole_s']:.1f} | {ratio} | "
+        lines.append(f"| {name} | {_fmt(r, 'in_loop', ',.0f')} | {_fmt(r, 'extract', ',.0f')} | "
+                     f"{_fmt(r, 'whole_s', '.1f')} | {ratio} | "
                      f"{'-' if err is None else f'{err:.1e}'} |")
     lines += ["", "Model only (batch already on the device):", "", "| model | images/s |",
               "|---|---|"]
@@ -227,6 +263,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=None, help="naive DataLoader workers "
                                                               "(default: cores)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (model)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="runs of each side, the order reversed every other round (1)")
     p.add_argument("--work-dir", default=None)
     p.add_argument("--docs", default=str(REPO / "docs" / "benchmarks.md"))
     p.add_argument("--md", default=None, help="also write the markdown section here")
@@ -273,29 +311,36 @@ def main(argv=None) -> int:
            "device_kind": "CUDA" if cuda else "CPU", "images": n, "size": f"{w}x{h}",
            "batch": args.batch_size, "cores": cores, "torch": torch.__version__,
            "torchvision": torchvision.__version__,
-           "load": " ".join(f"{v:.1f}" for v in os.getloadavg())}
+           "load": " ".join(f"{v:.1f}" for v in os.getloadavg()), "rounds": args.rounds}
     from trex_hub.extract import GPU_DECODE_BELOW_WORKERS
 
     env["auto"] = "gpu" if cuda and workers < GPU_DECODE_BELOW_WORKERS else "cpu"
-    runs, outs = {}, {}
+    results, failed, outs = {}, {}, {}
     plan = [("naive fp32", "naive", "fp32", ()), ("naive fp16", "naive", "fp16", ()),
             # explicit decoders: --decode auto picks one of the two by the number of workers
             ("trex-extract fp32 --decode gpu", "ours", "fp32", ("--decode", "gpu")),
             ("trex-extract fp16 --decode gpu", "ours", "fp16", ("--decode", "gpu")),
             ("trex-extract fp16 --decode cpu", "ours", "fp16", ("--decode", "cpu"))]
-    for name, kind, prec, extra in plan:
-        out = work / (re.sub(r"\W+", "_", name) + ".npy")
-        try:  # one failing run is reported in its row; the others still run
-            r = (run_naive(ckpt, data, out, prec, args.batch_size, workers, args.device,
-                           args.run_timeout) if kind == "naive"
-                 else run_ours(ckpt, data, out, prec, args.batch_size, extra, args.device,
-                               args.run_timeout))
-        except RuntimeError as exc:
-            log(f"{name}: FAILED\n{exc}")
-            runs[name] = {"error": last_line(str(exc))}
-            continue
-        runs[name], outs[name] = r, out
-        log(f"{name}: {r['in_loop']:,.0f} img/s in the loop, {r['whole_s']:.1f} s whole process")
+    for k in range(max(1, args.rounds)):
+        for name, kind, prec, extra in round_order(plan, k):
+            if name in failed:  # a side that failed once is not retried
+                continue
+            out = work / (re.sub(r"\W+", "_", name) + ".npy")
+            try:  # one failing run is reported in its row; the others still run
+                r = (run_naive(ckpt, data, out, prec, args.batch_size, workers, args.device,
+                               args.run_timeout) if kind == "naive"
+                     else run_ours(ckpt, data, out, prec, args.batch_size, extra, args.device,
+                                   args.run_timeout))
+            except RuntimeError as exc:
+                log(f"{name}: FAILED\n{exc}")
+                failed[name] = {"error": last_line(str(exc))}
+                continue
+            results.setdefault(name, []).append(r)
+            outs[name] = out
+            log(f"round {k + 1} {name}: {r['in_loop']:,.0f} img/s in the loop, "
+                f"{r['whole_s']:.1f} s whole process")
+    runs = {name: failed[name] if name in failed else combine(results.get(name, []))
+            for name, *_ in plan}
     errs = {}
     if "naive fp32" in outs:
         ref = np.load(outs["naive fp32"])

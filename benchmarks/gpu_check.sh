@@ -6,24 +6,27 @@
 # Stages (GPU_CHECK_STAGES, in this order; the whole script keeps inside GPU_CHECK_BUDGET s):
 #   tests        pytest -m cuda (CUDA tests of extraction, precision, GPU decoding, training),
 #                run while the reproduction trains (neither is timed)
-#   repro        benchmarks/repro_fmnist.sh with RECIPE=gpu: baseline / t-ReX* / t-ReX x 2 seeds
-#                on Fashion-MNIST classes 0-4, all six at once on the GPU, then the linear probe on
-#                classes 5-9 (needs the idx files in $FMNIST, default .carry/fashion-mnist)
+#   repro        benchmarks/repro_fmnist.sh with RECIPE=$REPRO_RECIPE (default gpu32: 30 epochs at
+#                32 px): baseline / t-ReX* / t-ReX x 2 seeds on Fashion-MNIST classes 0-4, all six
+#                at once on the GPU, then the linear probe on classes 5-9 (needs the idx files in
+#                $FMNIST, default .carry/fashion-mnist)
 #   decode       benchmarks/gpu_decode_check.py: nvJPEG vs PIL features, race or not
-#   profile      benchmarks/gpu_pipeline_profile.py: each stage of GPU extraction timed alone (read,
-#                nvJPEG decode, resize, the background pipeline, model, extract) on 4,096 photos;
-#                then benchmarks/read_stage_bench.py (reader threads vs the model-launch thread)
 #   bench-gpu    benchmarks/extract_gpu_bench.py (make bench-gpu): >= 10,000 JPEGs, naive loop vs
 #                trex-extract, fp32 / fp16, whole processes, model only (GPU_BENCH_ARGS=--compile
-#                adds torch.compile, about a minute more)
+#                adds torch.compile, about a minute more; "--rounds 2" alternates the order of the
+#                sides over two rounds, with GPU_BENCH_TIMEOUT=300)
 #   bench-train  benchmarks/train_bench.py (make bench-train): naive loop vs the baseline and
 #                t-ReX* presets, t-ReX* also with --compile (TRAIN_BENCH_PRESETS), one round
 #                (TRAIN_BENCH_ROUNDS)
-# Everything does not fit one 600 s call; a 15-minute device budget fits two (about 13 minutes):
-#   GPU_CHECK_STAGES="tests decode profile"      then      GPU_CHECK_STAGES="bench-gpu bench-train"
-# and `repro` alone (the longer recipe of docs/training.md needs about half an hour).
-# The two benchmarks run alone on the machine, after the rest. Runs with PYTHONPATH=$PWD and the
-# python that has torch (no install); wheels in .whl/ (Optuna for the probe's TPE search) are
+#   profile      benchmarks/gpu_pipeline_profile.py: each stage of GPU extraction timed alone (read,
+#                nvJPEG decode, resize, the background pipeline, model, extract) on 4,096 photos;
+#                then benchmarks/read_stage_bench.py (reader threads vs the model-launch thread);
+#                last, because it only explains the benchmarks' figures
+# Everything does not fit one 600 s call; a 15-minute device budget fits two, back to back on the
+# warm machine (about 12 minutes; the second one's GPU_CHECK_BUDGET set from what is left):
+#   GPU_CHECK_STAGES="tests repro decode bench-gpu"   then   GPU_CHECK_STAGES="bench-train profile"
+# The benchmarks and the profile run alone on the machine, after the rest. Runs with
+# PYTHONPATH=$PWD and the python that has torch (no install); wheels in .whl/ (Optuna for the probe's TPE search) are
 # unpacked to /tmp/site first. Files in $OUT (at most 8): log.txt, pytest_cuda.txt,
 # decode.txt (decode + profile), bench_gpu.txt, bench_gpu.json, train_bench.txt, train_bench.json, repro.tgz;
 # with all stages that is 8, so the updated docs/benchmarks.md stays behind unless a stage is off
@@ -52,10 +55,11 @@ say() { echo "[gpu-check $(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 # the least time each later stage needs to say something useful
-declare -A NEED=([tests]=45 [decode]=30 [profile]=110 [bench-gpu]=100 [bench-train]=120)
+declare -A NEED=([tests]=45 [decode]=30 [bench-gpu]=100 [bench-train]=120 [profile]=60)
+ORDER="tests decode bench-gpu bench-train profile"
 reserve_after() {  # seconds to keep for the enabled stages after $1
   local sum=0 seen=0 st
-  for st in tests decode profile bench-gpu bench-train; do
+  for st in $ORDER; do
     if [ "$seen" = 1 ] && has "$st"; then sum=$(( sum + NEED[$st] )); fi
     [ "$st" = "$1" ] && seen=1
   done
@@ -80,8 +84,8 @@ fi
 rc_tests=skipped rc_repro=skipped rc_gpu=skipped rc_train=skipped
 REPRO_OUT=/tmp/trex-repro
 DEV=${GPU_CHECK_DEVICE:-cuda}  # cpu: a dry run of the script itself (tiny sizes via the env)
-repro_env=(env RECIPE=gpu OUT="$REPRO_OUT" FMNIST="$FMNIST" PYTHON="$PY" DEVICE="$DEV"
-           PROBE_DEVICE="$DEV" THREADS=1)
+repro_env=(env RECIPE="${REPRO_RECIPE:-gpu32}" OUT="$REPRO_OUT" FMNIST="$FMNIST" PYTHON="$PY"
+           DEVICE="$DEV" PROBE_DEVICE="$DEV" THREADS=1)
 
 # --- stage 1: CUDA tests while the reproduction trains -------------------------------------
 if has repro; then
@@ -127,20 +131,9 @@ if has decode; then
       | tee -a "$LOG" >/dev/null
   tail -14 "$LOGS/decode.txt"
 fi
-if has profile; then
-  say "profile: benchmarks/gpu_pipeline_profile.py"
-  size=(); [ "$DEV" = cpu ] && size=(--images 48 --batch 16 --rounds 1 --precision fp32)
-  timeout "$(cap 150 profile)" "$PY" benchmarks/gpu_pipeline_profile.py --device "$DEV" \
-      --work-dir /tmp/trex-profile "${size[@]}" 2>&1 | tee -a "$LOGS/decode.txt" | tail -21 \
-      | tee -a "$LOG"
-  say "profile: benchmarks/read_stage_bench.py (the reader threads' GIL cost, 16 threads)"
-  timeout "$(cap 45 profile)" "$PY" benchmarks/read_stage_bench.py --rounds 3 \
-      --work-dir /tmp/trex-readbench 2>&1 | tee -a "$LOGS/decode.txt" | tail -7 | tee -a "$LOG"
-fi
-
 # --- stage 2: the extraction benchmark, alone ----------------------------------------------
 if has bench-gpu; then
-  t=$(cap 230 bench-gpu)
+  t=$(cap "${GPU_BENCH_TIMEOUT:-230}" bench-gpu)
   say "bench-gpu (timeout $t s)"
   timeout "$t" "$PY" benchmarks/extract_gpu_bench.py --images "${GPU_BENCH_IMAGES:-10000}" \
       --work-dir /tmp/trex-gpu-bench --json "$LOGS/bench_gpu.json" --run-timeout 90 \
@@ -159,6 +152,18 @@ if has bench-train; then
       --write-docs docs/benchmarks.md > "$LOGS/train_bench.txt" 2>&1
   rc_train=$?
   tail -12 "$LOGS/train_bench.txt" | tee -a "$LOG"
+fi
+
+# --- stage 4: where the time of GPU extraction goes, stage by stage -----------------------
+if has profile; then
+  say "profile: benchmarks/gpu_pipeline_profile.py"
+  size=(); [ "$DEV" = cpu ] && size=(--images 48 --batch 16 --rounds 1 --precision fp32)
+  timeout "$(cap 150 profile)" "$PY" benchmarks/gpu_pipeline_profile.py --device "$DEV" \
+      --work-dir /tmp/trex-profile "${size[@]}" 2>&1 | tee -a "$LOGS/decode.txt" | tail -21 \
+      | tee -a "$LOG"
+  say "profile: benchmarks/read_stage_bench.py (the reader threads' GIL cost, 16 threads)"
+  timeout "$(cap 45 profile)" "$PY" benchmarks/read_stage_bench.py --rounds 3 \
+      --work-dir /tmp/trex-readbench 2>&1 | tee -a "$LOGS/decode.txt" | tail -7 | tee -a "$LOG"
 fi
 
 [ "$(ls "$LOGS" | wc -l)" -lt 8 ] && cp docs/benchmarks.md "$LOGS/benchmarks.md"

@@ -229,6 +229,11 @@ def test_jpeg_fits_reads_the_headers(folder):
     assert not jpeg_fits(cmyk.getvalue())
     assert not jpeg_fits((folder / "q.png").read_bytes())
     assert not jpeg_fits(b"") and not jpeg_fits(b"\xff\xd8\xff\xe0" + struct.pack(">H", 200))
+    # truncated (nvJPEG decodes those without an error), or data after the end marker: PIL's
+    whole = jpeg_bytes(arr)
+    assert whole.endswith(b"\xff\xd9")
+    assert not jpeg_fits(whole[:len(whole) // 2]) and not jpeg_fits(whole[:-1])
+    assert not jpeg_fits(whole + b"\x00" * 8)
 
 
 def test_reader_reads_whole_files_and_keeps_only_fitting_jpegs(tmp_path, folder):

@@ -11,8 +11,9 @@ forward pass (:func:`~trex_hub.decoding.in_background`).
 
 Whatever this path cannot reproduce exactly goes to the reference PIL decoder
 (:class:`~trex_hub.transforms.Decoder`) for that file alone, never failing the run: non-JPEG
-files (PNG, ...), CMYK / YCCK JPEGs, JPEGs with an EXIF rotation (nvJPEG ignores it), in-memory
-inputs, and any file the batched decoder refuses (corrupt or truncated data).
+files (PNG, ...), CMYK / YCCK JPEGs, JPEGs with an EXIF rotation (nvJPEG ignores it), JPEGs
+that do not end with their end marker (truncated: nvJPEG decodes those without an error),
+in-memory inputs, and any file the batched decoder refuses (corrupt data).
 
 It is not bit-exact with the PIL path: libjpeg's IDCT / chroma upsampling and the tensor
 resampling kernels differ in rounding. ``docs/benchmarks.md`` gives the measured distance on
@@ -61,8 +62,13 @@ def _exif_orientation(seg: Union[bytes, bytearray]) -> int:
 
 def jpeg_fits(data: Union[bytes, bytearray]) -> bool:
     """Whether ``data`` is a JPEG the tensor path decodes as PIL would: 1 (grey) or 3 (YCbCr)
-    components and no EXIF rotation. Reads the markers up to the frame header only."""
-    if len(data) < 4 or data[:3] != b"\xff\xd8\xff":
+    components, no EXIF rotation, and the end-of-image marker as its last two bytes. Reads the
+    markers up to the frame header only.
+
+    The last rule keeps truncated files away from nvJPEG, which decodes them without an error
+    (seen on an H100: half a JPEG was not refused), where PIL refuses them. A complete JPEG
+    with data after its end marker is sent to PIL too, which decodes it exactly."""
+    if len(data) < 4 or data[:3] != b"\xff\xd8\xff" or data[-2:] != b"\xff\xd9":
         return False
     at, orientation = 2, 1
     while at + 4 <= len(data):
