@@ -201,24 +201,67 @@ def _ours_no_resize(args) -> int:
 
 def run_timed(cmd: List[str], timeout: Optional[float] = None,
               env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
-    """Run a benchmark child and capture its output. One that outlives ``timeout`` seconds gets
-    SIGABRT first, so that faulthandler writes every thread's stack (where it hung), then
-    returncode 124 with "timed out after N s" as the last line of its stderr."""
+    """Run a benchmark child and capture its output. A child that outlives ``timeout`` seconds
+    ends with returncode 124 and, in its stderr: every thread's stack of every Python process it
+    started (its DataLoader workers too: SIGABRT with faulthandler on), the state and kernel
+    wait channel of each of those processes, then "timed out after N s".
+
+    The child runs in a process group of its own, which is signalled and killed whole: a worker
+    left behind used to hold the output pipes open, and the benchmark waited for ever (bench-train
+    on an H100, 2026-11-27)."""
     env = dict(os.environ if env is None else env, PYTHONFAULTHANDLER="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+                            env=env, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
         return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGABRT)
+        pass
+    states = group_states(proc.pid)
+    out, err = "", ""
+    for sig in (signal.SIGABRT, signal.SIGKILL):  # stacks first, then no survivor
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
         try:
             out, err = proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        return subprocess.CompletedProcess(cmd, 124, out,
-                                           f"{err}\ntimed out after {timeout:.0f} s")
+            break
+        except subprocess.TimeoutExpired as exc:  # a process outside the group holds a pipe
+            out, err = _text(exc.stdout), _text(exc.stderr)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+    return subprocess.CompletedProcess(
+        cmd, 124, out, f"{err}\nprocesses at the timeout (pid, state, kernel wait, command):\n"
+        f"{states}\ntimed out after {timeout:.0f} s")
+
+
+def _text(data) -> str:
+    if data is None:
+        return ""
+    return data.decode(errors="replace") if isinstance(data, bytes) else data
+
+
+def group_states(pgid: int) -> str:
+    """One line per process of group ``pgid`` (Linux ``/proc``; empty elsewhere): pid, state
+    (R running, S sleeping, D uninterruptible, e.g. in a driver), kernel wait channel, command."""
+    lines = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            if int(fields[2]) != pgid:  # state, ppid, pgrp, ...
+                continue
+            wchan = (entry / "wchan").read_text().strip() or "-"
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+        lines.append(f"  {entry.name} {fields[0]} {wchan} {cmd[:160].strip()}")
+    return "\n".join(sorted(lines, key=lambda ln: int(ln.split()[0]))) or "  (none found)"
 
 
 def last_line(text: str, limit: int = 200) -> str:

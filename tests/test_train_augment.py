@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -272,6 +273,66 @@ def test_loader_start_method_follows_the_device():
     assert worker_start_method("spawn", torch.device("cpu")) == "spawn"
     with pytest.raises(ValueError, match="--loader-start must be one of"):
         worker_start_method("threads", torch.device("cpu"))
+
+
+class _StuckAfterTwo(torch.utils.data.Dataset):
+    """Two quick items, then one that takes far longer than the loader's timeout (a stuck
+    worker)."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        if i >= 2:
+            time.sleep(60)
+        return torch.tensor([i])
+
+
+def test_a_stuck_loader_worker_fails_the_run_with_a_fix_instead_of_hanging_it():
+    import argparse
+    import multiprocessing
+
+    from torch.utils.data import DataLoader
+
+    from trex_hub.train.data import loader_batches, worker_kwargs
+    from trex_hub.train.runtime import TrainingError
+
+    args = argparse.Namespace(workers=1, loader_start="auto", loader_timeout=2.0)
+    kw = worker_kwargs(args, torch.device("cpu"))
+    assert kw == {"timeout": 2.0}
+    assert worker_kwargs(argparse.Namespace(workers=0, loader_start="auto",
+                                            loader_timeout=2.0), torch.device("cpu")) == {}
+    assert "timeout" not in worker_kwargs(argparse.Namespace(
+        workers=2, loader_start="auto", loader_timeout=0.0), torch.device("cpu"))
+    for persistent in (False, True):  # the training loader's workers are persistent
+        loader = DataLoader(_StuckAfterTwo(), batch_size=1, num_workers=1, prefetch_factor=1,
+                            persistent_workers=persistent, **kw)
+        got = []
+        t = time.monotonic()
+        with pytest.raises(TrainingError) as err:
+            for batch in loader_batches(loader, "training"):
+                got.append(int(batch))
+        assert got == [0, 1]
+        assert time.monotonic() - t < 30
+        msg = str(err.value)
+        assert "no training batch from the 1 loader workers in 2 s" in msg
+        assert "--loader-timeout" in msg and "--workers 0" in msg
+        # the stuck worker is gone, though the exception (and the loader) still exist
+        assert not multiprocessing.active_children(), persistent
+    # a loader without a timeout passes other errors through unchanged
+    assert list(loader_batches(DataLoader([1, 2], batch_size=1), "validation")) == [
+        torch.tensor([1]), torch.tensor([2])]
+
+
+def test_loader_timeout_option():
+    from trex_hub.train.config import parse_args
+
+    base = ["--data", "x"]
+    assert parse_args(base).loader_timeout == 600.0
+    assert parse_args(base + ["--loader-timeout", "0"]).loader_timeout == 0.0
+    for bad in ("-1", "nan", "inf", "soon"):
+        with pytest.raises(SystemExit):
+            parse_args(base + ["--loader-timeout", bad])
 
 
 def test_collate_groups_are_sorted_padded_and_bounded():

@@ -83,6 +83,16 @@ def _pair(text: str) -> float:
     return float(text)
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0 (0: no limit), got {text!r}")
+    return value
+
+
 def build_parser(prog: str = "trex-train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,6 +123,9 @@ def build_parser(prog: str = "trex-train") -> argparse.ArgumentParser:
                         "platform's default)")
     g.add_argument("--prefetch-factor", type=int, default=4,
                    help="batches each (persistent) loader worker prepares ahead (4)")
+    g.add_argument("--loader-timeout", type=_seconds, default=600.0, metavar="SECONDS",
+                   help="stop with an error when the loader workers deliver no batch for this "
+                        "long, instead of waiting for ever on a stuck worker (600; 0: no limit)")
 
     g = p.add_argument_group("network")
     g.add_argument("--arch", default="resnet50", choices=ARCHS)

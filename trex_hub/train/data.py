@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
@@ -108,11 +108,46 @@ def worker_start_method(choice: str, device: torch.device) -> Optional[str]:
     return choice
 
 
-def worker_start_kwargs(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
-    """The ``DataLoader`` keyword for ``--loader-start`` (empty without workers or for the
-    platform's default), shared by the training and validation loaders."""
+def worker_kwargs(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
+    """The ``DataLoader`` keywords for the workers, shared by the training and validation
+    loaders: how they start (``--loader-start``; nothing for the platform's default) and how
+    long a batch may take (``--loader-timeout``). Empty without workers."""
+    if args.workers <= 0:
+        return {}
+    out: Dict[str, Any] = {}
     start = worker_start_method(getattr(args, "loader_start", "auto"), device)
-    return {"multiprocessing_context": start} if start and args.workers > 0 else {}
+    if start:
+        out["multiprocessing_context"] = start
+    timeout = float(getattr(args, "loader_timeout", 0) or 0)
+    if timeout > 0:
+        out["timeout"] = timeout
+    return out
+
+
+def loader_batches(loader: DataLoader, what: str) -> Iterator[Any]:
+    """The batches of ``loader``; a batch that took longer than its ``timeout`` becomes a
+    :class:`TrainingError` that says what to do (torch's own message names no cause or fix),
+    after the workers are shut down (a stuck one is terminated: persistent workers would
+    otherwise live on with the loader)."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except RuntimeError as exc:
+            if not loader.timeout or "timed out" not in str(exc):
+                raise
+            shutdown = getattr(it, "_shutdown_workers", None)  # torch's private, since 1.x
+            if shutdown is not None:
+                shutdown()
+            raise TrainingError(
+                f"no {what} batch from the {loader.num_workers} loader workers in "
+                f"{loader.timeout:.0f} s: a worker is stuck, or reading the data is far slower "
+                "than expected. The last checkpoint written is kept (--resume goes on "
+                "from it). Try --loader-start spawn or fork, or --workers 0 to see the worker's "
+                "error here; for slow storage, raise --loader-timeout (0: no limit)") from exc
+        yield batch
 
 
 def build_train_loader(args: argparse.Namespace, train_data: Any, device: torch.device,
@@ -140,7 +175,7 @@ def build_train_loader(args: argparse.Namespace, train_data: Any, device: torch.
     if args.workers > 0:
         extra = {"persistent_workers": True,
                  "prefetch_factor": max(1, int(getattr(args, "prefetch_factor", 4))),
-                 **worker_start_kwargs(args, device)}
+                 **worker_kwargs(args, device)}
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
                         num_workers=args.workers, pin_memory=device.type == "cuda",
                         drop_last=True, collate_fn=collate, **extra)
@@ -148,4 +183,5 @@ def build_train_loader(args: argparse.Namespace, train_data: Any, device: torch.
 
 
 __all__ = ["load_data", "resolve_aug", "TrainLoader", "multicrop_from_args",
-           "build_train_loader", "worker_start_method", "worker_start_kwargs", "LOADER_STARTS"]
+           "build_train_loader", "worker_start_method", "worker_kwargs", "loader_batches",
+           "LOADER_STARTS"]

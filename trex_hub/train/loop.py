@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Subset
 
 from .augment import eval_transform
 from .config import plain_namespace, projector_config
-from .data import build_train_loader, load_data, worker_start_kwargs
+from .data import build_train_loader, load_data, loader_batches, worker_kwargs
 from .module import TrainModule, param_groups
 from .runtime import (CHECKPOINT_NAME, DistEnv, TrainingError, all_gather_cat, all_gather_objects,
                       checkpoint_dict, resume_from, rng_state, save_checkpoint, set_rng_state,
@@ -148,14 +148,14 @@ def evaluate(module: TrainModule, val_data: Any, args: argparse.Namespace, env: 
     shard = Subset(dataset, list(range(env.rank, len(dataset), env.world_size)))
     loader = DataLoader(shard, batch_size=max(1, args.batch_size), shuffle=False,
                         num_workers=args.workers, pin_memory=env.device.type == "cuda",
-                        **worker_start_kwargs(args, env.device))
+                        **worker_kwargs(args, env.device))
     net = module.model
     was_training = net.training
     net.eval()
     protos = module.memory.prototypes() if module.memory is not None else None
     counts = torch.zeros(2, dtype=torch.float64, device=env.device)
     fmt = torch.channels_last if _channels_last(args, env.device) else torch.preserve_format
-    for images, labels in loader:
+    for images, labels in loader_batches(loader, "validation"):
         images = images.to(env.device, non_blocking=True, memory_format=fmt)
         labels = labels.to(env.device, non_blocking=True)
         with torch.autocast(env.device.type, dtype=amp_dtype or torch.float32,
@@ -281,7 +281,7 @@ def _train(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
         net.train()
         meters = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss, correct, count
         t0 = time.time()
-        for it, batch in enumerate(loader):
+        for it, batch in enumerate(loader_batches(loader, "training")):
             step = epoch * niter + it
             lr = float(schedule[step])
             for group in optimizer.param_groups:

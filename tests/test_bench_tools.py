@@ -1,0 +1,85 @@
+"""The benchmarks' own machinery: the timed child runner and the GPU bench's rounds."""
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from extract_bench import run_timed  # noqa: E402
+from extract_gpu_bench import combine, render, round_order  # noqa: E402
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie waiting for its parent counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_a_hung_child_and_its_workers_are_reported_and_killed(tmp_path):
+    """A child that hangs with a worker process holding its output pipes (a DataLoader worker,
+    say) comes back at the timeout with both processes' stacks and states, and nothing of it
+    survives. Before, the runner waited for the worker to close the pipes, for ever."""
+    script = tmp_path / "hang.py"
+    pid_file = tmp_path / "worker.pid"
+    script.write_text(textwrap.dedent(f"""
+        import subprocess, sys, time
+        worker = subprocess.Popen([sys.executable, "-c",
+                                   "import time\\ndef stuck_worker():\\n    time.sleep(600)\\n"
+                                   "stuck_worker()"])
+        open({str(pid_file)!r}, "w").write(str(worker.pid))
+        print("started", flush=True)
+        def stuck_main():
+            time.sleep(600)
+        stuck_main()
+    """))
+    t = time.monotonic()
+    res = run_timed([sys.executable, str(script)], timeout=3)
+    took = time.monotonic() - t
+    assert took < 30
+    assert res.returncode == 124
+    assert "started" in res.stdout
+    assert res.stderr.rstrip().endswith("timed out after 3 s")
+    assert "stuck_main" in res.stderr and "stuck_worker" in res.stderr  # both stacks
+    listed = res.stderr.split("processes at the timeout")[1]
+    worker = int(pid_file.read_text())
+    assert str(worker) in listed and "hang.py" in listed
+    deadline = time.monotonic() + 5
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(worker)
+
+
+def test_a_quick_child_keeps_its_output_and_exit_code():
+    res = run_timed([sys.executable, "-c", "import sys; print('out'); sys.exit(3)"], timeout=60)
+    assert (res.returncode, res.stdout.strip()) == (3, "out")
+
+
+def test_gpu_bench_rounds_alternate_and_report_best_and_median():
+    plan = ["a", "b", "c"]
+    assert round_order(plan, 0) == plan and round_order(plan, 1) == ["c", "b", "a"]
+    assert round_order(plan, 2) == plan
+    r = combine([{"in_loop": 100.0, "whole_s": 10.0, "images": 5},
+                 {"in_loop": 300.0, "whole_s": 8.0, "images": 5},
+                 {"in_loop": 200.0, "whole_s": 12.0, "images": 5}])
+    assert (r["in_loop"], r["in_loop_best"], r["whole_s"], r["whole_s_best"]) == \
+        (200.0, 300.0, 10.0, 8.0)
+    assert "extract" not in r and r["rounds"] == 3
+    ours = combine([{"in_loop": 500.0, "extract": 400.0, "whole_s": 5.0, "images": 5}] * 3)
+    env = {"device_kind": "CPU", "gpu": "dry run", "images": 5, "size": "1x1", "batch": 1,
+           "cores": 2, "torch": "t", "torchvision": "tv", "load": "0", "rounds": 3}
+    text = render(env, {"naive fp32": r, "trex-extract fp32": ours,
+                        "trex-extract fp16": {"error": "boom"}}, {}, {})
+    assert "| naive fp32 | 300 / 200 | - | 8.0 / 10.0 | 1.00x / 1.00x |" in text
+    assert "| trex-extract fp32 | 500 / 500 | 400 / 400 | 5.0 / 5.0 | 2.50x / 2.00x |" in text
+    assert "| trex-extract fp16 | failed: boom |" in text
+    assert "3 rounds" in text
