@@ -35,10 +35,11 @@ WORKER_MODES = ("auto", "threads", "processes")
 # "auto" decodes in processes from this many files and this many workers on
 PROCESS_MIN_FILES, PROCESS_MIN_WORKERS = 512, 4
 # decode="auto" on CUDA: nvJPEG below this many CPU decode workers, the exact PIL path from it on.
-# On an H100 with 16 cores, 16 decode processes kept up with nvJPEG (1,828-2,005 vs 1,892-2,014
-# images/s, fp16, two runs: docs/benchmarks.md), so the GPU path buys nothing there and costs
-# exactness (2e-3 to 5e-3 relative on photos); with fewer workers the CPU path falls behind.
-GPU_DECODE_BELOW_WORKERS = 16
+# On an H100 with 16 cores (2026-11-27, fp16, two rounds: docs/benchmarks.md) nvJPEG gave
+# 3,110-3,827 images/s and 16 PIL decode processes 2,097-2,394, about 140 each: the CPU path
+# would need some 25 workers to keep up, so from 32 on (a machine with that many cores; not
+# measured) it is taken for its exactness (nvJPEG is 2e-3 to 5e-3 relative from it on photos).
+GPU_DECODE_BELOW_WORKERS = 32
 
 _SINGLE = (str, os.PathLike)
 
@@ -200,7 +201,7 @@ def extract_features(model: torch.nn.Module, images: Any, *, batch_size: int = 3
         progress: show a progress bar with images/s.
         decode: ``"cpu"`` (PIL, the exact reference), ``"gpu"`` (JPEG files decoded in batches
             by ``decode_jpeg`` on the run's device, nvJPEG on CUDA; other files fall back to
-            PIL) or ``"auto"`` (``"gpu"`` for files on CUDA with a preset when fewer than 16 decode
+            PIL) or ``"auto"`` (``"gpu"`` for files on CUDA with a preset when fewer than 32 decode
             workers are at hand, else ``"cpu"``).
         workers_mode: CPU decoding in ``"threads"``, worker ``"processes"`` (files only, into
             shared memory), or ``"auto"`` (processes for many files and workers).

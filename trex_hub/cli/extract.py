@@ -112,7 +112,7 @@ def _add_scale_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto",
                    help="gpu: JPEGs decoded in batches on the device (nvJPEG on CUDA), other "
                         "files by PIL; cpu: PIL (the exact reference); auto: gpu on CUDA with fewer "
-                        "than 16 decode workers, else cpu (as fast there, and exact)")
+                        "than 32 decode workers, else cpu (about as fast there, and exact)")
     p.add_argument("--workers-mode", choices=("auto", "threads", "processes"), default="auto",
                    help="CPU decoding in threads or in worker processes writing shared memory; "
                         "auto: processes for many files on >= 4 workers")
