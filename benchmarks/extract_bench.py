@@ -199,6 +199,11 @@ def _ours_no_resize(args) -> int:
     return 0
 
 
+# characters of a failed child's stderr that its error keeps: a hung run's report (the stacks of
+# its main process and of every loader worker) is tens of kB
+FAILED_TAIL = 100_000
+
+
 def run_timed(cmd: List[str], timeout: Optional[float] = None,
               env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
     """Run a benchmark child and capture its output. A child that outlives ``timeout`` seconds
@@ -279,7 +284,7 @@ def run_child(kind: str, **kw) -> dict:
             cmd += [f"--{k.replace('_', '-')}", str(v)]
     res = run_timed(cmd)
     if res.returncode != 0:
-        raise RuntimeError(f"{kind} failed:\n{res.stderr[-4000:]}")
+        raise RuntimeError(f"{kind} failed:\n{res.stderr[-FAILED_TAIL:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 

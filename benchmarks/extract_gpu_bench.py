@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from extract_bench import last_line, run_timed  # noqa: E402
+from extract_bench import FAILED_TAIL, last_line, run_timed  # noqa: E402
 
 START, END = "<!-- gpu-bench:start -->", "<!-- gpu-bench:end -->"
 
@@ -95,7 +95,7 @@ def run_naive(ckpt, data, out, precision, batch, workers, device="cuda",
     res = run_timed(cmd, timeout)
     wall = time.perf_counter() - t
     if res.returncode != 0:
-        raise RuntimeError(f"naive {precision} failed:\n{res.stderr[-3000:]}")
+        raise RuntimeError(f"naive {precision} failed:\n{res.stderr[-FAILED_TAIL:]}")
     got = json.loads(res.stdout.strip().splitlines()[-1])
     return {"in_loop": got["images"] / got["loop_s"], "whole_s": wall, "images": got["images"]}
 
@@ -111,7 +111,8 @@ def run_ours(ckpt, data, out, precision, batch, extra=(), device="cuda",
     res = run_timed(cmd, timeout, env)
     wall = time.perf_counter() - t
     if res.returncode != 0:
-        raise RuntimeError(f"trex-extract {precision} {extra} failed:\n{res.stderr[-3000:]}")
+        raise RuntimeError(f"trex-extract {precision} {extra} failed:\n"
+                           f"{res.stderr[-FAILED_TAIL:]}")
     # "..., X img/s (Y img/s in the batch loop)": X counts the one-off steps of the run too
     # (weights digest, model preparation, merge), Y only the loop, as the naive side times
     rates = re.findall(r"([\d.]+) img/s \(([\d.]+) img/s in the batch loop\)", res.stderr)

@@ -23,8 +23,11 @@
 #                then benchmarks/read_stage_bench.py (reader threads vs the model-launch thread);
 #                last, because it only explains the benchmarks' figures
 # Everything does not fit one 600 s call; a 15-minute device budget fits two, back to back on the
-# warm machine (about 12 minutes; the second one's GPU_CHECK_BUDGET set from what is left):
-#   GPU_CHECK_STAGES="tests repro decode bench-gpu"   then   GPU_CHECK_STAGES="bench-train profile"
+# warm machine (the second one's GPU_CHECK_BUDGET set from what is left). On 2026-11-27 the machine
+# started in about 30 s and "tests repro decode bench-gpu" (bench-gpu with --rounds 2) took 510 s;
+# what is still to measure after it:
+#   GPU_CHECK_STAGES="tests bench-train profile"      (the truncated-JPEG fix, t-ReX*, --compile)
+#   GPU_CHECK_STAGES="repro" REPRO_RECIPE=gpu LR=0.1  (64 px at the paper's lr, about 5 minutes)
 # The benchmarks and the profile run alone on the machine, after the rest. Runs with
 # PYTHONPATH=$PWD and the python that has torch (no install); wheels in .whl/ (Optuna for the probe's TPE search) are
 # unpacked to /tmp/site first. Files in $OUT (at most 8): log.txt, pytest_cuda.txt,

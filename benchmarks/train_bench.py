@@ -41,8 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from extract_bench import (cpu_model, last_line, make_photos, make_photos_parallel,  # noqa: E402
-                           run_timed)
+from extract_bench import (FAILED_TAIL, cpu_model, last_line, make_photos,  # noqa: E402
+                           make_photos_parallel, run_timed)
 
 
 def make_folder(root: Path, n_train: int, size=(500, 375), classes: int = 4) -> Path:
@@ -137,7 +137,7 @@ def run_child(side: str, opts: argparse.Namespace, work: Path) -> Dict[str, Any]
     timeout = opts.run_timeout + (opts.compile_timeout if split_preset(preset or "-")[1] else 0)
     proc = run_timed(cmd, timeout, env)
     if proc.returncode != 0:  # a hung child's stderr holds its stacks, then "timed out after"
-        raise RuntimeError(f"{side} failed:\n{proc.stderr[-6000:]}")
+        raise RuntimeError(f"{side} failed:\n{proc.stderr[-FAILED_TAIL:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
