@@ -168,10 +168,14 @@ def _run_main_threads1(*args):
 
 def _started_run(ckpt, data, out, opts, committed, **popen):
     """trex-extract in a process of its own, returned once ``committed`` chunks of ``out`` are
-    on disk (or it ended, or 90 s passed): the moment to interrupt it."""
+    on disk (or it ended, or 90 s passed): the moment to interrupt it. The child gets SIGINT's
+    default disposition: a test run started in the background of a non-interactive shell
+    (``make test &``) inherits SIGINT ignored, and Python then installs no Ctrl-C handler."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-m", "trex_hub.cli.extract", str(ckpt), str(data),
-                             "-o", str(out), *opts], env=env, cwd=out.parent, **popen)
+                             "-o", str(out), *opts], env=env, cwd=out.parent,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                            **popen)
     parts = out.parent / (out.name + ".parts")
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and proc.poll() is None:
