@@ -14,7 +14,7 @@ from trex_hub import extract as ex
 from trex_hub.decode_procs import process_batches
 from trex_hub.decoding import batch_ranges, decode_batches
 from trex_hub.inference import _tf32_flags, fp32_mode, prepare
-from trex_hub.tensor_decode import jpeg_fits, tensor_batches
+from trex_hub.tensor_decode import jpeg_extent, jpeg_fits, tensor_batches
 from trex_hub.transforms import Decoder, ImageLoadError
 
 from test_extract import make_bad_files, photos, r18_path, rel_err  # noqa: F401 (fixture)
@@ -230,11 +230,19 @@ def test_jpeg_fits_reads_the_headers(folder):
     assert not jpeg_fits(cmyk.getvalue())
     assert not jpeg_fits((folder / "q.png").read_bytes())
     assert not jpeg_fits(b"") and not jpeg_fits(b"\xff\xd8\xff\xe0" + struct.pack(">H", 200))
-    # truncated (nvJPEG decodes those without an error), or data after the end marker: PIL's
+    # truncated: PIL's (nvJPEG decodes those without an error)
     whole = jpeg_bytes(arr)
-    assert whole.endswith(b"\xff\xd9")
+    assert whole.endswith(b"\xff\xd9") and jpeg_extent(whole) == len(whole)
     assert not jpeg_fits(whole[:len(whole) // 2]) and not jpeg_fits(whole[:-1])
-    assert not jpeg_fits(whole + b"\x00" * 8)
+    # data after the end marker (a motion photo's video, with end-marker bytes of its own): a
+    # sequential JPEG is cut at its end marker, a progressive one goes to PIL
+    trailer = b"ftypmp42" + b"\xff\xd9" * 3 + bytes(range(256))
+    assert jpeg_extent(whole + trailer) == len(whole)
+    prog = io.BytesIO()
+    Image.fromarray(arr).save(prog, format="JPEG", progressive=True)
+    prog = prog.getvalue()
+    assert jpeg_extent(prog) == len(prog)
+    assert jpeg_extent(prog + trailer) is None and jpeg_extent(prog[:len(prog) // 2]) is None
 
 
 def test_reader_reads_whole_files_and_keeps_only_fitting_jpegs(tmp_path, folder):
@@ -250,6 +258,14 @@ def test_reader_reads_whole_files_and_keeps_only_fitting_jpegs(tmp_path, folder)
     raw = read_jpeg_file(jpg)
     assert raw.dtype == torch.uint8 and bytes(raw.numpy()) == jpg.read_bytes()
     raw[0] = raw[0]  # a writable buffer of its own (no read-only frombuffer warning)
+    # a JPEG with a video after it: the reader hands over the JPEG part, which decodes as the
+    # JPEG alone does
+    (tmp_path / "motion.jpg").write_bytes(jpg.read_bytes() + b"\x00\x00\x00\x18ftypmp42" * 50)
+    part = read_jpeg_file(tmp_path / "motion.jpg")
+    assert bytes(part.numpy()) == jpg.read_bytes()
+    from torchvision.io import decode_jpeg
+
+    assert torch.equal(decode_jpeg(part), decode_jpeg(read_jpeg_file(jpg)))
     (tmp_path / "rot.jpg").write_bytes(_exif_rotated(photos(1, (40, 30))[0]))
     for other in (folder / "q.png", tmp_path / "rot.jpg", tmp_path / "missing.jpg", tmp_path):
         assert read_jpeg_file(other) is None, other

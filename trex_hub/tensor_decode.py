@@ -11,9 +11,9 @@ forward pass (:func:`~trex_hub.decoding.in_background`).
 
 Whatever this path cannot reproduce exactly goes to the reference PIL decoder
 (:class:`~trex_hub.transforms.Decoder`) for that file alone, never failing the run: non-JPEG
-files (PNG, ...), CMYK / YCCK JPEGs, JPEGs with an EXIF rotation (nvJPEG ignores it), JPEGs
-that do not end with their end marker (truncated: nvJPEG decodes those without an error),
-in-memory inputs, and any file the batched decoder refuses (corrupt data).
+files (PNG, ...), CMYK / YCCK JPEGs, JPEGs with an EXIF rotation (nvJPEG ignores it), truncated
+JPEGs (no end marker: nvJPEG decodes those without an error), progressive JPEGs with data after
+their end marker, in-memory inputs, and any file the batched decoder refuses (corrupt data).
 
 It is not bit-exact with the PIL path: libjpeg's IDCT / chroma upsampling and the tensor
 resampling kernels differ in rounding. ``docs/benchmarks.md`` gives the measured distance on
@@ -60,34 +60,56 @@ def _exif_orientation(seg: Union[bytes, bytearray]) -> int:
     return 1
 
 
-def jpeg_fits(data: Union[bytes, bytearray]) -> bool:
-    """Whether ``data`` is a JPEG the tensor path decodes as PIL would: 1 (grey) or 3 (YCbCr)
-    components, no EXIF rotation, and the end-of-image marker as its last two bytes. Reads the
-    markers up to the frame header only.
+_SEQUENTIAL = {0xC0, 0xC1}  # baseline / extended Huffman: one scan, then the end marker
+_EOI = b"\xff\xd9"
 
-    The last rule keeps truncated files away from nvJPEG, which decodes them without an error
-    (seen on an H100: half a JPEG was not refused), where PIL refuses them. A complete JPEG
-    with data after its end marker is sent to PIL too, which decodes it exactly."""
-    if len(data) < 4 or data[:3] != b"\xff\xd8\xff" or data[-2:] != b"\xff\xd9":
-        return False
-    at, orientation = 2, 1
+
+def jpeg_extent(data: Union[bytes, bytearray]) -> Optional[int]:
+    """How many leading bytes of ``data`` the tensor path decodes, or ``None`` when it would not
+    decode them as PIL does. It takes JPEGs of 1 (grey) or 3 (YCbCr) components without an
+    EXIF rotation, up to their end-of-image marker. Reads the markers up to the first scan.
+
+    The end marker keeps truncated files away from nvJPEG, which decodes them without an error
+    (seen on an H100: half a JPEG was not refused) where PIL refuses them. A file normally ends
+    with it. Data after it (a phone's motion-photo video, a camera's trailer) is cut off when
+    the JPEG is sequential: in its single scan the marker's two bytes cannot occur (an entropy-
+    coded 0xFF is followed by 0x00 or a restart marker), so the first ones after the scan header
+    end the image. A progressive JPEG with data after its end goes to PIL, which decodes it."""
+    if len(data) < 4 or data[:3] != b"\xff\xd8\xff":
+        return None
+    at, orientation, frame = 2, 1, None
     while at + 4 <= len(data):
         if data[at] != 0xFF:
-            return False
+            return None
         marker = data[at + 1]
         if marker == 0xFF:  # fill byte
             at += 1
             continue
         (length,) = struct.unpack(">H", data[at + 2:at + 4])
         seg = data[at + 4:at + 2 + length]
-        if marker == 0xE1:
+        if marker == 0xE1 and frame is None:
             orientation = _exif_orientation(seg)
-        elif marker in _SOF:
-            return len(seg) >= 6 and seg[5] in (1, 3) and orientation == 1
-        elif marker == 0xDA:  # scan before any frame header: malformed
-            return False
+        elif marker in _SOF and frame is None:
+            if len(seg) < 6 or seg[5] not in (1, 3) or orientation != 1:
+                return None
+            frame = marker
+        elif marker == 0xDA:  # the first scan
+            if frame is None:  # a scan before any frame header: malformed
+                return None
+            if data[-2:] == _EOI:
+                return len(data)
+            if frame not in _SEQUENTIAL:
+                return None
+            end = data.find(_EOI, at + 2 + length)
+            return None if end < 0 else end + 2
         at += 2 + length
-    return False
+    return None
+
+
+def jpeg_fits(data: Union[bytes, bytearray]) -> bool:
+    """Whether the tensor path decodes ``data`` (or its JPEG part) as PIL would:
+    :func:`jpeg_extent` is not ``None``."""
+    return jpeg_extent(data) is not None
 
 
 READ_CHUNK = 32  # files per reader task (see :func:`submit_chunks`)
@@ -126,17 +148,22 @@ def file_bytes(path: Union[str, os.PathLike],
 
 
 def read_jpeg_file(path: Union[str, os.PathLike]) -> Optional[torch.Tensor]:
-    """The bytes of ``path`` as a uint8 tensor when it is a JPEG the tensor path decodes as PIL
-    would (:func:`jpeg_fits`); ``None`` otherwise: unreadable files, and files over
+    """The JPEG bytes of ``path`` (:func:`jpeg_extent`: without data after the end marker) as a
+    uint8 tensor when the tensor path decodes them as PIL would; ``None`` otherwise: unreadable
+    files, and files over
     :data:`MAX_JPEG_BYTES`, which are not read into memory (the PIL fallback then decides, or
     names the problem)."""
     try:
         data = file_bytes(path, MAX_JPEG_BYTES)
     except OSError:
         return None
-    if data is None or not jpeg_fits(data):
+    if data is None:
         return None
-    return torch.frombuffer(data, dtype=torch.uint8)
+    n = jpeg_extent(data)
+    if n is None:
+        return None
+    raw = torch.frombuffer(data, dtype=torch.uint8)
+    return raw if n == len(data) else raw[:n]
 
 
 def submit_chunks(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Sequence[Any],
@@ -348,5 +375,5 @@ def tensor_batches(groups: Iterable[Sequence[int]], fetch: Callable[[int], Any],
     return in_background(produce, depth=1, name="trex-decode", context=_callers_stream(device))
 
 
-__all__ = ["tensor_batches", "jpeg_fits", "TensorGeometry", "file_bytes", "read_jpeg_file",
-           "submit_chunks"]
+__all__ = ["tensor_batches", "jpeg_fits", "jpeg_extent", "TensorGeometry", "file_bytes",
+           "read_jpeg_file", "submit_chunks"]
