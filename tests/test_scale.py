@@ -238,6 +238,9 @@ def test_jpeg_fits_reads_the_headers(folder):
     # sequential JPEG is cut at its end marker, a progressive one goes to PIL
     trailer = b"ftypmp42" + b"\xff\xd9" * 3 + bytes(range(256))
     assert jpeg_extent(whole + trailer) == len(whole)
+    sos = whole.index(b"\xff\xda")  # a scan of one component of three: more scans may follow
+    one_scan = whole[:sos + 4] + b"\x01" + whole[sos + 5:]
+    assert jpeg_extent(one_scan) == len(one_scan) and jpeg_extent(one_scan + trailer) is None
     prog = io.BytesIO()
     Image.fromarray(arr).save(prog, format="JPEG", progressive=True)
     prog = prog.getvalue()

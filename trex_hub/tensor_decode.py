@@ -60,7 +60,7 @@ def _exif_orientation(seg: Union[bytes, bytearray]) -> int:
     return 1
 
 
-_SEQUENTIAL = {0xC0, 0xC1}  # baseline / extended Huffman: one scan, then the end marker
+_SEQUENTIAL = {0xC0, 0xC1}  # sequential Huffman frames (baseline, extended)
 _EOI = b"\xff\xd9"
 
 
@@ -72,12 +72,13 @@ def jpeg_extent(data: Union[bytes, bytearray]) -> Optional[int]:
     The end marker keeps truncated files away from nvJPEG, which decodes them without an error
     (seen on an H100: half a JPEG was not refused) where PIL refuses them. A file normally ends
     with it. Data after it (a phone's motion-photo video, a camera's trailer) is cut off when
-    the JPEG is sequential: in its single scan the marker's two bytes cannot occur (an entropy-
-    coded 0xFF is followed by 0x00 or a restart marker), so the first ones after the scan header
-    end the image. A progressive JPEG with data after its end goes to PIL, which decodes it."""
+    the JPEG is sequential with all its components in one scan: in that scan the marker's two
+    bytes cannot occur (an entropy-coded 0xFF is followed by 0x00 or a restart marker), so the
+    first ones after the scan header end the image. Other JPEGs with data after their end (a
+    progressive one, or one scan per component) go to PIL, which decodes them."""
     if len(data) < 4 or data[:3] != b"\xff\xd8\xff":
         return None
-    at, orientation, frame = 2, 1, None
+    at, orientation, frame, components = 2, 1, None, 0
     while at + 4 <= len(data):
         if data[at] != 0xFF:
             return None
@@ -92,13 +93,13 @@ def jpeg_extent(data: Union[bytes, bytearray]) -> Optional[int]:
         elif marker in _SOF and frame is None:
             if len(seg) < 6 or seg[5] not in (1, 3) or orientation != 1:
                 return None
-            frame = marker
+            frame, components = marker, seg[5]
         elif marker == 0xDA:  # the first scan
             if frame is None:  # a scan before any frame header: malformed
                 return None
             if data[-2:] == _EOI:
                 return len(data)
-            if frame not in _SEQUENTIAL:
+            if frame not in _SEQUENTIAL or len(seg) < 1 or seg[0] != components:
                 return None
             end = data.find(_EOI, at + 2 + length)
             return None if end < 0 else end + 2
