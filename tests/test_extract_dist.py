@@ -30,7 +30,8 @@ def test_torchrun_two_ranks_equal_single_process(tmp_path):
     (data / "c1" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
     # 23 inputs in chunks of 4: 6 chunks, rank 0 takes 0, 2, 4 and rank 1 takes 1, 3, 5
     opts = ["-b", "2", "--chunk-size", "4", "--labels", "folder", "--no-progress"]
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    (tmp_path / "tmp").mkdir()  # torchrun's own temporary folders, not left in /tmp
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TMPDIR=str(tmp_path / "tmp"))
     dist_out = tmp_path / "dist.npy"
     res = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m",
                           "trex_hub.cli.extract", str(ckpt), str(data), "-o", str(dist_out),

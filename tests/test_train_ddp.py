@@ -25,7 +25,8 @@ def test_torchrun_gloo_two_processes(tmp_path):
     out, dump = tmp_path / "run", tmp_path / "dump"
     argv = small_args(data, out, "--epochs", "1", "--batch-size", "4", "--memory-size",
                       str(MEMORY), "--debug-dump", str(dump), "--print-freq", "1")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    (tmp_path / "tmp").mkdir()  # torchrun's own temporary folders, not left in /tmp
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0", TMPDIR=str(tmp_path / "tmp"))
     cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "trex_hub.cli.train",
            *argv]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=850)
