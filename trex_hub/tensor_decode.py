@@ -151,9 +151,8 @@ def file_bytes(path: Union[str, os.PathLike],
 def read_jpeg_file(path: Union[str, os.PathLike]) -> Optional[torch.Tensor]:
     """The JPEG bytes of ``path`` (:func:`jpeg_extent`: without data after the end marker) as a
     uint8 tensor when the tensor path decodes them as PIL would; ``None`` otherwise: unreadable
-    files, and files over
-    :data:`MAX_JPEG_BYTES`, which are not read into memory (the PIL fallback then decides, or
-    names the problem)."""
+    files, and files over :data:`MAX_JPEG_BYTES`, which are not read into memory (the PIL
+    fallback then decides, or names the problem)."""
     try:
         data = file_bytes(path, MAX_JPEG_BYTES)
     except OSError:
