@@ -218,3 +218,32 @@ def test_namespace_args_survive(tmp_path):
     assert ckpt.extra["epoch"] == 100
     assert isinstance(argparse.Namespace(**ckpt.extra["args"]), argparse.Namespace)
     assert prototypes_from_memory is not None
+
+
+def test_every_tensor_comes_from_the_checkpoint_and_absent_counters_start_at_zero(tmp_path):
+    # the model is built without random initialisation: each tensor must be the file's
+    sd = fx.backbone_state_dict("resnet18", seed=7)
+    sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    torch.save(sd, tmp_path / "bb.pth")
+    model = build_model(read_checkpoint(tmp_path / "bb.pth"))
+    got = model.backbone.state_dict()
+    for k, v in got.items():
+        if k.endswith("num_batches_tracked"):
+            assert v.item() == 0, k
+        else:
+            assert torch.equal(v, sd[k]), k
+    assert all(p.device.type == "cpu" and p.requires_grad for p in model.parameters())
+
+
+def test_a_buffer_outside_the_state_dict_keeps_its_initialisation(tmp_path, monkeypatch):
+    import trex_hub.checkpoint as ckmod
+
+    class WithScratch(ckmod.TReX):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.register_buffer("scratch", torch.full((4,), 3.0), persistent=False)
+
+    monkeypatch.setattr(ckmod, "TReX", WithScratch)
+    fx.write_backbone_file(tmp_path / "bb.pth", arch="resnet18", seed=1)
+    model = build_model(read_checkpoint(tmp_path / "bb.pth"))
+    assert torch.equal(model.scratch, torch.full((4,), 3.0))

@@ -374,7 +374,9 @@ def load_into(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: st
     if problems:
         raise CheckpointError(f"{source or 'checkpoint'} does not fit the "
                               f"{getattr(model, 'arch', '')} t-ReX model; " + "; ".join(problems))
-    full = {k: state.get(k, v) for k, v in expected.items()}
+    # an absent counter starts at 0, as in a new model (whose own tensor may be uninitialised)
+    full = {k: state[k] if k in state else torch.zeros_like(v, device="cpu")
+            for k, v in expected.items()}
     model.load_state_dict(full, strict=True)
 
 
@@ -393,9 +395,22 @@ def build_model(ckpt: Checkpoint, *, projector: bool = True, name: Optional[str]
         state = {k: v for k, v in state.items() if k.startswith("backbone.")}
     if name:
         cfg["name"] = name
-    model = TReX.from_config(cfg)
+    model = _uninitialised(cfg)
     load_into(model, state, ckpt.source)
     return model
+
+
+def _uninitialised(cfg: Dict[str, Any]) -> TReX:
+    """``TReX.from_config(cfg)`` without the random initialisation that the checkpoint's
+    tensors overwrite anyway (0.2-0.3 s of a ResNet-50's construction on 2 cores): built on the
+    meta device, then given uninitialised CPU memory. Only when every tensor is in the state dict
+    (:func:`load_into` then fills them all); otherwise built as usual."""
+    with torch.device("meta"):
+        model = TReX.from_config(cfg)
+    tensors = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    if not tensors <= set(model.state_dict()):  # a non-persistent buffer: keep its init
+        return TReX.from_config(cfg)
+    return model.to_empty(device="cpu")
 
 
 # --------------------------------------------------------------------------------------------
