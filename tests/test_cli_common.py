@@ -137,3 +137,59 @@ def test_help_formatter_shows_only_useful_defaults():
     assert "-o O out" in text and "--flag a flag" in text and "--no-x no x" in text
     assert "threads (default: one per core)" in text and "batch (default: 32)" in text
     assert text.count("default") == 2
+
+
+EXIT_SCRIPT = r'''
+import atexit, sys, threading, time
+from pathlib import Path
+from trex_hub.cli.common import exit_now
+
+out = Path(sys.argv[1])
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+
+def late():
+    time.sleep(0.3)
+    (out / "thread").write_text("done")
+
+threading.Thread(target=late).start()
+print("buffered line")  # stdout is a file here: block-buffered until flushed
+exit_now(int(sys.argv[2]))
+'''
+
+
+@pytest.mark.parametrize("clean", ["", "1"])
+def test_exit_now_keeps_what_a_normal_exit_does(tmp_path, clean):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "prog.py"
+    script.write_text(EXIT_SCRIPT)
+    env = dict(os.environ, TREX_HUB_CLEAN_EXIT=clean)
+    env.pop("PYTHONUNBUFFERED", None)  # so the line really waits in a buffer
+    with open(tmp_path / "stdout", "wb") as fh:
+        rc = subprocess.run([sys.executable, str(script), str(tmp_path), "3"], stdout=fh,
+                            env=env, timeout=120).returncode
+    assert rc == 3
+    assert (tmp_path / "stdout").read_text() == "buffered line\n"
+    assert (tmp_path / "thread").read_text() == "done"  # non-daemon threads are waited for
+    assert (tmp_path / "atexit").read_text() == "ran"
+
+
+def test_console_scripts_are_the_programs():
+    import configparser
+    from importlib import import_module
+    from pathlib import Path
+
+    from trex_hub.cli import scripts
+
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).parents[1] / "setup.cfg")
+    entries = dict(line.split(" = ") for line in
+                   cfg["options.entry_points"]["console_scripts"].strip().splitlines())
+    assert set(entries) == {"trex-download", "trex-extract", "trex-eval", "trex-train"}
+    for prog, target in entries.items():
+        module, func = target.split(":")
+        assert import_module(module) is scripts and callable(getattr(scripts, func))
+        # each runs the program of its name, which the console script then ends with
+        assert import_module(f"trex_hub.cli.{func}").PROG == prog

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .common import UsageError, add_debug_flag, failing_on, run_cli
+from .common import UsageError, add_debug_flag, exit_now, failing_on, run_cli
 
 PROG = "trex-download"
 
@@ -319,4 +319,4 @@ def _run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    exit_now(main())

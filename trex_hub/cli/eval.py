@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .common import EXIT_OK, EXIT_USAGE, UsageError, add_debug_flag, fail, failing_on, run_cli
+from .common import (EXIT_OK, EXIT_USAGE, UsageError, add_debug_flag, exit_now, fail, failing_on,
+                     run_cli)
 
 PROG = "trex-eval"
 
@@ -355,4 +356,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    exit_now(main())

@@ -25,8 +25,8 @@ import os
 import sys
 from typing import List, Optional
 
-from .common import (EXIT_OK, EXIT_USAGE, HelpFormatter, UsageError, add_debug_flag, failing_on,
-                     run_cli)
+from .common import (EXIT_OK, EXIT_USAGE, HelpFormatter, UsageError, add_debug_flag, exit_now,
+                     failing_on, run_cli)
 
 PROG = "trex-extract"
 
@@ -289,4 +289,4 @@ def _main(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> i
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -13,7 +13,9 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from .common import EXIT_OK, add_debug_flag, failing_on, run_cli
+from .common import EXIT_OK, add_debug_flag, exit_now, failing_on, run_cli
+
+PROG = "trex-train"
 
 
 def _export_parser() -> argparse.ArgumentParser:
@@ -62,8 +64,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return parse_args(argv)
 
-    return run_cli("trex-train", parse, _train, interrupted="interrupted; continue with --resume")
+    return run_cli(PROG, parse, _train, interrupted="interrupted; continue with --resume")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
