@@ -63,6 +63,7 @@ def child_naive(args) -> dict:
 
     from extract_bench import naive_model
 
+    imported = time.time()  # wall clock: the parent compares it with when it started us
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
     model = naive_model(Path(args.ckpt)).to(dev)
@@ -72,7 +73,7 @@ def child_naive(args) -> dict:
     dl = DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers, shuffle=False,
                     pin_memory=cuda)
     outs = []
-    t0 = time.perf_counter()
+    t0, loop_start = time.perf_counter(), time.time()
     with torch.no_grad(), torch.autocast(dev.type, torch.float16 if cuda else torch.bfloat16,
                                          enabled=args.precision == "fp16"):
         for x, _ in dl:
@@ -83,7 +84,7 @@ def child_naive(args) -> dict:
     np.save(args.out, torch.cat(outs).numpy())
     rels = [os.path.relpath(path, args.data) for path, _ in ds.samples]
     Path(args.out + ".paths.json").write_text(json.dumps(rels))
-    return {"loop_s": secs, "images": len(ds)}
+    return {"loop_s": secs, "images": len(ds), "imported": imported, "loop_start": loop_start}
 
 
 def run_naive(ckpt, data, out, precision, batch, workers, device="cuda",
@@ -91,20 +92,23 @@ def run_naive(ckpt, data, out, precision, batch, workers, device="cuda",
     cmd = [sys.executable, __file__, "--child", "--ckpt", str(ckpt), "--data", str(data),
            "--out", str(out), "--precision", precision, "--batch-size", str(batch),
            "--workers", str(workers), "--device", device]
-    t = time.perf_counter()
+    t, spawned = time.perf_counter(), time.time()
     res = run_timed(cmd, timeout)
     wall = time.perf_counter() - t
     if res.returncode != 0:
         raise RuntimeError(f"naive {precision} failed:\n{res.stderr[-FAILED_TAIL:]}")
     got = json.loads(res.stdout.strip().splitlines()[-1])
-    return {"in_loop": got["images"] / got["loop_s"], "whole_s": wall, "images": got["images"]}
+    imports, before = got["imported"] - spawned, got["loop_start"] - got["imported"]
+    return {"in_loop": got["images"] / got["loop_s"], "whole_s": wall, "images": got["images"],
+            "imports_s": imports, "setup_s": before, "loop_s": got["loop_s"],
+            "rest_s": wall - imports - before - got["loop_s"]}
 
 
 def run_ours(ckpt, data, out, precision, batch, extra=(), device="cuda",
              timeout=600.0) -> dict:
     cmd = [sys.executable, "-m", "trex_hub.cli.extract", str(ckpt), str(data), "-o", str(out),
            "-b", str(batch), "--precision", precision, "--overwrite", "--no-progress",
-           "--chunk-size", str(batch * 16), "--device", device, *extra]
+           "--chunk-size", str(batch * 16), "--device", device, "--debug", *extra]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH",
                                                                                   "")]))
     t = time.perf_counter()
@@ -118,9 +122,23 @@ def run_ours(ckpt, data, out, precision, batch, extra=(), device="cuda",
     rates = re.findall(r"([\d.]+) img/s \(([\d.]+) img/s in the batch loop\)", res.stderr)
     n = re.findall(r"(\d+) images ->", res.stderr)
     nan = float("nan")
-    return {"in_loop": float(rates[-1][1]) if rates else nan,
-            "extract": float(rates[-1][0]) if rates else nan, "whole_s": wall,
-            "images": int(n[-1]) if n else 0}
+    out = {"in_loop": float(rates[-1][1]) if rates else nan,
+           "extract": float(rates[-1][0]) if rates else nan, "whole_s": wall,
+           "images": int(n[-1]) if n else 0}
+    out.update(timing(res.stderr, wall))
+    return out
+
+
+def timing(stderr: str, wall: float) -> dict:
+    """Where trex-extract's whole process went, from its ``--debug`` timing line."""
+    got = re.findall(r"timing: start-up \(interpreter, imports\) ([\d.]+) s, inputs ([\d.]+) s, "
+                     r"model ([\d.]+) s, extract ([\d.]+) s \(batch loop ([\d.]+) s\), main "
+                     r"([\d.]+) s", stderr)
+    if not got:
+        return {}
+    start, inputs, model, extract, loop, main = map(float, got[-1])
+    return {"imports_s": start, "setup_s": inputs + model, "oneoff_s": extract - loop,
+            "loop_s": loop, "rest_s": wall - start - main}
 
 
 def model_only(ckpt: Path, batch: int, compile_: bool, log, device: str = "cuda",
@@ -183,7 +201,7 @@ def combine(results: list) -> dict:
     if not results:
         return {}
     out = {"rounds": len(results)}
-    for key in ("in_loop", "extract", "whole_s"):
+    for key in ("in_loop", "extract", "whole_s", *PHASES):
         vals = [r[key] for r in results if key in r]
         if vals:
             out[key] = float(np.median(vals))
@@ -191,6 +209,27 @@ def combine(results: list) -> dict:
             out[key + "_best"] = min(vals) if key.endswith("_s") else max(vals)
     out["images"] = results[-1].get("images", 0)
     return out
+
+
+PHASES = {"imports_s": "interpreter + imports",
+          "setup_s": "inputs + model (naive: + DataLoader)",
+          "oneoff_s": "extract's one-off steps (digest, model to device, merge)",
+          "loop_s": "loop", "rest_s": "after: writing (naive), exit"}
+
+
+def phases_table(runs: dict) -> list:
+    """Markdown rows: each run's whole process cut into :data:`PHASES` (medians, s)."""
+    rows = [(name, r) for name, r in runs.items() if "error" not in r and "loop_s" in r]
+    if not rows:
+        return []
+    lines = ["", "Where each whole process's time went (medians, s; trex-extract from its "
+             "`--debug` timing line, the naive loop from the times it reports):", "",
+             "| run | " + " | ".join(PHASES.values()) + " | whole process |",
+             "|---|" + "---|" * (len(PHASES) + 1)]
+    for name, r in rows:
+        cells = [f"{r[k]:.1f}" if k in r else "-" for k in PHASES]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['whole_s']:.1f} |")
+    return lines
 
 
 def round_order(plan: list, k: int) -> list:
@@ -235,6 +274,7 @@ def render(env: dict, runs: dict, errs: dict, mo: dict) -> str:
         lines.append(f"| {name} | {_fmt(r, 'in_loop', ',.0f')} | {_fmt(r, 'extract', ',.0f')} | "
                      f"{_fmt(r, 'whole_s', '.1f')} | {ratio} | "
                      f"{'-' if err is None else f'{err:.1e}'} |")
+    lines += phases_table(runs)
     lines += ["", "Model only (batch already on the device):", "", "| model | images/s |",
               "|---|---|"]
     lines += [f"| {k} | {v:,.0f} |" for k, v in mo.items() if not k.endswith("_s")]
@@ -320,6 +360,8 @@ def main(argv=None) -> int:
     plan = [("naive fp32", "naive", "fp32", ()), ("naive fp16", "naive", "fp16", ()),
             # explicit decoders: --decode auto picks one of the two by the number of workers
             ("trex-extract fp32 --decode gpu", "ours", "fp32", ("--decode", "gpu")),
+            # fp32 is bound by the GPU's arithmetic (run 3): decoding on the CPU frees it
+            ("trex-extract fp32 --decode cpu", "ours", "fp32", ("--decode", "cpu")),
             ("trex-extract fp16 --decode gpu", "ours", "fp16", ("--decode", "gpu")),
             ("trex-extract fp16 --decode cpu", "ours", "fp16", ("--decode", "cpu"))]
     for k in range(max(1, args.rounds)):

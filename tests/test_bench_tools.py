@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from extract_bench import run_timed  # noqa: E402
-from extract_gpu_bench import combine, render, round_order  # noqa: E402
+from extract_gpu_bench import combine, render, round_order, timing  # noqa: E402
 
 
 def _alive(pid: int) -> bool:
@@ -83,3 +83,21 @@ def test_gpu_bench_rounds_alternate_and_report_best_and_median():
     assert "| trex-extract fp32 | 500 / 500 | 400 / 400 | 5.0 / 5.0 | 2.50x / 2.00x |" in text
     assert "| trex-extract fp16 | failed: boom |" in text
     assert "3 rounds" in text
+
+
+def test_gpu_bench_cuts_each_whole_process_into_phases():
+    err = ("trex-extract: 5 images -> x.npy [5 x 8], 0 failed, 2.0 s\n"
+           "trex-extract: timing: start-up (interpreter, imports) 3.50 s, inputs 0.10 s, model "
+           "0.40 s, extract 2.00 s (batch loop 1.50 s), main 2.60 s\n")
+    got = timing(err, wall=6.5)
+    assert got == pytest.approx({"imports_s": 3.5, "setup_s": 0.5, "oneoff_s": 0.5,
+                                 "loop_s": 1.5, "rest_s": 0.4})
+    assert timing("no timing line", 1.0) == {}
+    ours = combine([dict(got, in_loop=10.0, extract=8.0, whole_s=6.5, images=5)] * 2)
+    naive = combine([{"in_loop": 5.0, "whole_s": 9.0, "images": 5, "imports_s": 4.0,
+                      "setup_s": 1.0, "loop_s": 2.0, "rest_s": 2.0}])
+    env = {"device_kind": "CPU", "gpu": "dry run", "images": 5, "size": "1x1", "batch": 1,
+           "cores": 2, "torch": "t", "torchvision": "tv", "load": "0", "rounds": 2}
+    text = render(env, {"naive fp32": naive, "trex-extract fp32": ours}, {}, {})
+    assert "| naive fp32 | 4.0 | 1.0 | - | 2.0 | 2.0 | 9.0 |" in text
+    assert "| trex-extract fp32 | 3.5 | 0.5 | 0.5 | 1.5 | 0.4 | 6.5 |" in text

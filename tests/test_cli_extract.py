@@ -72,6 +72,22 @@ def test_folder_manifest_labels_and_bad_files(ckpt, folder, tmp_path, capsys):
     assert (meta["ok"], meta["failed"], meta["dim"], meta["head"]) == (6, 5, 512, "backbone")
 
 
+def test_debug_says_where_the_time_went(ckpt, folder, tmp_path, capsys):
+    root, _ = folder
+    assert run(ckpt, root / "cats", "-o", tmp_path / "f.npy") == 0
+    assert "timing:" not in capsys.readouterr().err
+    assert run(ckpt, root / "cats", "-o", tmp_path / "g.npy", "--debug") == 0
+    line = [x for x in capsys.readouterr().err.splitlines() if "timing:" in x]
+    assert len(line) == 1, line
+    got = re.fullmatch(r"trex-extract: timing: start-up \(interpreter, imports\) ([\d.]+) s, "
+                       r"inputs ([\d.]+) s, model ([\d.]+) s, extract ([\d.]+) s \(batch loop "
+                       r"([\d.]+) s\), main ([\d.]+) s", line[0])
+    assert got, line[0]
+    start, inputs, model, extract, loop, whole = map(float, got.groups())
+    assert start > 0  # this process has been running since pytest started
+    assert loop <= extract and inputs + model + extract <= whole + 0.02
+
+
 def test_strict_fails_on_first_bad_file(ckpt, folder, tmp_path, capsys):
     root, _ = folder
     assert run(ckpt, root, "-o", tmp_path / "f.npy", "--strict") == 1

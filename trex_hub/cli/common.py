@@ -29,7 +29,7 @@ import sys
 import threading
 import traceback
 from contextlib import contextmanager
-from typing import Callable, Iterator, NoReturn, Union
+from typing import Callable, Iterator, NoReturn, Optional, Union
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEBUG_ENV = "TREX_HUB_DEBUG"
@@ -80,12 +80,14 @@ class HelpFormatter(argparse.HelpFormatter):
         return text + " (default: %(default)s)"
 
 
-def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+def add_debug_flag(parser: argparse.ArgumentParser, also: str = "") -> None:
+    """``--debug``; ``also`` names what else it prints."""
     parser.add_argument("--debug", action="store_true",
-                        help=f"on an error, also print the traceback (or set {DEBUG_ENV}=1)")
+                        help=f"on an error, also print the traceback{also} (or set "
+                             f"{DEBUG_ENV}=1)")
 
 
-def _debug_wanted(args: argparse.Namespace) -> bool:
+def debug_wanted(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
@@ -117,22 +119,34 @@ def run_cli(prog: Union[str, Callable[[argparse.Namespace], str]],
         return int(body(args))
     except CliError as exc:
         code, line = exc.code, f"error: {exc}"
-        if _debug_wanted(args):
+        if debug_wanted(args):
             traceback.print_exc()
     except KeyboardInterrupt:
         code, line = EXIT_INTERRUPTED, interrupted
-        if _debug_wanted(args):
+        if debug_wanted(args):
             traceback.print_exc()
     except SystemExit as exc:  # parser.error() called by the body
         return _exit_code(exc)
     except Exception as exc:  # a case nobody foresaw: still one line
         code = EXIT_FAIL
         line = (f"error: unexpected {type(exc).__name__}: {exc}"
-                + ("" if _debug_wanted(args) else " (rerun with --debug for the traceback)"))
-        if _debug_wanted(args):
+                + ("" if debug_wanted(args) else " (rerun with --debug for the traceback)"))
+        if debug_wanted(args):
             traceback.print_exc()
     print(f"{name}: {line}{suffix}", file=sys.stderr, flush=True)
     return code
+
+
+def process_age() -> Optional[float]:
+    """Seconds since this process started (Linux, to 10 ms), or ``None`` where that is unknown:
+    the interpreter's start and the imports, when read as a program's ``main`` begins."""
+    try:
+        with open("/proc/self/stat") as fh:  # field 22, starttime: clock ticks since boot
+            start = int(fh.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        with open("/proc/uptime") as fh:
+            return max(0.0, float(fh.read().split()[0]) - start)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def exit_now(code: int) -> NoReturn:
@@ -161,4 +175,5 @@ def exit_now(code: int) -> NoReturn:
 
 
 __all__ = ["EXIT_OK", "EXIT_FAIL", "EXIT_USAGE", "EXIT_INTERRUPTED", "CliError", "UsageError",
-           "fail", "failing_on", "HelpFormatter", "add_debug_flag", "run_cli", "exit_now"]
+           "fail", "failing_on", "HelpFormatter", "add_debug_flag", "debug_wanted", "run_cli", "exit_now",
+           "process_age"]

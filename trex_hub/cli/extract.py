@@ -25,8 +25,8 @@ import os
 import sys
 from typing import List, Optional
 
-from .common import (EXIT_OK, EXIT_USAGE, HelpFormatter, UsageError, add_debug_flag, exit_now,
-                     failing_on, run_cli)
+from .common import (EXIT_OK, EXIT_USAGE, HelpFormatter, UsageError, add_debug_flag,
+                     debug_wanted, exit_now, failing_on, process_age, run_cli)
 
 PROG = "trex-extract"
 
@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     _add_scale_options(p)
-    add_debug_flag(p)
+    add_debug_flag(p, also="; after a run, where its time went (start-up, model, "
+                           "extract, batch loop)")
     return p
 
 
@@ -204,7 +205,11 @@ def _device(args: argparse.Namespace, world: int, local_rank: int) -> str:
 
 
 def _main(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> int:
+    import time
+
     import torch
+
+    started, t0 = process_age(), time.perf_counter()
 
     from ..api import ModelLoadError, load
     from ..checkpoint import CheckpointError
@@ -246,11 +251,13 @@ def _main(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> i
     try:
         with failing_on(FileNotFoundError, ValueError, code=EXIT_USAGE):
             entries = collect(args)
+        t_inputs = time.perf_counter()
         if not entries:
             say("warning: no images found in the inputs")
         with failing_on(ModelLoadError, UnknownModelError, CheckpointError, DownloadError):
             model = load(args.model, projector=args.head == "projector", ema=args.ema,
                          cache_dir=args.cache_dir, progress=not quiet)
+        t_model = time.perf_counter()
         say(f"{len(entries)} images, model {args.model} ({args.head}, {model.out_dim}-d), "
             f"device {device}, {args.precision}" + (f", {world} processes" if world > 1 else ""))
         info = {"model": args.model, "head": args.head, "arch": getattr(model, "arch", None),
@@ -279,6 +286,12 @@ def _main(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> i
             if summary.failed > 5:
                 say(f"  ... {summary.failed - 5} more in "
                     f"{output_paths(args.output)['manifest']}")
+        if debug_wanted(args):  # where a short run's time goes (the benchmarks read this line)
+            say("timing: start-up (interpreter, imports) "
+                + ("?" if started is None else f"{started:.2f} s")
+                + f", inputs {t_inputs - t0:.2f} s, model {t_model - t_inputs:.2f} s, extract "
+                f"{summary.seconds:.2f} s (batch loop {summary.loop_seconds:.2f} s), main "
+                f"{time.perf_counter() - t0:.2f} s")
         return EXIT_OK
     finally:
         if world > 1:
