@@ -136,3 +136,41 @@ def test_no_module_over_the_size_limit():
             for p in modules().values()}
     over = {k: v for k, v in over.items() if v > MAX_LINES and k not in OVERSIZED_ELSEWHERE}
     assert not over, f"modules over {MAX_LINES} lines: {over}"
+
+
+def test_the_facade_imports_on_first_use_and_help_needs_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import contextlib, io, sys\n"
+        "import trex_hub\n"
+        "from trex_hub.cli import download, eval, extract, train\n"
+        "for prog in (download, eval, extract, train):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "        assert prog.main(['--help']) == 0\n"
+        "    assert 'usage:' in out.getvalue()\n"
+        "print(sorted(m for m in ('torch', 'torchvision', 'numpy', 'PIL') if m in sys.modules))\n"
+        "from trex_hub import load, TReX\n"
+        "print('torch' in sys.modules)\n")
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=PKG.parent)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.split("\n")[:2] == ["[]", "True"], got.stdout
+
+
+def test_every_public_name_and_submodule_is_reachable_from_the_facade():
+    import trex_hub
+    from trex_hub import api, model
+
+    for name in trex_hub.__all__:
+        assert getattr(trex_hub, name) is not None, name
+        assert name in dir(trex_hub)
+    assert trex_hub.load is api.load and trex_hub.model is model
+    assert trex_hub.preprocess.PRESETS["transfer"].crop == 224  # a submodule, by attribute
+    try:
+        trex_hub.no_such_thing
+    except AttributeError as exc:
+        assert "no_such_thing" in str(exc)
+    else:
+        raise AssertionError("an unknown name must raise AttributeError")

@@ -26,12 +26,11 @@ import torch.nn.functional as F
 from . import preprocess as pp
 from .decode_procs import process_batches
 from .decoding import Batch, batch_ranges, decode_batches, default_workers, normalise
-from .inference import PRECISIONS, InferenceModel, Pending, normalisation, prepare
+from .choices import DECODES, PRECISIONS, WORKER_MODES
+from .inference import InferenceModel, Pending, normalisation, prepare
 from .tensor_decode import tensor_batches
 from .transforms import Decoder, ImageLoadError, build_transform, resolve_preprocess
 
-DECODES = ("auto", "cpu", "gpu")
-WORKER_MODES = ("auto", "threads", "processes")
 # "auto" decodes in processes from this many files and this many workers on
 PROCESS_MIN_FILES, PROCESS_MIN_WORKERS = 512, 4
 # decode="auto" on CUDA: nvJPEG below this many CPU decode workers, the exact PIL path from it on.

@@ -36,9 +36,9 @@ import torch
 from torch import nn
 from torch.nn.utils import skip_init
 
+from .choices import PRECISIONS
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

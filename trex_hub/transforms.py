@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 from torchvision import transforms as T
 
 from . import preprocess as pp
+from .choices import MAX_PIXELS_CEILING
 from . import registry
 
 PRESETS = tuple(pp.PRESETS)
@@ -178,10 +179,6 @@ def _array_to_pil(arr: np.ndarray, what: str) -> Image.Image:
         return Image.fromarray(np.ascontiguousarray(arr), mode="RGB")
     raise ImageLoadError(f"{what}: array of shape {arr.shape} is not an HxW or HxWxC image "
                          "(C = 1, 3 or 4)")
-
-
-# the most pixels any image may have, whatever max_pixels says: 1 gigapixel is about 3 GB decoded
-MAX_PIXELS_CEILING = 1_000_000_000
 
 
 def _pixel_limit(max_pixels: Optional[int]) -> int:

@@ -32,9 +32,8 @@ PROG = "trex-extract"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..choices import MAX_PIXELS_CEILING, PRECISIONS
     from ..imagefiles import IMAGE_EXTENSIONS
-    from ..inference import PRECISIONS
-    from ..transforms import MAX_PIXELS_CEILING
 
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -110,11 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_scale_options(p: argparse.ArgumentParser) -> None:
     """Decoding at scale (issue 11): where JPEGs are decoded and by what kind of workers."""
-    p.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto",
+    from ..choices import DECODES, WORKER_MODES
+
+    p.add_argument("--decode", choices=DECODES, default="auto",
                    help="gpu: JPEGs decoded in batches on the device (nvJPEG on CUDA), other "
                         "files by PIL; cpu: PIL (the exact reference); auto: gpu on CUDA with fewer "
                         "than 32 decode workers, else cpu (about as fast there, and exact)")
-    p.add_argument("--workers-mode", choices=("auto", "threads", "processes"), default="auto",
+    p.add_argument("--workers-mode", choices=WORKER_MODES, default="auto",
                    help="CPU decoding in threads or in worker processes writing shared memory; "
                         "auto: processes for many files on >= 4 workers")
 
@@ -161,7 +162,7 @@ def run_options(args: argparse.Namespace, device: str, engine=None):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from ..transforms import MAX_PIXELS_CEILING
+    from ..choices import MAX_PIXELS_CEILING
 
     parser = build_parser()
     rank, world, local_rank = _dist_env()
