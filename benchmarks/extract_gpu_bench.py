@@ -131,14 +131,14 @@ def run_ours(ckpt, data, out, precision, batch, extra=(), device="cuda",
 
 def timing(stderr: str, wall: float) -> dict:
     """Where trex-extract's whole process went, from its ``--debug`` timing line."""
-    got = re.findall(r"timing: start-up \(interpreter, imports\) ([\d.]+) s, inputs ([\d.]+) s, "
-                     r"model ([\d.]+) s, extract ([\d.]+) s \(batch loop ([\d.]+) s\), main "
-                     r"([\d.]+) s", stderr)
+    got = re.findall(r"timing: start-up \(interpreter, torch\) ([\d.]+) s, imports ([\d.]+) s, "
+                     r"inputs ([\d.]+) s, model ([\d.]+) s, waiting for CUDA ([\d.]+) s, extract "
+                     r"([\d.]+) s \(batch loop ([\d.]+) s\), main ([\d.]+) s", stderr)
     if not got:
         return {}
-    start, inputs, model, extract, loop, main = map(float, got[-1])
-    return {"imports_s": start, "setup_s": inputs + model, "oneoff_s": extract - loop,
-            "loop_s": loop, "rest_s": wall - start - main}
+    start, imports, inputs, model, cuda, extract, loop, main = map(float, got[-1])
+    return {"imports_s": start + imports, "setup_s": inputs + model + cuda,
+            "oneoff_s": extract - loop, "loop_s": loop, "rest_s": wall - start - main}
 
 
 def model_only(ckpt: Path, batch: int, compile_: bool, log, device: str = "cuda",
@@ -212,7 +212,7 @@ def combine(results: list) -> dict:
 
 
 PHASES = {"imports_s": "interpreter + imports",
-          "setup_s": "inputs + model (naive: + DataLoader)",
+          "setup_s": "inputs + model + waiting for CUDA (naive: + DataLoader)",
           "oneoff_s": "extract's one-off steps (digest, model to device, merge)",
           "loop_s": "loop", "rest_s": "after: writing (naive), exit"}
 

@@ -24,10 +24,13 @@
 #                last, because it only explains the benchmarks' figures
 # Everything does not fit one 600 s call; a 15-minute device budget fits two, back to back on the
 # warm machine (the second one's GPU_CHECK_BUDGET set from what is left). On 2026-11-27 the machine
-# started in about 30 s and "tests repro decode bench-gpu" (bench-gpu with --rounds 2) took 510 s;
-# what is still to measure after it:
-#   GPU_CHECK_STAGES="tests bench-train profile"      (the truncated-JPEG fix, t-ReX*, --compile)
-#   GPU_CHECK_STAGES="repro" REPRO_RECIPE=gpu LR=0.1  (64 px at the paper's lr, about 5 minutes)
+# started in about 30 s and "tests repro decode bench-gpu" (bench-gpu with --rounds 2) took 510 s.
+# What is still to measure (plan of 2026-11-27, second session):
+#   GPU_CHECK_STAGES="tests bench-train bench-gpu"    (the truncated-JPEG fix and the CUDA start
+#       thread; t-ReX* >= 900 img/s and --compile; one round of bench-gpu for the whole process
+#       after exit_now, the meta-device model build, the lazy imports and the CUDA start thread,
+#       with its new phases table and the fp32 --decode cpu row)
+#   GPU_CHECK_STAGES="profile repro" REPRO_RECIPE=gpu LR=0.1  (64 px at the paper's lr, ~5 min)
 # The benchmarks and the profile run alone on the machine, after the rest. Runs with
 # PYTHONPATH=$PWD and the python that has torch (no install); wheels in .whl/ (Optuna for the probe's TPE search) are
 # unpacked to /tmp/site first. Files in $OUT (at most 8): log.txt, pytest_cuda.txt,

@@ -87,8 +87,9 @@ def test_gpu_bench_rounds_alternate_and_report_best_and_median():
 
 def test_gpu_bench_cuts_each_whole_process_into_phases():
     err = ("trex-extract: 5 images -> x.npy [5 x 8], 0 failed, 2.0 s\n"
-           "trex-extract: timing: start-up (interpreter, imports) 3.50 s, inputs 0.10 s, model "
-           "0.40 s, extract 2.00 s (batch loop 1.50 s), main 2.60 s\n")
+           "trex-extract: timing: start-up (interpreter, torch) 2.50 s, imports 1.00 s, inputs "
+           "0.10 s, model 0.30 s, waiting for CUDA 0.10 s, extract 2.00 s (batch loop 1.50 s), "
+           "main 3.60 s\n")
     got = timing(err, wall=6.5)
     assert got == pytest.approx({"imports_s": 3.5, "setup_s": 0.5, "oneoff_s": 0.5,
                                  "loop_s": 1.5, "rest_s": 0.4})

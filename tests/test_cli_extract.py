@@ -79,13 +79,39 @@ def test_debug_says_where_the_time_went(ckpt, folder, tmp_path, capsys):
     assert run(ckpt, root / "cats", "-o", tmp_path / "g.npy", "--debug") == 0
     line = [x for x in capsys.readouterr().err.splitlines() if "timing:" in x]
     assert len(line) == 1, line
-    got = re.fullmatch(r"trex-extract: timing: start-up \(interpreter, imports\) ([\d.]+) s, "
-                       r"inputs ([\d.]+) s, model ([\d.]+) s, extract ([\d.]+) s \(batch loop "
-                       r"([\d.]+) s\), main ([\d.]+) s", line[0])
+    got = re.fullmatch(r"trex-extract: timing: start-up \(interpreter, torch\) ([\d.]+) s, "
+                       r"imports ([\d.]+) s, inputs ([\d.]+) s, model ([\d.]+) s, waiting for "
+                       r"CUDA ([\d.]+) s, extract ([\d.]+) s \(batch loop ([\d.]+) s\), main "
+                       r"([\d.]+) s", line[0])
     assert got, line[0]
-    start, inputs, model, extract, loop, whole = map(float, got.groups())
+    start, imports, inputs, model, cuda, extract, loop, whole = map(float, got.groups())
     assert start > 0  # this process has been running since pytest started
-    assert loop <= extract and inputs + model + extract <= whole + 0.02
+    assert loop <= extract and imports + inputs + model + cuda + extract <= whole + 0.03
+
+
+def _start_cuda_for(*argv):
+    from trex_hub.cli.extract import _start_cuda, build_parser
+
+    return _start_cuda(build_parser().parse_args(["m", "x", "-o", "o.npy", *argv]), 1, 0)
+
+
+def test_cuda_starts_in_a_thread_only_when_the_run_may_use_it():
+    assert _start_cuda_for("--device", "cpu") is None
+    assert _start_cuda_for("--engine", "onnxruntime") is None
+    thread = _start_cuda_for()  # --device auto: a thread, which finds no CUDA here and stops
+    assert thread is not None and thread.daemon
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    if not torch.cuda.is_available():
+        assert not torch.cuda.is_initialized()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_start_thread_leaves_cuda_ready():
+    thread = _start_cuda_for("--device", "cuda")
+    thread.join(timeout=120)
+    assert not thread.is_alive() and torch.cuda.is_initialized()
 
 
 def test_strict_fails_on_first_bad_file(ckpt, folder, tmp_path, capsys):
