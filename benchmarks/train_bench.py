@@ -226,7 +226,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if opts.child:
         opts.preset = opts.child_preset
         result = child_naive(opts) if opts.child == "naive" else child_trex(opts)
-        print(json.dumps(result))
+        print(json.dumps(result), flush=True)
+        if opts.child != "naive":  # ends as the trex-train program does (the naive loop as a
+            from trex_hub.cli.common import exit_now  # user's script: Python's own exit)
+
+            exit_now(0)
         return 0
 
     import torch
