@@ -1,5 +1,7 @@
 """The features file and the resumable run behind trex-extract: formats, chunks, options."""
+import errno
 import json
+import threading
 
 import factories as fx
 import numpy as np
@@ -67,6 +69,7 @@ def test_chunks_are_committed_while_running(r18_path, tmp_path, monkeypatch):
     def spy(parts, start, stop, feats, rows):
         seen.append((start, stop, feats.shape[0],
                      sorted(p.name for p in parts.glob("part-*.jsonl"))))
+        assert threading.current_thread().name == "trex-extract-writer"  # not the loop's
         real_write(parts, start, stop, feats, rows)
 
     monkeypatch.setattr(extract_run, "write_segment", spy)
@@ -76,6 +79,59 @@ def test_chunks_are_committed_while_running(r18_path, tmp_path, monkeypatch):
     assert seen[2][3] == ["part-0000000000-0000000002.jsonl", "part-0000000002-0000000004.jsonl"]
     feats, _ = read_features(tmp_path / "o.npy")
     assert np.allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-6)
+
+
+def test_a_failed_segment_write_stops_the_run_and_resume_finishes_it(r18_path, tmp_path,
+                                                                     monkeypatch):
+    model = trex_hub.load(r18_path)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, a in enumerate(photos(6, (40, 40))):
+        Image.fromarray(a).save(folder / f"{i}.png")
+    entries = collect_inputs([folder])
+    real_write = extract_run.write_segment
+
+    def full_disk(parts, start, stop, feats, rows):
+        if start == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(parts))
+        real_write(parts, start, stop, feats, rows)
+
+    monkeypatch.setattr(extract_run, "write_segment", full_disk)
+    opts = dict(batch_size=2, chunk_size=2, num_workers=0)
+    with pytest.raises(ExtractError, match="No space left on device.*rerun with --resume"):
+        extract_to_file(model, entries, tmp_path / "o.npy", **opts)
+    parts = tmp_path / "o.npy.parts"
+    assert sorted(p.name for p in parts.glob("part-*.jsonl")) == [
+        "part-0000000000-0000000002.jsonl"]  # written before the failure; none after it
+    monkeypatch.setattr(extract_run, "write_segment", real_write)
+    extract_to_file(model, entries, tmp_path / "o.npy", resume=True, **opts)
+    extract_to_file(model, entries, tmp_path / "ref.npy", **opts)
+    assert np.array_equal(read_features(tmp_path / "o.npy")[0],
+                          read_features(tmp_path / "ref.npy")[0])
+
+
+def test_write_behind_keeps_order_and_hands_errors_back():
+    from trex_hub.fileio import WriteBehind
+
+    done = []
+    w = WriteBehind()
+    for k in range(5):
+        w.submit(lambda k=k: done.append(k))
+    w.close()
+    assert done == [0, 1, 2, 3, 4]
+
+    def boom():
+        raise OSError(errno.EIO, "I/O error")
+
+    w = WriteBehind()
+    w.submit(boom)
+    w.submit(lambda: done.append("after"))  # may be taken before the failure is seen...
+    with pytest.raises(OSError, match="I/O error"):
+        w.close()
+    assert "after" not in done  # ...but is dropped: nothing is written after a failure
+    w = WriteBehind()
+    w.submit(boom)
+    w.close(raise_error=False)  # on the way out of another error: that one is what counts
 
 
 def _folder(tmp_path, n=7):

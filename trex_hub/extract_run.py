@@ -34,7 +34,7 @@ from .extract import (choose_decoding, default_workers, open_batches, progress_b
                       run_batches)
 from .featurefile import (FORMAT_VERSION, ExtractError, committed_segments, merge, output_paths,
                           segment_files, write_segment)
-from .fileio import PathLike
+from .fileio import PathLike, WriteBehind
 from .imagefiles import Entry
 from .inference import prepare
 from .run_state import decoding_kind, fingerprint, prepare_parts, release, write_errors
@@ -232,9 +232,10 @@ def plan_run(model: torch.nn.Module, entries: Sequence[Entry], out: PathLike,
 class _Segment:
     """Features and manifest rows not yet committed: the inputs from ``start`` to ``stop``."""
 
-    def __init__(self, parts: Path, dim: int, normalize: bool, chunk_size: int):
+    def __init__(self, parts: Path, dim: int, normalize: bool, chunk_size: int,
+                 writer: WriteBehind):
         self.parts, self.dim, self.normalize = parts, dim, normalize
-        self.chunk_size = chunk_size
+        self.chunk_size, self.writer = chunk_size, writer
         self.start: Optional[int] = None
         self.stop = 0
         self.feats: List[np.ndarray] = []
@@ -255,18 +256,24 @@ class _Segment:
                                 "status": "ok" if error is None else "failed", "error": error}))
 
     def commit(self) -> None:
+        """Hand the segment to the writer thread, so the batch loop (and the GPU it feeds) does
+        not wait for ``np.save`` and the fsyncs: 0.13-0.19 s for 4,096 features on the 2-core
+        machine. Each batch's features are a tensor of their own, which nothing else writes."""
         self.since = time.monotonic()
         if self.start is None:
             return
-        arr = np.concatenate(self.feats) if self.feats else np.zeros((0, self.dim), np.float32)
-        if self.normalize and arr.shape[0]:
-            arr = arr / np.maximum(np.linalg.norm(arr, axis=1, keepdims=True), 1e-12)
-        self.rows.sort(key=lambda r: r[0])
-        write_segment(self.parts, self.start, self.stop, arr.astype(np.float32, copy=False),
-                      [row for _, row in self.rows])
-        self.start = None
-        self.feats.clear()
-        self.rows.clear()
+        feats, rows, start, stop = self.feats, self.rows, self.start, self.stop
+        self.start, self.feats, self.rows = None, [], []
+
+        def write() -> None:
+            arr = np.concatenate(feats) if feats else np.zeros((0, self.dim), np.float32)
+            if self.normalize and arr.shape[0]:
+                arr = arr / np.maximum(np.linalg.norm(arr, axis=1, keepdims=True), 1e-12)
+            rows.sort(key=lambda r: r[0])
+            write_segment(self.parts, start, stop, arr.astype(np.float32, copy=False),
+                          [row for _, row in rows])
+
+        self.writer.submit(write)
 
 
 def _fetch(entries: Sequence[Entry]) -> Callable[[int], str]:
@@ -294,8 +301,10 @@ def run_chunks(model: torch.nn.Module, entries: Sequence[Entry], plan: Plan, opt
                        desc="trex-extract")
     failures: List[Tuple[str, str]] = []
     computed = 0
-    chunk = _Segment(plan.paths["parts"], dim, opts.normalize, plan.chunk_size)
+    writer = WriteBehind("trex-extract-writer")
+    chunk = _Segment(plan.paths["parts"], dim, opts.normalize, plan.chunk_size, writer)
     t_loop = time.perf_counter()
+    done = False
     try:
         kind = decoding_kind(model, len(entries), opts,
                              runner.device if runner else torch.device("cpu"))
@@ -325,7 +334,11 @@ def run_chunks(model: torch.nn.Module, entries: Sequence[Entry], plan: Plan, opt
                 if failures:
                     bar.set_postfix(failed=len(failures), refresh=False)
         chunk.commit()
+        done = True
     finally:
+        # the segments already handed over are written even when the loop stopped (Ctrl-C, a
+        # bad file under --strict): a resumed run then recomputes less
+        writer.close(raise_error=done)
         if bar is not None:
             bar.close()
     loop_seconds = time.perf_counter() - t_loop

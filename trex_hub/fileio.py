@@ -1,5 +1,6 @@
 """Crash-safe file writing (shared by the cache, the checkpoint writer, extraction and training),
-the `PathLike` alias and the file names of the zoo's folder format.
+writes behind the caller's back (``WriteBehind``), the `PathLike` alias and the file names of the
+zoo's folder format.
 
 ``atomic_write`` writes to a unique temporary file in the destination's folder, flushes it to
 disk, renames it over the destination and syncs the folder: a reader sees the old file or the new
@@ -8,11 +9,53 @@ one, never a half-written one, whatever kills the process.
 from __future__ import annotations
 
 import os
+import queue
 import random
+import threading
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+class WriteBehind:
+    """Runs write jobs in order in a thread of its own, so that the caller does not wait for
+    them. One job may wait while another runs; a third waits in :meth:`submit`. The first error
+    is raised in the caller, at the next :meth:`submit` or at :meth:`close`, which waits for
+    every job; the jobs after a failed one are dropped."""
+
+    def __init__(self, name: str = "write-behind") -> None:
+        self._jobs: "queue.Queue[Optional[Callable[[], None]]]" = queue.Queue(maxsize=1)
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            if self._error is None:
+                try:
+                    job()
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    self._error = exc
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._raise()
+        self._jobs.put(job)
+
+    def close(self, raise_error: bool = True) -> None:
+        """Wait for every job submitted; then raise the first error, if ``raise_error``."""
+        self._jobs.put(None)
+        self._thread.join()
+        if raise_error:
+            self._raise()
 
 
 def fsync_dir(folder: PathLike) -> None:
