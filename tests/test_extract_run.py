@@ -55,14 +55,17 @@ def test_read_features_all_formats(r18_path, tmp_path):
     assert rel_err(feats, want) < 1e-5
 
 
-def test_chunks_are_committed_while_running(r18_path, tmp_path, monkeypatch):
-    """Memory stays flat: chunk files appear before the run ends."""
-    model = trex_hub.load(r18_path)
+def _six_photos(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i, a in enumerate(photos(6, (40, 40))):
         Image.fromarray(a).save(folder / f"{i}.png")
-    entries = collect_inputs([folder])
+    return collect_inputs([folder])
+
+
+def test_chunks_are_committed_while_running(r18_path, tmp_path, monkeypatch):
+    """Memory stays flat: chunk files appear before the run ends."""
+    model, entries = trex_hub.load(r18_path), _six_photos(tmp_path)
     seen = []
     real_write = extract_run.write_segment
 
@@ -83,12 +86,7 @@ def test_chunks_are_committed_while_running(r18_path, tmp_path, monkeypatch):
 
 def test_a_failed_segment_write_stops_the_run_and_resume_finishes_it(r18_path, tmp_path,
                                                                      monkeypatch):
-    model = trex_hub.load(r18_path)
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    for i, a in enumerate(photos(6, (40, 40))):
-        Image.fromarray(a).save(folder / f"{i}.png")
-    entries = collect_inputs([folder])
+    model, entries = trex_hub.load(r18_path), _six_photos(tmp_path)
     real_write = extract_run.write_segment
 
     def full_disk(parts, start, stop, feats, rows):
