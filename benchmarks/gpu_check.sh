@@ -17,7 +17,9 @@
 #                sides over two rounds, with GPU_BENCH_TIMEOUT=300)
 #   bench-train  benchmarks/train_bench.py (make bench-train): naive loop vs the baseline and
 #                t-ReX* presets, t-ReX* also with --compile (TRAIN_BENCH_PRESETS), one round
-#                (TRAIN_BENCH_ROUNDS)
+#                (TRAIN_BENCH_ROUNDS). Baseline goes first: each of the three hangs so far
+#                (2026-11-26 baseline, 2026-11-27 t-ReX*) hit the first trex-train child of its
+#                call, and the baseline's figure is the one already in hand
 #   profile      benchmarks/gpu_pipeline_profile.py: each stage of GPU extraction timed alone (read,
 #                nvJPEG decode, resize, the background pipeline, model, extract) on 4,096 photos;
 #                then benchmarks/read_stage_bench.py (reader threads vs the model-launch thread);
@@ -153,7 +155,7 @@ if has bench-train; then
   t=$(cap 330 bench-train)
   say "bench-train (timeout $t s)"
   timeout "$t" "$PY" benchmarks/train_bench.py --rounds "${TRAIN_BENCH_ROUNDS:-1}" \
-      --presets "${TRAIN_BENCH_PRESETS:-trex_star,trex_star+compile,baseline}" \
+      --presets "${TRAIN_BENCH_PRESETS:-baseline,trex_star,trex_star+compile}" \
       --run-timeout "${TRAIN_BENCH_RUN_TIMEOUT:-75}" --compile-timeout 150 --work-dir /tmp/trex-train-bench --json "$LOGS/train_bench.json" \
       --write-docs docs/benchmarks.md > "$LOGS/train_bench.txt" 2>&1
   rc_train=$?
