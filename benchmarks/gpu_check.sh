@@ -17,7 +17,7 @@
 #                sides over two rounds, with GPU_BENCH_TIMEOUT=300)
 #   bench-train  benchmarks/train_bench.py (make bench-train): naive loop vs the baseline and
 #                t-ReX* presets, t-ReX* also with --compile (TRAIN_BENCH_PRESETS), one round
-#                (TRAIN_BENCH_ROUNDS). Baseline goes first: each of the three hangs so far
+#                (TRAIN_BENCH_ROUNDS). Baseline goes first: both hangs so far
 #                (2026-11-26 baseline, 2026-11-27 t-ReX*) hit the first trex-train child of its
 #                call, and the baseline's figure is the one already in hand
 #   profile      benchmarks/gpu_pipeline_profile.py: each stage of GPU extraction timed alone (read,
