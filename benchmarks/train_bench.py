@@ -223,15 +223,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
 
-    if opts.child:
-        opts.preset = opts.child_preset
-        result = child_naive(opts) if opts.child == "naive" else child_trex(opts)
-        print(json.dumps(result), flush=True)
-        if opts.child != "naive":  # ends as the trex-train program does (the naive loop as a
-            from trex_hub.cli.common import exit_now  # user's script: Python's own exit)
-
-            exit_now(0)
+    if opts.child == "naive":  # a user's script: Python's own exit
+        print(json.dumps(child_naive(opts)), flush=True)
         return 0
+    if opts.child:  # trex-train, ending as the program does, on success and on failure alike
+        from trex_hub.cli.common import exit_now
+
+        opts.preset = opts.child_preset
+        try:
+            print(json.dumps(child_trex(opts)), flush=True)
+        except SystemExit as exc:
+            print(exc, file=sys.stderr, flush=True)
+            exit_now(1)
+        exit_now(0)
 
     import torch
 
