@@ -175,5 +175,5 @@ def exit_now(code: int) -> NoReturn:
 
 
 __all__ = ["EXIT_OK", "EXIT_FAIL", "EXIT_USAGE", "EXIT_INTERRUPTED", "CliError", "UsageError",
-           "fail", "failing_on", "HelpFormatter", "add_debug_flag", "debug_wanted", "run_cli", "exit_now",
-           "process_age"]
+           "fail", "failing_on", "HelpFormatter", "add_debug_flag", "debug_wanted", "run_cli",
+           "exit_now", "process_age"]

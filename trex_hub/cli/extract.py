@@ -211,9 +211,9 @@ def _start_cuda(args: argparse.Namespace, world: int, local_rank: int
     """Start CUDA in a thread, if the run may use it: the driver, the context and the cuDNN and
     cuBLAS libraries take a second or more, which the main thread spends meanwhile importing
     torchvision and the engine, listing the inputs and loading the weights. Call after
-    ``import torch`` (the thread imports nothing, so it cannot deadlock with the main thread's
-    imports), and join the thread before anything forks (decoding processes). Any failure is
-    left to the main path, which meets it again and reports it."""
+    ``import torch``: the thread then imports nothing new, so it cannot deadlock with the main
+    thread's imports. Join it before anything forks (decoding processes). Any failure is left to
+    the main path, which meets it again and reports it."""
     if args.engine != "torch" or args.device == "cpu":
         return None
 
