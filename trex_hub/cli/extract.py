@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     _add_scale_options(p)
-    add_debug_flag(p, also="; after a run, where its time went (start-up, model, "
-                           "extract, batch loop)")
+    add_debug_flag(p, also="; after a run, where its time went, phase by phase (start-up, "
+                           "imports, inputs, model, waiting for CUDA, extract, batch loop)")
     return p
 
 
