@@ -102,3 +102,22 @@ def test_gpu_bench_cuts_each_whole_process_into_phases():
     text = render(env, {"naive fp32": naive, "trex-extract fp32": ours}, {}, {})
     assert "| naive fp32 | 4.0 | 1.0 | - | 2.0 | 2.0 | 9.0 |" in text
     assert "| trex-extract fp32 | 3.5 | 0.5 | 0.5 | 1.5 | 0.4 | 6.5 |" in text
+
+
+def test_gpu_bench_reads_the_timing_line_trex_extract_really_prints(tmp_path, capsys):
+    # the bench's parser and the program's line are one format: a change to either fails here,
+    # not silently in a GPU session (timing() would return {} and the phases table go empty)
+    import factories as fx
+    from PIL import Image
+
+    from trex_hub.cli.extract import main
+
+    fx.write_backbone_file(tmp_path / "r18.pth", arch="resnet18", seed=1)
+    (tmp_path / "imgs").mkdir()
+    for i in range(2):
+        Image.new("RGB", (40, 30), (60 * i, 90, 120)).save(tmp_path / "imgs" / f"{i}.jpg")
+    assert main([str(tmp_path / "r18.pth"), str(tmp_path / "imgs"), "-o",
+                 str(tmp_path / "f.npy"), "--no-progress", "--debug", "--device", "cpu"]) == 0
+    got = timing(capsys.readouterr().err, wall=1000.0)
+    assert set(got) == {"imports_s", "setup_s", "oneoff_s", "loop_s", "rest_s"}
+    assert all(v >= 0 for v in got.values()) and got["loop_s"] > 0
