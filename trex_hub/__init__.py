@@ -45,9 +45,9 @@ if TYPE_CHECKING:  # what static tools see; at run time __getattr__ does the sam
 
 
 def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
     if name.startswith("__"):  # what tools probe for (inspect: __wrapped__): not a submodule
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    home = _HOMES.get(name)
     if home is not None:
         value = getattr(import_module(f".{home}", __name__), name)
     else:
