@@ -142,60 +142,97 @@ def decode_batches(groups: Iterable[Sequence[int]], fetch: Callable[[int], Any],
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def in_background(make: Callable[[], Iterator[Any]], *, depth: int = 1, name: str = "trex-bg",
-                  context: Callable[[], Any] = contextlib.nullcontext) -> Iterator[Any]:
-    """The items of the iterator ``make()``, produced by a thread of its own up to ``depth``
-    items ahead of the consumer, in order. An exception raised by ``make()`` reaches the
-    consumer where the item would have been; closing the consumer (``break``, an error, garbage
-    collection) stops the thread and closes ``make()``'s iterator there (its ``finally`` runs).
-    ``context()`` is entered around the whole run in that thread (a CUDA device and stream)."""
-    items: "queue.Queue[Tuple[bool, Any]]" = queue.Queue(maxsize=max(1, depth))
-    stop = threading.Event()
-    end = object()
+END = object()  # what :meth:`Pump.get` returns once the iterator is exhausted
 
-    def put(entry: Tuple[bool, Any]) -> bool:
-        while not stop.is_set():
+
+class Pump:
+    """The items of the iterator ``make()``, produced by a thread of its own (started at once)
+    into a queue of at most ``depth`` items. :meth:`get` returns them in order, then
+    :data:`END`; an exception raised by ``make()`` is raised by :meth:`get` where the item would
+    have been. :meth:`close` stops the thread and closes ``make()``'s iterator there (its
+    ``finally`` runs). ``context()`` is entered around the whole run in that thread (a CUDA
+    device and stream).
+
+    With ``into`` (a queue shared by several pumps) the entries go there instead, as ``(tag,
+    ok, item)``: ``(tag, True, item)`` per item, ``(tag, True, END)`` at the end, ``(tag,
+    False, exception)`` on failure; the reader of that queue takes them (:meth:`get` is then
+    not used)."""
+
+    def __init__(self, make: Callable[[], Iterator[Any]], *, depth: int = 1,
+                 name: str = "trex-bg", context: Callable[[], Any] = contextlib.nullcontext,
+                 into: "Optional[queue.Queue]" = None, tag: Any = None):
+        self._items: "queue.Queue[Tuple[Any, bool, Any]]" = (
+            into if into is not None else queue.Queue(maxsize=max(1, depth)))
+        self._tag = tag
+        self._stop = threading.Event()
+        self._over = False
+        self._thread = threading.Thread(target=self._run, args=(make, context), name=name,
+                                        daemon=True)
+        self._thread.start()
+
+    def _put(self, ok: bool, item: Any) -> bool:
+        entry = (self._tag, ok, item)
+        while not self._stop.is_set():
             try:
-                items.put(entry, timeout=0.05)
+                self._items.put(entry, timeout=0.05)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def run() -> None:
+    def _run(self, make: Callable[[], Iterator[Any]], context: Callable[[], Any]) -> None:
         try:
             with context():
                 source = make()
                 try:
                     for item in source:
-                        if not put((True, item)):
+                        if not self._put(True, item):
                             return
                 finally:
                     close = getattr(source, "close", None)
                     if close is not None:
                         close()
-            put((True, end))
+            self._put(True, END)
         except BaseException as exc:  # handed to the consumer, raised there
-            put((False, exc))
+            self._put(False, exc)
+
+    def get(self) -> Any:
+        """The next item, :data:`END` after the last one; raises what ``make()`` raised."""
+        if self._over:
+            return END
+        _, ok, item = self._items.get()
+        if not ok or item is END:
+            self._over = True
+        if not ok:
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stop the thread (after the item it is producing) and wait for it."""
+        self._stop.set()
+        self._thread.join()
+
+
+def in_background(make: Callable[[], Iterator[Any]], *, depth: int = 1, name: str = "trex-bg",
+                  context: Callable[[], Any] = contextlib.nullcontext) -> Iterator[Any]:
+    """The items of the iterator ``make()``, produced by a :class:`Pump` up to ``depth`` items
+    ahead of the consumer, in order. An exception raised by ``make()`` reaches the consumer
+    where the item would have been; closing the consumer (``break``, an error, garbage
+    collection) stops the thread and closes ``make()``'s iterator there (its ``finally`` runs).
+    The thread starts on the first ``next()``: an iterator never used starts none."""
 
     def consume() -> Iterator[Any]:
-        worker = threading.Thread(target=run, name=name, daemon=True)
-        worker.start()  # on the first next(): an iterator never used starts no thread
+        pump = Pump(make, depth=depth, name=name, context=context)
         try:
             while True:
-                ok, item = items.get()
-                if not ok:
-                    raise item
-                if item is end:
+                item = pump.get()
+                if item is END:
                     return
                 yield item
         finally:
-            stop.set()
-            worker.join()
+            pump.close()
 
     return consume()
-
-
 
 
 def available_cores() -> int:
@@ -213,4 +250,4 @@ def default_workers() -> int:
 
 
 __all__ = ["Batch", "decode_batches", "batch_ranges", "default_workers", "available_cores",
-           "normalise", "in_background"]
+           "normalise", "in_background", "Pump", "END"]
