@@ -16,10 +16,13 @@ lists and small jobs.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import queue
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from collections import deque
+from typing import (Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence,
+                    Tuple)
 
 import torch
 
@@ -40,9 +43,15 @@ def start_method() -> str:
     return "fork" if "fork" in mp.get_all_start_methods() else "spawn"
 
 
-def _worker(decoder: Decoder, slots: torch.Tensor, tasks, results) -> None:
-    """Decode ``(batch id, slot, [(row, item, what), ...])`` tasks into ``slots[slot, row]``."""
+def _worker(decoder: Decoder, slots: torch.Tensor, tasks, results, nice: int = 0) -> None:
+    """Decode ``(batch id, slot, [(row, item, what), ...])`` tasks into ``slots[slot, row]``,
+    ``nice`` steps below the parent's CPU priority."""
     torch.set_num_threads(1)
+    if nice:
+        try:
+            os.nice(nice)
+        except (AttributeError, OSError):  # not POSIX, or not allowed: the usual priority
+            pass
     view = slots.numpy()  # the shared storage itself, no copy
     shape = tuple(view.shape[2:])
     while True:
@@ -65,19 +74,23 @@ def _worker(decoder: Decoder, slots: torch.Tensor, tasks, results) -> None:
         results.put((bid, slot, out))
 
 
-class _Pool:
-    """Worker processes and their shared slots, for one run."""
+class DecodePool:
+    """Worker processes and their ``n_slots`` shared slots of ``batch`` images, for one run
+    (:func:`process_batches` starts one, or takes one started earlier: see
+    :mod:`trex_hub.decode_hybrid`, which forks its workers before its threads start)."""
 
     def __init__(self, decoder: Decoder, workers: int, n_slots: int, batch: int,
-                 shape: Tuple[int, int, int]):
+                 shape: Tuple[int, int, int], nice: int = 0):
         import torch.multiprocessing as tmp
 
+        self.n_slots, self.batch, self.shape = n_slots, batch, shape
+        self.closed = False
         ctx = tmp.get_context(start_method())
         self.slots = torch.empty((n_slots, batch, *shape), dtype=torch.uint8).share_memory_()
         self.tasks = ctx.Queue()
         self.results = ctx.Queue()
         self.procs = [ctx.Process(target=_worker, args=(decoder, self.slots, self.tasks,
-                                                        self.results),
+                                                        self.results, nice),
                                   name=f"trex-decode-{i}", daemon=True)
                       for i in range(workers)]
         for p in self.procs:
@@ -95,6 +108,10 @@ class _Pool:
                                        "threads to decode in this process") from None
 
     def close(self) -> None:
+        """Stop the workers (once; later calls do nothing)."""
+        if self.closed:
+            return
+        self.closed = True
         for _ in self.procs:
             try:
                 self.tasks.put(None)
@@ -113,40 +130,70 @@ class _Pool:
 def process_batches(groups: Iterable[Sequence[int]], fetch: Callable[[int], Any],
                     decoder: Decoder, *, num_workers: int, crop: int, prefetch: int = 2,
                     strict: bool = True, describe: Callable[[int], str] = "item {}".format,
-                    catch_all: bool = False) -> Iterator[Batch]:
+                    catch_all: bool = False, batch_size: Optional[int] = None,
+                    nice: int = 0, pool: Optional[DecodePool] = None) -> Iterator[Batch]:
     """:func:`trex_hub.decoding.decode_batches` with ``num_workers`` processes instead of
     threads, for a decoder whose output is always ``crop x crop`` (a preset). A yielded
-    batch's ``data`` is a view of shared memory, valid until the next batch is requested."""
-    groups = [list(g) for g in groups]
-    if not groups:
+    batch's ``data`` is a view of shared memory, valid until the next batch is requested.
+
+    ``groups`` is read as the workers have room: at most ``prefetch + 1`` groups are taken
+    ahead of the consumer. With ``batch_size`` (the largest group) it may be a lazy iterator,
+    read no further than that; without, it is read whole first to size the slots. ``nice``
+    lowers the workers' CPU priority (:mod:`trex_hub.decode_hybrid`). A ``pool`` started
+    earlier (with this ``decoder`` and ``crop``) sets the workers, slots and batch size; it is
+    closed at the end too."""
+    if pool is not None:
+        batch_size, n_slots = pool.batch, pool.n_slots
+    elif batch_size is None:
+        groups = [list(g) for g in groups]
+        if not groups:
+            return
+        batch_size = max(len(g) for g in groups)
+        n_slots = min(len(groups), prefetch + 1)
+    else:
+        n_slots = prefetch + 1
+    it = iter(groups)
+    first = next(it, None)
+    if first is None:
+        if pool is not None:
+            pool.close()
         return
-    batch = max(len(g) for g in groups)
-    n_slots = min(len(groups), prefetch + 1)
-    piece = max(1, math.ceil(batch / max(1, num_workers)))
-    pool = _Pool(decoder, max(1, num_workers), n_slots, batch, (crop, crop, 3))
+    it = itertools.chain([first], it)
+    if pool is None:
+        pool = DecodePool(decoder, max(1, num_workers), n_slots, batch_size, (crop, crop, 3),
+                          nice=nice)
+    piece = max(1, math.ceil(batch_size / len(pool.procs)))
     try:
         free = list(range(n_slots))
         state: Dict[int, list] = {}  # batch id -> [slot, pieces left, rows]
-        submitted = 0
+        order: Deque[Tuple[int, List[int]]] = deque()  # the groups handed out, in order
+        ids = itertools.count()
 
         def submit() -> None:
-            nonlocal submitted
-            while free and submitted < len(groups):
-                bid, slot = submitted, free.pop(0)
+            while free:
+                group = next(it, None)
+                if group is None:
+                    return
+                group = list(group)
+                if len(group) > batch_size:
+                    raise ValueError(f"a group of {len(group)} items is larger than "
+                                     f"batch_size={batch_size}")
+                bid, slot = next(ids), free.pop(0)
                 rows, known_bad = [], []
-                for r, pos in enumerate(groups[bid]):
+                for r, pos in enumerate(group):
                     try:
                         rows.append((r, fetch(pos), describe(pos)))
                     except ImageLoadError as exc:  # unreadable before decoding
                         known_bad.append((r, "image", str(exc)))
                 chunks = [rows[i:i + piece] for i in range(0, len(rows), piece)]
                 state[bid] = [slot, len(chunks), known_bad]
+                order.append((bid, group))
                 for c in chunks:
                     pool.tasks.put((bid, slot, c))
-                submitted += 1
 
         submit()
-        for bid, group in enumerate(groups):
+        while order:
+            bid, group = order.popleft()
             while state[bid][1] > 0:
                 got, _, out = pool.get()
                 state[got][1] -= 1
@@ -174,4 +221,4 @@ def process_batches(groups: Iterable[Sequence[int]], fetch: Callable[[int], Any]
         pool.close()
 
 
-__all__ = ["process_batches", "start_method"]
+__all__ = ["process_batches", "start_method", "DecodePool"]
