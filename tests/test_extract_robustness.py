@@ -251,7 +251,7 @@ def test_resume_refuses_to_switch_the_decoder_auto_chose(ckpt, tmp_path, monkeyp
     monkeypatch.setattr(rs, "choose_decoding", lambda *a: "tensor")
     assert run(ckpt, root, "-o", out, "--resume") == 1
     line = one_line(capsys.readouterr().err)
-    assert "the decoder --decode auto chose" in line and "(was 'cpu', now 'gpu')" in line
+    assert "the decoder the run uses" in line and "(was 'cpu', now 'gpu')" in line
     assert snapshot(tmp_path) == before
     monkeypatch.setattr(rs, "choose_decoding", real)
     meta = json.loads((tmp_path / "f.npy.meta.json").read_text())

@@ -3,7 +3,7 @@ checks its arguments against them and ``trex-extract`` offers them in ``--help``
 answers without loading torch."""
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
-DECODES = ("auto", "cpu", "gpu")
+DECODES = ("auto", "cpu", "gpu", "hybrid")
 WORKER_MODES = ("auto", "threads", "processes")
 # the most pixels any image may have, whatever max_pixels says: 1 gigapixel is about 3 GB decoded
 MAX_PIXELS_CEILING = 1_000_000_000

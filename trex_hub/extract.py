@@ -1,10 +1,11 @@
 """The in-memory extraction engine: images in, an ``[N, D]`` feature matrix out.
 
 :func:`extract_features` is what ``model.extract(...)`` calls. Decoding overlaps the forward
-pass, by one of three paths that :func:`open_batches` picks: threads
+pass, by one of four paths that :func:`open_batches` picks: threads
 (:mod:`trex_hub.decoding`, the reference), worker processes writing shared-memory batches
-(:mod:`trex_hub.decode_procs`, many files on many cores) or batched ``decode_jpeg`` on the device
-(:mod:`trex_hub.tensor_decode`, nvJPEG on a GPU). The forward pass runs on the prepared fast
+(:mod:`trex_hub.decode_procs`, many files on many cores), batched ``decode_jpeg`` on the device
+(:mod:`trex_hub.tensor_decode`, nvJPEG on a GPU), or the last two at once
+(:mod:`trex_hub.decode_hybrid`). The forward pass runs on the prepared fast
 path of :mod:`trex_hub.inference` (BatchNorm folded, channels_last, inference mode, precision),
 one batch ahead of the copy of its features back to the host (:func:`run_batches`).
 
@@ -17,13 +18,15 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import (Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple,
+                    Union)
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import preprocess as pp
+from .decode_hybrid import hybrid_batches
 from .decode_procs import process_batches
 from .decoding import Batch, batch_ranges, decode_batches, default_workers, normalise
 from .choices import DECODES, PRECISIONS, WORKER_MODES
@@ -101,14 +104,20 @@ def iter_batches(items: Sequence[Any], *, batch_size: int, preprocess: Optional[
 
 def choose_decoding(decode: str, workers_mode: str, device: torch.device,
                     preprocess: Optional[str], paths: bool, count: int, workers: int) -> str:
-    """``"threads"``, ``"processes"`` or ``"tensor"`` for a run (see :func:`open_batches`)."""
+    """``"threads"``, ``"processes"``, ``"tensor"`` or ``"hybrid"`` for a run (see
+    :func:`open_batches`)."""
     if decode not in DECODES:
         raise ValueError(f"decode must be one of {DECODES}, not {decode!r}")
     if workers_mode not in WORKER_MODES:
         raise ValueError(f"workers_mode must be one of {WORKER_MODES}, not {workers_mode!r}")
-    if decode == "gpu" and preprocess is None:
-        raise ValueError("decode='gpu' resizes to a preset; pass preprocess='transfer' or "
+    if decode in ("gpu", "hybrid") and preprocess is None:
+        raise ValueError(f"decode={decode!r} resizes to a preset; pass preprocess='transfer' or "
                          "'imagenet', or decode='cpu'")
+    if decode == "hybrid":
+        if not paths:
+            raise ValueError("decode='hybrid' decodes files in worker processes too: pass paths, "
+                             "or use decode='gpu' for in-memory images")
+        return "hybrid"
     if decode == "gpu" or (decode == "auto" and device.type == "cuda" and preprocess is not None
                            and paths and workers < GPU_DECODE_BELOW_WORKERS):
         return "tensor"
@@ -128,9 +137,18 @@ def choose_decoding(decode: str, workers_mode: str, device: torch.device,
 def open_batches(groups: Sequence[Sequence[int]], fetch: Callable[[int], Any], decoder: Decoder,
                  *, kind: str, device: torch.device, num_workers: int, strict: bool = True,
                  describe: Callable[[int], str] = "item {}".format,
-                 catch_all: bool = False) -> Iterator[Batch]:
-    """The batches of ``groups`` by the decoding path ``kind`` (:func:`choose_decoding`)."""
+                 catch_all: bool = False,
+                 stats: Optional[Dict[str, Any]] = None) -> Iterator[Batch]:
+    """The batches of ``groups`` by the decoding path ``kind`` (:func:`choose_decoding`): in
+    order, but ``"hybrid"``'s as they are finished (``run_batches(..., groups)`` puts the
+    features back in order). ``stats`` (a dict) gets ``"kind"``, and for ``"hybrid"`` the
+    batches each lane took (``"lanes"``) once the batches end."""
     kw = dict(strict=strict, describe=describe, catch_all=catch_all)
+    if stats is not None:
+        stats["kind"] = kind
+    if kind == "hybrid":
+        return hybrid_batches(groups, fetch, decoder, decoder.config, device=device,
+                              num_workers=max(1, num_workers), stats=stats, **kw)
     if kind == "tensor":
         cfg = decoder.config
         return tensor_batches(groups, fetch, decoder, cfg, device=device,
@@ -141,10 +159,8 @@ def open_batches(groups: Sequence[Sequence[int]], fetch: Callable[[int], Any], d
     return decode_batches(groups, fetch, decoder, num_workers=num_workers, **kw)
 
 
-def run_batches(runner: InferenceModel, batches: Iterable[Batch]
-                ) -> Iterator[Tuple[Batch, Optional[torch.Tensor]]]:
-    """``(batch, features)`` in order; batch ``k + 1`` is decoded and launched before the
-    features of batch ``k`` are waited for (on CUDA they come back asynchronously)."""
+def _launched_ahead(runner: InferenceModel, batches: Iterable[Batch]
+                    ) -> Iterator[Tuple[Batch, Optional[torch.Tensor]]]:
     held: Optional[Tuple[Batch, Optional[Pending]]] = None
     for b in batches:
         launched = runner.launch(b.data) if b.data is not None else None
@@ -153,6 +169,39 @@ def run_batches(runner: InferenceModel, batches: Iterable[Batch]
         held = (b, launched)
     if held is not None:
         yield held[0], held[1].result() if held[1] is not None else None
+
+
+def _first_position(b: Batch) -> int:
+    """The first position of a batch's group (each item is either decoded or failed)."""
+    return min(b.positions[:1] + [pos for pos, _ in b.failures[:1]])
+
+
+def in_group_order(pairs: Iterable[Tuple[Batch, Any]], groups: Sequence[Sequence[int]]
+                   ) -> Iterator[Tuple[Batch, Any]]:
+    """``(batch, features)`` pairs in the order of ``groups``, whatever order they come in (a
+    pair that comes early is held until its turn); a pass-through for pairs already in
+    order."""
+    firsts = [g[0] for g in groups if len(g)]
+    held: Dict[int, Tuple[Batch, Any]] = {}
+    k = 0
+    for pair in pairs:
+        held[_first_position(pair[0])] = pair
+        while k < len(firsts) and firsts[k] in held:
+            yield held.pop(firsts[k])
+            k += 1
+    if held:
+        raise RuntimeError(f"batches of no group of this run: {sorted(held)[:3]}")
+
+
+def run_batches(runner: InferenceModel, batches: Iterable[Batch],
+                groups: Optional[Sequence[Sequence[int]]] = None
+                ) -> Iterator[Tuple[Batch, Optional[torch.Tensor]]]:
+    """``(batch, features)``: batch ``k + 1`` is decoded and launched before the features of
+    batch ``k`` are waited for (on CUDA they come back asynchronously). In the order of
+    ``groups`` when given (the hybrid path yields batches as they are finished: the features
+    are put back in order, not the pixels), else in the order the batches come."""
+    pairs = _launched_ahead(runner, batches)
+    return pairs if groups is None else in_group_order(pairs, groups)
 
 
 def progress_bar(total: int, enabled: bool, desc: str = "extract"):
@@ -200,8 +249,9 @@ def extract_features(model: torch.nn.Module, images: Any, *, batch_size: int = 3
         progress: show a progress bar with images/s.
         decode: ``"cpu"`` (PIL, the exact reference), ``"gpu"`` (JPEG files decoded in batches
             by ``decode_jpeg`` on the run's device, nvJPEG on CUDA; other files fall back to
-            PIL) or ``"auto"`` (``"gpu"`` for files on CUDA with a preset when fewer than 32 decode
-            workers are at hand, else ``"cpu"``).
+            PIL), ``"hybrid"`` (files only: both at once, each batch to whichever is free; which
+            path decodes a file then depends on timing) or ``"auto"`` (``"gpu"`` for files on
+            CUDA with a preset when fewer than 32 decode workers are at hand, else ``"cpu"``).
         workers_mode: CPU decoding in ``"threads"``, worker ``"processes"`` (files only, into
             shared memory), or ``"auto"`` (processes for many files and workers).
 
@@ -237,7 +287,7 @@ def extract_features(model: torch.nn.Module, images: Any, *, batch_size: int = 3
             groups = batch_ranges(len(items), batch_size)
             batches = open_batches(groups, items.__getitem__, decoder, kind=kind,
                                    device=runner.device, num_workers=workers)
-            for b, feats in run_batches(runner, batches):
+            for b, feats in run_batches(runner, batches, groups):
                 outs.append(feats)
                 if bar is not None:
                     bar.update(len(b.positions))
@@ -252,6 +302,6 @@ def extract_features(model: torch.nn.Module, images: Any, *, batch_size: int = 3
 
 
 __all__ = ["extract_features", "decode_batches", "open_batches", "choose_decoding",
-           "run_batches", "iter_batches", "default_workers", "batch_ranges", "progress_bar",
-           "Batch", "ImageLoadError", "PRECISIONS", "DECODES", "WORKER_MODES", "InferenceModel",
-           "build_transform"]
+           "run_batches", "in_group_order", "iter_batches", "default_workers", "batch_ranges",
+           "progress_bar", "Batch", "ImageLoadError", "PRECISIONS", "DECODES", "WORKER_MODES",
+           "InferenceModel", "build_transform"]

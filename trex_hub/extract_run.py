@@ -119,6 +119,9 @@ class Summary:
     failures: List[Tuple[str, str]]
     out: Optional[Path]
     loop_seconds: float = 0.0  # the batch loop alone: no planning, model preparation or merge
+    # how this rank decoded: {"kind": threads | processes | tensor | hybrid, hybrid: "lanes":
+    # {"gpu": batches, "cpu": batches}}
+    decoding: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -286,10 +289,12 @@ def _fetch(entries: Sequence[Entry]) -> Callable[[int], str]:
 
 
 def run_chunks(model: torch.nn.Module, entries: Sequence[Entry], plan: Plan, opts: RunOptions,
-               shard: Shard = Shard()) -> Tuple[int, List[Tuple[str, str]], int, float]:
+               shard: Shard = Shard(), stats: Optional[Dict[str, Any]] = None
+               ) -> Tuple[int, List[Tuple[str, str]], int, float]:
     """Step 2: compute and commit this rank's chunks; returns (inputs computed, failures as
     ``(path, why)``, feature dimension, seconds of the batch loop: from opening the decoder to
-    the last commit, after the model is prepared)."""
+    the last commit, after the model is prepared). ``stats`` gets how it decoded
+    (:func:`~trex_hub.extract.open_batches`)."""
     dim = int(getattr(model, "out_dim", 0) or 0)
     runner = ((opts.engine or prepare(model, opts.device, opts.precision, compile=opts.compile))
               if plan.mine else None)
@@ -311,8 +316,8 @@ def run_chunks(model: torch.nn.Module, entries: Sequence[Entry], plan: Plan, opt
         batches = open_batches(groups, _fetch(entries), decoder, kind=kind,
                                device=runner.device if runner else torch.device("cpu"),
                                num_workers=workers, strict=False, catch_all=True,
-                               describe=lambda i: entries[i].rel)
-        for group, (b, feats) in zip(groups, run_batches(runner, batches)):
+                               describe=lambda i: entries[i].rel, stats=stats)
+        for group, (b, feats) in zip(groups, run_batches(runner, batches, groups)):
             chunk.add_batch(group)
             if b.failures and opts.strict:
                 raise ExtractError(f"--strict: {b.failures[0][1]}")
@@ -395,18 +400,20 @@ def extract_to_file(model: torch.nn.Module, entries: Sequence[Entry], out: PathL
         dim = int(getattr(model, "out_dim", 0) or 0)
         return Summary(len(entries), -1, -1, dim, 0.0, 0, [], Path(out) if rank == 0 else None)
     try:
+        decoding: Dict[str, Any] = {}
         with write_errors(plan.paths):
-            computed, failures, dim, loop_s = run_chunks(model, entries, plan, opts, shard)
+            computed, failures, dim, loop_s = run_chunks(model, entries, plan, opts, shard,
+                                                         decoding)
         shard.barrier()
         if rank != 0:
             return Summary(len(entries), -1, len(failures), dim, time.perf_counter() - t_start,
-                           computed, failures, None, loop_s)
+                           computed, failures, None, loop_s, decoding)
         with write_errors(plan.paths):
             n_ok, n_failed = finish_run(plan, opts, dim, len(entries), world_size, info)
     finally:
         plan.close()
     return Summary(len(entries), n_ok, n_failed, dim, time.perf_counter() - t_start, computed,
-                   failures, plan.paths["features"], loop_s)
+                   failures, plan.paths["features"], loop_s, decoding)
 
 
 __all__ = ["RunOptions", "Shard", "Summary", "Plan", "ExtractError", "fingerprint", "plan_run",

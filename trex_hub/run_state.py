@@ -73,7 +73,8 @@ def fingerprint(model: torch.nn.Module, entries: Sequence[Entry], opts: Any
         fp["engine"] = type(opts.engine).__name__
     # which decoder --decode auto picks depends on the device and the number of workers: a
     # resumed run must not append nvJPEG rows to PIL rows (or the reverse)
-    fp["decoder"] = "gpu" if decoding_kind(model, len(entries), opts) == "tensor" else "cpu"
+    kind = decoding_kind(model, len(entries), opts)
+    fp["decoder"] = {"tensor": "gpu", "hybrid": "hybrid"}.get(kind, "cpu")
     return fp
 
 
@@ -102,8 +103,8 @@ _WORDS = {"format_version": "the file format version", "parts": "the parts layou
           "dim": "the feature size (--head)", "preprocess": "--preprocess",
           "normalize": "--normalize", "precision": "--precision", "draft": "--no-draft",
           "max_pixels": "--max-pixels", "decode": "--decode", "engine": "--engine",
-          "decoder": "the decoder --decode auto chose (gpu: nvJPEG, cpu: PIL; it depends on the "
-                     "device and the number of workers, -j)",
+          "decoder": "the decoder the run uses (gpu: nvJPEG, cpu: PIL, hybrid: both; what "
+                     "--decode auto chooses depends on the device and the number of workers, -j)",
           "normalisation": "the mean / std of the model's preprocessing config"}
 # sizes that only shape the work: a resume keeps the run's own
 SHAPING = ("batch_size", "chunk_size")

@@ -255,7 +255,7 @@ class TensorGeometry:
         return torch.stack(rows)  # type: ignore[arg-type]
 
 
-def _callers_stream(device: torch.device) -> Callable[[], Any]:
+def callers_stream(device: torch.device) -> Callable[[], Any]:
     """A context factory that enters, in another thread, the calling thread's CUDA device and
     current stream (a no-op off CUDA): kernels queued there run in order with the caller's."""
     if device.type != "cuda":
@@ -372,8 +372,8 @@ def tensor_batches(groups: Iterable[Sequence[int]], fetch: Callable[[int], Any],
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    return in_background(produce, depth=1, name="trex-decode", context=_callers_stream(device))
+    return in_background(produce, depth=1, name="trex-decode", context=callers_stream(device))
 
 
 __all__ = ["tensor_batches", "jpeg_fits", "jpeg_extent", "TensorGeometry", "file_bytes",
-           "read_jpeg_file", "submit_chunks"]
+           "read_jpeg_file", "submit_chunks", "callers_stream"]

@@ -114,8 +114,10 @@ def _add_scale_options(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--decode", choices=DECODES, default="auto",
                    help="gpu: JPEGs decoded in batches on the device (nvJPEG on CUDA), other "
-                        "files by PIL; cpu: PIL (the exact reference); auto: gpu on CUDA with fewer "
-                        "than 32 decode workers, else cpu (about as fast there, and exact)")
+                        "files by PIL; cpu: PIL (the exact reference); hybrid: both at once, each "
+                        "batch to whichever is free (CPU workers at a lower priority); auto: gpu "
+                        "on CUDA with fewer than 32 decode workers, else cpu (about as fast "
+                        "there, and exact)")
     p.add_argument("--workers-mode", choices=WORKER_MODES, default="auto",
                    help="CPU decoding in threads or in worker processes writing shared memory; "
                         "auto: processes for many files on >= 4 workers")
@@ -325,6 +327,11 @@ def _main(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> i
                 say(f"  ... {summary.failed - 5} more in "
                     f"{output_paths(args.output)['manifest']}")
         if debug_wanted(args):  # where a short run's time goes (the benchmarks read this line)
+            lanes = summary.decoding.get("lanes")
+            if summary.decoding:
+                say(f"decoding: {summary.decoding['kind']}" + (
+                    "" if lanes is None else ", batches by lane: "
+                    + ", ".join(f"{k} {v}" for k, v in sorted(lanes.items()))))
             say("timing: start-up (interpreter, torch) "
                 + ("?" if started is None else f"{started:.2f} s")
                 + f", imports {t_imports - t0:.2f} s, inputs {t_inputs - t_imports:.2f} s, "
