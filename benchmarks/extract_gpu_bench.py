@@ -8,11 +8,11 @@ same random ResNet-50 weights in the released layout:
 * whole processes, each timed by this script from start to exit (interpreter start-up and model
   loading included) and timing its own loop: the naive recipe (``ImageFolder`` + the transfer
   transform + ``DataLoader(num_workers=cores, pin_memory=True)`` + torchvision ``resnet50``, fp32
-  or fp16 autocast) and ``trex-extract`` (``--precision fp32`` / ``fp16``, GPU decoding by
-  default on CUDA, plus ``--decode cpu``: worker processes);
+  or fp16 autocast) and ``trex-extract`` (``--precision fp32`` / ``fp16``, with each decoder
+  of ``--decoders``: ``gpu`` (nvJPEG), ``cpu`` (worker processes), ``hybrid`` (both at once));
 * model-only: images/s of the network alone on a batch already on the GPU, naive fp32 / fp16
-  autocast against the prepared model in fp32 / tf32 / bf16 / fp16 (and ``torch.compile`` fp16
-  with ``--compile``);
+  autocast against the prepared model in fp32 / tf32 / bf16 / fp16, fp32 also in NCHW layout
+  (and ``torch.compile`` fp16 with ``--compile``);
 * features: max relative difference of every run against the naive fp32 features.
 
 ``--rounds N`` runs every side N times, the order reversed in every other round (the first side
@@ -126,6 +126,20 @@ def run_ours(ckpt, data, out, precision, batch, extra=(), device="cuda",
            "extract": float(rates[-1][0]) if rates else nan, "whole_s": wall,
            "images": int(n[-1]) if n else 0}
     out.update(timing(res.stderr, wall))
+    out.update(decoding(res.stderr))
+    return out
+
+
+def decoding(stderr: str) -> dict:
+    """What trex-extract's ``--debug`` says of its decoding: the path, and for ``hybrid`` the
+    batches each lane took (``{"decoding": "hybrid", "lanes": {"cpu": 13, "gpu": 27}}``)."""
+    got = re.findall(r"decoding: (\w+)(?:, batches by lane: ([\w ,]+))?$", stderr, re.M)
+    if not got:
+        return {}
+    kind, lanes = got[-1]
+    out: dict = {"decoding": kind}
+    if lanes:
+        out["lanes"] = {k: int(v) for k, v in (part.split() for part in lanes.split(", "))}
     return out
 
 
@@ -176,6 +190,9 @@ def model_only(ckpt: Path, batch: int, compile_: bool, log, device: str = "cuda"
     for prec in (("fp32", "tf32", "bf16", "fp16") if cuda else ("fp32",)):
         r = prepare(model, dev, prec)
         res[f"trex_hub {prec}"] = timed(lambda: r.forward(xd))
+    if cuda:  # IEEE fp32 convolutions may prefer the other layout (not measured yet)
+        r = prepare(model, dev, "fp32", channels_last=False)
+        res["trex_hub fp32 NCHW"] = timed(lambda: r.forward(xd))
     if compile_:
         t = time.perf_counter()
         try:
@@ -208,6 +225,9 @@ def combine(results: list) -> dict:
             out[key + "_all"] = vals
             out[key + "_best"] = min(vals) if key.endswith("_s") else max(vals)
     out["images"] = results[-1].get("images", 0)
+    lanes = [r["lanes"] for r in results if "lanes" in r]
+    if lanes:
+        out["lanes_all"] = lanes
     return out
 
 
@@ -274,6 +294,12 @@ def render(env: dict, runs: dict, errs: dict, mo: dict) -> str:
         lines.append(f"| {name} | {_fmt(r, 'in_loop', ',.0f')} | {_fmt(r, 'extract', ',.0f')} | "
                      f"{_fmt(r, 'whole_s', '.1f')} | {ratio} | "
                      f"{'-' if err is None else f'{err:.1e}'} |")
+    split = [f"{name}: " + "; ".join(", ".join(f"{k} {v}" for k, v in sorted(lanes.items()))
+                                     for lanes in r["lanes_all"])
+             for name, r in runs.items() if r.get("lanes_all")]
+    if split:
+        lines += ["", "Batches each lane of `--decode hybrid` took (gpu: nvJPEG, cpu: the worker "
+                  "processes; one entry per round): " + "; ".join(split) + "."]
     lines += phases_table(runs)
     lines += ["", "Model only (batch already on the device):", "", "| model | images/s |",
               "|---|---|"]
@@ -320,6 +346,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: a dry run
     p.add_argument("--skip-model-only", action="store_true",
                    help="leave out the model-only figures")
+    p.add_argument("--decoders", default="gpu,cpu,hybrid",
+                   help="trex-extract's --decode values to time, each at fp32 and fp16 "
+                        "(default gpu,cpu,hybrid)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("extract_gpu_bench: no CUDA device here; this benchmark needs a GPU (nothing "
@@ -357,13 +386,15 @@ def main(argv=None) -> int:
 
     env["auto"] = "gpu" if cuda and workers < GPU_DECODE_BELOW_WORKERS else "cpu"
     results, failed, outs = {}, {}, {}
-    plan = [("naive fp32", "naive", "fp32", ()), ("naive fp16", "naive", "fp16", ()),
-            # explicit decoders: --decode auto picks one of the two by the number of workers
-            ("trex-extract fp32 --decode gpu", "ours", "fp32", ("--decode", "gpu")),
-            # fp32 is bound by the GPU's arithmetic (run 3): decoding on the CPU frees it
-            ("trex-extract fp32 --decode cpu", "ours", "fp32", ("--decode", "cpu")),
-            ("trex-extract fp16 --decode gpu", "ours", "fp16", ("--decode", "gpu")),
-            ("trex-extract fp16 --decode cpu", "ours", "fp16", ("--decode", "cpu"))]
+    # explicit decoders: --decode auto picks gpu or cpu by the number of workers. fp32 is bound
+    # by the GPU's arithmetic (run 3): decoding on the CPU frees it; hybrid runs both at once
+    decoders = [d for d in args.decoders.split(",") if d]
+    unknown = sorted(set(decoders) - {"gpu", "cpu", "hybrid"})
+    if unknown:
+        p.error(f"--decoders: unknown {', '.join(unknown)} (gpu, cpu, hybrid)")
+    plan = [("naive fp32", "naive", "fp32", ()), ("naive fp16", "naive", "fp16", ())]
+    plan += [(f"trex-extract {prec} --decode {d}", "ours", prec, ("--decode", d))
+             for prec in ("fp32", "fp16") for d in decoders]
     for k in range(max(1, args.rounds)):
         for name, kind, prec, extra in round_order(plan, k):
             if name in failed:  # a side that failed once is not retried

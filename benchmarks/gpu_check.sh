@@ -12,9 +12,10 @@
 #                $FMNIST, default .carry/fashion-mnist)
 #   decode       benchmarks/gpu_decode_check.py: nvJPEG vs PIL features, race or not
 #   bench-gpu    benchmarks/extract_gpu_bench.py (make bench-gpu): >= 10,000 JPEGs, naive loop vs
-#                trex-extract, fp32 / fp16, whole processes, model only (GPU_BENCH_ARGS=--compile
+#                trex-extract (--decode gpu / cpu / hybrid: GPU_BENCH_ARGS="--decoders gpu,hybrid"
+#                to pick), fp32 / fp16, whole processes, model only (GPU_BENCH_ARGS=--compile
 #                adds torch.compile, about a minute more; "--rounds 2" alternates the order of the
-#                sides over two rounds, with GPU_BENCH_TIMEOUT=300)
+#                sides over two rounds, with GPU_BENCH_TIMEOUT=500)
 #   bench-train  benchmarks/train_bench.py (make bench-train): naive loop vs the baseline and
 #                t-ReX* presets, t-ReX* also with --compile (TRAIN_BENCH_PRESETS), one round
 #                (TRAIN_BENCH_ROUNDS). Baseline goes first: both hangs so far
@@ -27,12 +28,14 @@
 # Everything does not fit one 600 s call; a 15-minute device budget fits two, back to back on the
 # warm machine (the second one's GPU_CHECK_BUDGET set from what is left). On 2026-11-27 the machine
 # started in about 30 s and "tests repro decode bench-gpu" (bench-gpu with --rounds 2) took 510 s.
-# What is still to measure (plan of 2026-11-27, second session):
-#   GPU_CHECK_STAGES="tests bench-train bench-gpu"    (the truncated-JPEG fix and the CUDA start
-#       thread; t-ReX* >= 900 img/s and --compile; one round of bench-gpu for the whole process
-#       after exit_now, the meta-device model build, the lazy imports and the CUDA start thread,
-#       with its new phases table and the fp32 --decode cpu row)
-#   GPU_CHECK_STAGES="profile repro" REPRO_RECIPE=gpu LR=0.1  (64 px at the paper's lr, ~5 min)
+# What is still to measure (plan of 2026-11-27, third session; two calls on the warm machine):
+#   1. GPU_CHECK_STAGES="tests bench-gpu"   (the CUDA tests: the truncated-JPEG fix, the CUDA
+#      start thread, decode="hybrid" on CUDA; one round of bench-gpu, 8 processes: the naive
+#      loops and trex-extract with --decode gpu, cpu and hybrid at fp32 / fp16, the phases
+#      table, fp32 in NCHW; about 5 minutes)
+#   2. GPU_CHECK_STAGES="bench-train" TRAIN_BENCH_PRESETS=trex_star,trex_star+compile
+#      (t-ReX* >= 900 img/s and --compile; the baseline's 1.09x is in hand)
+#   later: GPU_CHECK_STAGES="profile repro" REPRO_RECIPE=gpu LR=0.1  (64 px at the paper's lr)
 # The benchmarks and the profile run alone on the machine, after the rest. Runs with
 # PYTHONPATH=$PWD and the python that has torch (no install); wheels in .whl/ (Optuna for the probe's TPE search) are
 # unpacked to /tmp/site first. Files in $OUT (at most 8): log.txt, pytest_cuda.txt,
@@ -141,7 +144,7 @@ if has decode; then
 fi
 # --- stage 2: the extraction benchmark, alone ----------------------------------------------
 if has bench-gpu; then
-  t=$(cap "${GPU_BENCH_TIMEOUT:-230}" bench-gpu)
+  t=$(cap "${GPU_BENCH_TIMEOUT:-300}" bench-gpu)
   say "bench-gpu (timeout $t s)"
   timeout "$t" "$PY" benchmarks/extract_gpu_bench.py --images "${GPU_BENCH_IMAGES:-10000}" \
       --work-dir /tmp/trex-gpu-bench --json "$LOGS/bench_gpu.json" --run-timeout 90 \

@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from extract_bench import run_timed  # noqa: E402
-from extract_gpu_bench import combine, render, round_order, timing  # noqa: E402
+from extract_gpu_bench import combine, decoding, render, round_order, timing  # noqa: E402
 
 
 def _alive(pid: int) -> bool:
@@ -121,3 +121,28 @@ def test_gpu_bench_reads_the_timing_line_trex_extract_really_prints(tmp_path, ca
     got = timing(capsys.readouterr().err, wall=1000.0)
     assert set(got) == {"imports_s", "setup_s", "oneoff_s", "loop_s", "rest_s"}
     assert all(v >= 0 for v in got.values()) and got["loop_s"] > 0
+
+
+def test_gpu_bench_reads_the_hybrid_lane_split_trex_extract_really_prints(tmp_path, capsys):
+    import factories as fx
+    from PIL import Image
+
+    from trex_hub.cli.extract import main
+
+    fx.write_backbone_file(tmp_path / "r18.pth", arch="resnet18", seed=1)
+    (tmp_path / "imgs").mkdir()
+    for i in range(6):
+        Image.new("RGB", (40, 30), (40 * i, 90, 120)).save(tmp_path / "imgs" / f"{i}.jpg")
+    assert main([str(tmp_path / "r18.pth"), str(tmp_path / "imgs"), "-o",
+                 str(tmp_path / "f.npy"), "--no-progress", "--debug", "--device", "cpu",
+                 "--decode", "hybrid", "-j", "3", "-b", "2"]) == 0
+    got = decoding(capsys.readouterr().err)
+    assert got["decoding"] == "hybrid" and set(got["lanes"]) <= {"cpu", "gpu"}
+    assert sum(got["lanes"].values()) == 3
+    assert decoding("trex-extract: decoding: tensor\n") == {"decoding": "tensor"}
+    r = combine([dict(in_loop=9.0, whole_s=2.0, images=6, **got)] * 2)
+    env = {"device_kind": "CPU", "gpu": "dry run", "images": 6, "size": "1x1", "batch": 2,
+           "cores": 2, "torch": "t", "torchvision": "tv", "load": "0", "rounds": 2}
+    text = render(env, {"trex-extract fp32 --decode hybrid": r}, {}, {})
+    split = ", ".join(f"{k} {v}" for k, v in sorted(got["lanes"].items()))
+    assert f"trex-extract fp32 --decode hybrid: {split}; {split}." in text
