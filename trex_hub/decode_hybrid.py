@@ -9,11 +9,15 @@ CPU priority (``nice``), so that they use the cores the GPU lane's threads and t
 launches leave idle instead of slowing them.
 
 The batches come out as they are finished, not in the run's order (:func:`merge_lanes`):
-waiting for the slower lane's batch would stall the faster one (with stand-in lanes at 100
-and 25 batches/s, merging in order gave 75 batches/s, less than the fast lane alone). The
-order is restored after the model, on the features, which are 20-40 times smaller than the
-pixels (:func:`trex_hub.extract.run_batches` with ``groups``); no lane takes a batch more than
-``window`` batches past the oldest unfinished one, which bounds what is held.
+waiting for the slower lane's batch stalls the faster one. With stand-in lanes at 100 and 25
+batches/s, a first version that merged in order let the fast lane take only 40 of 60 batches
+(the slow one's 20 alone took 0.8 s, more than the fast lane alone needs for all 60); as
+finished, the fast lane takes 47 and the pair needs 0.83x the fast lane's time alone (the
+ideal is 0.80x; ``tests/test_decode_hybrid.py``). The order is restored after the model, on
+the features, which are 20-40 times smaller than the pixels
+(:func:`trex_hub.extract.run_batches` with ``groups``); no lane takes a batch more than
+``window`` batches past the oldest unfinished one (unless it holds that one), which bounds
+what is held.
 
 Which lane decodes a batch depends on timing. Each file's pixels are those of one of the two
 paths, which differ by the tensor path's documented distance from PIL (well within 1e-2 on
