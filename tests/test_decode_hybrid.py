@@ -287,3 +287,20 @@ def test_hybrid_forks_its_workers_before_any_lane_thread_runs(folder, monkeypatc
     out = list(hybrid_batches(groups, files.__getitem__, Decoder("transfer"),
                               trex_hub.preprocess.PRESETS["transfer"], num_workers=3))
     assert seen == [(True, [])] and len(out) == len(groups)
+
+
+class Killer:
+    """A stand-in decoder whose worker process dies on its first image."""
+
+    def __call__(self, item, what):
+        os._exit(3)
+
+
+def test_a_dying_cpu_worker_stops_the_hybrid_run_with_its_error(folder):  # noqa: F811
+    files = sorted(p for p in folder.iterdir() if p.suffix == ".jpg")
+    groups = batch_ranges(len(files), 2)
+    with pytest.raises(RuntimeError, match=r"decoding worker trex-decode-0 died \(exit code 3\)"):
+        list(hybrid_batches(groups, files.__getitem__, Killer(),
+                            trex_hub.preprocess.PRESETS["transfer"], num_workers=3,
+                            claims=Alternate(groups), strict=False, catch_all=True))
+    assert not lane_threads()
