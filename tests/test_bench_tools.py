@@ -104,9 +104,8 @@ def test_gpu_bench_cuts_each_whole_process_into_phases():
     assert "| trex-extract fp32 | 3.5 | 0.5 | 0.5 | 1.5 | 0.4 | 6.5 |" in text
 
 
-def test_gpu_bench_reads_the_timing_line_trex_extract_really_prints(tmp_path, capsys):
-    # the bench's parser and the program's line are one format: a change to either fails here,
-    # not silently in a GPU session (timing() would return {} and the phases table go empty)
+def debug_lines(tmp_path, capsys, images: int, *extra: str) -> str:
+    """stderr of a real ``trex-extract --debug`` run on ``images`` small JPEGs, on the CPU."""
     import factories as fx
     from PIL import Image
 
@@ -114,29 +113,24 @@ def test_gpu_bench_reads_the_timing_line_trex_extract_really_prints(tmp_path, ca
 
     fx.write_backbone_file(tmp_path / "r18.pth", arch="resnet18", seed=1)
     (tmp_path / "imgs").mkdir()
-    for i in range(2):
-        Image.new("RGB", (40, 30), (60 * i, 90, 120)).save(tmp_path / "imgs" / f"{i}.jpg")
+    for i in range(images):
+        Image.new("RGB", (40, 30), (40 * i, 90, 120)).save(tmp_path / "imgs" / f"{i}.jpg")
     assert main([str(tmp_path / "r18.pth"), str(tmp_path / "imgs"), "-o",
-                 str(tmp_path / "f.npy"), "--no-progress", "--debug", "--device", "cpu"]) == 0
-    got = timing(capsys.readouterr().err, wall=1000.0)
+                 str(tmp_path / "f.npy"), "--no-progress", "--debug", "--device", "cpu",
+                 *extra]) == 0
+    return capsys.readouterr().err
+
+
+def test_gpu_bench_reads_the_timing_line_trex_extract_really_prints(tmp_path, capsys):
+    # the bench's parser and the program's line are one format: a change to either fails here,
+    # not silently in a GPU session (timing() would return {} and the phases table go empty)
+    got = timing(debug_lines(tmp_path, capsys, 2), wall=1000.0)
     assert set(got) == {"imports_s", "setup_s", "oneoff_s", "loop_s", "rest_s"}
     assert all(v >= 0 for v in got.values()) and got["loop_s"] > 0
 
 
 def test_gpu_bench_reads_the_hybrid_lane_split_trex_extract_really_prints(tmp_path, capsys):
-    import factories as fx
-    from PIL import Image
-
-    from trex_hub.cli.extract import main
-
-    fx.write_backbone_file(tmp_path / "r18.pth", arch="resnet18", seed=1)
-    (tmp_path / "imgs").mkdir()
-    for i in range(6):
-        Image.new("RGB", (40, 30), (40 * i, 90, 120)).save(tmp_path / "imgs" / f"{i}.jpg")
-    assert main([str(tmp_path / "r18.pth"), str(tmp_path / "imgs"), "-o",
-                 str(tmp_path / "f.npy"), "--no-progress", "--debug", "--device", "cpu",
-                 "--decode", "hybrid", "-j", "3", "-b", "2"]) == 0
-    got = decoding(capsys.readouterr().err)
+    got = decoding(debug_lines(tmp_path, capsys, 6, "--decode", "hybrid", "-j", "3", "-b", "2"))
     assert got["decoding"] == "hybrid" and set(got["lanes"]) <= {"cpu", "gpu"}
     assert sum(got["lanes"].values()) == 3
     assert decoding("trex-extract: decoding: tensor\n") == {"decoding": "tensor"}
