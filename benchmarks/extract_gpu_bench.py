@@ -11,8 +11,8 @@ same random ResNet-50 weights in the released layout:
   or fp16 autocast) and ``trex-extract`` (``--precision fp32`` / ``fp16``, with each decoder
   of ``--decoders``: ``gpu`` (nvJPEG), ``cpu`` (worker processes), ``hybrid`` (both at once));
 * model-only: images/s of the network alone on a batch already on the GPU, naive fp32 / fp16
-  autocast against the prepared model in fp32 / tf32 / bf16 / fp16, fp32 also in NCHW layout
-  (and ``torch.compile`` fp16 with ``--compile``);
+  autocast against the prepared model in fp32 / tf32 / bf16 / fp16, fp32 also in NCHW layout,
+  fp32 / fp16 also with ``cudnn.benchmark`` (and ``torch.compile`` fp16 with ``--compile``);
 * features: max relative difference of every run against the naive fp32 features.
 
 ``--rounds N`` runs every side N times, the order reversed in every other round (the first side
@@ -193,6 +193,16 @@ def model_only(ckpt: Path, batch: int, compile_: bool, log, device: str = "cuda"
     if cuda:  # IEEE fp32 convolutions may prefer the other layout (not measured yet)
         r = prepare(model, dev, "fp32", channels_last=False)
         res["trex_hub fp32 NCHW"] = timed(lambda: r.forward(xd))
+        # cuDNN's autotuner instead of its heuristics (trex-extract leaves it off: its search
+        # costs seconds per batch shape); the warm-up calls of timed() run the search
+        before = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            for prec in ("fp32", "fp16"):
+                r = prepare(model, dev, prec)
+                res[f"trex_hub {prec} + cudnn.benchmark"] = timed(lambda: r.forward(xd))
+        finally:
+            torch.backends.cudnn.benchmark = before
     if compile_:
         t = time.perf_counter()
         try:
