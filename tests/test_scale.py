@@ -149,10 +149,31 @@ def test_choose_decoding_rules():
         choose("nvjpeg", "auto", cpu, "transfer", True, 1, 1)
 
 
-def test_default_workers_follow_the_affinity_not_a_cap():
+def test_default_workers_follow_the_affinity_not_a_cap(monkeypatch):
     import os
 
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert ex.default_workers() == len(os.sched_getaffinity(0))
+
+
+def test_default_workers_share_the_machine_among_torchrun_ranks(monkeypatch):
+    """8 ranks on 64 cores: 8 workers each, unless the launcher already bound each rank to its
+    own cores (the affinity then says so)."""
+    import trex_hub.decoding as dec
+
+    monkeypatch.setattr(dec.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(dec, "available_cores", lambda: 64)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert dec.default_workers() == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "100")
+    assert dec.default_workers() == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "not a number")
+    assert dec.default_workers() == 64
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setattr(dec, "available_cores", lambda: 8)  # bound to 8 of the 64 cores
+    assert dec.default_workers() == 8
+    monkeypatch.setattr(dec, "available_cores", lambda: 16)
+    assert dec.default_workers() == 16
 
 
 # ------------------------------------------------------------- the background stage ----

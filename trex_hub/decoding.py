@@ -245,8 +245,18 @@ def available_cores() -> int:
 
 def default_workers() -> int:
     """Decoding workers by default: one per core this process may run on (no cap: worker
-    processes scale where threads were held back by the GIL)."""
-    return available_cores()
+    processes scale where threads were held back by the GIL). Under ``torchrun`` with several
+    processes on this machine (``LOCAL_WORLD_SIZE``) whose cores were not split among them by
+    an affinity mask, this process's share: 8 ranks on 64 cores decode with 8 workers each, not
+    64 (512 decoding processes on 64 cores)."""
+    cores = available_cores()
+    try:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    except ValueError:
+        local = 1
+    if local > 1 and cores >= (os.cpu_count() or cores):
+        return max(1, cores // local)
+    return cores
 
 
 __all__ = ["Batch", "decode_batches", "batch_ranges", "default_workers", "available_cores",

@@ -236,7 +236,8 @@ def extract_features(model: torch.nn.Module, images: Any, *, batch_size: int = 3
         normalize: L2-normalise each feature vector.
         output: ``"torch"`` (float32 CPU tensor) or ``"numpy"``.
         num_workers: decoding workers; ``None`` picks one per core this process may use when
-            there is more than one image, ``0`` decodes in the calling thread.
+            there is more than one image (under ``torchrun``, its share of the machine's cores:
+            :func:`~trex_hub.decoding.default_workers`), ``0`` decodes in the calling thread.
         device: where to run (default: the model's device). The model itself is not moved.
         precision: ``"fp32"`` (default; full fp32, TF32 off on CUDA inside the call), ``"tf32"``
             (TF32 matmul / convolutions on Ampere+ GPUs), or ``"bf16"`` / ``"fp16"`` autocast

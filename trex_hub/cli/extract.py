@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per forward pass (default: 32 on a GPU, 8 on a CPU, where "
                         "larger batches are not faster and smaller ones commit more often)")
     p.add_argument("-j", "--workers", type=int, default=None,
-                   help="decoding workers (default: one per core this process may use)")
+                   help="decoding workers (default: one per core this process may use; "
+                        "under torchrun, this process's share of the machine's cores)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32: full fp32 (no TF32); tf32: TF32 on Ampere+ GPUs; bf16/fp16 "
