@@ -129,6 +129,17 @@ def test_a_lane_that_takes_nothing_leaves_the_run_to_the_other_one():
     assert not lane_threads()
 
 
+def test_a_lane_that_drops_a_batch_it_took_is_an_error_not_a_hang():
+    def careless(claimed):
+        next(claimed, None)  # takes a group, never makes its batch
+        return iter(())
+
+    with pytest.raises(RuntimeError, match="lane 'careless' ended with 1 batch"):
+        list(merge_lanes(batch_ranges(400, 4), {"careless": careless,
+                                                "busy": sleepy_lane(0.001)}))
+    assert not lane_threads()
+
+
 class Alternate(Claims):
     """Claims that give even groups to lane "gpu" and odd ones to "cpu": both lanes work in
     every run, whatever their speeds on this machine."""

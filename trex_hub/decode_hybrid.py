@@ -107,6 +107,11 @@ class Claims:
             self._cond.notify_all()
             return i
 
+    def held(self, name: str) -> int:
+        """How many groups lane ``name`` took and has not delivered yet."""
+        with self._cond:
+            return len(self._by_lane.get(name, ()))
+
     def close(self) -> None:
         """Hand out no more groups (lanes then finish what they took and end)."""
         with self._cond:
@@ -150,6 +155,9 @@ def merge_lanes(groups: Sequence[Sequence[int]], lanes: Dict[str, Lane], *, dept
                 if item is not END:
                     break
                 ended.add(name)
+                if claims.held(name):  # it took groups and ended without their batches
+                    raise RuntimeError(f"the decoding lane {name!r} ended with "
+                                       f"{claims.held(name)} batch(es) it took still to make")
                 if len(ended) == len(lanes):
                     raise RuntimeError("the decoding lanes ended with batches of the run "
                                        "still to make")
