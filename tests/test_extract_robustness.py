@@ -172,7 +172,8 @@ def test_help_texts(capsys):
     assert ("-b BATCH_SIZE, --batch-size BATCH_SIZE images per forward pass (default: 32 on a "
             "GPU, 8 on a CPU") in text
     assert "-o OUTPUT, --output OUTPUT features file: .npy, .safetensors or .pt -" in text
-    assert "decoding workers (default: one per core this process may use) --device" in text
+    assert ("decoding workers (default: one per core this process may use; under torchrun, "
+            "this process's share of the machine's cores) --device") in text
     with pytest.raises(SystemExit):
         eval_cli.build_parser().parse_args(["run", "--help"])
     with pytest.raises(SystemExit):
