@@ -21,7 +21,8 @@ warm-up pass, each synchronised at its end:
   on CUDA also exact fp32 with NHWC and NCHW weights, and tf32 (is channels_last right for
   fp32 without tensor cores?), and with ``cudnn.benchmark`` (does the autotuner pay?);
 * ``extract``: ``model.extract(files, decode=...)``, the whole in-memory engine, for GPU
-  decoding and for the CPU decoding the machine would pick (worker processes on many cores).
+  decoding, for the CPU decoding the machine would pick (worker processes on many cores) and
+  for both at once (``hybrid``).
 
 Prints a markdown table (images/s and ms per batch) and writes ``--json``.
 """
@@ -175,7 +176,7 @@ def main(argv=None) -> int:
         finally:
             torch.backends.cudnn.benchmark = was
 
-    for decode in ("gpu", "cpu"):
+    for decode in ("gpu", "cpu", "hybrid"):
         kw = dict(device=device, decode=decode, batch_size=bs, precision=args.precision,
                   num_workers=workers)
         model.extract(files[:bs], **kw)
