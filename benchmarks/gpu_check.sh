@@ -18,9 +18,9 @@
 #                sides over two rounds, with GPU_BENCH_TIMEOUT=500)
 #   bench-train  benchmarks/train_bench.py (make bench-train): naive loop vs the baseline and
 #                t-ReX* presets, t-ReX* also with --compile (TRAIN_BENCH_PRESETS), one round
-#                (TRAIN_BENCH_ROUNDS). Baseline goes first: both hangs so far
-#                (2026-11-26 baseline, 2026-11-27 t-ReX*) hit the first trex-train child of its
-#                call, and the baseline's figure is the one already in hand
+#                (TRAIN_BENCH_ROUNDS). Both hangs so far (2026-11-26 baseline, 2026-11-27
+#                t-ReX*) hit the first trex-train child of its call: a side that runs past its
+#                limit is tried once more (train_bench.py --retry-hung), its stacks logged
 #   profile      benchmarks/gpu_pipeline_profile.py: each stage of GPU extraction timed alone (read,
 #                nvJPEG decode, resize, the background pipeline, model, extract) on 4,096 photos;
 #                then benchmarks/read_stage_bench.py (reader threads vs the model-launch thread);

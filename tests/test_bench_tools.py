@@ -140,3 +140,36 @@ def test_gpu_bench_reads_the_hybrid_lane_split_trex_extract_really_prints(tmp_pa
     text = render(env, {"trex-extract fp32 --decode hybrid": r}, {}, {})
     split = ", ".join(f"{k} {v}" for k, v in sorted(got["lanes"].items()))
     assert f"trex-extract fp32 --decode hybrid: {split}; {split}." in text
+
+
+def test_train_bench_tries_a_hung_side_once_more_and_reports_a_second_hang(tmp_path,
+                                                                          monkeypatch, capsys):
+    """Both hangs on the H100 hit the first trex-train child of a call: a side that runs past
+    its limit is run once more (--retry-hung), its stacks logged; a second hang fails it."""
+    import train_bench as tb
+
+    calls = []
+    epoch = {"seconds": 1.0, "images_per_s": 50.0}
+
+    def run_child(side, opts, work):
+        calls.append(side)
+        if side == "trex:baseline" or (side == "trex:trex_star" and
+                                       calls.count("trex:trex_star") == 1):
+            raise tb.Hung(f"{side} failed:\nstacks...\ntimed out after 75 s")
+        return {"epochs": [epoch, epoch]}
+
+    monkeypatch.setattr(tb, "run_child", run_child)
+    monkeypatch.setattr(tb, "make_folder", lambda root, n: root)
+    out = tmp_path / "r.json"
+    rc = tb.main(["--device", "cpu", "--presets", "trex_star,baseline", "--rounds", "1",
+                  "--work-dir", str(tmp_path), "--json", str(out)])
+    err = capsys.readouterr().err
+    assert calls == ["naive", "trex:trex_star", "trex:trex_star", "trex:baseline",
+                     "trex:baseline"]
+    assert "trex:trex_star: HUNG, trying once more" in err
+    assert rc == 1  # the baseline hung twice: reported as failed, in its row
+    import json
+
+    got = json.loads(out.read_text())
+    assert got["results"]["trex:trex_star"] == [50.0] and got["results"]["trex:baseline"] == []
+    assert "timed out after 75 s" in got["errors"]["trex:baseline"]
