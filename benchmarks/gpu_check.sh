@@ -155,7 +155,7 @@ fi
 
 # --- stage 3: the training benchmark, alone ------------------------------------------------
 if has bench-train; then
-  t=$(cap 330 bench-train)
+  t=$(cap "${TRAIN_BENCH_TIMEOUT:-420}" bench-train)
   say "bench-train (timeout $t s)"
   timeout "$t" "$PY" benchmarks/train_bench.py --rounds "${TRAIN_BENCH_ROUNDS:-1}" \
       --presets "${TRAIN_BENCH_PRESETS:-baseline,trex_star,trex_star+compile}" \
