@@ -201,7 +201,7 @@ def hybrid_batches(groups: Sequence[Sequence[int]], fetch: Callable[[int], Any],
     groups = [list(g) for g in groups]
     claims = claims if claims is not None else Claims(groups)
     # the GPU lane queues its kernels on the caller's stream, as tensor_batches does for its
-    # caller: the lane's thread enters that stream before tensor_batches looks it up
+    # caller: the lane's thread enters that stream before it decodes
     stream = callers_stream(device)
     return _hybrid(groups, fetch, decoder, cfg, device, num_workers, claims, stream,
                    dict(strict=strict, describe=describe, catch_all=catch_all), stats)
@@ -220,8 +220,9 @@ def _hybrid(groups: List[List[int]], fetch: Callable[[int], Any], decoder: Decod
                       max(len(g) for g in groups), (cfg.crop, cfg.crop, 3), nice=HYBRID_NICE)
 
     def gpu_lane(claimed: Iterator[Sequence[int]]) -> Iterator[Batch]:
+        # the lane's own thread decodes and resizes: no second thread to hand batches over
         return tensor_batches(claimed, fetch, decoder, cfg, device=device,
-                              num_workers=max(1, num_workers), **kw)
+                              num_workers=max(1, num_workers), background=False, **kw)
 
     def cpu_lane(claimed: Iterator[Sequence[int]]) -> Iterator[Batch]:
         return _own_copies(process_batches(claimed, fetch, decoder, num_workers=0,

@@ -277,7 +277,7 @@ def tensor_batches(groups: Iterable[Sequence[int]], fetch: Callable[[int], Any],
                    device: Union[str, torch.device] = "cpu", num_workers: int = 4,
                    prefetch: int = 2, strict: bool = True,
                    describe: Callable[[int], str] = "item {}".format,
-                   catch_all: bool = False) -> Iterator[Batch]:
+                   catch_all: bool = False, background: bool = True) -> Iterator[Batch]:
     """Batches of ``crop x crop`` uint8 NHWC tensors on ``device`` (see the module docstring).
     ``decoder`` is the PIL fallback (same preset); failures follow
     :func:`trex_hub.decoding.decode_batches` (``strict`` raises, else they are reported).
@@ -286,7 +286,9 @@ def tensor_batches(groups: Iterable[Sequence[int]], fetch: Callable[[int], Any],
     in chunks of at least :data:`READ_CHUNK` files per task (:func:`submit_chunks`), one
     thread decodes and resizes batch k + 1 (nvJPEG waits for its stream with the GIL released),
     and the caller runs the model on batch k. On CUDA the resize kernels are queued on the
-    caller's current stream, so the caller's kernels see finished batches without a sync."""
+    caller's current stream, so the caller's kernels see finished batches without a sync.
+    ``background=False`` decodes and resizes in the iterating thread instead (a caller that
+    runs this in a thread of its own: :mod:`trex_hub.decode_hybrid`)."""
     device = torch.device(device)
     geometry = TensorGeometry(cfg)
 
@@ -372,6 +374,8 @@ def tensor_batches(groups: Iterable[Sequence[int]], fetch: Callable[[int], Any],
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
+    if not background:
+        return produce()
     return in_background(produce, depth=1, name="trex-decode", context=callers_stream(device))
 
 
