@@ -63,7 +63,7 @@ def _pil_levels(imgs):
 
 
 @pytest.mark.parametrize("name", ["brightness", "contrast", "saturation", "hue", "hue_wide",
-                                  "grayscale", "blur", "solarize"])
+                                  "hue_lookup", "grayscale", "blur", "solarize"])
 def test_each_colour_op_matches_pil_exactly(images, name):
     rng = np.random.default_rng(1)
     n = len(images)
@@ -73,6 +73,7 @@ def test_each_colour_op_matches_pil_exactly(images, name):
         "saturation": (TF.adjust_saturation, T.saturation, rng.uniform(0.8, 1.2, n)),
         "hue": (TF.adjust_hue, T.hue, rng.uniform(-0.1, 0.1, n)),
         "hue_wide": (TF.adjust_hue, T.hue, rng.uniform(-0.5, 0.5, n)),
+        "hue_lookup": (TF.adjust_hue, T.hue_lookup, rng.uniform(-0.5, 0.5, n)),  # CUDA's way
         "grayscale": (lambda im, f: im.convert("L").convert("RGB"),
                       lambda x, f: T.grayscale(x), np.zeros(n)),
         "blur": (lambda im, f: im.filter(ImageFilter.GaussianBlur(radius=float(f))),
@@ -109,6 +110,42 @@ def test_resized_crop_and_flip_within_one_level(images):
     d = torch.cat(diffs)
     assert d.max() <= 1
     assert (d > 0).float().mean() <= 1e-4
+
+
+def test_hue_tables_hold_the_computed_conversions():
+    """The lookup (CUDA's hue) equals the computation for every hue shift, on greys, black,
+    white, saturated and random colours."""
+    rng = np.random.default_rng(4)
+    colours = rng.integers(0, 256, (256, 3, 8, 8)).astype(np.float32)
+    colours[:16] = colours[:16, :1]  # greys
+    colours[16:32, :, 0, 0] = [[0, 0, 0], [255, 255, 255], [255, 0, 0], [0, 255, 1]] * 4
+    x = torch.from_numpy(colours)
+    shifts = (np.arange(256) - 128) / 255.0  # every int(factor * 255) mod 256
+    assert torch.equal(T.hue_lookup(x, shifts), T.hue_direct(x, shifts))
+    hs, rgb = T.hue_tables("cpu")
+    assert hs.shape == (1 << 24, 2) and rgb.shape == (1 << 24, 3) and hs.dtype == torch.uint8
+    assert T.hue_tables("cpu")[0] is hs  # made once per device
+
+
+@pytest.mark.parametrize("budget", [1, 1 << 30])
+def test_resized_crops_equal_one_crop_at_a_time(images, monkeypatch, budget):
+    """k crops per image at once (in slices or in one product) equal k single crops, padding,
+    enlargements and flips included."""
+    monkeypatch.setitem(T.CROP_BYTES, "cpu", budget)
+    rng = np.random.default_rng(5)
+    x = torch.zeros(len(images), 3, 44, 40)
+    for i, a in enumerate(images):
+        x[i, :, :40, :36] = _levels([a])[0]
+    sizes = torch.tensor([[40, 36]] * len(images))
+    h, w = rng.integers(4, 41, (len(images), 5)), rng.integers(4, 37, (len(images), 5))
+    boxes = np.stack([rng.integers(0, 41 - h), rng.integers(0, 37 - w), h, w], axis=-1)
+    boxes = torch.from_numpy(boxes.astype(np.float64))
+    flip = torch.from_numpy(rng.integers(0, 2, (len(images), 5)).astype(bool))
+    for size in (12, 56):
+        got = T.resized_crops(x, sizes, boxes, size, flip)
+        assert got.shape == (5, len(images), 3, size, size)
+        for k in range(5):
+            assert torch.equal(got[k], T.resized_crop(x, sizes, boxes[:, k], size, flip[:, k]))
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +201,19 @@ def test_whole_pipeline_matches_pil_path(photo_data, simple):
     assert d.max() <= 8.01
     assert (d > 0.5).float().mean() <= 2e-3
     assert d.mean() < 0.01
+
+
+def test_cuda_configuration_gives_the_same_crops(photo_data, monkeypatch):
+    """On CUDA the batched path looks hue up and resizes all crops of a size in one product; run
+    that way on CPU tensors it gives exactly the CPU configuration's crops."""
+    mc = MultiCrop(global_size=48, local_size=20, n_local=4)
+    decoded = DecodedMultiCropDataset(photo_data, mc, seed=2, draft=False)
+    batch = collate_decoded([decoded[(1, i)] for i in range(len(photo_data))], group_pixels=30000)
+    cpu, _ = BatchAugment(mc, "cpu")(batch)
+    monkeypatch.setitem(T.CROP_BYTES, "cpu", T.CROP_BYTES["cuda"])
+    monkeypatch.setattr(T, "hue", T.hue_lookup)
+    like_cuda, _ = BatchAugment(mc, "cpu")(batch)
+    assert all(torch.equal(a, b) for a, b in zip(cpu, like_cuda))
 
 
 def test_arrays_and_channels_last(photo_data):

@@ -169,22 +169,31 @@ class BatchAugment:
         t = torch.as_tensor(array) if dtype is None else torch.as_tensor(array, dtype=dtype)
         return t.to(self.device, non_blocking=True)
 
-    def crops(self, batch: Dict[str, Any]) -> List[torch.Tensor]:
-        """Crop + resize + flip of every crop (levels 0..255, float32)."""
-        params = batch["params"].numpy()
+    def crop_sizes(self) -> List[Tuple[int, List[int]]]:
+        """``(size, crop indices)`` per crop resolution, largest first."""
         specs = self.transform.specs
+        return [(size, [k for k, s in enumerate(specs) if s.size == size])
+                for size in sorted({s.size for s in specs}, reverse=True)]
+
+    def crops(self, batch: Dict[str, Any]) -> Dict[int, torch.Tensor]:
+        """Crop + resize + flip of every crop (levels 0..255, float32): per crop size, the
+        crop-major ``[k, B, 3, size, size]`` tensor of its ``k`` crops (:meth:`crop_sizes`)."""
+        params = batch["params"].numpy()
         n = params.shape[0]
-        out = [torch.empty(n, 3, s.size, s.size, device=self.device) for s in specs]
+        by_size = self.crop_sizes()
+        out = {size: torch.empty(len(ks), n, 3, size, size, device=self.device)
+               for size, ks in by_size}
         sizes = batch["sizes"]
         for group, index in zip(batch["groups"], batch["index"]):
             x = group.to(self.device, non_blocking=True).float()
             idx = index.numpy()
             idx_dev = self._to(idx)
             size_dev = self._to(sizes[index])
-            for k, spec in enumerate(specs):
-                boxes = self._to(params[idx, k, :4])
-                flip = self._to(params[idx, k, FLIP] > 0.5)
-                out[k].index_copy_(0, idx_dev, T.resized_crop(x, size_dev, boxes, spec.size, flip))
+            for size, ks in by_size:
+                rows = params[idx][:, ks]  # [m, k, 17]
+                boxes = self._to(np.ascontiguousarray(rows[..., :4]))
+                flip = self._to(rows[..., FLIP] > 0.5)
+                out[size].index_copy_(1, idx_dev, T.resized_crops(x, size_dev, boxes, size, flip))
         return out
 
     def colour(self, x: torch.Tensor, p: np.ndarray) -> torch.Tensor:
@@ -219,12 +228,12 @@ class BatchAugment:
         levels = self.crops(batch)
         params = batch["params"].numpy()
         specs = self.transform.specs
+        n = params.shape[0]
         result: List[Optional[torch.Tensor]] = [None] * len(specs)
-        for size in sorted({s.size for s in specs}, reverse=True):
-            ks = [k for k, s in enumerate(specs) if s.size == size]
-            x = torch.cat([levels[k] for k in ks]) if len(ks) > 1 else levels[ks[0]]
+        for size, ks in self.crop_sizes():
+            x = levels[size].view(len(ks) * n, 3, size, size)  # crop-major, as the rows below
             rows = np.concatenate([params[:, k] for k in ks])
-            photometric = np.repeat([specs[k].photometric for k in ks], params.shape[0])
+            photometric = np.repeat([specs[k].photometric for k in ks], n)
             sel = np.nonzero(photometric)[0]
             if len(sel) == len(rows):
                 x = self.colour(x, rows)
@@ -234,7 +243,7 @@ class BatchAugment:
             x = T.normalize(x, self.transform.mean, self.transform.std)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            for j, part in enumerate(x.split(params.shape[0])):
+            for j, part in enumerate(x.split(n)):
                 result[ks[j]] = part
         labels = batch["labels"].to(self.device, non_blocking=True)
         return [r for r in result if r is not None], labels

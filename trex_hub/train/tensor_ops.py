@@ -14,7 +14,9 @@ between steps exactly where Pillow does. Each one follows Pillow's C code (``Res
 * :func:`brightness`, :func:`contrast`, :func:`saturation`: ``ImageEnhance`` = ``Image.blend``
   with a black / mean-luma grey / luma image, truncated to 8 bits.
 * :func:`hue`: torchvision's PIL ``adjust_hue``: Pillow's 8-bit RGB -> HSV, hue shifted by
-  ``int(factor * 255)`` modulo 256, HSV -> RGB.
+  ``int(factor * 255)`` modulo 256, HSV -> RGB. Both conversions map 2**24 triples of levels to
+  levels, so they are computed once per device for every triple (:func:`hue_direct`'s
+  arithmetic) and looked up (:func:`hue_tables`).
 * :func:`grayscale`: ``convert("L").convert("RGB")`` (ITU-R 601-2 luma, 16-bit fixed point).
 * :func:`gaussian_blur`: ``ImageFilter.GaussianBlur(radius)``, which Pillow computes as three
   passes of an extended box blur per direction (edge pixels repeated), each rounded to 8 bits.
@@ -27,7 +29,8 @@ Pillow's integer sums, so single levels may differ now and then (measured in
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+import threading
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -85,20 +88,59 @@ def _round8(x: torch.Tensor) -> torch.Tensor:
     return torch.floor(x + 0.5).clamp_(0.0, 255.0)
 
 
+def _round8_(x: torch.Tensor) -> torch.Tensor:
+    """:func:`_round8` in place (``x``: a temporary of the caller's)."""
+    return x.add_(0.5).floor_().clamp_(0.0, 255.0)
+
+
 def resized_crop(images: torch.Tensor, sizes: torch.Tensor, boxes: torch.Tensor, out_size: int,
                  flip: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Crop ``boxes`` (``[n, 4]`` float: top, left, height, width in pixels) out of ``images``
     (``[n, 3, H, W]`` levels, image i valid on ``sizes[i] = (h, w)``, zero-padded) and resize each
     to ``out_size`` squared, as ``PIL.Image.resize(..., BICUBIC, box=...)``; ``flip`` (``[n]``
     bool) mirrors the result horizontally."""
+    flips = None if flip is None else flip[:, None]
+    return resized_crops(images, sizes, boxes[:, None], out_size, flips)[0].contiguous()
+
+
+# at most this much for the float32 horizontal pass of one call's crops: on CUDA, room for the
+# largest products; on the CPU, what its caches hold (there, one large product is slower than
+# the same work in slices)
+CROP_BYTES = {"cuda": 1 << 30, "cpu": 1 << 24}
+
+
+def resized_crops(images: torch.Tensor, sizes: torch.Tensor, boxes: torch.Tensor, out_size: int,
+                  flip: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`resized_crop` of ``k`` boxes per image at once (``boxes``: ``[n, k, 4]``, ``flip``:
+    ``[n, k]``), returned crop-major: ``[k, n, 3, out_size, out_size]`` (a permuted view).
+
+    The horizontal pass of all ``k`` crops is one matrix product per image (the image is read
+    once, the ``k`` weight matrices side by side), the vertical pass one batched product; the
+    crops go in slices whose horizontal result stays under :data:`CROP_BYTES` for the device."""
     n, _, height, width = images.shape
-    top, left, h, w = boxes.double().unbind(1)
-    wx = resample_weights(left, left + w, sizes[:, 1], out_size, width)  # [n, S, W]
-    wy = resample_weights(top, top + h, sizes[:, 0], out_size, height)  # [n, S, H]
-    if flip is not None:
-        wx = torch.where(flip[:, None, None], wx.flip(1), wx)
-    tmp = _round8(torch.matmul(images, wx.transpose(1, 2)[:, None]))  # [n, 3, H, S]
-    return _round8(torch.matmul(wy[:, None], tmp))  # [n, 3, S, S]
+    k = boxes.shape[1]
+    budget = CROP_BYTES.get(images.device.type, CROP_BYTES["cpu"])
+    step = max(1, min(k, budget // max(1, n * 3 * height * out_size * 4)))
+    out = []
+    for first in range(0, k, step):
+        part = boxes[:, first:first + step]
+        m = part.shape[1]
+        top, left, h, w = part.reshape(n * m, 4).double().unbind(1)
+        hw = sizes.repeat_interleave(m, dim=0)
+        wx = resample_weights(left, left + w, hw[:, 1], out_size, width)  # [n m, S, W]
+        wy = resample_weights(top, top + h, hw[:, 0], out_size, height)  # [n m, S, H]
+        if flip is not None:
+            mirror = flip[:, first:first + step].reshape(n * m, 1, 1)
+            wx = torch.where(mirror, wx.flip(1), wx)
+        # horizontal: rows (crop, output column), columns (channel, input row): no operand is
+        # copied (the transposed image is a BLAS flag), and the result is the vertical pass's
+        # left operand as it lies
+        flat = images.reshape(n, 3 * height, width).transpose(1, 2)  # [n, W, 3 H]
+        tmp = _round8_(torch.bmm(wx.reshape(n, m * out_size, width), flat))  # [n, m S, 3 H]
+        tmp = tmp.reshape(n * m, out_size * 3, height)
+        res = _round8_(torch.bmm(tmp, wy.transpose(1, 2)))  # [n m, S (column) x 3, S (row)]
+        out.append(res.reshape(n, m, out_size, 3, out_size).permute(1, 0, 3, 4, 2))
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def _factor(values, like: torch.Tensor) -> torch.Tensor:
@@ -124,7 +166,8 @@ def luma(images: torch.Tensor) -> torch.Tensor:
 
 
 def brightness(images: torch.Tensor, factor) -> torch.Tensor:
-    return blend(torch.zeros_like(images), images, factor)
+    """:func:`blend` with black: ``0 + a (x - 0)`` is ``a x`` exactly, so no black image."""
+    return torch.floor(images * _factor(factor, images)).clamp_(0.0, 255.0)
 
 
 def contrast(images: torch.Tensor, factor) -> torch.Tensor:
@@ -183,13 +226,83 @@ def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tens
     return torch.stack(out, dim=1)
 
 
-def hue(images: torch.Tensor, factor) -> torch.Tensor:
-    """torchvision's PIL ``adjust_hue``: the 8-bit hue channel shifted by
-    ``int(factor * 255) mod 256`` (``factor``: host values, one per image)."""
+def hue_direct(images: torch.Tensor, factor) -> torch.Tensor:
+    """:func:`hue` computed pixel by pixel with Pillow's float arithmetic (what the lookup
+    tables of :func:`hue_tables` are made of; about 120 elementwise operations, many in float64,
+    against a dozen for :func:`hue`)."""
     h, s, v = _rgb_to_hsv(images)
-    shift = np.remainder(np.trunc(np.asarray(factor, dtype=np.float64) * 255.0), 256.0)
-    h = torch.remainder(h + _factor(shift, images).reshape(-1, 1, 1), 256.0)
+    h = torch.remainder(h + _factor(_hue_shift(factor), images).reshape(-1, 1, 1), 256.0)
     return _hsv_to_rgb(h, s, v)
+
+
+def _hue_shift(factor) -> np.ndarray:
+    """``int(factor * 255) mod 256`` per image, as torchvision's PIL ``adjust_hue``."""
+    return np.remainder(np.trunc(np.asarray(factor, dtype=np.float64) * 255.0), 256.0)
+
+
+_HUE_TABLES: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+_HUE_LOCK = threading.Lock()
+_TABLE_ROWS = 16  # first levels per slice when filling the tables (16 x 65,536 colours)
+
+
+def _all_levels(first: int, dev: torch.device) -> Tuple[torch.Tensor, ...]:
+    """Three ``[1, _TABLE_ROWS * 256, 256]`` float32 planes holding every triple (a, b, c) with
+    ``a`` in ``first .. first + _TABLE_ROWS - 1`` and b, c in 0..255, in code order."""
+    lv = torch.arange(256, dtype=torch.float32, device=dev)
+    a = torch.arange(first, first + _TABLE_ROWS, dtype=torch.float32, device=dev)
+    grid = torch.meshgrid(a, lv, lv, indexing="ij")
+    return tuple(g.reshape(1, _TABLE_ROWS * 256, 256) for g in grid)
+
+
+def hue_tables(device: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pillow's 8-bit colour conversions of :func:`hue` as lookup tables on ``device``, made
+    once per device (about 2 s on 2 CPU cores; 80 MB) from :func:`_rgb_to_hsv` and
+    :func:`_hsv_to_rgb` themselves, so looking up is exactly computing:
+
+    * ``hs[(r << 16) | (g << 8) | b]`` = (hue, saturation) uint8 of the colour (r, g, b)
+      (its value is ``max(r, g, b)``);
+    * ``rgb[(h << 16) | (s << 8) | v]`` = (r, g, b) uint8 of the 8-bit HSV triple.
+    """
+    dev = torch.device(device)
+    key = str(dev)
+    with _HUE_LOCK:
+        if key not in _HUE_TABLES:
+            hs = torch.empty(1 << 24, 2, dtype=torch.uint8, device=dev)
+            rgb = torch.empty(1 << 24, 3, dtype=torch.uint8, device=dev)
+            for first in range(0, 256, _TABLE_ROWS):
+                rows = slice(first << 16, (first + _TABLE_ROWS) << 16)
+                r, g, b = _all_levels(first, dev)
+                h, s, _ = _rgb_to_hsv(torch.stack([r, g, b], dim=1))
+                hs[rows] = torch.stack([h.reshape(-1), s.reshape(-1)], dim=1).to(torch.uint8)
+                out = _hsv_to_rgb(*_all_levels(first, dev))  # (h, s, v) planes
+                rgb[rows] = out.reshape(3, -1).t().to(torch.uint8)
+            _HUE_TABLES[key] = (hs, rgb)
+        return _HUE_TABLES[key]
+
+
+def hue(images: torch.Tensor, factor) -> torch.Tensor:
+    """torchvision's PIL ``adjust_hue``: Pillow's 8-bit RGB -> HSV, the hue shifted by
+    ``int(factor * 255) mod 256`` (``factor``: host values, one per image), HSV -> RGB.
+
+    On CUDA both conversions are looked up (:func:`hue_lookup`: a dozen kernels instead of about
+    120, a fifth of the memory traffic); on the CPU, whose caches do not hold the 80 MB of
+    tables, they are computed (:func:`hue_direct`, a little faster there). Both give the same
+    levels."""
+    return hue_lookup(images, factor) if images.is_cuda else hue_direct(images, factor)
+
+
+def hue_lookup(images: torch.Tensor, factor) -> torch.Tensor:
+    """:func:`hue` through :func:`hue_tables` (identical to :func:`hue_direct`)."""
+    hs_table, rgb_table = hue_tables(images.device)
+    weights = torch.tensor([65536.0, 256.0, 1.0], device=images.device).reshape(1, 3, 1, 1)
+    code = (images * weights).sum(1).long()  # exact: integer levels, sums below 2**24
+    hs = hs_table[code].long()  # [n, H, W, 2]
+    shift = torch.as_tensor(_hue_shift(factor).astype(np.int64))
+    shift = shift.to(images.device, non_blocking=True).reshape(-1, 1, 1)
+    value = images.amax(1).long()
+    code = (((hs[..., 0] + shift) & 255) << 16) | (hs[..., 1] << 8) | value
+    return rgb_table[code].permute(0, 3, 1, 2).to(torch.float32,
+                                                  memory_format=torch.contiguous_format)
 
 
 def solarize(images: torch.Tensor, threshold: float = 128.0) -> torch.Tensor:
@@ -259,6 +372,6 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     return images.div(255.0).sub_(m).div_(s)
 
 
-__all__ = ["resample_weights", "resized_crop", "blend", "luma", "brightness", "contrast",
-           "saturation", "grayscale", "hue", "solarize", "box_blur_params", "gaussian_blur",
-           "normalize"]
+__all__ = ["resample_weights", "resized_crop", "resized_crops", "blend", "luma", "brightness", "contrast",
+           "saturation", "grayscale", "hue", "hue_direct", "hue_lookup", "hue_tables", "solarize",
+           "box_blur_params", "gaussian_blur", "normalize"]
