@@ -16,6 +16,9 @@
 #                to pick), fp32 / fp16, whole processes, model only (GPU_BENCH_ARGS=--compile
 #                adds torch.compile, about a minute more; "--rounds 2" alternates the order of the
 #                sides over two rounds, with GPU_BENCH_TIMEOUT=500)
+#   aug          benchmarks/augment_bench.py --step: the batched t-ReX* augmentation (one crop per
+#                product + computed hue vs all crops of a size per product + hue tables) alone and
+#                before a t-ReX* training step, i.e. its share of the step (about 40 s)
 #   bench-train  benchmarks/train_bench.py (make bench-train): naive loop vs the baseline and
 #                t-ReX* presets, t-ReX* also with --compile (TRAIN_BENCH_PRESETS), one round
 #                (TRAIN_BENCH_ROUNDS). Both hangs so far (2026-11-26 baseline, 2026-11-27
@@ -33,13 +36,15 @@
 #      start thread, decode="hybrid" on CUDA; one round of bench-gpu, 8 processes: the naive
 #      loops and trex-extract with --decode gpu, cpu and hybrid at fp32 / fp16, the phases
 #      table, fp32 in NCHW; about 5 minutes)
-#   2. GPU_CHECK_STAGES="bench-train" TRAIN_BENCH_PRESETS=trex_star,trex_star+compile
-#      (t-ReX* >= 900 img/s and --compile; the baseline's 1.09x is in hand)
+#   2. GPU_CHECK_STAGES="aug bench-train" TRAIN_BENCH_PRESETS=trex_star,trex_star+compile
+#      (augmentation's share of a t-ReX* step with the fused kernels of 2026-11-27; t-ReX* >= 900
+#      img/s and --compile; the baseline's 1.09x is in hand)
 #   later: GPU_CHECK_STAGES="profile repro" REPRO_RECIPE=gpu LR=0.1  (64 px at the paper's lr)
 # The benchmarks and the profile run alone on the machine, after the rest. Runs with
 # PYTHONPATH=$PWD and the python that has torch (no install); wheels in .whl/ (Optuna for the probe's TPE search) are
 # unpacked to /tmp/site first. Files in $OUT (at most 8): log.txt, pytest_cuda.txt,
-# decode.txt (decode + profile), bench_gpu.txt, bench_gpu.json, train_bench.txt, train_bench.json, repro.tgz;
+# decode.txt (decode + profile), bench_gpu.txt, bench_gpu.json, train_bench.txt (aug + bench-train),
+# train_bench.json, repro.tgz;
 # with all stages that is 8, so the updated docs/benchmarks.md stays behind unless a stage is off
 # (it is then copied as benchmarks.md).
 #
@@ -66,8 +71,8 @@ say() { echo "[gpu-check $(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 # the least time each later stage needs to say something useful
-declare -A NEED=([tests]=45 [decode]=30 [bench-gpu]=100 [bench-train]=120 [profile]=60)
-ORDER="tests decode bench-gpu bench-train profile"
+declare -A NEED=([tests]=45 [decode]=30 [bench-gpu]=100 [aug]=40 [bench-train]=120 [profile]=60)
+ORDER="tests decode bench-gpu aug bench-train profile"
 reserve_after() {  # seconds to keep for the enabled stages after $1
   local sum=0 seen=0 st
   for st in $ORDER; do
@@ -92,7 +97,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -c "import optuna; print('optuna', optuna.__version__)" 2>&1 | tee -a "$LOG"
 fi
 
-rc_tests=skipped rc_repro=skipped rc_gpu=skipped rc_train=skipped
+rc_tests=skipped rc_repro=skipped rc_gpu=skipped rc_aug=skipped rc_train=skipped
 REPRO_OUT=/tmp/trex-repro
 DEV=${GPU_CHECK_DEVICE:-cuda}  # cpu: a dry run of the script itself (tiny sizes via the env)
 repro_env=(env RECIPE="${REPRO_RECIPE:-gpu32}" OUT="$REPRO_OUT" FMNIST="$FMNIST" PYTHON="$PY"
@@ -153,14 +158,23 @@ if has bench-gpu; then
   grep -v "^  " "$LOGS/bench_gpu.txt" | tail -25 | tee -a "$LOG"
 fi
 
-# --- stage 3: the training benchmark, alone ------------------------------------------------
+# --- stage 3: the training augmentation and the training benchmark, alone ------------------
+if has aug || has bench-train; then : > "$LOGS/train_bench.txt"; fi
+if has aug; then
+  say "aug: benchmarks/augment_bench.py --step"
+  size=(); [ "$DEV" = cpu ] && size=(--batch 4 --rounds 1 --global-size 32 --local-size 16)
+  timeout "$(cap 90 aug)" "$PY" benchmarks/augment_bench.py --device "$DEV" --step \
+      "${size[@]}" >> "$LOGS/train_bench.txt" 2>&1
+  rc_aug=$?
+  grep -v "^  " "$LOGS/train_bench.txt" | tail -16 | tee -a "$LOG"
+fi
 if has bench-train; then
   t=$(cap "${TRAIN_BENCH_TIMEOUT:-420}" bench-train)
   say "bench-train (timeout $t s)"
   timeout "$t" "$PY" benchmarks/train_bench.py --rounds "${TRAIN_BENCH_ROUNDS:-1}" \
       --presets "${TRAIN_BENCH_PRESETS:-baseline,trex_star,trex_star+compile}" \
       --run-timeout "${TRAIN_BENCH_RUN_TIMEOUT:-75}" --compile-timeout 150 --work-dir /tmp/trex-train-bench --json "$LOGS/train_bench.json" \
-      --write-docs docs/benchmarks.md > "$LOGS/train_bench.txt" 2>&1
+      --write-docs docs/benchmarks.md >> "$LOGS/train_bench.txt" 2>&1
   rc_train=$?
   tail -12 "$LOGS/train_bench.txt" | tee -a "$LOG"
 fi
@@ -178,7 +192,7 @@ if has profile; then
 fi
 
 [ "$(ls "$LOGS" | wc -l)" -lt 8 ] && cp docs/benchmarks.md "$LOGS/benchmarks.md"
-say "done: tests rc=$rc_tests, repro rc=$rc_repro, bench-gpu rc=$rc_gpu, bench-train rc=$rc_train"
+say "done: tests rc=$rc_tests, repro rc=$rc_repro, bench-gpu rc=$rc_gpu, aug rc=$rc_aug, bench-train rc=$rc_train"
 [ "$rc_tests" != 0 ] && [ "$rc_tests" != skipped ] && exit 1
 for rc in "$rc_repro" "$rc_gpu" "$rc_train"; do
   [ "$rc" != 0 ] && [ "$rc" != skipped ] && exit 1

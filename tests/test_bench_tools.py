@@ -1,4 +1,5 @@
 """The benchmarks' own machinery: the timed child runner and the GPU bench's rounds."""
+import json
 import os
 import sys
 import textwrap
@@ -173,3 +174,26 @@ def test_train_bench_tries_a_hung_side_once_more_and_reports_a_second_hang(tmp_p
     got = json.loads(out.read_text())
     assert got["results"]["trex:trex_star"] == [50.0] and got["results"]["trex:baseline"] == []
     assert "timed out after 75 s" in got["errors"]["trex:baseline"]
+
+
+def test_augment_bench_compares_both_configurations_on_the_same_crops(tmp_path, capsys):
+    """The augmentation benchmark runs both configurations of ``BatchAugment`` (and the step),
+    finds them bit-identical, counts fewer operations and bytes for CUDA's, and puts the
+    configuration it changed for the run back."""
+    import augment_bench
+    from trex_hub.train import tensor_ops as T
+
+    before = (dict(T.CROP_BYTES), T.hue)
+    out = tmp_path / "aug.json"
+    assert augment_bench.main(["--device", "cpu", "--batch", "3", "--rounds", "1",
+                               "--global-size", "32", "--local-size", "16", "--local-crops",
+                               "2", "--step", "--work-dir", str(tmp_path), "--json",
+                               str(out)]) == 0
+    assert (dict(T.CROP_BYTES), T.hue) == before
+    text = capsys.readouterr().out
+    assert "same crops: yes, bit for bit" in text and "augmentation's share" in text
+    result = json.loads(out.read_text())
+    base, fused = augment_bench.SIDES
+    assert result["same"] and result["ops"][fused] < result["ops"][base]
+    assert result["bytes"][fused] < result["bytes"][base]
+    assert len(result["step_alone_s"]) == 1 and len(result["with_step_s"][fused]) == 1

@@ -295,12 +295,11 @@ def hue_lookup(images: torch.Tensor, factor) -> torch.Tensor:
     """:func:`hue` through :func:`hue_tables` (identical to :func:`hue_direct`)."""
     hs_table, rgb_table = hue_tables(images.device)
     weights = torch.tensor([65536.0, 256.0, 1.0], device=images.device).reshape(1, 3, 1, 1)
-    code = (images * weights).sum(1).long()  # exact: integer levels, sums below 2**24
-    hs = hs_table[code].long()  # [n, H, W, 2]
-    shift = torch.as_tensor(_hue_shift(factor).astype(np.int64))
+    code = (images * weights).sum(1).int()  # exact: integer levels, sums below 2**24
+    hs = hs_table[code].int()  # [n, H, W, 2]
+    shift = torch.as_tensor(_hue_shift(factor).astype(np.int32))
     shift = shift.to(images.device, non_blocking=True).reshape(-1, 1, 1)
-    value = images.amax(1).long()
-    code = (((hs[..., 0] + shift) & 255) << 16) | (hs[..., 1] << 8) | value
+    code = (((hs[..., 0] + shift) & 255) << 16) | (hs[..., 1] << 8) | images.amax(1).int()
     return rgb_table[code].permute(0, 3, 1, 2).to(torch.float32,
                                                   memory_format=torch.contiguous_format)
 
@@ -358,9 +357,9 @@ def gaussian_blur(images: torch.Tensor, params: np.ndarray, passes: int = 3) -> 
     my = _box_matrix(params, height, images.device)[:, None]
     out = images
     for _ in range(passes):
-        out = _round8(torch.matmul(out, mx))
+        out = _round8_(torch.matmul(out, mx))
     for _ in range(passes):
-        out = _round8(torch.matmul(my, out))
+        out = _round8_(torch.matmul(my, out))
     return out
 
 
