@@ -21,7 +21,9 @@ operation's tensor counted once; a proxy for the memory traffic). With ``--step`
 training step on those crops (online network forward and backward, the EMA network's forward on
 the global crop, OCM memory, SGD, EMA update; AMP fp16 and channels_last on CUDA, as
 ``trex-train``), timed alone and after each augmentation, so the table gives augmentation's
-share of the step and the step's images/s with each configuration.
+share of the step and the step's images/s with each configuration; on CUDA also with the
+augmentation on a stream of its own, running beside the step (is there room on the GPU to hide
+it by augmenting one batch ahead?).
 """
 from __future__ import annotations
 
@@ -220,13 +222,26 @@ def main(argv=None) -> int:
 
     times: Dict[str, List[float]] = {s: [] for s in SIDES}
     with_step: Dict[str, List[float]] = {s: [] for s in SIDES}
+    beside: List[float] = []
     step_alone: List[float] = []
+    side_stream = torch.cuda.Stream(args.device) if cuda and step is not None else None
+
+    def next_beside_step() -> None:
+        """The next batch's augmentation on a stream of its own while this batch's step runs
+        (what a loader thread augmenting one batch ahead would give)."""
+        with torch.cuda.stream(side_stream):
+            aug(batch)
+        step(crops, labels)
+        torch.cuda.current_stream(args.device).wait_stream(side_stream)
+
     for r in range(args.rounds):
         for side in (SIDES if r % 2 == 0 else SIDES[::-1]):
             with configuration(side, args.device):
                 times[side].append(timed(lambda: aug(batch), args.device))
                 if step is not None:
                     with_step[side].append(timed(lambda: step(*aug(batch)), args.device))
+                if side_stream is not None and side == SIDES[1]:
+                    beside.append(timed(next_beside_step, args.device))
         if step is not None:
             step_alone.append(timed(lambda: step(crops, labels), args.device))
 
@@ -257,7 +272,13 @@ def main(argv=None) -> int:
             share = 1.0 - alone / med
             print(f"| {side} | {summary(with_step[side])} | {args.batch / med:,.0f} | "
                   f"{100 * share:.0f}% | {base / med:.2f}x |")
-        result.update(step_alone_s=step_alone, with_step_s=with_step, arch=args.arch)
+        if beside:
+            med = statistics.median(beside)
+            print(f"| {SIDES[1]}, on its own stream beside the step (the next batch's) | "
+                  f"{summary(beside)} | {args.batch / med:,.0f} | "
+                  f"{100 * (1.0 - alone / med):.0f}% | {base / med:.2f}x |")
+        result.update(step_alone_s=step_alone, with_step_s=with_step, beside_s=beside,
+                      arch=args.arch)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0

@@ -126,7 +126,7 @@ def resized_crops(images: torch.Tensor, sizes: torch.Tensor, boxes: torch.Tensor
         part = boxes[:, first:first + step]
         m = part.shape[1]
         top, left, h, w = part.reshape(n * m, 4).double().unbind(1)
-        hw = sizes.repeat_interleave(m, dim=0)
+        hw = sizes[:, None].expand(n, m, 2).reshape(n * m, 2)
         wx = resample_weights(left, left + w, hw[:, 1], out_size, width)  # [n m, S, W]
         wy = resample_weights(top, top + h, hw[:, 0], out_size, height)  # [n m, S, H]
         if flip is not None:
@@ -294,7 +294,8 @@ def hue(images: torch.Tensor, factor) -> torch.Tensor:
 def hue_lookup(images: torch.Tensor, factor) -> torch.Tensor:
     """:func:`hue` through :func:`hue_tables` (identical to :func:`hue_direct`)."""
     hs_table, rgb_table = hue_tables(images.device)
-    weights = torch.tensor([65536.0, 256.0, 1.0], device=images.device).reshape(1, 3, 1, 1)
+    weights = torch.tensor([65536.0, 256.0, 1.0]).to(images.device, non_blocking=True)
+    weights = weights.reshape(1, 3, 1, 1)  # (no blocking copy: the device is never waited for)
     code = (images * weights).sum(1).int()  # exact: integer levels, sums below 2**24
     hs = hs_table[code].int()  # [n, H, W, 2]
     shift = torch.as_tensor(_hue_shift(factor).astype(np.int32))
