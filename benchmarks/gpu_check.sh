@@ -18,7 +18,8 @@
 #                sides over two rounds, with GPU_BENCH_TIMEOUT=500)
 #   aug          benchmarks/augment_bench.py --step: the batched t-ReX* augmentation (one crop per
 #                product + computed hue vs all crops of a size per product + hue tables) alone and
-#                before a t-ReX* training step, i.e. its share of the step (about 40 s)
+#                before a t-ReX* training step, i.e. its share of the step, and on a stream of
+#                its own beside the step (could augmenting one batch ahead hide it?) (about 40 s)
 #   bench-train  benchmarks/train_bench.py (make bench-train): naive loop vs the baseline and
 #                t-ReX* presets, t-ReX* also with --compile (TRAIN_BENCH_PRESETS), one round
 #                (TRAIN_BENCH_ROUNDS). Both hangs so far (2026-11-26 baseline, 2026-11-27
@@ -36,9 +37,12 @@
 #      start thread, decode="hybrid" on CUDA; one round of bench-gpu, 8 processes: the naive
 #      loops and trex-extract with --decode gpu, cpu and hybrid at fp32 / fp16, the phases
 #      table, fp32 in NCHW; about 5 minutes)
-#   2. GPU_CHECK_STAGES="aug bench-train" TRAIN_BENCH_PRESETS=trex_star,trex_star+compile
-#      (augmentation's share of a t-ReX* step with the fused kernels of 2026-11-27; t-ReX* >= 900
-#      img/s and --compile; the baseline's 1.09x is in hand)
+#   2. GPU_CHECK_STAGES="aug bench-train" \
+#        TRAIN_BENCH_PRESETS=trex_star,trex_star+ahead,trex_star+compile
+#      (augmentation's share of a t-ReX* step with the fewer kernels of 2026-11-27, and whether a
+#      side stream would hide it; t-ReX* >= 900 img/s and --compile; the baseline's 1.09x is in
+#      hand). Then: if +ahead wins (and "beside the step" is close to the step alone), make
+#      --aug-ahead the default on CUDA; if --compile wins, say so in docs/training.md
 #   later: GPU_CHECK_STAGES="profile repro" REPRO_RECIPE=gpu LR=0.1  (64 px at the paper's lr)
 # The benchmarks and the profile run alone on the machine, after the rest. Runs with
 # PYTHONPATH=$PWD and the python that has torch (no install); wheels in .whl/ (Optuna for the probe's TPE search) are

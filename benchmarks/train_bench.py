@@ -15,7 +15,8 @@ subprocess, alternating the order of the sides from round to round:
   architecture, batch, workers and crop size, ``--no-val``, default ``--aug`` (``auto``: batched
   on the GPU with CUDA, PIL in the workers on CPU) unless ``--aug`` says otherwise. A preset
   written ``trex_star+compile`` also passes ``--compile`` (its run gets ``--compile-timeout``
-  more seconds: compilation happens in epoch 1, which the steady state leaves out).
+  more seconds: compilation happens in epoch 1, which the steady state leaves out);
+  ``trex_star+ahead`` passes ``--aug-ahead``; both may be combined (``trex_star+compile+ahead``).
 
 Steady state: images/s over epochs 2..E (the first epoch, with start-up, worker spawning and
 cuDNN autotuning, is left out); both sides time only their training steps (trex-train's
@@ -115,14 +116,17 @@ def child_trex(args: argparse.Namespace) -> Dict[str, Any]:
                         "images_per_s": r["images_per_s"]} for r in log]}
 
 
+PRESET_OPTIONS = {"compile": "--compile", "ahead": "--aug-ahead"}
+
+
 def split_preset(spec: str):
-    """``"trex_star+compile"`` -> ``("trex_star", ["--compile"])``."""
+    """``"trex_star+compile+ahead"`` -> ``("trex_star", ["--compile", "--aug-ahead"])``."""
     preset, *extras = spec.split("+")
-    unknown = [e for e in extras if e != "compile"]
+    unknown = [e for e in extras if e not in PRESET_OPTIONS]
     if unknown:
         raise SystemExit(f"train_bench: unknown preset option(s) {unknown} in {spec!r} "
-                         "(known: +compile)")
-    return preset, [f"--{e}" for e in extras]
+                         f"(known: {', '.join('+' + k for k in PRESET_OPTIONS)})")
+    return preset, [PRESET_OPTIONS[e] for e in extras]
 
 
 def run_child(side: str, opts: argparse.Namespace, work: Path) -> Dict[str, Any]:
@@ -134,7 +138,8 @@ def run_child(side: str, opts: argparse.Namespace, work: Path) -> Dict[str, Any]
            str(opts.global_size), "--local-size", str(opts.local_size), "--device", opts.device,
            "--aug", opts.aug]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    timeout = opts.run_timeout + (opts.compile_timeout if split_preset(preset or "-")[1] else 0)
+    compiled = "--compile" in split_preset(preset or "-")[1]
+    timeout = opts.run_timeout + (opts.compile_timeout if compiled else 0)
     proc = run_timed(cmd, timeout, env)
     if proc.returncode != 0:  # a hung child's stderr holds its stacks, then "timed out after"
         error = Hung if proc.returncode == 124 else RuntimeError

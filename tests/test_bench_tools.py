@@ -197,3 +197,13 @@ def test_augment_bench_compares_both_configurations_on_the_same_crops(tmp_path, 
     assert result["same"] and result["ops"][fused] < result["ops"][base]
     assert result["bytes"][fused] < result["bytes"][base]
     assert len(result["step_alone_s"]) == 1 and len(result["with_step_s"][fused]) == 1
+
+
+def test_train_bench_preset_options():
+    import train_bench as tb
+
+    assert tb.split_preset("trex_star") == ("trex_star", [])
+    assert tb.split_preset("trex_star+compile+ahead") == ("trex_star",
+                                                          ["--compile", "--aug-ahead"])
+    with pytest.raises(SystemExit, match=r"\+compile, \+ahead"):
+        tb.split_preset("trex_star+fast")

@@ -88,6 +88,20 @@ def test_short_cuda_run_resumes_bit_for_bit(folder, tmp_path):
     assert [strip(r) for r in la] == [strip(r) for r in lb]
 
 
+def test_cuda_run_one_batch_ahead_learns_bit_for_bit_what_the_plain_run_learns(folder,
+                                                                               tmp_path):
+    """--aug-ahead: each batch is augmented on a stream of its own beside the previous step;
+    the main stream waits for it, and the run (--deterministic) learns exactly the same."""
+    plain, ahead = tmp_path / "plain", tmp_path / "ahead"
+    assert main(_cuda_args(folder, plain)) == 0
+    assert main(_cuda_args(folder, ahead, "--aug-ahead")) == 0
+    a, b = torch_load(plain / "checkpoint.pth"), torch_load(ahead / "checkpoint.pth")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for i, st in a["optimizer"]["state"].items():
+        assert torch.equal(st["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"])
+
+
 def test_cuda_run_with_pil_augmentation_and_fp16(folder, tmp_path):
     out = tmp_path / "pil"
     assert main(small_args(folder, out, "--device", "cuda", "--aug", "cpu", "--amp", "fp16",

@@ -136,6 +136,50 @@ def test_batched_augmentation_run_resumes_bit_for_bit(folder, tmp_path):
         assert torch.equal(st["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"])
 
 
+def test_one_batch_ahead_learns_bit_for_bit_what_the_plain_batched_run_learns(folder, tmp_path,
+                                                                             capsys):
+    """--aug-ahead only changes when the crops are made (on CUDA: on a stream of their own,
+    beside the previous step), not which: the run learns exactly the same."""
+    plain, ahead = tmp_path / "plain", tmp_path / "ahead"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(small_args(folder, plain, "--aug", "gpu")) == 0
+        assert main(small_args(folder, ahead, "--aug", "gpu", "--aug-ahead")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    a, b = torch_load(plain / "checkpoint.pth"), torch_load(ahead / "checkpoint.pth")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert "augmentation gpu (one batch ahead)" in capsys.readouterr().err
+
+
+def test_device_batches_augments_the_next_batch_before_handing_this_one_over():
+    from trex_hub.train.data import TrainLoader, device_batches
+
+    made = []
+
+    def augment(b):
+        made.append(b)
+        return [torch.full((2,), float(b))], torch.tensor([b])
+
+    data = TrainLoader(loader=None, dataset=None, sampler=None, mode="gpu", augment=augment)
+    seen = [(int(labels), list(made)) for _, labels in
+            device_batches(iter(range(4)), data, torch.device("cpu"), ahead=True)]
+    assert seen == [(0, [0, 1]), (1, [0, 1, 2]), (2, [0, 1, 2, 3]), (3, [0, 1, 2, 3])]
+    made.clear()
+    seen = [(int(labels), list(made)) for _, labels in
+            device_batches(iter(range(3)), data, torch.device("cpu"))]
+    assert seen == [(0, [0]), (1, [0, 1]), (2, [0, 1, 2])]
+
+
+def test_aug_ahead_without_the_batched_path_is_refused(folder, tmp_path, capsys):
+    assert main(small_args(folder, tmp_path / "x", "--aug", "cpu", "--aug-ahead")) != 0
+    err = capsys.readouterr().err
+    assert "--aug-ahead needs the batched path" in err and "--aug gpu" in err
+    assert not (tmp_path / "x" / "checkpoint.pth").exists()
+
+
 def test_forkserver_workers_learn_bit_for_bit_what_the_main_process_learns(straight_run, folder,
                                                                             tmp_path):
     """Loader workers started by a forkserver (what --loader-start auto picks with CUDA) see

@@ -162,6 +162,10 @@ def build_parser(prog: str = "trex-train") -> argparse.ArgumentParser:
                         "workers only decode, the crops are made batched on the training device "
                         "(on a CPU-only machine: batched on the CPU); auto = gpu on CUDA, cpu "
                         "elsewhere. Same random draws either way (docs/training.md)")
+    g.add_argument("--aug-ahead", action="store_true",
+                   help="--aug gpu: augment the next batch while this one trains, on a CUDA "
+                        "stream of its own (same crops; off by default until measured on a GPU: "
+                        "benchmarks/augment_bench.py --step)")
     g.add_argument("--no-jpeg-draft", action="store_true",
                    help="--aug gpu: always decode JPEGs at full size (by default a large JPEG is "
                         "decoded at 1/2-1/8 scale when every crop still shrinks >= 2x after it)")

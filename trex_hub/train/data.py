@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
@@ -150,6 +150,54 @@ def loader_batches(loader: DataLoader, what: str) -> Iterator[Any]:
         yield batch
 
 
+def device_batches(batches: Iterable[Any], data: TrainLoader, device: torch.device,
+                   memory_format: torch.memory_format = torch.preserve_format,
+                   ahead: bool = False) -> Iterator[Tuple[List[torch.Tensor], torch.Tensor]]:
+    """``(crop batches, labels)`` on ``device`` for each loader batch of ``data``.
+
+    ``ahead`` (batched path only, ``--aug-ahead``): the next batch is augmented before this one
+    is handed over, on a CUDA stream of its own, so its kernels run beside this batch's step
+    instead of after it. The crops are the same; the main stream waits for them (an event) and
+    the allocator keeps them until the main stream is done with them (``record_stream``). On
+    the CPU the order is the same, without a stream."""
+    if data.augment is None:
+        for crops, labels in batches:
+            yield ([x.to(device, non_blocking=True, memory_format=memory_format) for x in crops],
+                   labels.to(device, non_blocking=True))
+        return
+    if not ahead:
+        for batch in batches:
+            yield data.augment(batch)
+        return
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+    pending = None
+    for batch in batches:
+        done = None
+        if side is None:
+            ready = data.augment(batch)
+        else:
+            with torch.cuda.stream(side):
+                ready = data.augment(batch)
+                done = torch.cuda.Event()
+                done.record(side)
+        if pending is not None:
+            yield _hand_over(*pending, device)
+        pending = (ready, done)
+    if pending is not None:
+        yield _hand_over(*pending, device)
+
+
+def _hand_over(ready: Tuple[List[torch.Tensor], torch.Tensor], done: Optional[Any],
+               device: torch.device) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    crops, labels = ready
+    if done is not None:
+        main = torch.cuda.current_stream(device)
+        main.wait_event(done)
+        for t in (*crops, labels):
+            t.record_stream(main)
+    return crops, labels
+
+
 def build_train_loader(args: argparse.Namespace, train_data: Any, device: torch.device,
                        rank: int = 0, world_size: int = 1,
                        channels_last: bool = False) -> TrainLoader:
@@ -183,5 +231,5 @@ def build_train_loader(args: argparse.Namespace, train_data: Any, device: torch.
 
 
 __all__ = ["load_data", "resolve_aug", "TrainLoader", "multicrop_from_args",
-           "build_train_loader", "worker_start_method", "worker_kwargs", "loader_batches",
+           "build_train_loader", "device_batches", "worker_start_method", "worker_kwargs", "loader_batches",
            "LOADER_STARTS"]

@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Subset
 
 from .augment import eval_transform
 from .config import plain_namespace, projector_config
-from .data import build_train_loader, load_data, loader_batches, worker_kwargs
+from .data import (build_train_loader, device_batches, load_data, loader_batches,
+                   resolve_aug, worker_kwargs)
 from .module import TrainModule, param_groups
 from .runtime import (CHECKPOINT_NAME, DistEnv, TrainingError, all_gather_cat, all_gather_objects,
                       checkpoint_dict, resume_from, rng_state, save_checkpoint, set_rng_state,
@@ -206,6 +207,10 @@ def _train(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
         if args.deterministic:  # e.g. index_add_ (prototypes) takes its deterministic kernel
             torch.use_deterministic_algorithms(True, warn_only=True)
 
+    aug_ahead = bool(getattr(args, "aug_ahead", False))
+    if aug_ahead and resolve_aug(getattr(args, "aug", "cpu"), env.device) != "gpu":
+        raise TrainingError("--aug-ahead needs the batched path: add --aug gpu (--aug auto "
+                            "picks it on CUDA) or drop --aug-ahead")
     train_data, val_data = load_data(args)
     channels_last = _channels_last(args, env.device)
     fmt = torch.channels_last if channels_last else torch.preserve_format
@@ -263,6 +268,7 @@ def _train(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
               f"{env.world_size} process(es) x {args.batch_size} = batch {global_batch}, "
               f"{niter} it/epoch, peak lr {peak:.4g}, amp {amp_mode}, {bn_note}, "
               f"{env.device.type}, augmentation {data.mode}"
+              f"{' (one batch ahead)' if aug_ahead else ''}"
               f"{', channels_last' if channels_last else ''}"
               f"{', torch.compile' if getattr(args, 'compile', False) else ''}")
 
@@ -281,17 +287,13 @@ def _train(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
         net.train()
         meters = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss, correct, count
         t0 = time.time()
-        for it, batch in enumerate(loader_batches(loader, "training")):
+        batches = device_batches(loader_batches(loader, "training"), data, env.device, fmt,
+                                 ahead=aug_ahead)
+        for it, (images, labels) in enumerate(batches):
             step = epoch * niter + it
             lr = float(schedule[step])
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            if data.augment is not None:
-                images, labels = data.augment(batch)
-            else:
-                images = [x.to(env.device, non_blocking=True, memory_format=fmt)
-                          for x in batch[0]]
-                labels = batch[1].to(env.device, non_blocking=True)
             before = _dump_before(module, env) if dump_dir else None
             with torch.autocast(env.device.type, dtype=amp_dtype or torch.float32,
                                 enabled=amp_dtype is not None):
