@@ -35,7 +35,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -169,6 +169,17 @@ def summary(values: List[float]) -> str:
     return f"{min(values) * 1e3:,.1f} / {statistics.median(values) * 1e3:,.1f}"
 
 
+def table(header: str, rows: List[Tuple[str, List[float], Callable[[float], str]]]) -> None:
+    """A markdown table: per row its label, best / median ms, its own cells (from the median)
+    and the ratio of the first row's median to its median."""
+    print("\n" + header)
+    print("|" + "---|" * (header.count("|") - 1))
+    base = statistics.median(rows[0][1])
+    for label, values, cells in rows:
+        med = statistics.median(values)
+        print(f"| {label} | {summary(values)} | {cells(med)} | {base / med:.2f}x |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
@@ -245,14 +256,10 @@ def main(argv=None) -> int:
         if step is not None:
             step_alone.append(timed(lambda: step(crops, labels), args.device))
 
-    print("\n| augmentation | ms per batch, best / median | operations | bytes read + "
-          "written (GB) | vs baseline, medians |")
-    print("|---|---|---|---|---|")
-    base = statistics.median(times[SIDES[0]])
-    for side in SIDES:
-        med = statistics.median(times[side])
-        print(f"| {side} | {summary(times[side])} | {counts[side].ops:,} | "
-              f"{counts[side].bytes / 1e9:.2f} | {base / med:.2f}x |")
+    table("| augmentation | ms per batch, best / median | operations | bytes read + written "
+          "(GB) | vs baseline, medians |",
+          [(side, times[side], lambda med, side=side: f"{counts[side].ops:,} | "
+            f"{counts[side].bytes / 1e9:.2f}") for side in SIDES])
     print(f"\nsame crops: {'yes, bit for bit' if same else f'no, max difference {diff:.3g}'}")
     result: Dict[str, Any] = {
         "machine": machine, "torch": torch.__version__, "device": args.device.type,
@@ -262,21 +269,15 @@ def main(argv=None) -> int:
     if step is not None:
         alone = statistics.median(step_alone)
         print(f"\nt-ReX* training step ({args.arch}) alone: {summary(step_alone)} ms "
-              f"({args.batch / alone:,.0f} images/s)\n")
-        print("| augmentation + step | ms per batch, best / median | images/s (median) | "
-              "augmentation's share | vs baseline, medians |")
-        print("|---|---|---|---|---|")
-        base = statistics.median(with_step[SIDES[0]])
-        for side in SIDES:
-            med = statistics.median(with_step[side])
-            share = 1.0 - alone / med
-            print(f"| {side} | {summary(with_step[side])} | {args.batch / med:,.0f} | "
-                  f"{100 * share:.0f}% | {base / med:.2f}x |")
+              f"({args.batch / alone:,.0f} images/s)")
+        rows = [(side, with_step[side]) for side in SIDES]
         if beside:
-            med = statistics.median(beside)
-            print(f"| {SIDES[1]}, on its own stream beside the step (the next batch's) | "
-                  f"{summary(beside)} | {args.batch / med:,.0f} | "
-                  f"{100 * (1.0 - alone / med):.0f}% | {base / med:.2f}x |")
+            rows.append((f"{SIDES[1]}, on its own stream beside the step (the next batch's)",
+                         beside))
+        table("| augmentation + step | ms per batch, best / median | images/s (median) | "
+              "augmentation's share | vs baseline, medians |",
+              [(label, values, lambda med: f"{args.batch / med:,.0f} | "
+                f"{100 * (1.0 - alone / med):.0f}%") for label, values in rows])
         result.update(step_alone_s=step_alone, with_step_s=with_step, beside_s=beside,
                       arch=args.arch)
     if args.json:
