@@ -141,7 +141,8 @@ def make_step(args: argparse.Namespace, mc: MultiCrop) -> Callable[[List[torch.T
                                                                      torch.Tensor], None]:
     """One t-ReX* training step, as trex-train runs it on this device."""
     from trex_hub.train.config import parse_args, projector_config
-    from trex_hub.train.module import TrainModule, param_groups
+    from trex_hub.train.loop import build_optimizer
+    from trex_hub.train.module import TrainModule
 
     targs = parse_args(["--preset", "trex_star", "--data", ".", "--output-dir", "."])
     dev, cuda = args.device, args.device.type == "cuda"
@@ -150,8 +151,9 @@ def make_step(args: argparse.Namespace, mc: MultiCrop) -> Callable[[List[torch.T
     torch.backends.cudnn.benchmark = cuda  # as trex-train without --deterministic
     fmt = torch.channels_last if cuda else torch.preserve_format
     module.to(dev, memory_format=fmt).train()
-    opt = torch.optim.SGD(param_groups(module, 1e-4), lr=0.1, momentum=0.9,
-                          **({"fused": True} if cuda else {}))
+    opt = build_optimizer(module, targs, dev)  # fused on CUDA, momentum buffers zeroed
+    for group in opt.param_groups:
+        group["lr"] = 0.1
     scaler = torch.amp.GradScaler(dev.type, enabled=cuda)
 
     def step(crops: List[torch.Tensor], labels: torch.Tensor) -> None:

@@ -130,10 +130,11 @@ def test_non_finite_loss_is_reported_late_but_exactly(folder, tmp_path, monkeypa
 def test_fused_sgd_survives_an_overflowing_first_step():
     """fp16's first steps often overflow and GradScaler skips them; the fused SGD kernel then
     never fills the momentum buffers it made with empty_like, and the next step read garbage
-    (NaN weights in the short CUDA runs above). _optimizer gives it zero buffers: same update."""
+    (NaN weights in the short CUDA runs above). build_optimizer gives it zero buffers: same
+    update."""
     from types import SimpleNamespace
 
-    from trex_hub.train.loop import _optimizer
+    from trex_hub.train.loop import build_optimizer
 
     dev = torch.device("cuda")
     for _ in range(4):  # leave freed NaN blocks of the right size for empty_like to pick up
@@ -141,7 +142,7 @@ def test_fused_sgd_survives_an_overflowing_first_step():
     w = torch.nn.Parameter(torch.randn(64, 32, device=dev))
     module = SimpleNamespace(trainable_parameters=lambda: [("w", w)])
     args = SimpleNamespace(weight_decay=1e-4, wd_all=False, momentum=0.9)
-    opt = _optimizer(module, args, dev)
+    opt = build_optimizer(module, args, dev)
     scaler = torch.amp.GradScaler("cuda")
     for first in (True, False):
         opt.param_groups[0]["lr"] = 0.1

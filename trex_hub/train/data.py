@@ -231,5 +231,5 @@ def build_train_loader(args: argparse.Namespace, train_data: Any, device: torch.
 
 
 __all__ = ["load_data", "resolve_aug", "TrainLoader", "multicrop_from_args",
-           "build_train_loader", "device_batches", "worker_start_method", "worker_kwargs", "loader_batches",
-           "LOADER_STARTS"]
+           "build_train_loader", "device_batches", "worker_start_method", "worker_kwargs",
+           "loader_batches", "LOADER_STARTS"]

@@ -57,7 +57,7 @@ def _check_every(args: argparse.Namespace, device: torch.device) -> int:
     return every
 
 
-def _optimizer(module: TrainModule, args: argparse.Namespace,
+def build_optimizer(module: TrainModule, args: argparse.Namespace,
                device: torch.device) -> torch.optim.Optimizer:
     """SGD; on CUDA the fused kernel (one launch for all parameters, and GradScaler hands it the
     inf check on the device instead of reading it every step). The CPU keeps the per-parameter
@@ -237,7 +237,7 @@ def _train(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
         module.to(env.device, memory_format=torch.channels_last)
     else:
         module.to(env.device)
-    optimizer = _optimizer(module, args, env.device)
+    optimizer = build_optimizer(module, args, env.device)
     if getattr(args, "compile", False):
         _compile_networks(module)
     amp_mode, amp_dtype = _amp(args, env.device)
@@ -391,4 +391,4 @@ def _dump_step(folder: Path, step: int, images: List[torch.Tensor], labels: torc
 __all__ = ["train", "TrainingError", "DistEnv", "setup_distributed", "lr_schedule",
            "checkpoint_dict", "save_checkpoint", "resume_from", "evaluate", "load_data",
            "rng_state", "set_rng_state", "all_gather_cat", "LossGuard", "CHECKPOINT_NAME",
-           "LOG_NAME"]
+           "LOG_NAME", "build_optimizer"]

@@ -372,6 +372,6 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     return images.div(255.0).sub_(m).div_(s)
 
 
-__all__ = ["resample_weights", "resized_crop", "resized_crops", "blend", "luma", "brightness", "contrast",
-           "saturation", "grayscale", "hue", "hue_direct", "hue_lookup", "hue_tables", "solarize",
-           "box_blur_params", "gaussian_blur", "normalize"]
+__all__ = ["resample_weights", "resized_crop", "resized_crops", "blend", "luma", "brightness",
+           "contrast", "saturation", "grayscale", "hue", "hue_direct", "hue_lookup", "hue_tables",
+           "solarize", "box_blur_params", "gaussian_blur", "normalize"]
