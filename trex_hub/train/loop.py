@@ -58,7 +58,7 @@ def _check_every(args: argparse.Namespace, device: torch.device) -> int:
 
 
 def build_optimizer(module: TrainModule, args: argparse.Namespace,
-               device: torch.device) -> torch.optim.Optimizer:
+                    device: torch.device) -> torch.optim.Optimizer:
     """SGD; on CUDA the fused kernel (one launch for all parameters, and GradScaler hands it the
     inf check on the device instead of reading it every step). The CPU keeps the per-parameter
     loop, whose results the CPU tests pin down."""

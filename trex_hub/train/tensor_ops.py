@@ -276,6 +276,8 @@ def hue_tables(device: Any) -> Tuple[torch.Tensor, torch.Tensor]:
                 hs[rows] = torch.stack([h.reshape(-1), s.reshape(-1)], dim=1).to(torch.uint8)
                 out = _hsv_to_rgb(*_all_levels(first, dev))  # (h, s, v) planes
                 rgb[rows] = out.reshape(3, -1).t().to(torch.uint8)
+            if dev.type == "cuda":  # once: any stream may read them from now on
+                torch.cuda.current_stream(dev).synchronize()
             _HUE_TABLES[key] = (hs, rgb)
         return _HUE_TABLES[key]
 
