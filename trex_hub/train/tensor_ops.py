@@ -162,7 +162,9 @@ def luma(images: torch.Tensor) -> torch.Tensor:
     """``[n, 1, H, W]`` Pillow ``convert("L")``: ``(19595 R + 38470 G + 7471 B + 32768) >> 16``
     (exact in float32: every intermediate is an integer below 2**24)."""
     r, g, b = images[:, 0:1], images[:, 1:2], images[:, 2:3]
-    return torch.floor((r * 19595.0 + g * 38470.0 + b * 7471.0 + 32768.0) / 65536.0)
+    out = r * 19595.0  # one temporary, summed into in place (exact in any order)
+    out.add_(g, alpha=38470.0).add_(b, alpha=7471.0)
+    return out.add_(32768.0).div_(65536.0).floor_()
 
 
 def brightness(images: torch.Tensor, factor) -> torch.Tensor:
@@ -172,7 +174,7 @@ def brightness(images: torch.Tensor, factor) -> torch.Tensor:
 
 def contrast(images: torch.Tensor, factor) -> torch.Tensor:
     """Blend with a grey image at the rounded mean luma (``ImageEnhance.Contrast``)."""
-    mean = luma(images).double().mean(dim=(1, 2, 3), keepdim=True)
+    mean = luma(images).mean(dim=(1, 2, 3), keepdim=True, dtype=torch.float64)
     grey = torch.floor(mean + 0.5).float().expand_as(images)
     return blend(grey, images, factor)
 
