@@ -83,13 +83,9 @@ def resample_weights(start: torch.Tensor, end: torch.Tensor, in_size: torch.Tens
     return dense[..., :length]
 
 
-def _round8(x: torch.Tensor) -> torch.Tensor:
-    """Pillow's ``clip8`` of a fixed-point sum: round half up, clip to 0..255."""
-    return torch.floor(x + 0.5).clamp_(0.0, 255.0)
-
-
 def _round8_(x: torch.Tensor) -> torch.Tensor:
-    """:func:`_round8` in place (``x``: a temporary of the caller's)."""
+    """Pillow's ``clip8`` of a fixed-point sum, in place (``x``: a temporary of the caller's):
+    round half up, clip to 0..255."""
     return x.add_(0.5).floor_().clamp_(0.0, 255.0)
 
 
