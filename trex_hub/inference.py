@@ -289,9 +289,8 @@ class InferenceModel:
         if batch.dtype == torch.uint8:
             if batch.ndim != 4 or batch.shape[-1] != 3:
                 raise ValueError(f"uint8 batches must be [N, H, W, 3]; got {tuple(batch.shape)}")
-            if cuda and batch.device.type == "cpu" and batch.is_pinned():  # hybrid's CPU lane
-                x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-            elif cuda and batch.device.type == "cpu":
+            # a pinned host batch (hybrid's CPU lane) uploads as it is, like a device batch
+            if cuda and batch.device.type == "cpu" and not batch.is_pinned():
                 x = self._pinned_copy(batch).permute(0, 3, 1, 2)
             else:
                 x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
