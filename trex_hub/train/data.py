@@ -124,6 +124,20 @@ def worker_kwargs(args: argparse.Namespace, device: torch.device) -> Dict[str, A
     return out
 
 
+def _stop_workers(it: Any, wait: float = 5.0) -> None:
+    """Shut the workers of loader iterator ``it`` down and make sure they are gone: torch's
+    shutdown (private, since 1.x) terminates a stuck worker, but before 2.14 it does not wait
+    for it to exit, so it is reaped here, and killed if SIGTERM did not end it."""
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for w in getattr(it, "_workers", ()):
+        w.join(timeout=wait)
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=wait)
+
+
 def loader_batches(loader: DataLoader, what: str) -> Iterator[Any]:
     """The batches of ``loader``; a batch that took longer than its ``timeout`` becomes a
     :class:`TrainingError` that says what to do (torch's own message names no cause or fix),
@@ -138,9 +152,7 @@ def loader_batches(loader: DataLoader, what: str) -> Iterator[Any]:
         except RuntimeError as exc:
             if not loader.timeout or "timed out" not in str(exc):
                 raise
-            shutdown = getattr(it, "_shutdown_workers", None)  # torch's private, since 1.x
-            if shutdown is not None:
-                shutdown()
+            _stop_workers(it)
             raise TrainingError(
                 f"no {what} batch from the {loader.num_workers} loader workers in "
                 f"{loader.timeout:.0f} s: a worker is stuck, or reading the data is far slower "
