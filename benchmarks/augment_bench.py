@@ -221,9 +221,15 @@ def main(argv=None) -> int:
     outputs, counts = {}, {}
     for side in SIDES:  # warm-up (tables, cuDNN, allocator), outputs and operation counts
         with configuration(side, args.device):
+            first = timed(lambda: aug(batch), args.device)
             crops, labels = aug(batch)
+            print(f"# {side}: first batch {first:.2f} s", flush=True)
             if step is not None:
-                step(crops, labels)
+                # the first step on a fresh machine: cuDNN tries its algorithms for every
+                # convolution (cudnn.benchmark, as trex-train), possibly compiling some
+                first = timed(lambda: step(crops, labels), args.device)
+                print(f"# {side}: {'first' if side == SIDES[0] else 'next'} training step "
+                      f"{first:.2f} s", flush=True)
                 step(crops, labels)
             sync(args.device)
             outputs[side] = [c.float().cpu() for c in crops]

@@ -105,7 +105,9 @@ def child_trex(args: argparse.Namespace) -> Dict[str, Any]:
     argv = ["--preset", preset, *flags, "--arch", args.arch, "--data", args.data, "--output-dir",
             str(out), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
             "--workers", str(args.workers), "--global-size", str(args.global_size),
-            "--local-size", str(args.local_size), "--no-val", "--print-freq", "0",
+            "--local-size", str(args.local_size), "--no-val",
+            "--print-freq", "1000000",  # the first step of each epoch (with the start-up
+            # times on the first) and the last: two reads of the loss per epoch
             "--warmup-epochs", "0", "--checkpoint-every", str(args.epochs),
             "--device", args.device, "--aug", args.aug]
     rc = main(argv)
@@ -144,6 +146,9 @@ def run_child(side: str, opts: argparse.Namespace, work: Path) -> Dict[str, Any]
     if proc.returncode != 0:  # a hung child's stderr holds its stacks, then "timed out after"
         error = Hung if proc.returncode == 124 else RuntimeError
         raise error(f"{side} failed:\n{proc.stderr[-FAILED_TAIL:]}")
+    for line in proc.stderr.splitlines():  # trex-train's start: loader, first step (cuDNN)
+        if "first step" in line:
+            print(f"[train-bench] {side}: {line.strip()}", file=sys.stderr, flush=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -154,6 +154,23 @@ def test_one_batch_ahead_learns_bit_for_bit_what_the_plain_batched_run_learns(fo
     assert "augmentation gpu (one batch ahead)" in capsys.readouterr().err
 
 
+def test_first_progress_line_says_how_long_the_first_batch_and_step_took(folder, tmp_path,
+                                                                        capsys):
+    """The first step of a run can take long on a fresh GPU machine (loader start-up, cuDNN
+    trying its algorithms): its progress line says how long, once per run (also after
+    --resume), so a slow start is told from a hang."""
+    import re
+
+    out = tmp_path / "run"
+    assert main(small_args(folder, out, "--print-freq", "1", "--stop-after-epoch", "1")) == 0
+    assert main(small_args(folder, out, "--print-freq", "1", "--resume")) == 0
+    err = capsys.readouterr().err
+    firsts = re.findall(r"epoch (\d)/2 \[1/\d+\] loss [0-9.]+ lr \S+ \(first batch after "
+                        r"[0-9.]+ s, first step [0-9.]+ s\)", err)
+    assert firsts == ["1", "2"], err
+    assert err.count("first step") == 2
+
+
 def test_device_batches_augments_the_next_batch_before_handing_this_one_over():
     from trex_hub.train.data import TrainLoader, device_batches
 

@@ -290,6 +290,8 @@ def _train(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
         batches = device_batches(loader_batches(loader, "training"), data, env.device, fmt,
                                  ahead=aug_ahead)
         for it, (images, labels) in enumerate(batches):
+            if it == 0:
+                t_batch = time.time()
             step = epoch * niter + it
             lr = float(schedule[step])
             for group in optimizer.param_groups:
@@ -315,8 +317,12 @@ def _train(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
             if dump_dir is not None:
                 _dump_step(dump_dir, step, images, labels, before, module, env, args)
             if args.print_freq and (it % args.print_freq == 0 or it == niter - 1):
-                _log(env, f"epoch {epoch + 1}/{args.epochs} [{it + 1}/{niter}] "
-                          f"loss {loss.item():.4f} lr {lr:.4g}")
+                line = (f"epoch {epoch + 1}/{args.epochs} [{it + 1}/{niter}] "
+                        f"loss {loss.item():.4f} lr {lr:.4g}")  # .item(): the step is done
+                if epoch == start_epoch and it == 0:  # loader start-up, cuDNN's autotuning
+                    line += (f" (first batch after {t_batch - t0:.1f} s, first step "
+                             f"{time.time() - t_batch:.1f} s)")
+                _log(env, line)
         if env.distributed:
             dist.all_reduce(meters)
         elapsed = time.time() - t0
