@@ -24,7 +24,9 @@
 #                t-ReX* presets, t-ReX* also with --compile (TRAIN_BENCH_PRESETS), one round
 #                (TRAIN_BENCH_ROUNDS). Both hangs so far (2026-11-26 baseline, 2026-11-27
 #                t-ReX*) hit the first trex-train child of its call: a side that runs past its
-#                limit is tried once more (train_bench.py --retry-hung), its stacks logged
+#                limit is tried once more (train_bench.py --retry-hung), its stacks logged; each
+#                trex-train child's line "first batch after A s, first step B s" goes to
+#                train_bench.txt (aug prints its own first step too): a slow start or a hang?
 #   profile      benchmarks/gpu_pipeline_profile.py: each stage of GPU extraction timed alone (read,
 #                nvJPEG decode, resize, the background pipeline, model, extract) on 4,096 photos;
 #                then benchmarks/read_stage_bench.py (reader threads vs the model-launch thread);
