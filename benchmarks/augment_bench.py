@@ -23,7 +23,10 @@ the global crop, OCM memory, SGD, EMA update; AMP fp16 and channels_last on CUDA
 ``trex-train``), timed alone and after each augmentation, so the table gives augmentation's
 share of the step and the step's images/s with each configuration; on CUDA also with the
 augmentation on a stream of its own, running beside the step (is there room on the GPU to hide
-it by augmenting one batch ahead?).
+it by augmenting one batch ahead?). With ``--breakdown``: where CUDA's configuration spends its
+operations, bytes and time, stage by stage (crops, each colour operation, blur, normalisation,
+and what ``BatchAugment`` does itself: the subset gathers and scatters, uploads and casts), each
+stage timed with the device synchronised around it.
 """
 from __future__ import annotations
 
@@ -90,6 +93,82 @@ class OpCount(TorchDispatchMode):
         self.bytes += total
         self.by_op[name] += total
         return out
+
+
+# the tensor_ops functions BatchAugment calls, one stage each in --breakdown
+STAGES = ("resized_crops", "brightness", "contrast", "saturation", "hue", "grayscale",
+          "gaussian_blur", "solarize", "normalize")
+OWN = "BatchAugment itself (subset gathers and scatters, uploads, casts)"
+
+
+class StageCount(OpCount):
+    """:class:`OpCount`, also per stage: the :data:`STAGES` function running, else :data:`OWN`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage = [OWN]
+        self.stage_ops: Dict[str, int] = collections.Counter()
+        self.stage_bytes: Dict[str, int] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        ops, nbytes = self.ops, self.bytes
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        self.stage_ops[self.stage[-1]] += self.ops - ops
+        self.stage_bytes[self.stage[-1]] += self.bytes - nbytes
+        return out
+
+
+@contextmanager
+def stages(device: torch.device, counter: Any = None):
+    """Every :data:`STAGES` function of ``tensor_ops`` wrapped for the block: the seconds spent
+    in each (the device synchronised before and after it) go to the yielded counter, and its
+    operations to ``counter`` (a :class:`StageCount`) when given."""
+    seconds: Dict[str, float] = collections.Counter()
+    saved = {name: getattr(T, name) for name in STAGES}
+
+    def wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if counter is not None:
+                counter.stage.append(name)
+            sync(device)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync(device)
+                seconds[name] += time.perf_counter() - t0
+                if counter is not None:
+                    counter.stage.pop()
+        return run
+
+    for name, fn in saved.items():
+        setattr(T, name, wrap(name, fn))
+    try:
+        yield seconds
+    finally:
+        for name, fn in saved.items():
+            setattr(T, name, fn)
+
+
+def breakdown(aug: BatchAugment, batch: Dict[str, Any], device: torch.device,
+              rounds: int) -> Dict[str, Dict[str, float]]:
+    """Operations, bytes and median ms per stage of one batch in CUDA's configuration."""
+    side = SIDES[1]
+    with configuration(side, device):
+        counter = StageCount()
+        with stages(device, counter), counter:
+            aug(batch)
+        per_round: Dict[str, List[float]] = collections.defaultdict(list)
+        for _ in range(rounds):
+            with stages(device) as seconds:
+                total = timed(lambda: aug(batch), device)
+            for name in STAGES:
+                per_round[name].append(seconds.get(name, 0.0))
+            per_round[OWN].append(total - sum(seconds.values()))
+    return {name: {"ops": counter.stage_ops.get(name, 0),
+                   "bytes": counter.stage_bytes.get(name, 0),
+                   "ms": 1e3 * statistics.median(per_round[name])}
+            for name in (*STAGES, OWN)}
 
 
 @contextmanager
@@ -192,6 +271,8 @@ def main(argv=None) -> int:
     ap.add_argument("--local-crops", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--step", action="store_true", help="also time a t-ReX* training step")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also each stage's operations, bytes and time (CUDA's configuration)")
     ap.add_argument("--arch", default=None, help="network of --step (CUDA resnet50, CPU "
                     "resnet18)")
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/trex-augment-bench"))
@@ -288,6 +369,17 @@ def main(argv=None) -> int:
                 f"{100 * (1.0 - alone / med):.0f}%") for label, values in rows])
         result.update(step_alone_s=step_alone, with_step_s=with_step, beside_s=beside,
                       arch=args.arch)
+    if args.breakdown:
+        parts = breakdown(aug, batch, args.device, args.rounds)
+        total_ms = sum(p["ms"] for p in parts.values())
+        print(f"\n{SIDES[1]}, stage by stage (one batch; each stage timed alone, the device "
+              "synchronised around it)")
+        print("\n| stage | operations | bytes read + written (GB) | ms, median | share of "
+              "the time |\n|---|---|---|---|---|")
+        for name, p in sorted(parts.items(), key=lambda kv: -kv[1]["ms"]):
+            print(f"| {name} | {p['ops']:,} | {p['bytes'] / 1e9:.3f} | {p['ms']:,.1f} | "
+                  f"{100 * p['ms'] / max(total_ms, 1e-12):.0f}% |")
+        result["breakdown"] = parts
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0

@@ -19,7 +19,9 @@
 #   aug          benchmarks/augment_bench.py --step: the batched t-ReX* augmentation (one crop per
 #                product + computed hue vs all crops of a size per product + hue tables) alone and
 #                before a t-ReX* training step, i.e. its share of the step, and on a stream of
-#                its own beside the step (could augmenting one batch ahead hide it?) (about 40 s)
+#                its own beside the step (could augmenting one batch ahead hide it?), then
+#                the CUDA configuration stage by stage (--breakdown: which stage to work on
+#                next, if any) (about 45 s)
 #   bench-train  benchmarks/train_bench.py (make bench-train): naive loop vs the baseline and
 #                t-ReX* presets, t-ReX* also with --compile (TRAIN_BENCH_PRESETS), one round
 #                (TRAIN_BENCH_ROUNDS). Both hangs so far (2026-11-26 baseline, 2026-11-27
@@ -170,9 +172,9 @@ if has aug; then
   say "aug: benchmarks/augment_bench.py --step"
   size=(); [ "$DEV" = cpu ] && size=(--batch 4 --rounds 1 --global-size 32 --local-size 16)
   timeout "$(cap 90 aug)" "$PY" benchmarks/augment_bench.py --device "$DEV" --step \
-      "${size[@]}" >> "$LOGS/train_bench.txt" 2>&1
+      --breakdown "${size[@]}" >> "$LOGS/train_bench.txt" 2>&1
   rc_aug=$?
-  grep -v "^  " "$LOGS/train_bench.txt" | tail -16 | tee -a "$LOG"
+  grep -v "^  " "$LOGS/train_bench.txt" | tail -34 | tee -a "$LOG"
 fi
 if has bench-train; then
   t=$(cap "${TRAIN_BENCH_TIMEOUT:-420}" bench-train)

@@ -187,15 +187,25 @@ def test_augment_bench_compares_both_configurations_on_the_same_crops(tmp_path, 
     out = tmp_path / "aug.json"
     assert augment_bench.main(["--device", "cpu", "--batch", "3", "--rounds", "1",
                                "--global-size", "32", "--local-size", "16", "--local-crops",
-                               "2", "--step", "--work-dir", str(tmp_path), "--json",
-                               str(out)]) == 0
+                               "2", "--step", "--breakdown", "--work-dir", str(tmp_path),
+                               "--json", str(out)]) == 0
     assert (dict(T.CROP_BYTES), T.hue) == before
+    assert all(getattr(T, name).__module__ == T.__name__ for name in augment_bench.STAGES)
     text = capsys.readouterr().out
     assert "same crops: yes, bit for bit" in text and "augmentation's share" in text
     result = json.loads(out.read_text())
     base, fused = augment_bench.SIDES
     assert result["same"] and result["ops"][fused] < result["ops"][base]
     assert result["bytes"][fused] < result["bytes"][base]
+    # the stages share out the configuration's whole count, and the crops and the colour
+    # operations each did some work
+    parts = result["breakdown"]
+    assert sum(p["ops"] for p in parts.values()) == result["ops"][fused]
+    assert sum(p["bytes"] for p in parts.values()) == result["bytes"][fused]
+    for name in ("resized_crops", "brightness", "contrast", "saturation", "hue",
+                 "normalize", augment_bench.OWN):
+        assert parts[name]["ops"] > 0 and parts[name]["ms"] >= 0, name
+    assert f"| {augment_bench.OWN} |" in text
     assert len(result["step_alone_s"]) == 1 and len(result["with_step_s"][fused]) == 1
 
 
