@@ -48,10 +48,13 @@ def _cubic(x: torch.Tensor) -> torch.Tensor:
 
 
 def resample_weights(start: torch.Tensor, end: torch.Tensor, in_size: torch.Tensor,
-                     out_size: int, length: int) -> torch.Tensor:
+                     out_size: int, length: int,
+                     mirror: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``[n, out_size, length]`` float32 weights of Pillow's bicubic resampling of the input
     interval ``[start, end)`` (per image) onto ``out_size`` pixels, for inputs of ``in_size``
-    valid pixels zero-padded to ``length`` (the padding never gets a weight).
+    valid pixels zero-padded to ``length`` (the padding never gets a weight). Where ``mirror``
+    (``[n]`` bool) is set, the output pixels come in reverse order (a flip of the result): the
+    same rows, computed for output ``out_size - 1 - j`` at row ``j``.
 
     The taps of each output pixel are computed in float64 as Pillow does (``precompute_coeffs``),
     on a band of ``ksize`` taps that bounds every possible window, then scattered into the dense
@@ -63,8 +66,10 @@ def resample_weights(start: torch.Tensor, end: torch.Tensor, in_size: torch.Tens
     fscale = scale.clamp_min(1.0)
     support = 2.0 * fscale
     ksize = 2 * int(math.ceil(2.0 * max(length / out_size, 1.0))) + 2
-    j = torch.arange(out_size, dtype=torch.float64, device=dev)
-    center = start[:, None] + (j[None, :] + 0.5) * scale[:, None]  # [n, out]
+    j = torch.arange(out_size, dtype=torch.float64, device=dev)[None, :].expand(n, out_size)
+    if mirror is not None:  # exact: the same integer-valued j, in the other order
+        j = torch.where(mirror.reshape(n, 1), (out_size - 1) - j, j)
+    center = start[:, None] + (j + 0.5) * scale[:, None]  # [n, out]
     # (int)(v + 0.5) of Pillow; v + 0.5 < 0 only clamps to 0 anyway, so floor == trunc here
     lo = torch.floor(center - support[:, None] + 0.5).clamp_min(0.0)
     hi = torch.minimum(torch.floor(center + support[:, None] + 0.5),
@@ -123,11 +128,9 @@ def resized_crops(images: torch.Tensor, sizes: torch.Tensor, boxes: torch.Tensor
         m = part.shape[1]
         top, left, h, w = part.reshape(n * m, 4).double().unbind(1)
         hw = sizes[:, None].expand(n, m, 2).reshape(n * m, 2)
-        wx = resample_weights(left, left + w, hw[:, 1], out_size, width)  # [n m, S, W]
+        mirror = None if flip is None else flip[:, first:first + step].reshape(n * m)
+        wx = resample_weights(left, left + w, hw[:, 1], out_size, width, mirror)  # [n m, S, W]
         wy = resample_weights(top, top + h, hw[:, 0], out_size, height)  # [n m, S, H]
-        if flip is not None:
-            mirror = flip[:, first:first + step].reshape(n * m, 1, 1)
-            wx = torch.where(mirror, wx.flip(1), wx)
         # horizontal: rows (crop, output column), columns (channel, input row): no operand is
         # copied (the transposed image is a BLAS flag), and the result is the vertical pass's
         # left operand as it lies
