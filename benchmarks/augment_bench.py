@@ -87,7 +87,7 @@ class OpCount(TorchDispatchMode):
         if name in ("index_copy_", "index_put_", "scatter_"):  # writes as much as it reads
             total += sum(a.numel() * a.element_size() for a in args[1:]
                          if isinstance(a, torch.Tensor)) - first
-        elif name == "index":  # a gather reads as much of the table as it writes
+        elif name in ("index", "index_select"):  # a gather reads as much as it writes
             total += out.numel() * out.element_size() - first
         self.ops += 1
         self.bytes += total
