@@ -15,8 +15,8 @@ between steps exactly where Pillow does. Each one follows Pillow's C code (``Res
   with a black / mean-luma grey / luma image, truncated to 8 bits.
 * :func:`hue`: torchvision's PIL ``adjust_hue``: Pillow's 8-bit RGB -> HSV, hue shifted by
   ``int(factor * 255)`` modulo 256, HSV -> RGB. Both conversions map 2**24 triples of levels to
-  levels, so they are computed once per device for every triple (:func:`hue_direct`'s
-  arithmetic) and looked up (:func:`hue_tables`).
+  levels, so on CUDA they are computed once for every triple (:func:`hue_direct`'s arithmetic)
+  and looked up (:func:`hue_tables`); the CPU computes them pixel by pixel.
 * :func:`grayscale`: ``convert("L").convert("RGB")`` (ITU-R 601-2 luma, 16-bit fixed point).
 * :func:`gaussian_blur`: ``ImageFilter.GaussianBlur(radius)``, which Pillow computes as three
   passes of an extended box blur per direction (edge pixels repeated), each rounded to 8 bits.
@@ -272,10 +272,10 @@ def hue_tables(device: Any) -> Tuple[torch.Tensor, torch.Tensor]:
             rgb = torch.empty(1 << 24, 3, dtype=torch.uint8, device=dev)
             for first in range(0, 256, _TABLE_ROWS):
                 rows = slice(first << 16, (first + _TABLE_ROWS) << 16)
-                r, g, b = _all_levels(first, dev)
-                h, s, _ = _rgb_to_hsv(torch.stack([r, g, b], dim=1))
+                planes = _all_levels(first, dev)  # read as (r, g, b), then as (h, s, v)
+                h, s, _ = _rgb_to_hsv(torch.stack(planes, dim=1))
                 hs[rows] = torch.stack([h.reshape(-1), s.reshape(-1)], dim=1).to(torch.uint8)
-                out = _hsv_to_rgb(*_all_levels(first, dev))  # (h, s, v) planes
+                out = _hsv_to_rgb(*planes)
                 rgb[rows] = out.reshape(3, -1).t().to(torch.uint8)
             if dev.type == "cuda":  # once: any stream may read them from now on
                 torch.cuda.current_stream(dev).synchronize()
