@@ -21,6 +21,9 @@ subprocess, alternating the order of the sides from round to round:
 Steady state: images/s over epochs 2..E (the first epoch, with start-up, worker spawning and
 cuDNN autotuning, is left out); both sides time only their training steps (trex-train's
 ``images_per_s`` of log.jsonl; the naive loop the same way, synchronising CUDA at the epoch end).
+trex-train's children read the loss at the first and last step of each epoch
+(``--print-freq 1000000``): the last read synchronises at the epoch end as the naive loop does,
+and the first line of a run gives its first batch's and first step's times (printed here).
 Defaults follow the device: on CUDA the issue's setting (ResNet-50, 3,600 images, batch 128, up to
 15 workers, 224/96 px crops, 3 epochs); on CPU a small one (ResNet-18, 48 images, batch 16,
 2 workers, 112/48 px crops).
