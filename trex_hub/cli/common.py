@@ -149,20 +149,34 @@ def process_age() -> Optional[float]:
         return None
 
 
-def exit_now(code: int) -> NoReturn:
-    """End the process with ``code`` the way a normal exit does, minus the interpreter's
-    teardown: wait for the non-daemon threads, run the ``atexit`` handlers (multiprocessing's
-    worker clean-up, logging, temporary folders), flush the standard streams, then
-    ``os._exit``. Every file the programs write is closed before ``main`` returns (atomic
-    writes), so nothing is left in a buffer that only the teardown would have flushed. (Looking
-    for such files among the live objects costs 0.15-0.5 s after importing torch.) With
-    ``TREX_HUB_CLEAN_EXIT=1``, a plain ``sys.exit``."""
-    if os.environ.get(CLEAN_EXIT_ENV, "") not in ("", "0"):
-        sys.exit(code)
+def _wait_for_threads() -> None:
+    """The interpreter's first exit step (``threading._shutdown``, in CPython since 3.4 and in
+    PyPy): ``threading``'s own exit callbacks, then a wait for every non-daemon thread. The
+    callbacks must come first: the idle workers of a ``ThreadPoolExecutor`` never shut down
+    (torch.compile leaves one) end only on the wake-up that ``concurrent.futures`` registers
+    there, so joining them first waits for ever. Where that function is missing, the threads
+    are joined."""
+    shutdown = getattr(threading, "_shutdown", None)
+    if callable(shutdown):
+        shutdown()
+        return
     main = threading.main_thread()
     for thread in threading.enumerate():
         if thread is not main and not thread.daemon:
             thread.join()
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process with ``code`` the way a normal exit does, minus the interpreter's
+    teardown: wait for the non-daemon threads as the interpreter does (:func:`_wait_for_threads`),
+    run the ``atexit`` handlers (multiprocessing's worker clean-up, logging, temporary folders),
+    flush the standard streams, then ``os._exit``. Every file the programs write is closed
+    before ``main`` returns (atomic writes), so nothing is left in a buffer that only the
+    teardown would have flushed. (Looking for such files among the live objects costs 0.15-0.5 s
+    after importing torch.) With ``TREX_HUB_CLEAN_EXIT=1``, a plain ``sys.exit``."""
+    if os.environ.get(CLEAN_EXIT_ENV, "") not in ("", "0"):
+        sys.exit(code)
+    _wait_for_threads()
     try:
         atexit._run_exitfuncs()
     finally:
