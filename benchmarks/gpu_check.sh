@@ -179,7 +179,8 @@ fi
 if has bench-train; then
   t=$(cap "${TRAIN_BENCH_TIMEOUT:-420}" bench-train)
   say "bench-train (timeout $t s)"
-  timeout "$t" "$PY" benchmarks/train_bench.py --rounds "${TRAIN_BENCH_ROUNDS:-1}" \
+  aug=(); [ "$DEV" = cpu ] && aug=(--aug gpu)  # the dry run takes CUDA's path (--aug auto there)
+  timeout "$t" "$PY" benchmarks/train_bench.py --rounds "${TRAIN_BENCH_ROUNDS:-1}" "${aug[@]}" \
       --presets "${TRAIN_BENCH_PRESETS:-baseline,trex_star,trex_star+compile}" \
       --run-timeout "${TRAIN_BENCH_RUN_TIMEOUT:-75}" --compile-timeout 150 --work-dir /tmp/trex-train-bench --json "$LOGS/train_bench.json" \
       --write-docs docs/benchmarks.md >> "$LOGS/train_bench.txt" 2>&1
