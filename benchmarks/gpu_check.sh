@@ -48,6 +48,9 @@
 #      hand). Then: if +ahead wins (and "beside the step" is close to the step alone), make
 #      --aug-ahead the default on CUDA; if --compile wins, say so in docs/training.md
 #   later: GPU_CHECK_STAGES="profile repro" REPRO_RECIPE=gpu LR=0.1  (64 px at the paper's lr)
+# Before a GPU call, dry-run the stages on the CPU (GPU_CHECK_DEVICE=cpu; bench-gpu alone:
+# python benchmarks/extract_gpu_bench.py --device cpu --images 96 --batch-size 16): the dry run
+# of 2026-11-27 (fifth session) found every +compile side hanging at its exit (fixed).
 # The benchmarks and the profile run alone on the machine, after the rest. Runs with
 # PYTHONPATH=$PWD and the python that has torch (no install); wheels in .whl/ (Optuna for the probe's TPE search) are
 # unpacked to /tmp/site first. Files in $OUT (at most 8): log.txt, pytest_cuda.txt,
