@@ -101,6 +101,9 @@ cap() { local l=$(( $(left) - $(reserve_after "$2") )); [ "$l" -lt "$1" ] && ech
   echo "cores: $(nproc); cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
   "$PY" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available(), 'cudnn tf32 default', torch.backends.cudnn.allow_tf32)"
 } 2>&1 | tee -a "$LOG"
+# the package's bytecode, as an install leaves it: else the first trex process of a benchmark
+# compiles every module it imports (the checkout arrives without __pycache__)
+"$PY" -m compileall -q trex_hub benchmarks tests >/dev/null 2>&1
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
