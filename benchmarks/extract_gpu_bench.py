@@ -194,12 +194,18 @@ def model_only(ckpt: Path, batch: int, compile_: bool, log, device: str = "cuda"
         r = prepare(model, dev, "fp32", channels_last=False)
         res["trex_hub fp32 NCHW"] = timed(lambda: r.forward(xd))
         # cuDNN's autotuner instead of its heuristics (trex-extract leaves it off: its search
-        # costs seconds per batch shape); the warm-up calls of timed() run the search
+        # costs seconds per batch shape). The first call runs the search (these shapes already
+        # ran without it, so the rest of a first call's cost is paid): timed apart, so that a
+        # run of N images can weigh the search against the steady-state gain
         before = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = True
         try:
             for prec in ("fp32", "fp16"):
                 r = prepare(model, dev, prec)
+                t = time.perf_counter()
+                r.forward(xd)
+                sync()
+                res[f"search_{prec}_s"] = time.perf_counter() - t
                 res[f"trex_hub {prec} + cudnn.benchmark"] = timed(lambda: r.forward(xd))
         finally:
             torch.backends.cudnn.benchmark = before
@@ -314,6 +320,11 @@ def render(env: dict, runs: dict, errs: dict, mo: dict) -> str:
     lines += ["", "Model only (batch already on the device):", "", "| model | images/s |",
               "|---|---|"]
     lines += [f"| {k} | {v:,.0f} |" for k, v in mo.items() if not k.endswith("_s")]
+    searches = [f"{mo[f'search_{p}_s']:.1f} s ({p})" for p in ("fp32", "fp16")
+                if f"search_{p}_s" in mo]
+    if searches:
+        lines.append(f"\nThe first batch with `cudnn.benchmark` (its autotuner's search) took "
+                     f"{' and '.join(searches)}.")
     if "compile_s" in mo:
         lines.append(f"\n`torch.compile` took {mo['compile_s']:.0f} s before the first batch.")
     lines += ["", "Targets (issue 11): trex-extract fp16 in the loop >= 2x naive fp16 and >= "

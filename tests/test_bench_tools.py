@@ -84,6 +84,12 @@ def test_gpu_bench_rounds_alternate_and_report_best_and_median():
     assert "| trex-extract fp32 | 500 / 500 | 400 / 400 | 5.0 / 5.0 | 2.50x / 2.00x |" in text
     assert "| trex-extract fp16 | failed: boom |" in text
     assert "3 rounds" in text
+    mo = {"trex_hub fp32": 2900.0, "search_fp32_s": 2.31, "trex_hub fp32 + cudnn.benchmark":
+          3500.0, "search_fp16_s": 1.5, "compile_s": 22.0}
+    text = render(env, {}, {}, mo)
+    assert "| trex_hub fp32 + cudnn.benchmark | 3,500 |" in text and "search_" not in text
+    assert "(its autotuner's search) took 2.3 s (fp32) and 1.5 s (fp16)." in text
+    assert "`torch.compile` took 22 s" in text
 
 
 def test_gpu_bench_cuts_each_whole_process_into_phases():
