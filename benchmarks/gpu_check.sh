@@ -40,7 +40,9 @@
 #   1. GPU_CHECK_STAGES="tests bench-gpu"   (the CUDA tests: the truncated-JPEG fix, the CUDA
 #      start thread, decode="hybrid" on CUDA; one round of bench-gpu, 8 processes: the naive
 #      loops and trex-extract with --decode gpu, cpu and hybrid at fp32 / fp16, the phases
-#      table, fp32 in NCHW; about 5 minutes)
+#      table, fp32 in NCHW; about 5 minutes). Then: `auto` from the fp32 / fp16 rows of each
+#      decoder (hybrid, or cpu at fp32, where the GPU is the limit); cudnn.benchmark in
+#      extraction if 10,000 / rate_without - 10,000 / rate_with exceeds its search's time
 #   2. GPU_CHECK_STAGES="aug bench-train" \
 #        TRAIN_BENCH_PRESETS=trex_star,trex_star+ahead,trex_star+compile
 #      (augmentation's share of a t-ReX* step with the fewer kernels of 2026-11-27, and whether a
