@@ -273,9 +273,10 @@ def test_short_run_learns_a_generated_folder(tmp_path):
 @pytest.mark.slow
 def test_compiled_run_learns_the_same_and_saves_the_same_layout(folder, tmp_path):
     """--compile (torch.compile of the online and EMA networks, inductor on the CPU here):
-    the checkpoint has the uncompiled keys and loads as usual, and the run follows the eager
-    one. A small lr keeps the tiny run out of the chaotic regime, where the float reordering
-    of fused kernels (1e-6) would grow into visibly different weights within a few steps.
+    each step's update is the eager run's up to float reordering, and the checkpoint has the
+    uncompiled keys and loads as usual. Steps are compared one by one (--debug-dump), early:
+    BatchNorm over 8 images of 16 px is ill-conditioned, so the runs' gap then grows by 2x
+    (torch 2.14) to 25x (2.11) per step, and final losses or weights are no test of compile.
     The compiled run is the program itself, which must also end: compiling (a cold cache, as on
     a fresh machine) leaves a thread pool behind, which once made trex-train's exit wait for
     ever (``exit_now``)."""
@@ -284,22 +285,27 @@ def test_compiled_run_learns_the_same_and_saves_the_same_layout(folder, tmp_path
     import sys
 
     runs = {name: tmp_path / name for name in ("eager", "compiled")}
-    assert main(small_args(folder, runs["eager"], "--no-val", "--lr", "0.001")) == 0
+
+    def argv(name, *extra):
+        return small_args(folder, runs[name], "--no-val", "--lr", "0.001", "--debug-dump",
+                          str(runs[name] / "dump"), *extra)
+
+    assert main(argv("eager")) == 0
     proc = subprocess.run([sys.executable, "-m", "trex_hub.cli.train",
-                           *small_args(folder, runs["compiled"], "--no-val", "--lr", "0.001",
-                                       "--compile")],
+                           *argv("compiled", "--compile")],
                           capture_output=True, text=True, timeout=480,
                           env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor")))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    eager, compiled = ([torch_load(f) for f in sorted((runs[n] / "dump").glob("step*.pt"))]
+                       for n in ("eager", "compiled"))
+    assert len(eager) == len(compiled) == 6
+    # step 0 runs at lr 0 (warm-up); after the first two updates the gap between the runs was
+    # 3e-5 to 6e-4 of the next update's size (2.11 and 2.14); a wrong gradient would be ~1
+    for i in (1, 2):
+        gap = float((compiled[i]["params"] - eager[i]["params"]).norm())
+        update = float((eager[i + 1]["params"] - eager[i]["params"]).norm())
+        assert gap <= 5e-3 * update, (i, gap, update)
     a, b = (torch_load(runs[n] / "checkpoint.pth") for n in ("eager", "compiled"))
     assert a["model"].keys() == b["model"].keys()
     assert not [k for k in b["model"] if "_orig_mod" in k]
-    for k in a["model"]:
-        if a["model"][k].is_floating_point():  # within 2e-4 of the tensor's largest value
-            # (at least 1e-3: a bias right before a BatchNorm gets no gradient and stays ~1e-10)
-            scale = max(float(a["model"][k].abs().max()), 1e-3)
-            assert (b["model"][k] - a["model"][k]).abs().max() <= 2e-4 * scale, k
-    la, lb = ([json.loads(r)["loss"] for r in (runs[n] / "log.jsonl").read_text().splitlines()]
-              for n in ("eager", "compiled"))
-    assert np.allclose(la, lb, rtol=1e-4)
     trex_hub.load(runs["compiled"] / "checkpoint.pth")
