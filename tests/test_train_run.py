@@ -276,7 +276,7 @@ def test_compiled_run_learns_the_same_and_saves_the_same_layout(folder, tmp_path
     each step's update is the eager run's up to float reordering, and the checkpoint has the
     uncompiled keys and loads as usual. Steps are compared one by one (--debug-dump), early:
     BatchNorm over 8 images of 16 px is ill-conditioned, so the runs' gap then grows by 2x
-    (torch 2.14) to 25x (2.11) per step, and final losses or weights are no test of compile.
+    (torch 2.14) to 25x (2.11) per step here, and final losses or weights are no test of it.
     The compiled run is the program itself, which must also end: compiling (a cold cache, as on
     a fresh machine) leaves a thread pool behind, which once made trex-train's exit wait for
     ever (``exit_now``)."""
