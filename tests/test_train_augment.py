@@ -298,9 +298,8 @@ def test_persistent_workers_see_the_epoch(photo_data):
                                   loader_start=start)
         data = build_train_loader(args, photo_data, torch.device("cpu"))
         out = []
-        for epoch in range(2):
-            data.sampler.set_epoch(epoch)
-            for batch in data.loader:
+        for batches in data.epochs(0, 2):  # one loader iterator through both epochs
+            for batch in batches:
                 out.append(data.augment(batch)[0][0] if data.augment else batch[0][0])
         return out
 
@@ -313,6 +312,65 @@ def test_persistent_workers_see_the_epoch(photo_data):
         # by pickling and gives the same crops
         served = crops(2, aug, "forkserver")
         assert all(torch.equal(a, b) for a, b in zip(inline, served)), aug
+
+
+class _SlowItems(torch.utils.data.Dataset):
+    """Each item takes ``delay`` seconds and is its ``(epoch, index)``."""
+
+    def __init__(self, n: int, delay: float):
+        self.n, self.delay = n, delay
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, key):
+        import time
+
+        time.sleep(self.delay)
+        return torch.tensor(key)
+
+
+def test_epoch_batches_are_the_per_epoch_loaders_and_workers_go_on_into_the_next_epoch():
+    """EpochBatches makes, epoch by epoch, the batches of a loader over the same seeded
+    sampler with drop_last; and one iterator through all epochs lets the workers prefetch the
+    next epoch while this one's last batches train, where a loader restarted per epoch makes
+    the first step of every epoch wait for a whole batch."""
+    import time
+
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from trex_hub.train.augment import EpochBatches
+    from trex_hub.train.data import TrainLoader
+
+    items = _SlowItems(10, 0.0)
+    inner = DistributedSampler(items, num_replicas=1, rank=0, shuffle=True, seed=3)
+    batches = EpochBatches(inner, 4)
+    batches.set_epochs(1, 3)
+    assert batches.per_epoch == 2 and len(batches) == 4
+    got = list(batches)
+    for epoch in (1, 2):
+        inner.set_epoch(epoch)
+        order = list(inner)
+        assert got[:2] == [[(epoch, i) for i in order[k * 4:(k + 1) * 4]] for k in (0, 1)]
+        got = got[2:]
+    assert not got
+
+    slow = _SlowItems(4, 1.0)
+    sampler = EpochBatches(DistributedSampler(slow, num_replicas=1, rank=0, shuffle=False), 1)
+    loader = DataLoader(slow, batch_sampler=sampler, num_workers=2, persistent_workers=True,
+                        prefetch_factor=2)
+    data = TrainLoader(loader=loader, dataset=slow, sampler=sampler, mode="cpu")
+    seen, waits = [], []
+    for batches in data.epochs(0, 2):
+        t = time.perf_counter()
+        for k, batch in enumerate(batches):
+            if k == 0:
+                waits.append(time.perf_counter() - t)
+            seen.append(tuple(batch[0].tolist()))
+            time.sleep(1.5)  # the training step
+    assert seen == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3)]
+    assert waits[0] >= 0.9  # the workers' start: one item's second
+    assert waits[1] < 0.5, waits  # epoch 2's first batch was ready before epoch 1 ended
 
 
 def test_loader_start_method_follows_the_device():

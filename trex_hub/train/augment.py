@@ -210,7 +210,7 @@ def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
 class MultiCropDataset(torch.utils.data.Dataset):
     """``(list of crops, label)`` from a dataset of ``(RGB PIL image, label)``.
 
-    The index may be ``(epoch, index)`` (what :class:`EpochSampler` yields): loader workers that
+    The index may be ``(epoch, index)`` (what :class:`EpochBatches` yields): loader workers that
     live across epochs (``persistent_workers``) never see :meth:`set_epoch`, the sampler's
     indices do carry the epoch.
     """
@@ -236,25 +236,39 @@ class MultiCropDataset(torch.utils.data.Dataset):
         return self.transform(img, sample_rng(self.seed, epoch, index)), int(label)
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """Wraps a sampler with ``set_epoch`` (e.g. ``DistributedSampler``): yields
-    ``(epoch, index)``, so the per-(seed, epoch, index) crops are right in persistent workers."""
+class EpochBatches(torch.utils.data.Sampler):
+    """Batches of ``(epoch, index)`` for every epoch from ``start`` to ``end`` (exclusive), one
+    epoch after the other, for a loader's ``batch_sampler``: each epoch's batches are the wrapped
+    sampler's order for that epoch (``set_epoch``) cut into ``batch_size``, the tail dropped,
+    i.e. what a loader over :class:`EpochSampler` with ``drop_last`` makes. One iterator runs
+    through every epoch, so persistent workers prefetch the next epoch's first batches while
+    this epoch's last ones train; a loader iterated once per epoch starts each epoch with idle
+    workers and a step that waits for a whole batch to be decoded."""
 
-    def __init__(self, sampler: Any):
-        self.sampler, self.epoch = sampler, 0
+    def __init__(self, sampler: Any, batch_size: int, end: int = 1):
+        self.sampler, self.batch_size = sampler, int(batch_size)
+        self.start, self.end = 0, int(end)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        self.sampler.set_epoch(epoch)
+    def set_epochs(self, start: int, end: int) -> None:
+        """The epochs the next iterator runs through: ``start`` .. ``end - 1``."""
+        self.start, self.end = int(start), int(end)
+
+    @property
+    def per_epoch(self) -> int:
+        return len(self.sampler) // self.batch_size
 
     def __iter__(self):
-        epoch = self.epoch
-        return ((epoch, int(i)) for i in self.sampler)
+        size = self.batch_size
+        for epoch in range(self.start, self.end):
+            self.sampler.set_epoch(epoch)
+            order = [int(i) for i in self.sampler]
+            for k in range(self.per_epoch):
+                yield [(epoch, i) for i in order[k * size:(k + 1) * size]]
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        return self.per_epoch * max(0, self.end - self.start)
 
 
-__all__ = ["MultiCrop", "MultiCropDataset", "EpochSampler", "CropSpec", "CropParams",
+__all__ = ["MultiCrop", "MultiCropDataset", "EpochBatches", "CropSpec", "CropParams",
            "sample_crop_box", "draw_crop_params", "draw_jitter", "apply_jitter", "color_jitter",
            "eval_transform", "sample_rng"]

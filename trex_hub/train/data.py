@@ -4,13 +4,14 @@ device), and the validation loader."""
 from __future__ import annotations
 
 import argparse
+import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .augment import EpochSampler, MultiCrop, MultiCropDataset
+from .augment import EpochBatches, MultiCrop, MultiCropDataset
 from .batch_augment import BatchAugment, DecodedMultiCropDataset, collate_decoded
 from .config import LOADER_STARTS
 from .runtime import TrainingError
@@ -73,9 +74,18 @@ class TrainLoader:
 
     loader: DataLoader
     dataset: MultiCropDataset
-    sampler: EpochSampler
+    sampler: EpochBatches
     mode: str
     augment: Optional[Callable[[Any], Tuple[List[torch.Tensor], torch.Tensor]]] = None
+
+    def epochs(self, start: int, end: int, what: str = "training") -> Iterator[Iterator[Any]]:
+        """For each epoch from ``start`` to ``end - 1``, an iterator of its batches, all drawn
+        from one loader iterator (:class:`EpochBatches`): the workers go on into the next epoch
+        while this one's last batches train. Take each epoch's batches before the next."""
+        self.sampler.set_epochs(start, end)
+        stream = loader_batches(self.loader, what)
+        for _ in range(start, end):
+            yield itertools.islice(stream, self.sampler.per_epoch)
 
 
 def multicrop_from_args(args: argparse.Namespace) -> MultiCrop:
@@ -213,9 +223,9 @@ def _hand_over(ready: Tuple[List[torch.Tensor], torch.Tensor], done: Optional[An
 def build_train_loader(args: argparse.Namespace, train_data: Any, device: torch.device,
                        rank: int = 0, world_size: int = 1,
                        channels_last: bool = False) -> TrainLoader:
-    """Per-process training loader: a seeded ``DistributedSampler`` (drop_last) wrapped in an
-    :class:`EpochSampler`; persistent workers with ``--prefetch-factor`` batches each, started
-    as :func:`worker_start_method` says."""
+    """Per-process training loader: a seeded ``DistributedSampler`` (drop_last) cut into
+    batches of every epoch by :class:`EpochBatches`; persistent workers with
+    ``--prefetch-factor`` batches each, started as :func:`worker_start_method` says."""
     from ..datasets import ImageDataset
 
     crops = multicrop_from_args(args)
@@ -229,16 +239,16 @@ def build_train_loader(args: argparse.Namespace, train_data: Any, device: torch.
         augment = BatchAugment(crops, device, channels_last=channels_last)
     else:
         dataset = MultiCropDataset(ImageDataset(train_data), crops, seed=args.seed)
-    sampler = EpochSampler(DistributedSampler(dataset, num_replicas=world_size, rank=rank,
-                                              shuffle=True, seed=args.seed, drop_last=True))
+    sampler = EpochBatches(DistributedSampler(dataset, num_replicas=world_size, rank=rank,
+                                              shuffle=True, seed=args.seed, drop_last=True),
+                           args.batch_size)
     extra: Dict[str, Any] = {}
     if args.workers > 0:
         extra = {"persistent_workers": True,
                  "prefetch_factor": max(1, int(getattr(args, "prefetch_factor", 4))),
                  **worker_kwargs(args, device)}
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
-                        num_workers=args.workers, pin_memory=device.type == "cuda",
-                        drop_last=True, collate_fn=collate, **extra)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
+                        pin_memory=device.type == "cuda", collate_fn=collate, **extra)
     return TrainLoader(loader, dataset, sampler, mode, augment)
 
 

@@ -216,8 +216,8 @@ def _train(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
     fmt = torch.channels_last if channels_last else torch.preserve_format
     data = build_train_loader(args, train_data, env.device, env.rank, env.world_size,
                               channels_last)
-    loader, train_ds, sampler = data.loader, data.dataset, data.sampler
-    niter = len(loader)
+    train_ds = data.dataset
+    niter = data.sampler.per_epoch
     global_batch = args.batch_size * env.world_size
     if niter == 0:
         raise TrainingError(f"{len(train_ds)} training images do not make one batch of "
@@ -281,14 +281,13 @@ def _train(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
     guard = LossGuard(env.device, env.distributed)
     last_good = out_dir / CHECKPOINT_NAME
     record: Dict[str, Any] = {}
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
+    epochs = data.epochs(start_epoch, args.epochs)  # one loader iterator for every epoch
+    for epoch, epoch_batches in zip(range(start_epoch, args.epochs), epochs):
         train_ds.set_epoch(epoch)
         net.train()
         meters = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss, correct, count
         t0 = time.time()
-        batches = device_batches(loader_batches(loader, "training"), data, env.device, fmt,
-                                 ahead=aug_ahead)
+        batches = device_batches(epoch_batches, data, env.device, fmt, ahead=aug_ahead)
         for it, (images, labels) in enumerate(batches):
             if it == 0:
                 t_batch = time.time()
