@@ -48,7 +48,10 @@
 #      (augmentation's share of a t-ReX* step with the fewer kernels of 2026-11-27, and whether a
 #      side stream would hide it; t-ReX* >= 900 img/s and --compile; the baseline's 1.09x is in
 #      hand). Then: if +ahead wins (and "beside the step" is close to the step alone), make
-#      --aug-ahead the default on CUDA; if --compile wins, say so in docs/training.md
+#      --aug-ahead the default on CUDA; if --compile wins, say so in docs/training.md.
+#      Since 7d91d2f the epochs run back to back (one loader iterator); to see that change
+#      alone: git worktree add .carry/before 2f7fabc, carry .carry, then
+#      benchmarks/epoch_stream_bench.py --baseline .carry/before --device cuda (its --help)
 #   later: GPU_CHECK_STAGES="profile repro" REPRO_RECIPE=gpu LR=0.1  (64 px at the paper's lr)
 # Before a GPU call, dry-run the stages on the CPU (GPU_CHECK_DEVICE=cpu; bench-gpu alone:
 # python benchmarks/extract_gpu_bench.py --device cpu --images 96 --batch-size 16): the dry run
