@@ -240,7 +240,7 @@ class EpochBatches(torch.utils.data.Sampler):
     """Batches of ``(epoch, index)`` for every epoch from ``start`` to ``end`` (exclusive), one
     epoch after the other, for a loader's ``batch_sampler``: each epoch's batches are the wrapped
     sampler's order for that epoch (``set_epoch``) cut into ``batch_size``, the tail dropped,
-    i.e. what a loader over :class:`EpochSampler` with ``drop_last`` makes. One iterator runs
+    i.e. what a loader over that sampler with ``drop_last`` makes each epoch. One iterator runs
     through every epoch, so persistent workers prefetch the next epoch's first batches while
     this epoch's last ones train; a loader iterated once per epoch starts each epoch with idle
     workers and a step that waits for a whole batch to be decoded."""
