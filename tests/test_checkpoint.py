@@ -220,6 +220,54 @@ def test_namespace_args_survive(tmp_path):
     assert prototypes_from_memory is not None
 
 
+def test_args_resaved_as_a_dict_load_like_the_namespace(tmp_path):
+    """``ckpt["args"] = vars(ckpt["args"])`` is how a released checkpoint is made loadable by a
+    plain ``weights_only`` torch.load: same model, same options."""
+    path = tmp_path / "full.pth"
+    ck = fx.write_full_checkpoint(path, num_layers=1, arch="resnet18", memory_size=64)
+    ns = read_checkpoint(path)
+    ck["args"] = vars(ck["args"])
+    torch.save(ck, tmp_path / "dict.pth")
+    as_dict = read_checkpoint(tmp_path / "dict.pth")
+    assert as_dict.config == ns.config and as_dict.extra["args"].keys() == ns.extra["args"].keys()
+    assert all(torch.equal(v, ns.state_dict[k]) for k, v in as_dict.state_dict.items())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["resnet18"], "'args' must hold the training options.*found list"),
+    ({"tau": "abc"}, "args.tau must be a positive number, found 'abc'"),
+    ({"tau": float("nan")}, "args.tau must be a positive number"),
+    ({"tau": -1.0}, "args.tau must be a positive number"),
+    ({"num_classes": 10 ** 12}, "the OCM memory needs 1000000000000 classes.*at most 100,000"),
+    ({"num_classes": 2.5}, "the OCM memory needs 2.5 classes"),
+    ({"projector_l2_norm": "False"}, "args.projector_l2_norm must be true or false"),
+    ({"arch": ["resnet50"]}, "args.arch is \\['resnet50'\\] but the weights are resnet18"),
+])
+def test_bad_training_args_are_named_before_anything_is_allocated(tmp_path, args, message):
+    path = tmp_path / "full.pth"
+    ck = fx.write_full_checkpoint(path, num_layers=1, arch="resnet18", memory_size=64)
+    ck["args"] = args if not isinstance(args, dict) else dict(vars(ck["args"]), **args)
+    torch.save(ck, path)
+    with pytest.raises(CheckpointError, match=f"{path}: {message}"):
+        read_checkpoint(path)
+
+
+def test_a_huge_memory_label_is_refused_not_allocated(tmp_path):
+    path = tmp_path / "full.pth"
+    labels = torch.zeros(64, dtype=torch.long)
+    labels[3] = 10 ** 12  # would ask for a [10**12, 256] prototype table
+    ck = fx.write_full_checkpoint(path, num_layers=1, arch="resnet18", memory_size=64,
+                                  labels=labels)
+    ck["args"] = dict(vars(ck["args"]), num_classes=None)  # the labels decide
+    torch.save(ck, path)
+    with pytest.raises(CheckpointError, match="needs 1000000000001 classes"):
+        read_checkpoint(path)
+    ck["model"]["module.memory.labels"] = labels.float()
+    torch.save(ck, path)
+    with pytest.raises(CheckpointError, match="memory.labels' must hold integers"):
+        read_checkpoint(path)
+
+
 def test_every_tensor_comes_from_the_checkpoint_and_absent_counters_start_at_zero(tmp_path):
     # the model is built without random initialisation: each tensor must be the file's
     sd = fx.backbone_state_dict("resnet18", seed=7)

@@ -348,6 +348,37 @@ def test_a_rejected_download_does_not_also_say_download_it_again(released_files,
     assert snapshot(Path(os.environ["TREX_HUB_CACHE"])).keys() <= {".locks/trexstar_pth.lock"}
 
 
+@pytest.mark.parametrize("failure", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                 "you tried to allocate 411041792 bytes."),
+    MemoryError(), PermissionError(13, "Permission denied")])
+def test_a_good_cached_file_that_cannot_be_read_is_kept(released_files, tmp_path, monkeypatch,
+                                                        capsys, failure):
+    """Out of memory (torch's allocator raises a RuntimeError), or a file this user may not
+    read: the bytes were never judged, so the cache keeps the file and its manifest (offline,
+    they could not be downloaded again) and the error says what to do."""
+    cache_dir = tmp_path / "cache"
+    with FileServer(released_files) as srv:
+        trex_hub.fetch("trex_star", cache_dir=cache_dir, base_url=srv.url, progress=False)
+    before = snapshot(cache_dir)
+    monkeypatch.setenv("TREX_HUB_OFFLINE", "1")
+
+    def fails(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(torch, "load", fails)
+    with pytest.raises(trex_hub.CheckpointReadError) as info:
+        trex_hub.load("trex_star", cache_dir=cache_dir)
+    msg = str(info.value)
+    assert str(cache_dir / "trexstar.pth") in msg and "left as it is" in msg
+    assert ("memory" in msg) != isinstance(failure, PermissionError)
+    assert "deleted" not in msg and snapshot(cache_dir) == before
+    code = dl_cli.main(["trex_star", "--cache-dir", str(cache_dir)])
+    line = one_line(capsys.readouterr().err)
+    assert code == 1 and line.startswith("trex-download: error: ") and "unexpected" not in line
+    assert snapshot(cache_dir) == before
+
+
 # --------------------------------------------------------------------------------------------
 # push_to_hub: one line naming the repository, not a raw Hub-client exception
 # --------------------------------------------------------------------------------------------

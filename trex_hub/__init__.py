@@ -16,7 +16,8 @@ from .version import __version__
 # public name -> the module that defines it
 _HOMES: Dict[str, str] = {
     "load": "api", "list_models": "api", "model_info": "api", "ModelLoadError": "api",
-    "CheckpointError": "checkpoint", "read_checkpoint": "checkpoint",
+    "CheckpointError": "checkpoint", "CheckpointReadError": "checkpoint",
+    "read_checkpoint": "checkpoint",
     "extract_features": "extract", "read_features": "featurefile", "fetch": "loader",
     "TReX": "model", "export_onnx": "onnx_export", "PreprocessConfig": "preprocess",
     "push_to_hub": "publish", "save_pretrained": "publish",
@@ -26,13 +27,13 @@ _HOMES: Dict[str, str] = {
 __all__ = [
     "load", "list_models", "model_info", "fetch", "get_transform", "PreprocessConfig",
     "extract_features", "read_features", "read_checkpoint", "TReX", "CheckpointError",
-    "ModelLoadError", "UnknownModelError", "save_pretrained", "push_to_hub", "export_onnx",
+    "CheckpointReadError", "ModelLoadError", "UnknownModelError", "save_pretrained", "push_to_hub", "export_onnx",
     "__version__",
 ]
 
 if TYPE_CHECKING:  # what static tools see; at run time __getattr__ does the same on first use
     from .api import ModelLoadError, list_models, load, model_info  # noqa: F401
-    from .checkpoint import CheckpointError, read_checkpoint  # noqa: F401
+    from .checkpoint import CheckpointError, CheckpointReadError, read_checkpoint  # noqa: F401
     from .extract import extract_features  # noqa: F401
     from .featurefile import read_features  # noqa: F401
     from .loader import fetch  # noqa: F401

@@ -19,7 +19,10 @@ There is no unsafe fallback.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import math
+import numbers
 import os
 import pickle
 import re
@@ -32,6 +35,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from .configschema import MAX_CLASSES
 from .fileio import CONFIG_NAME, WEIGHTS_NAME, PathLike, atomic_write
 from .model import BACKBONE_DIMS, TReX, prototypes_from_memory
 from .pickles import pickle_globals, refused_globals, safe_globals
@@ -49,6 +53,11 @@ class CheckpointError(ValueError):
     def __init__(self, problem: str, hint: str = ""):
         super().__init__(f"{problem} {hint}" if hint else problem)
         self.problem, self.hint = problem, hint
+
+
+class CheckpointReadError(OSError):
+    """A checkpoint that could not be read for a reason outside the file (memory, permissions,
+    an I/O error): the bytes were not judged, so no cache deletes the file for it."""
 
 
 @dataclass
@@ -85,6 +94,17 @@ def _refused(path: str, names: List[str]) -> CheckpointError:
         "torch.save(model.state_dict(), ...) or convert it to safetensors.")
 
 
+# what torch's allocators say when they run out (a RuntimeError, not a MemoryError)
+_ALLOCATION_FAILED = re.compile(r"can't allocate memory|out of memory|std::bad_alloc", re.I)
+
+
+def _no_memory(path: str, exc: BaseException) -> CheckpointReadError:
+    first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return CheckpointReadError(
+        f"{path}: not enough memory to read this checkpoint ({first}); free some memory or "
+        f"raise the process's limit (ulimit -v), then run again. The file was left as it is.")
+
+
 def torch_load(path: PathLike) -> Any:
     """``torch.load`` with ``weights_only=True`` and our allow-list; clear errors for bad files."""
     path = os.fspath(path)
@@ -100,10 +120,17 @@ def torch_load(path: PathLike) -> Any:
                 "may be truncated, corrupted, or an error page saved in its place).",
                 _REDOWNLOAD) from None
         raise _refused(path, bad) from None
+    except MemoryError as exc:
+        raise _no_memory(path, exc) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError,
             AttributeError, IndexError, struct.error) as exc:
         if isinstance(exc, FileNotFoundError):
             raise CheckpointError(f"{path}: no such file") from None
+        if isinstance(exc, OSError):  # the file could not be read: nothing said of its bytes
+            raise CheckpointReadError(f"{path}: cannot be read ({exc.strerror or exc}); the file "
+                                      "was left as it is") from None
+        if isinstance(exc, RuntimeError) and _ALLOCATION_FAILED.search(str(exc)):
+            raise _no_memory(path, exc) from None
         size = os.path.getsize(path) if os.path.exists(path) else 0
         first = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise CheckpointError(
@@ -224,25 +251,41 @@ def _from_full(obj: Dict[str, Any], source: str, ema: bool) -> Checkpoint:
     stray = sorted(k for k in _strip(sd, branch) if not k.startswith(("encoder.", "head.")))
     if stray:
         raise CheckpointError(f"{source}: unexpected entries: {[prefix + branch + k for k in stray[:10]]}")
-    args = obj.get("args")
-    l2_norm = bool(getattr(args, "projector_l2_norm", True))
+    args = _training_args(obj.get("args"), source)
+    l2_norm = args.get("projector_l2_norm", True)
+    if not isinstance(l2_norm, (bool, int)) or l2_norm not in (0, 1):
+        raise CheckpointError(f"{source}: args.projector_l2_norm must be true or false, found "
+                              f"{l2_norm!r}"[:300])
     arch = infer_arch(encoder, source)
-    if getattr(args, "arch", arch) != arch:
-        raise CheckpointError(f"{source}: args.arch is '{args.arch}' but the weights are {arch}")
-    proj = _projector_config(head, l2_norm, source)
+    if args.get("arch", arch) != arch:
+        raise CheckpointError(f"{source}: args.arch is {args['arch']!r} but the weights are "
+                              f"{arch}"[:300])
+    proj = _projector_config(head, bool(l2_norm), source)
     state = {f"backbone.{k}": v for k, v in encoder.items() if not k.startswith("fc.")}
     state.update({f"head.{k}": v for k, v in head.items()})
     config: Dict[str, Any] = {"arch": arch, "num_features": BACKBONE_DIMS[arch],
                               "projector": proj, "classifier": None}
-    tau = float(getattr(args, "tau", 0.1) or 0.1)
+    tau = args.get("tau") or 0.1
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not math.isfinite(tau) \
+            or tau <= 0:
+        raise CheckpointError(f"{source}: args.tau must be a positive number, found {tau!r}"[:300])
+    tau = float(tau)
     if "memory.features" in sd:
         feats, labels = sd["memory.features"], sd.get("memory.labels")
         if labels is None:
             raise CheckpointError(f"{source}: '{prefix}memory.features' without "
                                   f"'{prefix}memory.labels'")
-        num_classes = getattr(args, "num_classes", None)
-        if not num_classes:
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise CheckpointError(f"{source}: '{prefix}memory.labels' must hold integers, "
+                                  f"found {labels.dtype}")
+        num_classes = args.get("num_classes")
+        if not num_classes:  # as many classes as the labels need (at least ImageNet's)
             num_classes = max(1000, int(labels.max()) + 1) if labels.numel() else 1000
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) \
+                or not 1 <= num_classes <= MAX_CLASSES:
+            raise CheckpointError(f"{source}: the OCM memory needs {num_classes!r} classes "
+                                  f"(args.num_classes or its largest label + 1); at most "
+                                  f"{MAX_CLASSES:,} are supported"[:300])
         try:
             protos = prototypes_from_memory(feats, labels, int(num_classes))
         except ValueError as exc:
@@ -255,8 +298,21 @@ def _from_full(obj: Dict[str, Any], source: str, ema: bool) -> Checkpoint:
         state["classifier.prototypes"] = torch.nn.functional.normalize(w, dim=-1)
         config["classifier"] = {"type": "prototypes", "num_classes": int(w.shape[0]),
                                 "tau": tau, "from": "linear"}
-    extra = {"epoch": obj.get("epoch"), "args": vars(args) if args is not None else None}
+    extra = {"epoch": obj.get("epoch"), "args": args if obj.get("args") is not None else None}
     return Checkpoint(state, config, "full", source, extra)
+
+
+def _training_args(args: Any, source: str) -> Dict[str, Any]:
+    """The training options a full checkpoint stores: an ``argparse.Namespace`` as released, or
+    the dict a re-save makes of it (``vars(ckpt["args"])`` for a plain ``weights_only`` load)."""
+    if args is None:
+        return {}
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+        raise CheckpointError(f"{source}: 'args' must hold the training options (an argparse "
+                              f"Namespace or a dict of them), found {type(args).__name__}")
+    return dict(args)
 
 
 def _read_safetensors_file(path: Path) -> Dict[str, torch.Tensor]:
@@ -435,6 +491,6 @@ def save_safetensors(model: TReX, folder: PathLike,
     return folder
 
 
-__all__: Tuple[str, ...] = ("Checkpoint", "CheckpointError", "read_checkpoint", "read_config",
-                            "build_model",
+__all__: Tuple[str, ...] = ("Checkpoint", "CheckpointError", "CheckpointReadError",
+                            "read_checkpoint", "read_config", "build_model",
                             "load_into", "save_safetensors", "torch_load", "safe_globals")

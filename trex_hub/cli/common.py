@@ -127,6 +127,11 @@ def run_cli(prog: Union[str, Callable[[argparse.Namespace], str]],
             traceback.print_exc()
     except SystemExit as exc:  # parser.error() called by the body
         return _exit_code(exc)
+    except MemoryError as exc:
+        code, line = EXIT_FAIL, (f"error: out of memory{f' ({exc})' if str(exc) else ''}; free "
+                                 "some memory or use smaller batches, then run again")
+        if debug_wanted(args):
+            traceback.print_exc()
     except Exception as exc:  # a case nobody foresaw: still one line
         code = EXIT_FAIL
         line = (f"error: unexpected {type(exc).__name__}: {exc}"

@@ -248,7 +248,7 @@ def _main(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> i
     cuda_start = _start_cuda(args, world, local_rank)
 
     from ..api import ModelLoadError, load
-    from ..checkpoint import CheckpointError
+    from ..checkpoint import CheckpointError, CheckpointReadError
     from ..extract_run import ExtractError, extract_to_file
     from ..featurefile import output_paths
     from ..hub.http import DownloadError
@@ -292,7 +292,8 @@ def _main(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> i
         t_inputs = time.perf_counter()
         if not entries:
             say("warning: no images found in the inputs")
-        with failing_on(ModelLoadError, UnknownModelError, CheckpointError, DownloadError):
+        with failing_on(ModelLoadError, UnknownModelError, CheckpointError, CheckpointReadError,
+                        DownloadError):
             model = load(args.model, projector=args.head == "projector", ema=args.ema,
                          cache_dir=args.cache_dir, progress=not quiet)
         t_model = time.perf_counter()

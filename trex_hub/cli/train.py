@@ -36,10 +36,10 @@ def _export_parser() -> argparse.ArgumentParser:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from ..checkpoint import CheckpointError
+    from ..checkpoint import CheckpointError, CheckpointReadError
     from ..train.export import export_checkpoint
 
-    with failing_on(CheckpointError):
+    with failing_on(CheckpointError, CheckpointReadError):
         out = export_checkpoint(args.checkpoint, args.output, ema=args.ema, name=args.name)
     print(out)
     return EXIT_OK

@@ -139,11 +139,11 @@ def save_checkpoint(obj: Dict[str, Any], path: Path) -> None:
 def resume_from(path: Path, module: TrainModule, optimizer: torch.optim.Optimizer, scaler: Any,
                 schedule: np.ndarray, env: DistEnv) -> int:
     """Load a checkpoint written by this loop; returns the number of epochs already done."""
-    from ..checkpoint import CheckpointError, torch_load
+    from ..checkpoint import CheckpointError, CheckpointReadError, torch_load
 
     try:
         ckpt = torch_load(path)
-    except CheckpointError as exc:
+    except (CheckpointError, CheckpointReadError) as exc:
         raise TrainingError(f"cannot resume: {exc}") from None
     saved = ckpt.get("args")
     old = getattr(saved, "lr_schedule", None)
