@@ -370,6 +370,54 @@ def test_progress_bar_only_on_a_tty_and_when_asked(monkeypatch):
     bar.close()
 
 
+def test_without_tqdm_a_terminal_download_runs_without_a_bar(server, blobs, cache,
+                                                              monkeypatch):
+    """hubconf.py declares torch and torchvision only, and neither depends on tqdm."""
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert dl._progress_bar(True, 10, 0, "x") is None
+    path = dl.fetch("blob.bin", base_url=server.url, cache_dir=cache, backoff=0.01)
+    assert path.read_bytes() == served(blobs)
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("127.0.0.1:8000/mirror/", "no scheme"), ("mirror/", "no scheme"),
+    ("htp://127.0.0.1/x/", "the scheme 'htp' is not http, https or file"),
+    ("http://127.0.0.1:notaport/", "Port could not be cast"), ("http://[::1/", "Invalid IPv6"),
+    ("http:///path/", "no host")])
+def test_a_malformed_base_url_is_refused_before_any_request(server, cache, monkeypatch, url,
+                                                            problem):
+    """Checked once, naming the setting it came from, instead of six attempts blamed on the
+    network (32 s)."""
+    t0 = time.perf_counter()
+    with pytest.raises(dl.DownloadError) as err:
+        dl.fetch("blob.bin", base_url=url, cache_dir=cache, **FAST)
+    msg = str(err.value)
+    assert msg.startswith(f"the base URL (--base-url / base_url=) {url!r} is not a base URL")
+    assert problem in msg and "http://host[:port]/path/" in msg
+    monkeypatch.setenv("TREX_HUB_BASE_URL", url)
+    with pytest.raises(dl.DownloadError, match=f"^TREX_HUB_BASE_URL {re.escape(repr(url))} "):
+        trex_hub.fetch("trex_star", cache_dir=cache, progress=False)
+    with pytest.raises(dl.DownloadError, match=re.escape("set_mirror('trex_star', ...) ")):
+        dl.set_mirror("trex_star", url)
+    assert dl.get_mirror("trex_star") is None
+    assert time.perf_counter() - t0 < 5 and server.requests == []
+    assert not cache.exists() or leftovers(cache) == []
+
+
+def test_a_404_names_the_setting_that_chose_the_server(server, cache, monkeypatch):
+    monkeypatch.setenv("TREX_HUB_BASE_URL", "http://127.0.0.1:9/elsewhere/")
+    with pytest.raises(dl.NotFoundError) as err:  # base_url= wins over the variable
+        dl.fetch("missing.pth", base_url=server.url, cache_dir=cache, **FAST)
+    msg = str(err.value)
+    assert "--base-url / base_url= or set_mirror() where given" in msg
+    assert "(now '" not in msg and "official server" not in msg
+    monkeypatch.delenv("TREX_HUB_BASE_URL")
+    with pytest.raises(dl.NotFoundError, match=r"\(unset: the official server\)"):
+        dl.fetch("missing.pth", base_url=server.url, cache_dir=cache, **FAST)
+
+
 # --------------------------------------------------------------------------------------------
 # Locks
 # --------------------------------------------------------------------------------------------

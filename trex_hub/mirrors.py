@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from . import registry
+from .hub.http import DownloadError
 
 # Per-model mirrors set through the API (model name -> base URL); see set_mirror().
 _MODEL_MIRRORS: Dict[str, str] = {}
@@ -24,7 +25,7 @@ def set_mirror(model: str, base_url: Optional[str]) -> None:
     """
     name = registry.get_entry(model).name
     if base_url:
-        _MODEL_MIRRORS[name] = base_url
+        _MODEL_MIRRORS[name] = check_base_url(base_url, f"set_mirror({model!r}, ...)")
     else:
         _MODEL_MIRRORS.pop(name, None)
 
@@ -33,9 +34,40 @@ def get_mirror(model: Optional[str]) -> Optional[str]:
     return _MODEL_MIRRORS.get(model) if model else None
 
 
+def check_base_url(url: str, source: str) -> str:
+    """``url`` if it can be a base URL (http or https with a host, or file), else a
+    :class:`DownloadError` naming ``source`` (the setting it came from) and the form expected:
+    checked once, before any request, instead of retried as a network fault."""
+    problem = None
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        problem = str(exc)
+    else:
+        if parts.scheme not in ("http", "https", "file"):
+            problem = ("no scheme" if not parts.scheme else f"the scheme '{parts.scheme}' is not "
+                       "http, https or file")
+        elif parts.scheme != "file" and not parts.hostname:
+            problem = "no host"
+    if problem is not None:
+        raise DownloadError(f"{source} {url!r} is not a base URL ({problem}); use the form "
+                            "http://host[:port]/path/ (or https://, file:///path/)"[:400])
+    return url
+
+
 def get_base_url(base_url: Optional[str] = None, model: Optional[str] = None) -> str:
-    url = (base_url or get_mirror(model) or os.environ.get("TREX_HUB_BASE_URL")
-           or registry.OFFICIAL_BASE_URL)
+    """The base URL of ``model``'s files: ``base_url`` > its mirror (:func:`set_mirror`) >
+    ``$TREX_HUB_BASE_URL`` > the official server; checked by :func:`check_base_url`."""
+    env = os.environ.get("TREX_HUB_BASE_URL")
+    if base_url:
+        url = check_base_url(base_url, "the base URL (--base-url / base_url=)")
+    elif get_mirror(model):
+        url = get_mirror(model) or ""
+    elif env:
+        url = check_base_url(env, "TREX_HUB_BASE_URL")
+    else:
+        url = registry.OFFICIAL_BASE_URL
     return url if url.endswith("/") else url + "/"
 
 

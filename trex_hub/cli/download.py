@@ -107,7 +107,7 @@ def _listing(cache_dir, base_url: Optional[str] = None,
     from concurrent.futures import ThreadPoolExecutor
 
     from .. import mirrors, registry
-    from ..hub.http import head_size
+    from ..hub.http import DownloadError, head_size
 
     rows = []
     for name in registry.list_models():
@@ -118,7 +118,11 @@ def _listing(cache_dir, base_url: Optional[str] = None,
                      "files": [_file_status(f, cache_dir) for f in e.files()]})
     unknown = [(r["name"], f) for r in rows for f in r["files"] if f["size"] is None]
     if unknown and not offline:
-        urls = [mirrors.file_url(f["filename"], base_url, name) for name, f in unknown]
+        try:
+            urls = [mirrors.file_url(f["filename"], base_url, name) for name, f in unknown]
+        except DownloadError as exc:  # a malformed base URL: the table without those sizes
+            print(f"{PROG}: warning: {exc}", file=sys.stderr)
+            return rows
         with ThreadPoolExecutor(max_workers=min(8, len(urls))) as pool:
             sizes = list(pool.map(lambda u: head_size(u, LIST_HEAD_TIMEOUT), urls))
         for (_, f), size in zip(unknown, sizes):

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 from ..fileio import PathLike, atomic_write, fsync_dir
-from .http import DownloadError, IntegrityError, download, env_float, sha256_of
+from .http import DownloadError, IntegrityError, download, env_float, mirror_hint, sha256_of
 
 MANIFEST_SUFFIX = ".manifest.json"
 PARTIAL_SUFFIX = ".incomplete"
@@ -274,7 +274,7 @@ def _check_fresh_file(tmp: Path, url: str, check: Optional[Check]) -> Any:
         tmp.unlink()
         reason = str(exc).replace(f"{tmp}: ", "").replace(str(tmp), "the file")
         raise _reject(exc, f"{reason} [the file downloaded from {url} was rejected, not kept in "
-                           "the cache; check the mirror setting TREX_HUB_BASE_URL / base_url=]")
+                           f"the cache; {mirror_hint(url)}]")
 
 
 def _offline_message(filename: str, path: Path, url: str,

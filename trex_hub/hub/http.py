@@ -60,10 +60,14 @@ def env_float(name: str, default: float) -> float:
         return default
 
 
-def mirror_hint() -> str:
-    current = os.environ.get("TREX_HUB_BASE_URL")
-    now = f" (now {current!r})" if current else " (unset: the official server is used)"
-    return f"check the file name and the mirror setting TREX_HUB_BASE_URL{now}"
+def mirror_hint(url: str) -> str:
+    """Where to look when the server at ``url`` failed: the setting that chose that server."""
+    env = os.environ.get("TREX_HUB_BASE_URL", "")
+    if env and url.startswith(env.rstrip("/") + "/"):
+        return f"check the mirror setting TREX_HUB_BASE_URL (now {env!r})"
+    return ("check the base URL it was built from: --base-url / base_url= or set_mirror() where "
+            "given, else TREX_HUB_BASE_URL" + (f" ({env!r})" if env else
+                                               " (unset: the official server)"))
 
 
 def sha256_of(path: PathLike) -> str:
@@ -114,9 +118,14 @@ def _backoff(attempt: int, base: float) -> float:
 
 
 def _progress_bar(progress: bool, total: Optional[int], initial: int, desc: str):
+    """A tqdm bar on a terminal, or ``None``: without tqdm (``torch.hub.load`` needs only torch
+    and torchvision, neither of which brings it) the download runs without a bar."""
     if not progress or not (sys.stderr.isatty()):
         return None
-    from tqdm.auto import tqdm
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
 
     return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
                 desc=desc, leave=False, dynamic_ncols=True)
@@ -148,11 +157,13 @@ def _open(url: str, tmp: Path, offset: int, timeout: float):
             tmp.unlink()  # our partial is no prefix the server recognises: start over
             raise _Transient("HTTP 416 for a resumed download; restarting") from None
         if code in (401, 403, 404, 410):
-            raise NotFoundError(f"{url}: HTTP {code} {exc.reason}; {mirror_hint()}.") from None
+            raise NotFoundError(f"{url}: HTTP {code} {exc.reason}; {mirror_hint(url)}.") \
+                from None
         if code >= 500 or code in (408, 429):
             raise _Transient(f"HTTP {code} {exc.reason}",
                              _retry_after(exc.headers.get("Retry-After"))) from None
-        raise DownloadError(f"{url}: HTTP {code} {exc.reason}; {mirror_hint()}.") from None
+        raise DownloadError(f"{url}: HTTP {code} {exc.reason}; {mirror_hint(url)}.") \
+            from None
     except (urllib.error.URLError, socket.timeout, ConnectionError, http.client.HTTPException,
             OSError) as exc:
         reason = getattr(exc, "reason", exc)
@@ -160,6 +171,9 @@ def _open(url: str, tmp: Path, offset: int, timeout: float):
             raise DownloadError(f"{url}: TLS certificate verification failed ({reason}); fix "
                                 "the system certificates (SSL_CERT_FILE) or use a mirror "
                                 "(TREX_HUB_BASE_URL).") from None
+        if isinstance(exc, ValueError) or str(reason).startswith("unknown url type"):
+            raise DownloadError(f"{url}: not a URL this client can open ({reason}); "
+                                f"{mirror_hint(url)}.") from None
         if isinstance(reason, socket.gaierror):  # no DNS answer: offline, or a wrong host
             host = urllib.parse.urlsplit(url).hostname or url
             raise _Transient(f"cannot resolve {host} ({reason})", unresolved=host) from None
@@ -208,7 +222,7 @@ def _attempt(url: str, tmp: Path, *, timeout: float, expected_size: Optional[int
             total = offset + body_len
         if expected_size is not None and total is not None and total != expected_size:
             raise IntegrityError(f"{url}: the server announces {total} bytes but "
-                                 f"{expected_size} are expected; {mirror_hint()}.")
+                                 f"{expected_size} are expected; {mirror_hint(url)}.")
         got = _stream(resp, tmp, mode, offset, _progress_bar(progress, total, offset, desc))
         if body_len is not None and got < body_len:
             raise _Transient(f"connection closed after {offset + got} of {offset + body_len} "
@@ -299,7 +313,7 @@ def download(url: str, tmp: PathLike, *, sha256: Optional[str] = None,
                 raise IntegrityError(
                     f"{url}: downloaded {got} bytes with SHA-256 {digest}, but {sha256} was "
                     f"expected; the file was deleted. The server or mirror serves different "
-                    f"bytes: {mirror_hint()}.")
+                    f"bytes: {mirror_hint(url)}.")
             return digest, got
     except BaseException as exc:
         transient = isinstance(exc, (DownloadError, KeyboardInterrupt)) and not isinstance(
