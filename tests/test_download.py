@@ -406,6 +406,42 @@ def test_a_malformed_base_url_is_refused_before_any_request(server, cache, monke
     assert not cache.exists() or leftovers(cache) == []
 
 
+@pytest.mark.parametrize("var, value, takes", [
+    ("TREX_HUB_TIMEOUT", "-1", "a number > 0"), ("TREX_HUB_TIMEOUT", "0", "a number > 0"),
+    ("TREX_HUB_TIMEOUT", "nan", "a number > 0"), ("TREX_HUB_TIMEOUT", "abc", "a number > 0"),
+    ("TREX_HUB_TIMEOUT", "inf", "a number > 0"), ("TREX_HUB_RETRIES", "abc", "a whole number"),
+    ("TREX_HUB_RETRIES", "2.5", "a whole number >= 0"), ("TREX_HUB_RETRIES", "-1", "whole"),
+    ("TREX_HUB_BACKOFF", "-0.5", "a number >= 0"), ("TREX_HUB_LOCK_TIMEOUT", "-1", ">= 0")])
+def test_a_bad_download_setting_is_named_not_ignored(server, cache, monkeypatch, var, value,
+                                                     takes):
+    monkeypatch.setenv(var, value)
+    with pytest.raises(dl.DownloadError) as err:
+        dl.fetch("blob.bin", base_url=server.url, cache_dir=cache, progress=False)
+    msg = str(err.value)
+    assert msg.startswith(f"{var}={value!r} is not valid: it takes ") and takes in msg, msg
+    assert "fix or unset it" in msg and server.requests == []
+
+
+@pytest.mark.parametrize("var, value", [("TREX_HUB_TIMEOUT", " "), ("TREX_HUB_RETRIES", "0"),
+                                        ("TREX_HUB_LOCK_TIMEOUT", "inf")])
+def test_good_download_settings_still_work(server, blobs, cache, monkeypatch, var, value):
+    monkeypatch.setenv(var, value)
+    assert dl.fetch("blob.bin", base_url=server.url, cache_dir=cache,
+                    **FAST).read_bytes() == served(blobs)
+
+
+def test_an_empty_cache_dir_is_refused_not_the_working_directory(server, tmp_path, monkeypatch,
+                                                                 capsys):
+    from trex_hub.cli import download as dl_cli
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="the cache folder given is empty"):
+        dl.fetch("blob.bin", base_url=server.url, cache_dir="", **FAST)
+    assert dl_cli.main(["trex_star", "--cache-dir", ""]) == 2
+    assert "argument --cache-dir: must not be empty" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [] and server.requests == []
+
+
 def test_a_404_names_the_setting_that_chose_the_server(server, cache, monkeypatch):
     monkeypatch.setenv("TREX_HUB_BASE_URL", "http://127.0.0.1:9/elsewhere/")
     with pytest.raises(dl.NotFoundError) as err:  # base_url= wins over the variable

@@ -216,6 +216,36 @@ def test_legacy_truncated_or_garbage_files_are_not_called_malicious(tmp_path):
             trex_hub.load(tmp_path / name)
 
 
+def test_a_missing_path_is_called_missing_not_an_unknown_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "exported").mkdir()
+    for arg in ("exported/my_trex", str(tmp_path / "trexstar.pth"), "trex_star.safetensors",
+                tmp_path / "trex_star"):
+        with pytest.raises(trex_hub.ModelLoadError) as info:
+            trex_hub.load(arg)
+        msg = str(info.value)
+        assert "no such file or folder" in msg and "Did you mean" not in msg, msg
+    with pytest.raises(trex_hub.ModelLoadError, match=f"{tmp_path / 'exported'} exists; "
+                                                      "my_trex in it does not"):
+        trex_hub.load("exported/my_trex")
+    with pytest.raises(trex_hub.UnknownModelError, match="Did you mean 'trex_star'"):
+        trex_hub.load("trex_sta")  # a name, not a path: the registry's suggestion
+
+
+def test_a_folder_named_like_a_model_is_named_in_a_warning(export, tmp_path, monkeypatch):
+    """The registry name wins (it always did); the warning says how to load the folder."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(export, tmp_path / "trex_star")
+    monkeypatch.setenv("TREX_HUB_OFFLINE", "1")
+    with pytest.warns(UserWarning, match="'trex_star' is the registry model trex_star; the local "
+                                         "'trex_star' is not used \\(load './trex_star' for it"):
+        with pytest.raises(cache.OfflineError):
+            trex_hub.load("trex_star")
+    assert trex_hub.load("./trex_star").arch == "resnet18"
+
+
 def test_empty_name_does_not_list_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for i in range(30):
@@ -407,6 +437,16 @@ def test_push_to_hub_unreachable_endpoint_is_one_line():
         trex_hub.push_to_hub(small_model(), "tester/x", token="hf_x",
                              endpoint="http://127.0.0.1:9")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("var", ["TREX_HUB_OFFLINE", "HF_HUB_OFFLINE"])
+def test_push_to_hub_offline_uploads_nothing(hub, monkeypatch, var):
+    """The README: with the offline switch trex_hub never touches the network."""
+    monkeypatch.setenv(var, "1")
+    with pytest.raises(cache.OfflineError, match="offline mode is on .*uploading to "
+                                                 "'tester/leak' needs the network"):
+        trex_hub.push_to_hub(small_model(), "tester/leak", token="hf_test_token")
+    assert "tester/leak" not in hub.repos and hub.log == []
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ mirror?) happens here, before anything is downloaded.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -80,6 +81,25 @@ def _registry_source(entry: registry.ModelEntry, *, projector: bool, ema: bool,
     return WeightsSource(RELEASE, entry.name, entry=entry, file=file)
 
 
+#: endings of checkpoint files: a name with one is a path, never a registry name
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar", ".safetensors", ".json")
+
+
+def _looks_like_a_path(text: str) -> bool:
+    """A string no registry name can be: it has a folder separator, starts like a path or ends
+    like a checkpoint file."""
+    return (os.sep in text or "/" in text or text.startswith((".", "~"))
+            or text.lower().endswith(_CHECKPOINT_SUFFIXES))
+
+
+def _nearest_folder(path: Path) -> str:
+    """Where a missing path stops existing, so a typo is found at a glance."""
+    for parent in path.absolute().parents:
+        if parent.is_dir():
+            return f" ({parent} exists; {path.absolute().relative_to(parent)} in it does not)"
+    return ""
+
+
 def resolve(name_or_path: PathLike, *, projector: bool = False, ema: bool = False,
             source: Optional[str] = None, revision: Optional[str] = None) -> WeightsSource:
     """Where the weights of ``name_or_path`` are (see the module doc).
@@ -99,10 +119,18 @@ def resolve(name_or_path: PathLike, *, projector: bool = False, ema: bool = Fals
         repo, rev = parse_hf_id(name, revision)
         return WeightsSource(HUB, name, hf_repo=repo, revision=rev)
     if isinstance(name_or_path, str) and registry.is_known(name_or_path):
-        return _registry_source(registry.get_entry(name_or_path), projector=projector, ema=ema,
-                                source=source, revision=revision)
+        entry = registry.get_entry(name_or_path)
+        if Path(name_or_path).exists():  # the name wins; say how to load the local one
+            warnings.warn(f"'{name_or_path}' is the registry model {entry.name}; the local "
+                          f"'{name_or_path}' is not used (load './{name_or_path}' for it)",
+                          UserWarning, stacklevel=3)
+        return _registry_source(entry, projector=projector, ema=ema, source=source,
+                                revision=revision)
     path = Path(os.fspath(name_or_path)).expanduser()
     if not path.exists():
+        if not isinstance(name_or_path, str) or _looks_like_a_path(name_or_path):
+            raise ModelLoadError(f"{path.absolute()}: no such file or folder"
+                                 + _nearest_folder(path))
         registry.get_entry(os.fspath(name_or_path))  # raises with the known names and the closest
     if source == "hf" or revision is not None:
         raise ModelLoadError(f"{path}: source='hf' and revision= apply to registry models and "

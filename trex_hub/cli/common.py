@@ -80,6 +80,14 @@ class HelpFormatter(argparse.HelpFormatter):
         return text + " (default: %(default)s)"
 
 
+def nonempty(text: str) -> str:
+    """argparse ``type=`` for a path option: ``--cache-dir "$UNSET"`` must not mean ``.``."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty (leave the option out for its "
+                                         "default)")
+    return text
+
+
 def add_debug_flag(parser: argparse.ArgumentParser, also: str = "") -> None:
     """``--debug``; ``also`` names what else it prints."""
     parser.add_argument("--debug", action="store_true",
@@ -194,5 +202,5 @@ def exit_now(code: int) -> NoReturn:
 
 
 __all__ = ["EXIT_OK", "EXIT_FAIL", "EXIT_USAGE", "EXIT_INTERRUPTED", "CliError", "UsageError",
-           "fail", "failing_on", "HelpFormatter", "add_debug_flag", "debug_wanted", "run_cli",
-           "exit_now", "process_age"]
+           "fail", "failing_on", "HelpFormatter", "nonempty", "add_debug_flag", "debug_wanted",
+           "run_cli", "exit_now", "process_age"]

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .common import UsageError, add_debug_flag, exit_now, failing_on, run_cli
+from .common import UsageError, add_debug_flag, exit_now, failing_on, nonempty, run_cli
 
 PROG = "trex-download"
 
@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="table of models and of what is cached (sizes of files not cached are "
                         "asked of the server with a HEAD request, unless --offline)")
     p.add_argument("--json", action="store_true", help="with --list or --verify: JSON output")
-    p.add_argument("--cache-dir", default=None,
+    p.add_argument("--cache-dir", default=None, type=nonempty,
                    help="cache folder (default $TREX_HUB_CACHE or ~/.cache/trex_hub; for hf-hub: "
                         "ids the Hugging Face cache)")
     p.add_argument("--base-url", default=None, help="mirror to download from (default "

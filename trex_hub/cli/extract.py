@@ -27,7 +27,7 @@ import threading
 from typing import List, Optional
 
 from .common import (EXIT_OK, EXIT_USAGE, HelpFormatter, UsageError, add_debug_flag,
-                     debug_wanted, exit_now, failing_on, process_age, run_cli)
+                     debug_wanted, exit_now, failing_on, nonempty, process_age, run_cli)
 
 PROG = "trex-extract"
 
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the committed chunks folder after merging")
     p.add_argument("--ema", action="store_true",
                    help="use the EMA network of a full training checkpoint")
-    p.add_argument("--cache-dir", default=None, help="download cache")
+    p.add_argument("--cache-dir", default=None, type=nonempty, help="download cache")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help="print errors only")

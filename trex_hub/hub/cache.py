@@ -89,7 +89,13 @@ def is_offline() -> bool:
 
 
 def get_cache_dir(cache_dir: Optional[PathLike] = None) -> Path:
+    """``cache_dir``, else ``$TREX_HUB_CACHE``, else ``$XDG_CACHE_HOME/trex_hub`` or
+    ``~/.cache/trex_hub``. An empty ``cache_dir`` (a script's unset variable) is refused: it
+    would make the working directory the cache."""
     if cache_dir is not None:
+        if not os.fspath(cache_dir):
+            raise ValueError("the cache folder given is empty (''); name a folder, or leave it "
+                             "out for the default (TREX_HUB_CACHE or ~/.cache/trex_hub)")
         return Path(cache_dir).expanduser()
     if os.environ.get("TREX_HUB_CACHE"):
         return Path(os.environ["TREX_HUB_CACHE"]).expanduser()
@@ -213,8 +219,8 @@ def file_lock(path: PathLike, timeout: Optional[float] = None) -> Iterator[bool]
     """
     import filelock  # a dependency; imported on use so that `import trex_hub` stays light
 
-    timeout = env_float("TREX_HUB_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT) if timeout is None \
-        else timeout
+    if timeout is None:  # inf: wait as long as the other download takes
+        timeout = env_float("TREX_HUB_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT, finite=False)
     lp = lock_path(path)
     try:
         lp.parent.mkdir(parents=True, exist_ok=True)

@@ -246,6 +246,9 @@ def upload_folder(folder: PathLike, repo_id: str, *, token: Union[str, bool, Non
     from huggingface_hub import HfApi
     from huggingface_hub import errors as hf_errors
 
+    if is_offline():  # the switch promises no network at all, uploads included
+        raise OfflineError(f"offline mode is on (TREX_HUB_OFFLINE / HF_HUB_OFFLINE): uploading to "
+                           f"'{repo_id}' needs the network; unset it to upload")
     repo_id, _ = parse_hf_id(repo_id)
     if revision is not None:
         check_revision(revision, repo_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import math
 import logging
 import os
 import random
@@ -53,11 +54,28 @@ class IntegrityError(DownloadError):
     """A file's bytes do not match the expected size or SHA-256; the bad file has been deleted."""
 
 
-def env_float(name: str, default: float) -> float:
-    try:
-        return float(os.environ[name])
-    except (KeyError, ValueError):
+def env_float(name: str, default: float, *, low: float = 0.0, above: bool = False,
+              integer: bool = False, finite: bool = True) -> float:
+    """The number in ``$name`` (``default`` when unset or empty), checked: ``>= low`` (``> low``
+    with ``above``), a whole number with ``integer``, not infinite with ``finite``. A bad value
+    is a :class:`DownloadError` naming the variable and what it takes, not silently the
+    default."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
         return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    ok = not math.isnan(value) and (value > low if above else value >= low) \
+        and (math.isfinite(value) or not (finite or integer)) \
+        and (not integer or value == int(value))
+    if not ok:
+        kind = "a whole number" if integer else "a number"
+        bound = f"> {low:g}" if above else f">= {low:g}"
+        raise DownloadError(f"{name}={raw!r} is not valid: it takes {kind} {bound}; fix or unset "
+                            "it"[:300])
+    return value
 
 
 def mirror_hint(url: str) -> str:
@@ -271,9 +289,12 @@ def download(url: str, tmp: PathLike, *, sha256: Optional[str] = None,
     call then resumes it); bad bytes and refused requests never linger.
     """
     tmp = Path(tmp)
-    timeout = env_float("TREX_HUB_TIMEOUT", DEFAULT_TIMEOUT) if timeout is None else timeout
-    retries = int(env_float("TREX_HUB_RETRIES", DEFAULT_RETRIES)) if retries is None else retries
-    backoff = env_float("TREX_HUB_BACKOFF", DEFAULT_BACKOFF) if backoff is None else backoff
+    if timeout is None:
+        timeout = env_float("TREX_HUB_TIMEOUT", DEFAULT_TIMEOUT, above=True)
+    if retries is None:
+        retries = int(env_float("TREX_HUB_RETRIES", DEFAULT_RETRIES, integer=True))
+    if backoff is None:
+        backoff = env_float("TREX_HUB_BACKOFF", DEFAULT_BACKOFF)
     restarted = False
     attempt = 0
     try:
