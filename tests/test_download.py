@@ -500,6 +500,44 @@ def test_no_lock_support_still_gives_a_correct_file(server, blobs, cache, monkey
     assert path.read_bytes() == served(blobs) and leftovers(cache) == []
 
 
+def test_private_partials_of_killed_processes_are_swept(server, blobs, cache, monkeypatch):
+    """Without a lock each process downloads into a partial of its own; one killed mid-download
+    (a pre-empted job) left it behind for ever. The next download removes those whose process
+    is gone: on this host by its pid, on another (a shared folder) after a day."""
+    import subprocess
+
+    import filelock
+
+    from trex_hub.hub import cache as hc
+
+    def broken(*a, **k):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(filelock, "FileLock", broken)
+    cache.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    host = hc.private_partial_path(cache / "blob.bin").name.split(".")[3]
+    names = {  # name -> kept?
+        f".blob.bin.{host}.{dead}.0badc0de.incomplete": False,       # here, process gone
+        f".blob.bin.{host}.{os.getpid()}.0badc0de.incomplete": True,  # here, still running
+        f".blob.bin.other-node.{dead}.0badc0de.incomplete": True,    # elsewhere, recent
+        f".blob.bin.other-node.{dead}.00000001.incomplete": False,   # elsewhere, a day old
+        f".blob.bin.{dead}.00000002.incomplete": True,               # older naming, recent
+        f".blob.bin.{dead}.00000003.incomplete": False,              # older naming, a day old
+        f".big.bin.{host}.{dead}.0badc0de.incomplete": True,         # another file's
+    }
+    for name in names:
+        (cache / name).write_bytes(b"x" * 100)
+    old = time.time() - hc.PRIVATE_PARTIAL_MAX_AGE - 60
+    for name in (n for n in names if n.endswith(("00000001.incomplete", "00000003.incomplete"))):
+        os.utime(cache / name, (old, old))
+    path = dl.fetch("blob.bin", base_url=server.url, cache_dir=cache, **FAST)
+    assert path.read_bytes() == served(blobs)
+    left = {p.name for p in cache.iterdir() if p.name.endswith(".incomplete")}
+    assert left == {n for n, kept in names.items() if kept}
+
+
 # --------------------------------------------------------------------------------------------
 # load(): files that are not the expected checkpoint are rejected
 # --------------------------------------------------------------------------------------------

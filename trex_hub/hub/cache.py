@@ -9,6 +9,9 @@ Cache layout (flat, one folder)::
     <cache>/trexstar.pth                    the verified file, under its released name
     <cache>/trexstar.pth.manifest.json      {"sha256", "size", "url", ...}: trust on first use
     <cache>/trexstar.pth.incomplete         a partial download, resumed by the next attempt
+    <cache>/.trexstar.pth.HOST.PID.R.incomplete  one process's own partial, where the lock could
+                                            not be taken (removed by the next download once
+                                            that process is gone, or after a day)
     <cache>/.locks/trexstar_pth.lock        inter-process lock (one download at a time)
 
 The cache owns its policy: the cheap check of a cached file, the manifest, the lock, the atomic
@@ -24,11 +27,12 @@ import logging
 import os
 import random
 import re
+import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from ..fileio import PathLike, atomic_write, fsync_dir
 from .http import DownloadError, IntegrityError, download, env_float, mirror_hint, sha256_of
@@ -121,6 +125,61 @@ def manifest_path(path: PathLike) -> Path:
 def partial_path(path: PathLike) -> Path:
     p = Path(path)
     return p.with_name(p.name + PARTIAL_SUFFIX)
+
+
+#: how long a private partial of a process that may still run elsewhere is kept
+PRIVATE_PARTIAL_MAX_AGE = 86400.0
+
+
+def private_partial_path(path: Path) -> Path:
+    """A partial of this process alone (no lock: another process may download the same file at
+    the same time); its name says which host and process own it, so a later download can tell
+    that the owner is gone (:func:`sweep_private_partials`)."""
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
+    return path.with_name(f".{path.name}.{host}.{os.getpid()}.{random.getrandbits(32):08x}"
+                          f"{PARTIAL_SUFFIX}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):  # someone else's, or not a pid here
+        return True
+    return True
+
+
+def sweep_private_partials(path: Path) -> List[Path]:
+    """Delete the private partials of ``path`` whose process is gone (killed mid-download:
+    nothing else would ever remove them): on this host, a process that no longer runs;
+    anywhere (a shared folder), one untouched for :data:`PRIVATE_PARTIAL_MAX_AGE`. Returns what
+    was deleted; never raises."""
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
+    own = re.compile(rf"\.{re.escape(path.name)}\.(?:(?P<host>[A-Za-z0-9-]+)\.)?(?P<pid>\d+)"
+                     rf"\.[0-9a-f]{{8}}{re.escape(PARTIAL_SUFFIX)}")
+    removed = []
+    try:
+        names = [n for n in os.listdir(path.parent) if n.startswith(f".{path.name}.")]
+    except OSError:
+        return removed
+    now = time.time()
+    for name in names:
+        m = own.fullmatch(name)
+        if m is None:
+            continue
+        p = path.parent / name
+        try:
+            old = now - p.stat().st_mtime > PRIVATE_PARTIAL_MAX_AGE
+            if old or (m.group("host") == host and not _pid_alive(int(m.group("pid")))):
+                p.unlink()
+                removed.append(p)
+        except OSError:
+            continue
+    if removed:
+        log.info("trex_hub: removed %d partial download(s) of %s left by processes that are "
+                 "gone", len(removed), path.name)
+    return removed
 
 
 def read_manifest(path: PathLike) -> Optional[Dict[str, Any]]:
@@ -326,9 +385,9 @@ def fetch_checked(filename: str, url: str, *, cache_dir: Optional[PathLike] = No
         man = read_manifest(path)
         expected_sha = sha256 or (man["sha256"] if man else None)
         expected_size = size if size is not None else (man["size"] if man else None)
+        sweep_private_partials(path)
         # with the lock: the shared, resumable partial; without it: a private temp file
-        tmp = partial_path(path) if locked else path.with_name(
-            f".{path.name}.{os.getpid()}.{random.getrandbits(32):08x}{PARTIAL_SUFFIX}")
+        tmp = partial_path(path) if locked else private_partial_path(path)
         resumed = tmp.is_file() and tmp.stat().st_size > 0
         while True:
             try:
