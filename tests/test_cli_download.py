@@ -187,3 +187,36 @@ def test_hf_hub_ids(capsys, tmp_path, monkeypatch):
                            "--to-safetensors", str(tmp_path / "conv"))
         assert code == 0 and len(hub.log) == n
     assert (tmp_path / "conv" / "org--tiny" / "model.safetensors").is_file()
+
+
+def test_hf_hub_repos_are_checked_on_download_and_verified_by_blob_name(capsys, tmp_path,
+                                                                        monkeypatch):
+    """A repo load() would refuse fails its pre-fetch (not later, on the offline machine), and
+    --verify re-hashes the Hugging Face cache's blobs instead of checking nothing."""
+    model = trex_hub.TReX("resnet18", name="tiny").eval()
+    folder = trex_hub.save_pretrained(model, tmp_path / "tiny")
+    with HubServer() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url.rstrip("/"))
+        hub.add("org/tiny", {n: (folder / n).read_bytes()
+                             for n in ("config.json", "model.safetensors")})
+        hub.add("org/bad", {"config.json": (folder / "config.json").read_bytes(),
+                            "model.safetensors": b"not safetensors at all"})
+        hf_cache = tmp_path / "hf"
+        code, out, err = run(capsys, "hf-hub:org/bad", "--cache-dir", str(hf_cache))
+        assert code == 1 and out == "" and "not a readable safetensors file" in err
+        code, out, err = run(capsys, "hf-hub:org/tiny", "--cache-dir", str(hf_cache))
+        assert code == 0, err
+        code, out, err = run(capsys, "--verify", "hf-hub:org/tiny", "hf-hub:org/none",
+                             "--cache-dir", str(hf_cache))
+        assert code == 0 and out.count("ok        ") == 2 and "model.safetensors" in out
+        assert "not cached: hf-hub:org/none" in err
+        weights = Path(out.strip().splitlines()[1].split()[1])
+        blob = weights.resolve()
+        blob.chmod(0o644)
+        blob.write_bytes(blob.read_bytes()[:-1] + b"!")  # a flipped byte on disk
+        code, out, err = run(capsys, "--verify", "hf-hub:org/tiny", "--cache-dir", str(hf_cache))
+        assert code == 1 and "MISMATCH" in err and not blob.exists() and not weights.exists()
+        n = len(hub.log)
+        code, out, err = run(capsys, "hf-hub:org/tiny", "--cache-dir", str(hf_cache))
+        assert code == 0 and len(hub.log) > n and weights.read_bytes() == (
+            folder / "model.safetensors").read_bytes()

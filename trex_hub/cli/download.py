@@ -179,7 +179,7 @@ def _resolve(names: Sequence[str], everything: bool) -> List[str]:
 def _verify(names: List[str], cache_dir, as_json: bool, quiet: bool) -> int:
     from .. import registry
     from ..hub import cache
-    from ..hub.hf import is_hf_id
+    from ..hub.hf import HF_PREFIX, is_hf_id, verify_snapshot
 
     root = cache.get_cache_dir(cache_dir)
     known = {f.filename: f for e in registry.MODELS.values() for f in e.files()}
@@ -191,8 +191,13 @@ def _verify(names: List[str], cache_dir, as_json: bool, quiet: bool) -> int:
                 for p in root.glob("*" + cache.MANIFEST_SUFFIX)} if root.is_dir() else set()
         seen |= {n for n in known if (root / n).is_file()}
         files = [(root / n, known.get(n)) for n in sorted(seen) if (root / n).is_file()]
-    results = []
-    bad = 0
+    results, absent = [], []
+    for n in (n for n in names if is_hf_id(n)):  # the Hugging Face cache, checked by blob name
+        try:
+            results += verify_snapshot(n[len(HF_PREFIX):], cache_dir=cache_dir)
+        except cache.OfflineError:
+            absent.append(n)
+    bad = sum(r["ok"] is False for r in results)
     for path, info in files:
         res = cache.check_cached(path, sha256=info.sha256 if info else None,
                                  size=info.size if info else None, full=True)
@@ -202,16 +207,20 @@ def _verify(names: List[str], cache_dir, as_json: bool, quiet: bool) -> int:
         results.append({"file": str(path), "ok": res.ok, "sha256": res.sha256, "size": res.size,
                         "problem": res.reason or None})
     if as_json:
-        print(json.dumps({"cache_dir": str(root), "files": results, "mismatches": bad},
-                         indent=2))
+        print(json.dumps({"cache_dir": str(root), "files": results, "mismatches": bad,
+                          "not_cached": absent}, indent=2))
     else:
         for r in results:
             if r["ok"] and not quiet:
                 print(f"ok        {r['file']}  ({_human(r['size'])}, sha256 {r['sha256']})")
+            elif r["ok"] is None and not quiet:
+                print(f"?         {r['file']}: {r['problem']}")
             elif not r["ok"]:
                 print(f"MISMATCH  {r['file']}: {r['problem']}; deleted, download it again",
                       file=sys.stderr)
-        if not results and not quiet:
+        for n in absent:
+            print(f"not cached: {n} (nothing of it in the Hugging Face cache)", file=sys.stderr)
+        if not results and not absent and not quiet:
             print(f"nothing cached in {root}")
         elif bad and not quiet:
             print(f"{bad} of {len(results)} cached files failed verification", file=sys.stderr)
@@ -233,10 +242,10 @@ def _download(names: List[str], args: argparse.Namespace) -> int:
             folder = hf.download_model(src.hf_repo, cache_dir=args.cache_dir,
                                        revision=src.revision, offline=args.offline or None,
                                        progress=progress)
+            ckpt = read_checkpoint(folder)  # as load() will read it: a repo it refuses fails now
             if not args.quiet:
                 print(folder)
             if exporting:
-                ckpt = read_checkpoint(folder)
                 model = build_model(ckpt, projector=ckpt.has_projector,
                                     name=ckpt.config.get("name"))
                 _export(model, src.hf_repo.replace("/", "--"), args)

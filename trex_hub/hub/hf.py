@@ -11,10 +11,11 @@ torch modules.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..fileio import CONFIG_NAME, WEIGHTS_NAME, PathLike
 from ..version import __version__
@@ -199,6 +200,49 @@ def download_config(repo_spec: str, cache_dir: Optional[PathLike] = None,
     return _download_files(repo_id, rev, (CONFIG_NAME,), cache_dir=cache_dir, token=token,
                            force_download=force_download, offline=offline, endpoint=endpoint,
                            progress=progress)[0]
+
+
+def _content_names(path: Path) -> Tuple[str, str]:
+    """``(sha256, git blob sha1)`` of a file: the two names the Hub client gives a blob."""
+    sha256, git = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            sha256.update(chunk)
+            git.update(chunk)
+    return sha256.hexdigest(), git.hexdigest()
+
+
+def verify_snapshot(repo_spec: str, cache_dir: Optional[PathLike] = None,
+                    revision: Optional[str] = None) -> List[Dict[str, Any]]:
+    """Re-hash the cached model files of a Hub repo, without the network: huggingface_hub names
+    each blob by the SHA-256 of an LFS file or the git SHA-1 of any other, so a blob whose bytes
+    no longer match its name is corrupt. A corrupt blob is deleted with its link (the next
+    download fetches it again). One row per file: ``file``, ``ok`` (``None``: not a link into
+    the blob store, so nothing to compare), ``sha256``, ``size``, ``problem``. Raises
+    :class:`OfflineError` when the repo is not cached."""
+    folder = download_model(repo_spec, cache_dir=cache_dir, revision=revision, offline=True,
+                            progress=False)
+    rows = []
+    for name in MODEL_FILES:
+        link = folder / name
+        blob = Path(os.path.realpath(link))
+        size = blob.stat().st_size
+        sha256, git = _content_names(blob)
+        ok: Optional[bool] = None
+        problem = None
+        if re.fullmatch(r"[0-9a-f]{64}", blob.name):
+            ok = sha256 == blob.name
+        elif re.fullmatch(r"[0-9a-f]{40}", blob.name):
+            ok = git == blob.name
+        else:
+            problem = "not a link into the Hub client's blob store: not verifiable"
+        if ok is False:
+            problem = f"its bytes do not match the blob's name {blob.name}"
+            blob.unlink()
+            link.unlink()
+        rows.append({"file": str(link), "ok": ok, "sha256": sha256, "size": size,
+                     "problem": problem})
+    return rows
 
 
 class UploadError(DownloadError):
