@@ -320,6 +320,99 @@ def test_full_disk_keeps_what_was_committed(ckpt, tmp_path, monkeypatch, capsys)
     assert out.read_bytes() == (tmp_path / "ref.npy").read_bytes()
 
 
+def test_a_file_name_that_is_not_utf8_is_listed_escaped(ckpt, tmp_path, capsys):
+    """os.scandir decodes such a name with surrogate escapes; the merge wrote it as strict
+    UTF-8 and failed at every --resume, leaving features without a manifest."""
+    root = _images(tmp_path / "d", 2)
+    odd = os.fsdecode(b"caf\xe9.png")
+    (root / "1.png").rename(root / odd)
+    out = tmp_path / "o" / "f.npy"
+    assert run(ckpt, root, "-o", out) == 0, capsys.readouterr().err
+    feats, rows = read_features(out)
+    assert feats.shape == (2, 512) and {r["path"] for r in rows} == {"0.png", odd}
+    assert b"caf\\udce9.png" in Path(str(out) + ".manifest.jsonl").read_bytes()
+    assert os.fsencode(next(r["path"] for r in rows if r["path"] != "0.png")) == b"caf\xe9.png"
+
+
+def test_a_merge_that_fails_leaves_the_old_output_whole(ckpt, tmp_path, monkeypatch, capsys):
+    """Features, manifest and meta are all written before any is renamed: a failure while
+    writing them never leaves new features beside the old run's manifest."""
+    out = tmp_path / "f.npy"
+    assert run(ckpt, _images(tmp_path / "a", 3, seed=1), "-o", out) == 0
+    old = {p.name: p.read_bytes() for p in tmp_path.glob("f.npy*")}
+
+    def fails(row):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(featurefile, "_manifest_line", fails)
+    assert run(ckpt, _images(tmp_path / "b", 3, seed=2), "-o", out, "--overwrite") == 1
+    assert "No space left on device" in one_line(capsys.readouterr().err)
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("f.npy*") if p.is_file()} == old
+    assert not list(tmp_path.glob(".f.npy*.tmp"))
+
+
+def _workers_of(out):
+    """PIDs of processes whose command line names ``out`` (forked decode workers carry their
+    parent's)."""
+    import subprocess
+
+    return subprocess.run(["pgrep", "-f", f"trex_hub.cli.extract.*{out.name}"],
+                          capture_output=True, text=True).stdout.split()
+
+
+@pytest.mark.skipif(not hasattr(os, "register_at_fork"), reason="POSIX fork")
+def test_a_killed_run_with_worker_processes_can_be_resumed(ckpt, tmp_path):
+    """SIGKILL of the parent alone (the OOM killer, a scheduler): its decode workers used to live
+    on, holding the output's lock for ever (every --resume refused) and its stderr pipe. Now
+    they hold no copy of the lock and leave within seconds; --resume completes the file."""
+    import shutil
+    import signal
+    import subprocess
+
+    from test_cli_extract import _run_main_threads1, _started_run
+
+    if not shutil.which("pgrep"):
+        pytest.skip("needs pgrep")
+    root = _images(tmp_path / "d", 96, size=(48, 64))
+    out = tmp_path / "k.npy"
+    opts = ["-b", "4", "--chunk-size", "8", "-j", "2", "--workers-mode", "processes",
+            "--no-progress", "-q"]
+    proc = _started_run(ckpt, root, out, [*opts, "--threads", "1"], committed=2,
+                        stderr=subprocess.DEVNULL, start_new_session=True)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _run_main_threads1(ckpt, root, "-o", out, *opts, "--resume") == 0  # not refused
+    deadline = time.monotonic() + 15
+    while _workers_of(out) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _workers_of(out) == []
+    ref = tmp_path / "ref.npy"
+    assert _run_main_threads1(ckpt, root, "-o", ref, *opts) == 0
+    assert out.read_bytes() == ref.read_bytes()
+
+
+def test_ctrl_c_in_a_terminal_prints_no_worker_traceback(ckpt, tmp_path):
+    """A terminal's Ctrl-C signals the whole process group, workers included: each printed its
+    own KeyboardInterrupt traceback. The parent alone reports it now."""
+    import signal
+    import subprocess
+
+    from test_cli_extract import _started_run
+
+    root = _images(tmp_path / "d", 96, size=(48, 64))
+    out = tmp_path / "s.npy"
+    proc = _started_run(ckpt, root, out, ["-b", "4", "--chunk-size", "8", "-j", "2",
+                                          "--workers-mode", "processes", "--threads", "1",
+                                          "--no-progress"], committed=2,
+                        stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "--resume" in err
+
+
 def _unfinished(ckpt, root, out):
     """An unfinished run of ``root`` into ``out``: its first segment only."""
     model = trex_hub.load(ckpt)

@@ -20,6 +20,7 @@ import itertools
 import math
 import os
 import queue
+import signal
 from collections import deque
 from typing import (Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence,
                     Tuple)
@@ -43,9 +44,25 @@ def start_method() -> str:
     return "fork" if "fork" in mp.get_all_start_methods() else "spawn"
 
 
-def _worker(decoder: Decoder, slots: torch.Tensor, tasks, results, nice: int = 0) -> None:
+def _next_task(tasks, parent: int):
+    """The next task, or ``None`` once the parent that started this worker is gone (killed:
+    SIGKILL, the OOM killer, a scheduler's SIGTERM): an orphan would otherwise wait for ever,
+    holding the run's output pipes."""
+    while True:
+        try:
+            return tasks.get(timeout=_POLL_S)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return None
+
+
+def _worker(decoder: Decoder, slots: torch.Tensor, tasks, results, nice: int = 0,
+            parent: Optional[int] = None) -> None:
     """Decode ``(batch id, slot, [(row, item, what), ...])`` tasks into ``slots[slot, row]``,
-    ``nice`` steps below the parent's CPU priority."""
+    ``nice`` steps below the parent's CPU priority. Ctrl-C in a terminal reaches the whole
+    process group: the parent alone handles it (and stops the workers), so a worker ignores
+    it instead of printing its own traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     if nice:
         try:
@@ -55,7 +72,7 @@ def _worker(decoder: Decoder, slots: torch.Tensor, tasks, results, nice: int = 0
     view = slots.numpy()  # the shared storage itself, no copy
     shape = tuple(view.shape[2:])
     while True:
-        task = tasks.get()
+        task = _next_task(tasks, os.getppid() if parent is None else parent)
         if task is None:
             return
         bid, slot, rows = task
@@ -90,7 +107,7 @@ class DecodePool:
         self.tasks = ctx.Queue()
         self.results = ctx.Queue()
         self.procs = [ctx.Process(target=_worker, args=(decoder, self.slots, self.tasks,
-                                                        self.results, nice),
+                                                        self.results, nice, os.getpid()),
                                   name=f"trex-decode-{i}", daemon=True)
                       for i in range(workers)]
         for p in self.procs:

@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 import torch
 
-from .fileio import PathLike, atomic_write
+from .fileio import PathLike, atomic_write, atomic_write_many
 
 OUTPUT_FORMATS = (".npy", ".safetensors", ".pt")
 FORMAT_VERSION = 1
@@ -215,17 +215,22 @@ def merge(paths: Dict[str, Path], total: int, dim: int, meta: Dict[str, Any]) ->
                 fh.write(np.ascontiguousarray(arr, dtype="<f4").tobytes())
 
     if out.suffix == ".npy":
-        atomic_write(out, lambda fh: (fh.write(_npy_header(n_ok, dim)), copy_rows(fh)))
+        def write_features(fh) -> None:
+            fh.write(_npy_header(n_ok, dim))
+            copy_rows(fh)
     elif out.suffix == ".safetensors":
-        atomic_write(out, lambda fh: (fh.write(_safetensors_header(n_ok, dim, meta)),
-                                       copy_rows(fh)))
+        def write_features(fh) -> None:
+            fh.write(_safetensors_header(n_ok, dim, meta))
+            copy_rows(fh)
     else:
         merged = parts / "merged.npy"
         atomic_write(merged, lambda fh: (fh.write(_npy_header(n_ok, dim)), copy_rows(fh)))
         # copy-on-write map: torch.save streams the rows from the page cache, no private copy
         tensor = (torch.from_numpy(np.load(merged, mmap_mode="c")) if n_ok
                   else torch.zeros(0, dim, dtype=torch.float32))
-        atomic_write(out, lambda fh: torch.save({"features": tensor, "meta": meta}, fh))
+
+        def write_features(fh) -> None:
+            torch.save({"features": tensor, "meta": meta}, fh)
 
     def write_manifest(fh) -> None:
         index = 0
@@ -234,11 +239,25 @@ def merge(paths: Dict[str, Path], total: int, dim: int, meta: Dict[str, Any]) ->
                 if row["status"] == "ok":
                     row["index"] = index
                     index += 1
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                fh.write(_manifest_line(row))
 
-    atomic_write(paths["manifest"], write_manifest, "w")
-    atomic_write(paths["meta"], lambda fh: fh.write(json.dumps(meta, indent=2) + "\n"), "w")
+    # all three written before any is renamed: an old output is never left half replaced
+    atomic_write_many([(paths["meta"], lambda fh: fh.write(
+                           (json.dumps(meta, indent=2) + "\n").encode("utf-8")), "wb"),
+                       (paths["manifest"], write_manifest, "wb"),
+                       (out, write_features, "wb")])
     return n_ok, n_failed
+
+
+def _manifest_line(row: Dict[str, Any]) -> bytes:
+    """One JSON line in UTF-8. A path that is not valid UTF-8 (a file name in another encoding,
+    which Python decodes with surrogate escapes) is written with ``\\u`` escapes instead:
+    ``json.loads`` gives back the same string, which ``os.fsencode`` turns into the name's
+    bytes."""
+    try:
+        return (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(row) + "\n").encode("ascii")
 
 
 __all__ = ["OUTPUT_FORMATS", "FORMAT_VERSION", "ExtractError", "output_paths", "legacy_paths",

@@ -13,7 +13,7 @@ import queue
 import random
 import threading
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -80,18 +80,31 @@ def temp_path(path: PathLike) -> Path:
 
 def atomic_write(path: PathLike, write: Callable[[Any], Any], mode: str = "wb") -> None:
     """Call ``write(fh)`` on a temporary file, then atomically replace ``path`` with it."""
-    path = Path(path)
-    tmp = temp_path(path)
+    atomic_write_many([(path, write, mode)])
+
+
+def atomic_write_many(files: Sequence[Tuple[PathLike, Callable[[Any], Any], str]]) -> None:
+    """:func:`atomic_write` for files that belong together (features, their manifest, their
+    meta): every ``(path, write, mode)`` is written to its temporary file first, and only when
+    all are written (and synced) are they renamed, in the order given. A failure while writing
+    (a full disk, a name that cannot be encoded) leaves every old file as it was, never a new
+    file beside an old companion."""
+    tmps: List[Path] = []
     try:
-        with open(tmp, mode) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        for path, write, mode in files:
+            tmps.append(temp_path(path))
+            with open(tmps[-1], mode) as fh:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+        for (path, _, _), tmp in zip(files, tmps):
+            os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
+        for tmp in tmps:
+            if tmp.exists():
+                tmp.unlink()
+    for folder in dict.fromkeys(Path(path).parent for path, _, _ in files):
+        fsync_dir(folder)
 
 
 # The zoo's folder format (``save_pretrained``, ``trex-train export``, Hugging Face Hub repos).

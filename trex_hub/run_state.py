@@ -8,7 +8,8 @@ unfinished run in ``OUT.parts/``, "already complete" and a refusal, and takes th
   and in the meta file once it is merged; ``--resume`` compares it with the current run in both
   cases and says in words what differs (:func:`describe_changes`);
 * ``OUT.parts/lock`` is ``flock``-ed by the process writing the parts (released on exit, even
-  on SIGKILL): a second ``--resume`` or ``--overwrite`` of the same output while the first runs
+  on SIGKILL; forked decoding workers close their copy at once, so one outliving a killed run
+  cannot keep it): a second ``--resume`` or ``--overwrite`` of the same output while the first runs
   is refused with a line naming the other run, instead of both writing the same files;
 * :func:`write_errors` turns the ``OSError`` of a write (read-only folder, full disk, parts
   removed by another process) into one :class:`~trex_hub.featurefile.ExtractError` line that
@@ -24,7 +25,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set
 
 import torch
 
@@ -178,6 +179,25 @@ def _another_run(out: Path, parts: Path) -> ExtractError:
                         "--resume")
 
 
+#: the lock fds this process holds. An ``flock`` belongs to the open file, which a forked child
+#: shares: a decoding worker outliving a killed run would keep the run locked, and every
+#: ``--resume`` refused. Each forked child closes its copies at once (the parent's lock stays).
+_HELD: Set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 def _lock(parts: Path, out: Path) -> Optional[int]:
     """Hold ``parts/lock`` (an fd, ``None`` where file locks are unavailable)."""
     try:
@@ -192,11 +212,13 @@ def _lock(parts: Path, out: Path) -> Optional[int]:
         raise _another_run(out, parts) from None
     except OSError:  # no locks on this filesystem: go on without
         pass
+    _HELD.add(fd)
     return fd
 
 
 def release(fd: Optional[int]) -> None:
     if fd is not None:
+        _HELD.discard(fd)
         try:
             os.close(fd)
         except OSError:
