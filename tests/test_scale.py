@@ -415,6 +415,32 @@ def test_cli_runs_with_processes_and_tensor_decoding(r18_path, folder, tmp_path)
     assert rel_err(outs["gpu"], outs["threads"]) < 1e-2
 
 
+def test_the_pixel_limit_holds_whichever_decoder_runs(r18_path, tmp_path):  # noqa: F811
+    """--max-pixels (and the ceiling no setting lifts) used to be checked by the PIL path alone:
+    the same JPEG was refused by --decode cpu and decoded by --decode gpu (auto's choice on
+    CUDA). The tensor path now reads the frame size and leaves such a file to PIL."""
+    from trex_hub.cli.extract import main
+    from trex_hub.featurefile import read_features
+
+    folder = tmp_path / "big"
+    folder.mkdir()
+    Image.new("RGB", (1600, 1200), (90, 120, 200)).save(folder / "big.jpg", quality=90)
+    Image.fromarray(photos(1, (120, 90))[0]).save(folder / "small.jpg", quality=90)
+    data = (folder / "big.jpg").read_bytes()
+    assert jpeg_extent(data) == len(data) and jpeg_extent(data, 1_920_000) == len(data)
+    assert jpeg_extent(data, 1_919_999) is None
+    for decode in ("cpu", "gpu"):
+        out = tmp_path / f"{decode}.npy"
+        assert main([str(r18_path), str(folder), "-o", str(out), "-q", "--decode", decode,
+                     "--max-pixels", "1000000"]) == 0
+        feats, rows = read_features(out)
+        by_name = {r["path"]: r for r in rows}
+        assert feats.shape[0] == 1 and by_name["small.jpg"]["status"] == "ok", decode
+        assert by_name["big.jpg"]["status"] == "failed", decode
+        assert "1600x1200 = 1920000 pixels, over the limit of 1000000" in by_name["big.jpg"][
+            "error"], by_name["big.jpg"]
+
+
 # ------------------------------------------------------------------------------ CUDA ------
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -34,7 +34,7 @@ import torch
 
 from .decoding import Batch, decode_item, in_background
 from .preprocess import PreprocessConfig
-from .transforms import Decoder, ImageLoadError
+from .transforms import Decoder, ImageLoadError, pixel_limit
 
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
@@ -64,10 +64,13 @@ _SEQUENTIAL = {0xC0, 0xC1}  # sequential Huffman frames (baseline, extended)
 _EOI = b"\xff\xd9"
 
 
-def jpeg_extent(data: Union[bytes, bytearray]) -> Optional[int]:
+def jpeg_extent(data: Union[bytes, bytearray],
+                max_pixels: Optional[int] = None) -> Optional[int]:
     """How many leading bytes of ``data`` the tensor path decodes, or ``None`` when it would not
     decode them as PIL does. It takes JPEGs of 1 (grey) or 3 (YCbCr) components without an
-    EXIF rotation, up to their end-of-image marker. Reads the markers up to the first scan.
+    EXIF rotation, up to their end-of-image marker, and with ``max_pixels`` no more pixels than
+    that (the PIL path refuses a larger one with the usual message, whichever decoder runs).
+    Reads the markers up to the first scan.
 
     The end marker keeps truncated files away from nvJPEG, which decodes them without an error
     (seen on an H100: half a JPEG was not refused) where PIL refuses them. A file normally ends
@@ -93,6 +96,9 @@ def jpeg_extent(data: Union[bytes, bytearray]) -> Optional[int]:
         elif marker in _SOF and frame is None:
             if len(seg) < 6 or seg[5] not in (1, 3) or orientation != 1:
                 return None
+            height, width = struct.unpack(">HH", seg[1:5])
+            if max_pixels is not None and not 0 < height * width <= max_pixels:
+                return None  # 0: a height given later (DNL), which PIL handles
             frame, components = marker, seg[5]
         elif marker == 0xDA:  # the first scan
             if frame is None:  # a scan before any frame header: malformed
@@ -148,18 +154,19 @@ def file_bytes(path: Union[str, os.PathLike],
     return buf
 
 
-def read_jpeg_file(path: Union[str, os.PathLike]) -> Optional[torch.Tensor]:
+def read_jpeg_file(path: Union[str, os.PathLike],
+                   max_pixels: Optional[int] = None) -> Optional[torch.Tensor]:
     """The JPEG bytes of ``path`` (:func:`jpeg_extent`: without data after the end marker) as a
     uint8 tensor when the tensor path decodes them as PIL would; ``None`` otherwise: unreadable
-    files, and files over :data:`MAX_JPEG_BYTES`, which are not read into memory (the PIL
-    fallback then decides, or names the problem)."""
+    files, images over ``max_pixels``, and files over :data:`MAX_JPEG_BYTES`, which are not
+    read into memory (the PIL fallback then decides, or names the problem)."""
     try:
         data = file_bytes(path, MAX_JPEG_BYTES)
     except OSError:
         return None
     if data is None:
         return None
-    n = jpeg_extent(data)
+    n = jpeg_extent(data, max_pixels)
     if n is None:
         return None
     raw = torch.frombuffer(data, dtype=torch.uint8)
@@ -291,6 +298,7 @@ def tensor_batches(groups: Iterable[Sequence[int]], fetch: Callable[[int], Any],
     runs this in a thread of its own: :mod:`trex_hub.decode_hybrid`)."""
     device = torch.device(device)
     geometry = TensorGeometry(cfg)
+    limit = pixel_limit(decoder.max_pixels)
 
     def fallback(pos: int, item: Any) -> Tuple[Optional[np.ndarray], Optional[str]]:
         return decode_item(decoder, lambda: item, describe(pos), strict=strict,
@@ -306,7 +314,7 @@ def tensor_batches(groups: Iterable[Sequence[int]], fetch: Callable[[int], Any],
                 raise
             return pos, None, (None, str(exc))
         if isinstance(item, (str, os.PathLike)):
-            raw = read_jpeg_file(item)
+            raw = read_jpeg_file(item, limit)
             if raw is not None:
                 return pos, (item, raw), None
         return pos, None, fallback(pos, item)

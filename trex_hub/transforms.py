@@ -181,7 +181,9 @@ def _array_to_pil(arr: np.ndarray, what: str) -> Image.Image:
                          "(C = 1, 3 or 4)")
 
 
-def _pixel_limit(max_pixels: Optional[int]) -> int:
+def pixel_limit(max_pixels: Optional[int]) -> int:
+    """The most pixels an image may have under ``max_pixels`` (``None``: PIL's limit; 0: the
+    ceiling, which no setting lifts), for every decoder."""
     if max_pixels is None:
         max_pixels = Image.MAX_IMAGE_PIXELS or 0
     return min(max_pixels, MAX_PIXELS_CEILING) if max_pixels > 0 else MAX_PIXELS_CEILING
@@ -211,7 +213,7 @@ def open_image(item: Any, what: str = "image", draft_size: Optional[int] = None,
     if isinstance(item, (str, os.PathLike)):
         path = Path(item)
         what = f"{what} ({path})"
-        limit = _pixel_limit(max_pixels)
+        limit = pixel_limit(max_pixels)
         try:
             with Image.open(path) as img:
                 w, h = img.size
