@@ -248,4 +248,32 @@ def test_loss_guard_names_the_first_bad_step_when_read_late(tmp_path):
         guard.check(12, 8, sched, tmp_path / "ckpt.pth")
     msg = str(err.value)
     assert "non-finite loss (inf) at epoch 1, iteration 2 (read 10 step(s) later)" in msg
-    assert f"lr {sched[2]:.4g}" in msg and "ckpt.pth" in msg
+    assert f"lr {sched[2]:.4g}" in msg
+    # a checkpoint is named only where one exists
+    assert "No checkpoint was written yet" in msg and "ckpt.pth" not in msg
+    (tmp_path / "ckpt.pth").write_bytes(b"saved")
+    with pytest.raises(TrainingError) as err:
+        guard.check(12, 8, sched, tmp_path / "ckpt.pth")
+    assert f"The last good checkpoint is {tmp_path / 'ckpt.pth'}" in str(err.value)
+
+
+def test_resume_trims_the_log_to_the_checkpoint(tmp_path):
+    """Records of epochs after the checkpoint's (they are redone) and a half-written last line
+    go; the records kept are unchanged, byte for byte. A log that needs nothing is not
+    rewritten."""
+    import json
+    import os
+
+    from trex_hub.train.loop import trim_log
+
+    log = tmp_path / "log.jsonl"
+    lines = [json.dumps({"epoch": e, "loss": 1.0 / e}) for e in (1, 2, 3)]
+    log.write_text("\n".join(lines) + "\n" + '{"epoch": 4, "lo')
+    assert trim_log(log, 2) == 2
+    assert log.read_text() == lines[0] + "\n" + lines[1] + "\n"
+    stamp = os.stat(log).st_mtime_ns
+    os.utime(log, ns=(stamp - 10**9, stamp - 10**9))
+    assert trim_log(log, 2) == 0 and os.stat(log).st_mtime_ns == stamp - 10**9
+    assert trim_log(log, 0) == 2 and log.read_text() == ""
+    assert trim_log(tmp_path / "missing.jsonl", 3) == 0
+    assert not (tmp_path / "missing.jsonl").exists()

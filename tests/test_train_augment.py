@@ -432,6 +432,48 @@ def test_a_stuck_loader_worker_fails_the_run_with_a_fix_instead_of_hanging_it():
         torch.tensor([1]), torch.tensor([2])]
 
 
+class _Broken(torch.utils.data.Dataset):
+    """Item 1 raises ``error``."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, i):
+        if i == 1:
+            raise self.error
+        return torch.tensor([i])
+
+
+def test_a_loader_worker_error_is_its_own_line_without_the_worker_traceback():
+    """torch re-raises a worker's exception with the worker's traceback in its message; the
+    run's error keeps only what went wrong, and for an image, how to fix it."""
+    from torch.utils.data import DataLoader
+
+    from trex_hub.train.data import loader_batches
+    from trex_hub.train.runtime import TrainingError
+    from trex_hub.transforms import ImageLoadError
+
+    image = ImageLoadError("train item 1 (a/b.png): not a readable image")
+    cases = [(image, 1, ["train item 1 (a/b.png): not a readable image", "remove or fix"]),
+             (image, 0, ["train item 1 (a/b.png): not a readable image", "remove or fix"]),
+             (KeyError("label"), 1, ["training loader worker", "KeyError", "'label'",
+                                     "--workers 0"])]
+    for error, workers, words in cases:
+        loader = DataLoader(_Broken(error), batch_size=1, num_workers=workers)
+        with pytest.raises(TrainingError) as err:
+            list(loader_batches(loader, "training"))
+        msg = str(err.value)
+        assert "\n" not in msg and "Traceback" not in msg, msg
+        for w in words:
+            assert w in msg, (w, msg)
+    # in this process a bug stays itself (its traceback is there for --debug)
+    with pytest.raises(KeyError):
+        list(loader_batches(DataLoader(_Broken(KeyError("label")), batch_size=1), "training"))
+
+
 def test_loader_timeout_option():
     from trex_hub.train.config import parse_args
 

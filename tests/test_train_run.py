@@ -39,6 +39,50 @@ def test_help_documents_the_recipe(capsys):
     assert main(["--preset", "nope"]) == 2
 
 
+@pytest.mark.parametrize("option", [
+    "--batch-size 0", "--batch-size -4", "--epochs 0", "--warmup-epochs -1", "--workers -1",
+    "--global-size 0", "--local-size 0", "--ema-momentum 2", "--ema-momentum 1",
+    "--global-scale 1.0 0.5", "--local-scale 0 0.2", "--global-scale 0.5 1.5",
+    "--blur-radius 2 0.1", "--blur-radius -1 1", "--memory-size -5", "--projector-dim 0",
+    "--projector-hidden 0", "--projector-layers -1", "--local-crops -1", "--global-crops 0",
+    "--train-limit 0", "--val-limit -1", "--tau 0", "--tau nan", "--tau inf", "--lr -0.1",
+    "--min-lr -1", "--momentum 1", "--weight-decay -1", "--seed -1", "--data-seed 4294967296",
+    "--prefetch-factor 0", "--save-every -1", "--stop-after-epoch 0", "--print-freq -1",
+    "--lr-ref-batch -1", "--epochs two"])
+def test_bad_numbers_are_usage_errors_naming_the_option(option, tmp_path, capsys):
+    """Checked when parsed (exit 2, argparse's one line naming the option and what it takes),
+    not left to a library error or a nonsense run."""
+    name = option.split()[0]
+    assert main(small_args(tmp_path, tmp_path / "out", *option.split())) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("trex-train: error:") and name in err[-1], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_debug_prints_the_traceback_and_is_no_prefix_of_the_dump_option(tmp_path, capsys,
+                                                                        monkeypatch):
+    """The advice of an unexpected error ("rerun with --debug") works for trex-train."""
+    import trex_hub.train.loop as loop
+    from trex_hub.train.config import parse_args
+
+    def broken(args):
+        raise ZeroDivisionError("integer division or modulo by zero")
+
+    monkeypatch.setattr(loop, "train", broken)
+    argv = small_args(tmp_path, tmp_path / "out")
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "rerun with --debug" in err and "Traceback" not in err
+    assert main(argv + ["--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ZeroDivisionError" in err.splitlines()[-1], err
+    args = parse_args(argv + ["--debug"])
+    assert args.debug is True and args.debug_dump is None
+    assert main(argv + ["--debug", "x"]) == 2  # no longer the hidden --debug-dump x
+    assert "--debug" in capsys.readouterr().err
+    assert main(["--help"]) == 0 and "--debug" in capsys.readouterr().out
+
+
 def test_checkpoint_is_the_released_layout(straight_run):
     ckpt = torch_load(straight_run / "checkpoint.pth")  # weights_only=True with the allow-list
     assert {"model", "optimizer", "epoch", "args", "fp16_scaler"} <= set(ckpt)
@@ -96,9 +140,15 @@ def test_load_export_and_classify(straight_run, folder, tmp_path):
 
 
 def test_resume_is_bit_for_bit(straight_run, folder, tmp_path):
+    """Also when the log ran ahead of the checkpoint (killed after an epoch that
+    --checkpoint-every did not save; a half-written last line): the epochs redone are logged
+    once, as in an uninterrupted run."""
     out = tmp_path / "resumed"
     assert main(small_args(folder, out, "--stop-after-epoch", "1")) == 0
     assert torch_load(out / "checkpoint.pth")["epoch"] == 1
+    log = out / "log.jsonl"
+    stale = json.dumps({"epoch": 2, "step": 6, "loss": 9.0})
+    log.write_text(log.read_text() + stale + "\n" + '{"epoch": 3, "lo')
     assert main(small_args(folder, out, "--resume")) == 0
     a = torch_load(straight_run / "checkpoint.pth")
     b = torch_load(out / "checkpoint.pth")
@@ -218,6 +268,123 @@ def test_resume_refuses_a_different_schedule(straight_run, folder, tmp_path, cap
     assert "lr schedule" in capsys.readouterr().err
 
 
+def _copy_run(run, out):
+    import shutil
+
+    out.mkdir()
+    for name in ("checkpoint.pth", "log.jsonl"):
+        shutil.copy(run / name, out / name)
+    return out
+
+
+def test_a_new_run_never_replaces_an_earlier_one_unasked(straight_run, folder, tmp_path,
+                                                          capsys):
+    """A run started without --resume in a folder that holds a checkpoint or a log stops before
+    it writes anything; --overwrite starts afresh and replaces the earlier run's files."""
+    out = _copy_run(straight_run, tmp_path / "earlier")
+    (out / "checkpoint0002.pth").write_bytes(b"an earlier --save-every file")
+    before = {name: (out / name).read_bytes() for name in ("checkpoint.pth", "log.jsonl")}
+    assert main(small_args(folder, out, "--stop-after-epoch", "1")) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "checkpoint.pth" in err and "--resume" in err and "--overwrite" in err, err
+    assert "--output-dir" in err, err
+    assert {name: (out / name).read_bytes() for name in before} == before
+    (out / "checkpoint.pth").unlink()  # a log alone (no checkpoint written yet) is kept too
+    assert main(small_args(folder, out, "--stop-after-epoch", "1")) == 1
+    assert "log.jsonl" in capsys.readouterr().err
+    assert (out / "log.jsonl").read_bytes() == before["log.jsonl"]
+
+    assert main(small_args(folder, out, "--overwrite", "--epochs", "1")) == 0
+    assert torch_load(out / "checkpoint.pth")["epoch"] == 1
+    assert [json.loads(r)["epoch"] for r in (out / "log.jsonl").read_text().splitlines()] == [1]
+    assert not (out / "checkpoint0002.pth").exists()
+    assert main(small_args(folder, out, "--overwrite", "--resume")) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_an_epoch_saved_but_not_logged_is_logged_on_resume(folder, tmp_path, monkeypatch):
+    """Killed right after a checkpoint was written: the log already holds that epoch."""
+    import trex_hub.train.loop as loop
+
+    real = loop.save_checkpoint
+
+    def save_then_die(obj, path):
+        real(obj, path)
+        if obj["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "killed"
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    assert main(small_args(folder, out)) == 130
+    monkeypatch.setattr(loop, "save_checkpoint", real)
+    assert main(small_args(folder, out, "--resume")) == 0
+    log = [json.loads(r) for r in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+
+
+def test_resume_refuses_other_settings_naming_each(straight_run, folder, tmp_path, capsys):
+    """Options that define what is learnt must be the checkpoint's; the error names each one
+    that differs with both values, the architecture first, in one line."""
+    out = _copy_run(straight_run, tmp_path / "other")
+    argv = small_args(folder, out, "--resume", "--arch", "resnet34", "--tau", "0.5",
+                      "--ema-momentum", "0.5", "--local-crops", "3", "--global-scale", "0.9",
+                      "1.0", "--seed", "7")
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and len(err) < 600, err
+    for words in ("--arch resnet18 (this run: resnet34)", "--tau 0.1 (this run: 0.5)",
+                  "--ema-momentum 0.999 (this run: 0.5)", "--local-crops 2 (this run: 3)",
+                  "--global-scale 0.25 1.0 (this run: 0.9 1.0)", "--seed 0 (this run: 7)"):
+        assert words in err, (words, err)
+    assert err.index("--arch") < err.index("--tau")
+    assert "missing" not in err.lower()
+    # other classes of the same size: the memory's labels would mean other classes
+    renamed = tmp_path / "renamed"
+    import shutil
+
+    shutil.copytree(folder, renamed)
+    for split in ("train", "val"):
+        (renamed / split / "vertical").rename(renamed / split / "diagonal")
+    assert main(small_args(renamed, out, "--resume")) == 1
+    err = capsys.readouterr().err
+    assert "class names" in err and "diagonal" in err, err
+    # what only changes speed, logging or validation may differ
+    assert main(small_args(folder, out, "--resume", "--workers", "1", "--print-freq", "5",
+                           "--checkpoint-every", "2", "--val-limit", "3", "--aug", "gpu")) == 0
+
+
+def test_resume_into_another_network_says_so_briefly(straight_run, folder, tmp_path, capsys):
+    """Weights that do not fit the network (the args say otherwise) give a short message, not
+    torch's list of every missing and mismatched key."""
+    out = tmp_path / "forged"
+    out.mkdir()
+    ckpt = torch_load(straight_run / "checkpoint.pth")
+    ckpt["args"].arch = "resnet34"
+    torch.save(ckpt, out / "checkpoint.pth")
+    assert main(small_args(folder, out, "--resume", "--arch", "resnet34")) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and len(err) < 600, err
+    assert "network differs" in err and "missing" in err, err
+
+
+def test_an_unreadable_training_image_is_one_line_naming_it(folder, tmp_path, capsys):
+    """With loader workers (torch re-raises their error with its traceback in the message) and
+    without: one line naming the file and the fix, no traceback, no 'unexpected'."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    (bad / "train" / "checker" / "000.png").write_text("junk")
+    for workers in ("2", "0"):
+        assert main(small_args(bad, tmp_path / f"w{workers}", "--workers", workers)) == 1
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if not line.startswith("[trex-train]")]
+        assert len(lines) == 1 and lines[0].startswith("trex-train: error: "), err
+        assert "Traceback" not in err and "unexpected" not in err, err
+        assert "000.png" in err and "remove or fix" in err, err
+
+
 def test_non_finite_loss_stops_with_a_message(folder, tmp_path, monkeypatch, capsys):
     real = torch.nn.functional.cross_entropy
 
@@ -228,6 +395,7 @@ def test_non_finite_loss_stops_with_a_message(folder, tmp_path, monkeypatch, cap
     assert main(small_args(folder, tmp_path / "nan")) == 1
     err = capsys.readouterr().err
     assert "non-finite loss" in err and "epoch 1, iteration 0" in err
+    assert "No checkpoint was written yet" in err and "last good" not in err, err
 
 
 def test_cpu_refuses_fp16(folder, tmp_path, capsys):

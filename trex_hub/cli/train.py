@@ -5,7 +5,7 @@
     trex-train export runs/trex_star/checkpoint.pth exported/trex_star
 
 Exit codes: 0 done, 1 failure (message on stderr), 2 usage error, 130 interrupted (see
-:mod:`trex_hub.cli.common`; ``TREX_HUB_DEBUG=1`` adds the traceback).
+:mod:`trex_hub.cli.common`; ``--debug`` or ``TREX_HUB_DEBUG=1`` adds the traceback).
 """
 from __future__ import annotations
 
@@ -47,8 +47,11 @@ def _export(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from ..train.loop import TrainingError, train
+    from ..transforms import ImageLoadError
 
-    with failing_on(TrainingError):
+    # an unreadable image is named by the loader (trex_hub.train.data.loader_batches); one read
+    # elsewhere still ends in its own line, not in "unexpected ImageLoadError"
+    with failing_on(TrainingError, ImageLoadError):
         train(args)
     return EXIT_OK
 

@@ -3,7 +3,10 @@ presets that fill the ones that differ between t-ReX, t-ReX* and the plain super
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict, List, Optional, Sequence
+import math
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from ..cli.common import add_debug_flag
 
 # how data-loader workers start (trex_hub.train.data.worker_start_method)
 LOADER_STARTS = ("auto", "fork", "forkserver", "spawn")
@@ -55,7 +58,8 @@ Recipe (defaults = the paper's ImageNet-1K recipe, 4 GPUs x 64 images):
 
 Outputs in --output-dir: checkpoint.pth (released full-checkpoint layout, written atomically every
 epoch; trex_hub.load(path, projector=True) reads it), log.jsonl (one JSON line per epoch: loss,
-top-1, lr, images/s), and with --resume the run continues bit-for-bit where it stopped.
+top-1, lr, images/s), and with --resume the run continues bit-for-bit where it stopped. A folder
+that holds a run is refused unless --resume continues it or --overwrite replaces it.
 
 Export for the zoo:  trex-train export OUTPUT_DIR/checkpoint.pth EXPORT_DIR
 """
@@ -79,8 +83,52 @@ Examples:
 """
 
 
-def _pair(text: str) -> float:
-    return float(text)
+# ---------------------------------------------------------------------------------------------
+# typed options: a bad value is a usage error naming the option and what it takes (argparse adds
+# "argument --OPTION:"), instead of a library error deep in the run or a run that means nothing
+# ---------------------------------------------------------------------------------------------
+def _int_at_least(low: int, high: Optional[int] = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            where = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {where}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float = math.inf, *, open_low: bool = False,
+              open_high: bool = True) -> Callable[[str], float]:
+    """A finite float in the interval from ``low`` to ``high`` (``open_*``: that end excluded)."""
+    left, right = "(" if open_low else "[", ")" if open_high else "]"
+    where = (f"> {low:g}" if open_low else f">= {low:g}") if high == math.inf else \
+        f"in {left}{low:g}, {high:g}{right}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        inside = (math.isfinite(value) and (value > low if open_low else value >= low)
+                  and (value < high if open_high else value <= high))
+        if not inside:
+            raise argparse.ArgumentTypeError(f"must be {where}, got {text}")
+        return value
+
+    return parse
+
+
+_positive = _int_at_least(1)
+_count = _int_at_least(0)
+_seed = _int_at_least(0, 2**32 - 1)  # numpy's seeds
+_scale = _float_in(0.0, 1.0, open_low=True, open_high=False)  # a share of the image area
+_fraction = _float_in(0.0, 1.0)  # a momentum: 1 would never move
+_non_negative = _float_in(0.0)
+_positive_float = _float_in(0.0, open_low=True)
 
 
 def _seconds(text: str) -> float:
@@ -107,21 +155,22 @@ def build_parser(prog: str = "trex-train") -> argparse.ArgumentParser:
     g.add_argument("--dataset", default="imagefolder", choices=("imagefolder", "fashion-mnist"))
     g.add_argument("--classes", default=None,
                    help="train on a class subset, e.g. 0-4 or 0,3,7 (relabelled 0..k-1)")
-    g.add_argument("--train-limit", type=int, default=None,
+    g.add_argument("--train-limit", type=_positive, default=None,
                    help="use a seeded class-balanced subset of this many training images")
-    g.add_argument("--val-limit", type=int, default=None,
+    g.add_argument("--val-limit", type=_positive, default=None,
                    help="use a seeded class-balanced subset of this many validation images")
-    g.add_argument("--data-seed", type=int, default=0,
+    g.add_argument("--data-seed", type=_seed, default=0,
                    help="seed of the --train-limit / --val-limit subsets (0; kept apart from "
                         "--seed so that runs with different seeds see the same images)")
     g.add_argument("--no-val", action="store_true", help="skip validation")
-    g.add_argument("--workers", type=int, default=8, help="data-loader processes per GPU/process")
+    g.add_argument("--workers", type=_count, default=8,
+                   help="data-loader processes per GPU/process")
     g.add_argument("--loader-start", choices=LOADER_STARTS,
                    default="auto",
                    help="how loader workers start (auto: forkserver with CUDA, where forking a "
                         "process that runs CUDA threads can deadlock a worker; else the "
                         "platform's default)")
-    g.add_argument("--prefetch-factor", type=int, default=4,
+    g.add_argument("--prefetch-factor", type=_positive, default=4,
                    help="batches each (persistent) loader worker prepares ahead (4)")
     g.add_argument("--loader-timeout", type=_seconds, default=600.0, metavar="SECONDS",
                    help="stop with an error when the loader workers deliver no batch for this "
@@ -129,31 +178,32 @@ def build_parser(prog: str = "trex-train") -> argparse.ArgumentParser:
 
     g = p.add_argument_group("network")
     g.add_argument("--arch", default="resnet50", choices=ARCHS)
-    g.add_argument("--projector-layers", type=int, default=None,
+    g.add_argument("--projector-layers", type=_count, default=None,
                    help="hidden projector blocks L (preset: 3 t-ReX, 1 t-ReX*)")
     g.add_argument("--no-projector", action="store_true", default=None,
                    help="no projector: the classifier sits on the pooled backbone feature")
-    g.add_argument("--projector-hidden", type=int, default=2048, help="hidden width (2048)")
-    g.add_argument("--projector-dim", type=int, default=256, help="bottleneck width (256)")
+    g.add_argument("--projector-hidden", type=_positive, default=2048, help="hidden width (2048)")
+    g.add_argument("--projector-dim", type=_positive, default=256, help="bottleneck width (256)")
     g.add_argument("--no-projector-l2-norm", dest="projector_l2_norm", action="store_false",
                    help="do not L2-normalise the projector input (normalised by default)")
-    g.add_argument("--tau", type=float, default=0.1, help="cosine softmax temperature (0.1)")
-    g.add_argument("--memory-size", type=int, default=None,
+    g.add_argument("--tau", type=_positive_float, default=0.1,
+                   help="cosine softmax temperature (0.1)")
+    g.add_argument("--memory-size", type=_count, default=None,
                    help="OCM memory entries (8192); 0 = learnable cosine classifier")
     g.add_argument("--classifier", choices=("cosine", "linear"), default=None,
                    help="classifier when --memory-size is 0 (cosine for trex*, linear for baseline)")
-    g.add_argument("--ema-momentum", type=float, default=0.999, help="EMA momentum (0.999)")
+    g.add_argument("--ema-momentum", type=_fraction, default=0.999, help="EMA momentum (0.999)")
 
     g = p.add_argument_group("multi-crop augmentation")
-    g.add_argument("--global-crops", type=int, default=1, help="global crops per image (1)")
-    g.add_argument("--global-size", type=int, default=224, help="global crop size (224)")
-    g.add_argument("--global-scale", type=_pair, nargs=2, default=None, metavar=("MIN", "MAX"),
+    g.add_argument("--global-crops", type=_positive, default=1, help="global crops per image (1)")
+    g.add_argument("--global-size", type=_positive, default=224, help="global crop size (224)")
+    g.add_argument("--global-scale", type=_scale, nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="RandomResizedCrop scale of global crops (preset)")
-    g.add_argument("--local-crops", type=int, default=None, help="local crops per image (8)")
-    g.add_argument("--local-size", type=int, default=96, help="local crop size (96)")
-    g.add_argument("--local-scale", type=_pair, nargs=2, default=None, metavar=("MIN", "MAX"),
+    g.add_argument("--local-crops", type=_count, default=None, help="local crops per image (8)")
+    g.add_argument("--local-size", type=_positive, default=96, help="local crop size (96)")
+    g.add_argument("--local-scale", type=_scale, nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="RandomResizedCrop scale of local crops (preset)")
-    g.add_argument("--blur-radius", type=_pair, nargs=2, default=(0.1, 2.0),
+    g.add_argument("--blur-radius", type=_non_negative, nargs=2, default=(0.1, 2.0),
                    metavar=("MIN", "MAX"), help="Gaussian blur radius range in pixels (0.1 2.0)")
     g.add_argument("--simple-aug", action="store_true", default=None,
                    help="crop + flip only (no colour jitter, grayscale, blur, solarise)")
@@ -171,17 +221,19 @@ def build_parser(prog: str = "trex-train") -> argparse.ArgumentParser:
                         "decoded at 1/2-1/8 scale when every crop still shrinks >= 2x after it)")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=100)
-    g.add_argument("--batch-size", type=int, default=64, help="images per process (64)")
-    g.add_argument("--lr", type=float, default=0.1,
+    g.add_argument("--epochs", type=_positive, default=100)
+    g.add_argument("--batch-size", type=_positive, default=64, help="images per process (64)")
+    g.add_argument("--lr", type=_non_negative, default=0.1,
                    help="learning rate per --lr-ref-batch images (0.1)")
-    g.add_argument("--lr-ref-batch", type=int, default=256,
+    g.add_argument("--lr-ref-batch", type=_count, default=256,
                    help="linear scaling: peak lr = lr x global batch / this (256; 0 = no scaling)")
-    g.add_argument("--warmup-epochs", type=float, default=10.0,
+    g.add_argument("--warmup-epochs", type=_non_negative, default=10.0,
                    help="linear warm-up from 0 (10 epochs)")
-    g.add_argument("--min-lr", type=float, default=1e-6, help="final lr of the cosine (1e-6)")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0.9, not Nesterov)")
-    g.add_argument("--weight-decay", "--wd", type=float, default=1e-4,
+    g.add_argument("--min-lr", type=_non_negative, default=1e-6,
+                   help="final lr of the cosine (1e-6)")
+    g.add_argument("--momentum", type=_fraction, default=0.9,
+                   help="SGD momentum (0.9, not Nesterov)")
+    g.add_argument("--weight-decay", "--wd", type=_non_negative, default=1e-4,
                    help="weight decay on parameters with ndim > 1 (1e-4)")
     g.add_argument("--wd-all", action="store_true",
                    help="also decay biases and 1-D (BatchNorm) parameters")
@@ -193,14 +245,19 @@ def build_parser(prog: str = "trex-train") -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default="runs/trex", help="checkpoints and logs")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
-                   help="continue from CKPT (default: OUTPUT_DIR/checkpoint.pth)")
-    g.add_argument("--checkpoint-every", type=int, default=1,
+                   help="continue from CKPT (default: OUTPUT_DIR/checkpoint.pth); the options "
+                        "that define what is learnt must be the checkpoint's")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an OUTPUT_DIR that holds an earlier run, deleting its "
+                        "checkpoint.pth, checkpointNNNN.pth and log.jsonl (without it, or "
+                        "--resume, such a folder is refused)")
+    g.add_argument("--checkpoint-every", type=_count, default=1,
                    help="rewrite checkpoint.pth every N epochs (1; always after the last epoch "
                         "and at --stop-after-epoch)")
-    g.add_argument("--save-every", type=int, default=0,
+    g.add_argument("--save-every", type=_count, default=0,
                    help="also keep checkpoint{EPOCH:04d}.pth every N epochs (0: only the latest)")
-    g.add_argument("--eval-every", type=int, default=1, help="validate every N epochs (1)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--eval-every", type=_count, default=1, help="validate every N epochs (1)")
+    g.add_argument("--seed", type=_seed, default=0)
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic cuDNN / CUDA kernels, no cuDNN autotuning (slower; CPU "
@@ -211,15 +268,16 @@ def build_parser(prog: str = "trex-train") -> argparse.ArgumentParser:
                    help="torch.compile the online and EMA networks (a minute or more of "
                         "compilation in the first steps, and again the first time validation "
                         "runs; checkpoints are unchanged)")
-    g.add_argument("--check-finite-every", type=int, default=0, metavar="N",
+    g.add_argument("--check-finite-every", type=_count, default=0, metavar="N",
                    help="read the non-finite-loss flag every N steps (0 = auto: every step on "
                         "CPU, 50 on CUDA, where each read waits for the GPU); the error names "
                         "the first bad step however late it is noticed")
-    g.add_argument("--print-freq", type=int, default=50, help="progress line every N steps")
-    g.add_argument("--stop-after-epoch", type=int, default=None,
+    g.add_argument("--print-freq", type=_count, default=50, help="progress line every N steps")
+    g.add_argument("--stop-after-epoch", type=_positive, default=None,
                    help="exit after this epoch as if interrupted (the schedule still spans "
                         "--epochs; continue with --resume)")
     g.add_argument("--debug-dump", default=None, help=argparse.SUPPRESS)
+    add_debug_flag(p)  # also keeps --debug from being taken as a prefix of --debug-dump
     return p
 
 
@@ -234,10 +292,43 @@ def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
     args.global_scale = tuple(float(x) for x in args.global_scale)
     args.local_scale = tuple(float(x) for x in args.local_scale)
     args.blur_radius = tuple(float(x) for x in args.blur_radius)
+    check_options(args)
+    return args
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """The rules between options (each value alone was checked when parsed); ``ValueError``
+    names the options and the fix."""
+    for option, key in (("--global-scale", "global_scale"), ("--local-scale", "local_scale"),
+                        ("--blur-radius", "blur_radius")):
+        low, high = getattr(args, key)
+        if low > high:
+            raise ValueError(f"{option} {low:g} {high:g}: MIN must not exceed MAX; give "
+                             f"{option} {high:g} {low:g}")
     if args.no_projector and args.memory_size > 0:
         raise ValueError("the OCM memory stores projector outputs; with --no-projector use "
                          "--memory-size 0")
-    return args
+    if getattr(args, "overwrite", False) and getattr(args, "resume", None):
+        raise ValueError("--overwrite starts afresh and --resume continues the run in "
+                         "--output-dir: give one of them")
+
+
+# What a checkpoint learnt with: --resume refuses other values (trex_hub.train.runtime), as the
+# weights, the OCM memory's labels, the crops or the sampler order would no longer fit them.
+# Options of speed, logging and validation may change; the lr schedule is compared on its own.
+RESUME_MUST_MATCH: Dict[str, str] = {
+    "arch": "--arch", "no_projector": "--no-projector", "projector_layers": "--projector-layers",
+    "projector_hidden": "--projector-hidden", "projector_dim": "--projector-dim",
+    "projector_l2_norm": "projector L2-norm (--no-projector-l2-norm)",
+    "memory_size": "--memory-size", "classifier": "--classifier", "tau": "--tau",
+    "ema_momentum": "--ema-momentum", "global_crops": "--global-crops",
+    "global_size": "--global-size", "global_scale": "--global-scale",
+    "local_crops": "--local-crops", "local_size": "--local-size", "local_scale": "--local-scale",
+    "blur_radius": "--blur-radius", "simple_aug": "--simple-aug", "momentum": "--momentum",
+    "weight_decay": "--weight-decay", "wd_all": "--wd-all", "dataset": "--dataset",
+    "class_names": "class names (--data, --classes)", "train_limit": "--train-limit",
+    "data_seed": "--data-seed", "seed": "--seed",
+}
 
 
 def projector_config(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
@@ -278,5 +369,5 @@ def plain_namespace(args: argparse.Namespace, **extra: Any) -> argparse.Namespac
     return ns
 
 
-__all__: List[str] = ["PRESETS", "build_parser", "apply_preset", "parse_args",
-                      "projector_config", "plain_namespace"]
+__all__: List[str] = ["PRESETS", "build_parser", "apply_preset", "check_options",
+                      "parse_args", "projector_config", "plain_namespace", "RESUME_MUST_MATCH"]

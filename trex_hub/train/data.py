@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ..transforms import ImageLoadError
 from .augment import EpochBatches, MultiCrop, MultiCropDataset
 from .batch_augment import BatchAugment, DecodedMultiCropDataset, collate_decoded
 from .config import LOADER_STARTS
@@ -148,19 +150,51 @@ def _stop_workers(it: Any, wait: float = 5.0) -> None:
             w.join(timeout=wait)
 
 
+# torch re-raises a worker's exception as "Caught KeyError in DataLoader worker process 0.\n
+# Original Traceback (most recent call last): ...", the worker's traceback ending in the line
+# "package.module.KeyError: message" (torch.utils._utils.ExceptionWrapper)
+_WORKER_ERROR = re.compile(r"Caught (\w+) in DataLoader worker process (\d+)\.\n"
+                           r"Original Traceback.*\n(?:[\w.]+\.)?\1: (.*?)\s*\Z", re.S)
+
+
+def worker_error(exc: BaseException) -> Optional[Tuple[str, str, str]]:
+    """``(type name, worker number, the exception's own message)`` of an exception that torch
+    re-raised from a loader worker; ``None`` for any other."""
+    match = _WORKER_ERROR.match(str(exc))
+    if match is None:
+        return None
+    kind, worker, message = match.groups()
+    return kind, worker, " ".join(message.split())
+
+
+def _image_error(exc: ImageLoadError, what: str) -> TrainingError:
+    """One line naming the file (not the worker's traceback, which torch's message holds)."""
+    found = worker_error(exc)
+    message = found[2] if found else str(exc)
+    return TrainingError(f"{message}; remove or fix the file (the {what} set reads every image "
+                         "each epoch), then run again (--resume goes on from the last "
+                         "checkpoint)")
+
+
 def loader_batches(loader: DataLoader, what: str) -> Iterator[Any]:
     """The batches of ``loader``; a batch that took longer than its ``timeout`` becomes a
     :class:`TrainingError` that says what to do (torch's own message names no cause or fix),
     after the workers are shut down (a stuck one is terminated: persistent workers would
-    otherwise live on with the loader)."""
+    otherwise live on with the loader). An unreadable image, and any other error a worker
+    raised, becomes one line too: torch's message for the latter holds the worker's whole
+    traceback, which a user must not get as the error line."""
     it = iter(loader)
     while True:
         try:
             batch = next(it)
         except StopIteration:
             return
+        except ImageLoadError as exc:
+            _stop_workers(it)
+            raise _image_error(exc, what) from exc
         except RuntimeError as exc:
             if not loader.timeout or "timed out" not in str(exc):
+                _raise_worker_error(it, exc, what)
                 raise
             _stop_workers(it)
             raise TrainingError(
@@ -169,7 +203,23 @@ def loader_batches(loader: DataLoader, what: str) -> Iterator[Any]:
                 "than expected. The last checkpoint written is kept (--resume goes on "
                 "from it). Try --loader-start spawn or fork, or --workers 0 to see the worker's "
                 "error here; for slow storage, raise --loader-timeout (0: no limit)") from exc
+        except Exception as exc:
+            _raise_worker_error(it, exc, what)
+            raise
         yield batch
+
+
+def _raise_worker_error(it: Any, exc: Exception, what: str) -> None:
+    """Raise a one-line :class:`TrainingError` for an error re-raised from a worker; return
+    for any other (raised in this process: its traceback is there for ``--debug``)."""
+    found = worker_error(exc)
+    if found is None:
+        return
+    kind, worker, message = found
+    _stop_workers(it)
+    raise TrainingError(
+        f"{what} loader worker {worker} failed: {kind}: {message}. Run with --workers 0 "
+        "(and --debug) to see where") from exc
 
 
 def device_batches(batches: Iterable[Any], data: TrainLoader, device: torch.device,
@@ -254,4 +304,4 @@ def build_train_loader(args: argparse.Namespace, train_data: Any, device: torch.
 
 __all__ = ["load_data", "resolve_aug", "TrainLoader", "multicrop_from_args",
            "build_train_loader", "device_batches", "worker_start_method", "worker_kwargs",
-           "loader_batches", "LOADER_STARTS"]
+           "loader_batches", "worker_error", "LOADER_STARTS"]

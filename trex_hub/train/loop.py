@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -107,10 +108,12 @@ class LossGuard:
             return
         value = float(self.value.item()) if int(self.first.item()) == step else float("nan")
         late = "" if step == now else f" (read {now - step} step(s) later)"
+        kept = (f"The last good checkpoint is {checkpoint}" if checkpoint.is_file() else
+                "No checkpoint was written yet")
         raise TrainingError(
             f"non-finite loss ({value}) at epoch {step // niter + 1}, iteration {step % niter}"
             f"{late} (lr {float(schedule[step]):.4g}); stopping. Lower --lr, check the data, or "
-            f"use --amp none. The last good checkpoint is {checkpoint}")
+            f"use --amp none. {kept}")
 
 
 def _compile_networks(module: TrainModule) -> None:
@@ -178,6 +181,61 @@ def _log(env: DistEnv, msg: str) -> None:
         print(f"[trex-train] {msg}", file=sys.stderr, flush=True)
 
 
+def earlier_run(out_dir: Path) -> List[str]:
+    """The files of an earlier run in ``out_dir`` that a new run would replace or append to."""
+    return [name for name in (CHECKPOINT_NAME, LOG_NAME) if (out_dir / name).exists()]
+
+
+def _refuse_earlier_run(args: argparse.Namespace, out_dir: Path) -> None:
+    """A run that neither continues (``--resume``) nor replaces (``--overwrite``) the run
+    already in ``out_dir`` would overwrite its checkpoint after one epoch and mix its own
+    records into the old log: stop before anything is built."""
+    if args.resume or getattr(args, "overwrite", False):
+        return
+    found = earlier_run(out_dir)
+    if found:
+        raise TrainingError(
+            f"{out_dir} already holds an earlier run ({', '.join(found)}): add --resume to "
+            "continue it, --overwrite to start afresh and replace it, or give another (empty) "
+            "--output-dir")
+
+
+def _clear_earlier_run(out_dir: Path) -> None:
+    """``--overwrite``: delete what an earlier run wrote, so that no later ``--resume`` picks
+    up its checkpoints and the log holds this run's epochs only."""
+    names = [CHECKPOINT_NAME, LOG_NAME] + [p.name for p in out_dir.glob("checkpoint*.pth")
+                                           if re.fullmatch(r"checkpoint\d{4,}\.pth", p.name)]
+    for name in names:
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def trim_log(path: Path, epochs_done: int) -> int:
+    """Keep the records of the first ``epochs_done`` epochs of ``path`` (a log of this loop);
+    returns how many lines were dropped. On resume the epochs after the checkpoint are trained
+    again, so their earlier records (and a line cut short by a crash) would otherwise appear
+    twice. The kept lines are unchanged; the file is rewritten atomically, only when needed."""
+    from ..fileio import atomic_write
+
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _log_epoch(line) <= epochs_done]
+    if len(kept) == len(lines) and all(line.endswith("\n") for line in kept):
+        return 0
+    text = "".join(line if line.endswith("\n") else line + "\n" for line in kept)
+    atomic_write(path, lambda fh: fh.write(text), mode="w")
+    return len(lines) - len(kept)
+
+
+def _log_epoch(line: str) -> float:
+    """The epoch of a log line; infinity for a line that is no record (cut short)."""
+    try:
+        epoch = json.loads(line)["epoch"]
+    except (ValueError, TypeError, KeyError):
+        return float("inf")
+    return epoch if isinstance(epoch, int) else float("inf")
+
+
 def train(args: argparse.Namespace) -> Dict[str, Any]:
     """Run (or continue) a training; returns the last epoch's log record."""
     env = setup_distributed(args.device)
@@ -193,6 +251,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
 
 def _train(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
     out_dir = Path(args.output_dir)
+    _refuse_earlier_run(args, out_dir)
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     cuda = env.device.type == "cuda"
@@ -243,11 +302,17 @@ def _train(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
     amp_mode, amp_dtype = _amp(args, env.device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_mode == "fp16")
 
+    saved_args = plain_namespace(
+        args, lr_schedule=schedule, num_classes=int(num_classes),
+        class_names=[str(c) for c in train_data.class_names], world_size=env.world_size,
+        iters_per_epoch=int(niter), peak_lr=float(peak), projector_l2_norm=bool(
+            args.projector_l2_norm and not args.no_projector))
     start_epoch = 0
     if args.resume:
         path = out_dir / CHECKPOINT_NAME if args.resume == "auto" else Path(args.resume)
         if path.is_file():
-            start_epoch = resume_from(path, module, optimizer, scaler, schedule, env)
+            start_epoch = resume_from(path, module, optimizer, scaler, schedule, env,
+                                      saved_args)
             _log(env, f"resumed from {path} after epoch {start_epoch}")
         elif args.resume == "auto":
             _log(env, f"--resume: no {path} yet, starting from scratch")
@@ -273,11 +338,8 @@ def _train(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
               f"{', torch.compile' if getattr(args, 'compile', False) else ''}")
 
     dump_dir = Path(args.debug_dump) if args.debug_dump else None
-    saved_args = plain_namespace(
-        args, lr_schedule=schedule, num_classes=int(num_classes),
-        class_names=[str(c) for c in train_data.class_names], world_size=env.world_size,
-        iters_per_epoch=int(niter), peak_lr=float(peak), projector_l2_norm=bool(
-            args.projector_l2_norm and not args.no_projector))
+    if env.is_main:
+        _start_log(args, env, out_dir, start_epoch)
     guard = LossGuard(env.device, env.distributed)
     last_good = out_dir / CHECKPOINT_NAME
     record: Dict[str, Any] = {}
@@ -338,6 +400,9 @@ def _train(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
         stopping = args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch
         every = max(1, int(args.checkpoint_every))
         keep = bool(args.save_every) and (epoch + 1) % args.save_every == 0
+        if env.is_main:  # before the checkpoint: a resume drops a record the checkpoint lacks
+            with open(out_dir / LOG_NAME, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
         if last or stopping or keep or (epoch + 1) % every == 0:
             states = all_gather_objects(rng_state(env.device), env)
             if env.is_main:
@@ -347,8 +412,6 @@ def _train(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
                     save_checkpoint(obj, out_dir / f"checkpoint{epoch + 1:04d}.pth")
                 del obj
         if env.is_main:
-            with open(out_dir / LOG_NAME, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
             val = "-" if record["val_top1"] is None else f"{record['val_top1']:.2f}"
             _log(env, f"epoch {epoch + 1}: loss {record['loss']:.4f} train top-1 "
                       f"{record['train_top1']:.2f} val top-1 {val} "
@@ -361,6 +424,19 @@ def _train(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
             record["stopped"] = True
             break
     return record
+
+
+def _start_log(args: argparse.Namespace, env: DistEnv, out_dir: Path, start_epoch: int) -> None:
+    """Before the first epoch (main process): ``--overwrite`` clears the earlier run, so late
+    that a run failing at its start (data, options) leaves it in place; a resumed run keeps
+    the log's records up to its checkpoint (``trim_log``)."""
+    if getattr(args, "overwrite", False):
+        _clear_earlier_run(out_dir)
+    elif args.resume:
+        dropped = trim_log(out_dir / LOG_NAME, start_epoch)
+        if dropped:
+            _log(env, f"{LOG_NAME}: dropped {dropped} line(s) after epoch {start_epoch}, the "
+                      "checkpoint's (those epochs run again)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,4 +472,4 @@ def _dump_step(folder: Path, step: int, images: List[torch.Tensor], labels: torc
 __all__ = ["train", "TrainingError", "DistEnv", "setup_distributed", "lr_schedule",
            "checkpoint_dict", "save_checkpoint", "resume_from", "evaluate", "load_data",
            "rng_state", "set_rng_state", "all_gather_cat", "LossGuard", "CHECKPOINT_NAME",
-           "LOG_NAME", "build_optimizer"]
+           "LOG_NAME", "build_optimizer", "trim_log", "earlier_run"]

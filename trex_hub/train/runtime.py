@@ -136,9 +136,72 @@ def save_checkpoint(obj: Dict[str, Any], path: Path) -> None:
     atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
+def _shown(value: Any) -> str:
+    """An option's value as it is written on the command line."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+def _class_difference(old: List[str], new: List[str]) -> str:
+    """Where two class lists part: their sizes, or the first name that differs (an ImageNet
+    list is too long to print)."""
+    if len(old) != len(new):
+        return f"{len(old)} classes (this run: {len(new)})"
+    k = next(i for i, (a, b) in enumerate(zip(old, new)) if a != b)
+    return f"class {k} '{old[k]}' (this run: '{new[k]}')"
+
+
+def setting_differences(saved: Any, current: argparse.Namespace) -> List[str]:
+    """``--option OLD (this run: NEW)`` for each option of ``RESUME_MUST_MATCH`` in which the
+    checkpoint's ``args`` and this run differ, in that order (the architecture first). An option
+    an older checkpoint does not record is not compared."""
+    from .config import RESUME_MUST_MATCH
+
+    missing = object()
+    out = []
+    for key, label in RESUME_MUST_MATCH.items():
+        old, new = getattr(saved, key, missing), getattr(current, key, missing)
+        if old is missing or new is missing:
+            continue
+        if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+            old, new = list(old), list(new)
+        if old == new:
+            continue
+        if key == "class_names":
+            out.append(f"{label}: {_class_difference(old, new)}")
+        else:
+            out.append(f"{label} {_shown(old)} (this run: {_shown(new)})")
+    return out
+
+
+def _network_difference(module: TrainModule, state: Dict[str, torch.Tensor]) -> str:
+    """A short account of why ``state`` does not load into ``module`` (torch's message lists
+    every key: tens of kilobytes for a ResNet)."""
+    mine = module.state_dict()
+    missing = [k for k in mine if k not in state]
+    unexpected = [k for k in state if k not in mine]
+    shapes = [k for k in mine if k in state and tuple(mine[k].shape) != tuple(state[k].shape)]
+    parts = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected),
+                       ("of another shape", shapes)):
+        if keys:
+            more = f", ... ({len(keys)} in all)" if len(keys) > 2 else ""
+            parts.append(f"{len(keys)} weight(s) {what} ({', '.join(keys[:2])}{more})")
+    return "; ".join(parts) or "the weights do not load"
+
+
 def resume_from(path: Path, module: TrainModule, optimizer: torch.optim.Optimizer, scaler: Any,
-                schedule: np.ndarray, env: DistEnv) -> int:
-    """Load a checkpoint written by this loop; returns the number of epochs already done."""
+                schedule: np.ndarray, env: DistEnv,
+                args: Optional[argparse.Namespace] = None) -> int:
+    """Load a checkpoint written by this loop; returns the number of epochs already done.
+
+    ``args`` (the ``args`` this run will save) must agree with the checkpoint's in every
+    option that defines what is learnt (``config.RESUME_MUST_MATCH``), and the lr schedule
+    must be the same: otherwise the run would go on with weights, memory labels or crops that
+    no longer fit, and the final checkpoint's ``args`` would describe only the new settings."""
     from ..checkpoint import CheckpointError, CheckpointReadError, torch_load
 
     try:
@@ -146,18 +209,25 @@ def resume_from(path: Path, module: TrainModule, optimizer: torch.optim.Optimize
     except (CheckpointError, CheckpointReadError) as exc:
         raise TrainingError(f"cannot resume: {exc}") from None
     saved = ckpt.get("args")
+    differ = setting_differences(saved, args) if args is not None else []
+    if differ:
+        raise TrainingError(
+            f"cannot resume from {path}: it was trained with other settings: "
+            f"{', '.join(differ)}. Give the checkpoint's values to continue it, or start a new "
+            "run (another --output-dir, or --overwrite)")
     old = getattr(saved, "lr_schedule", None)
     if old is None or len(old) != len(schedule) or not np.array_equal(old, schedule):
         raise TrainingError(
             f"cannot resume from {path}: its lr schedule ({0 if old is None else len(old)} "
             f"iterations) differs from this run's ({len(schedule)}); resume with the same "
-            "--epochs, --batch-size, number of processes, --lr, --warm-up and data")
+            "--epochs, --batch-size, number of processes, --lr, --warmup-epochs and data")
     state = {k[len("module."):] if k.startswith("module.") else k: v
              for k, v in ckpt["model"].items()}
     try:
         module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise TrainingError(f"cannot resume from {path}: the network differs ({exc})") from None
+    except RuntimeError:
+        raise TrainingError(f"cannot resume from {path}: the network differs: "
+                            f"{_network_difference(module, state)}") from None
     optimizer.load_state_dict(ckpt["optimizer"])
     for group in optimizer.param_groups:  # momentum in the parameters' layout (channels_last)
         for p in group["params"]:
@@ -179,4 +249,4 @@ def resume_from(path: Path, module: TrainModule, optimizer: torch.optim.Optimize
 
 __all__ = ["TrainingError", "DistEnv", "setup_distributed", "all_gather_cat", "all_gather_objects",
            "rng_state", "set_rng_state", "checkpoint_dict", "save_checkpoint", "resume_from",
-           "CHECKPOINT_NAME"]
+           "setting_differences", "CHECKPOINT_NAME"]
