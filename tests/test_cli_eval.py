@@ -230,6 +230,7 @@ def test_features_format_several_models(tmp_path, r18_ckpt, image_folder, capsys
     code, _, err = run_cli(["run", "--format", "features", "--data", tmp_path / "many",
                             "--models", "m1", "m3", "--out", tmp_path / "res2"], capsys)
     assert code == 1 and "m3" in err
+    assert not list((tmp_path / "res2").glob("*.json"))  # found before m1's search, not after
 
 
 def test_split_option_results_and_report_warns_when_mixed(tmp_path, r18_ckpt, image_folder,
@@ -295,3 +296,207 @@ def test_progress_bars_show_trials_and_features(tmp_path, r18_ckpt, image_folder
     assert code == 0, err
     assert "features colours trainval" in err and "img" in err
     assert "probe tiny_r18 seed 0" in err and "3/3" in err  # 2 trials + the refit
+
+
+# ---- review C: findings 2, 3, 5, 10 -------------------------------------------------------------
+def _two_trainings(root: Path):
+    """The documented layout runs/<name>/checkpoint.pth, twice, with different weights."""
+    import factories as fx
+
+    paths = []
+    for i, run in enumerate(("r0", "r2")):
+        (root / run).mkdir(parents=True)
+        fx.write_backbone_file(root / run / "checkpoint.pth", arch="resnet18", seed=i)
+        paths.append(root / run / "checkpoint.pth")
+    return paths
+
+
+def _no_model_loading(monkeypatch):
+    """Make any model load or feature extraction fail loudly: the checks must come first."""
+    from trex_hub.evaluation import runner
+
+    def boom(*a, **k):
+        raise RuntimeError("EXPENSIVE WORK STARTED")
+
+    monkeypatch.setattr(runner, "load_model", boom)
+    monkeypatch.setattr(runner, "compute_features", boom)
+
+
+def test_same_display_names_or_seeds_are_refused_before_any_work(tmp_path, image_folder, capsys,
+                                                                 monkeypatch):
+    r0, r2 = _two_trainings(tmp_path)
+    out = tmp_path / "res"
+    base = ["--format", "imagefolder", "--data", image_folder, "--out", out, "--trials", 2,
+            "--search", "grid", "--image-size", 32, "--threads", 1, "-q"]
+    _no_model_loading(monkeypatch)
+    code, _, err = run_cli(["run", "--models", r0, r2] + base, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert str(r0) in err and str(r2) in err and "'checkpoint'" in err and "--names" in err
+    assert "EXPENSIVE" not in err and not list(out.glob("*.json"))
+    for extra in (["--names", "a", "a"], ["--names", "a b", "a-b"]):  # same name / same file
+        code, _, err = run_cli(["run", "--models", r0, r2] + extra + base, capsys)
+        assert code == 2 and "--names" in err and "EXPENSIVE" not in err, err
+    code, _, err = run_cli(["run", "--models", r0, "--seeds", 0, 1, 0] + base, capsys)
+    assert code == 2 and "--seeds" in err and "0" in err and "EXPENSIVE" not in err, err
+    monkeypatch.undo()
+    code, md, err = run_cli(["run", "--models", r0, r2, "--names", "r0", "r2"] + base, capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.glob("*.json")) == ["r0__colours__seed0.json",
+                                                          "r2__colours__seed0.json"]
+
+
+def test_another_models_result_with_the_same_name_is_not_overwritten(tmp_path, image_folder,
+                                                                     capsys):
+    r0, r2 = _two_trainings(tmp_path)
+    out = tmp_path / "res"
+    base = ["--format", "imagefolder", "--data", image_folder, "--out", out, "--trials", 2,
+            "--search", "grid", "--image-size", 32, "--threads", 1]
+    code, _, err = run_cli(["run", "--models", r0] + base, capsys)
+    assert code == 0, err
+    (done,) = list(out.glob("*.json"))
+    before = done.read_text()
+    code, _, err = run_cli(["run", "--models", r2] + base, capsys)
+    assert code == 2 and str(done) in err and str(r0.resolve()) in err and "--names" in err, err
+    assert done.read_text() == before and "features of" not in err
+    code, _, err = run_cli(["run", "--models", r0] + base, capsys)  # the same model: a rerun
+    assert code == 0 and f"replacing {done}" in err, err
+
+
+def test_feature_cache_misses_when_an_exported_folder_or_the_images_change(
+        tmp_path, r18_ckpt, capsys):
+    import shutil
+
+    import factories as fx
+    import trex_hub
+
+    folder = tmp_path / "exp" / "fm"
+    trex_hub.save_pretrained(trex_hub.load(r18_ckpt), folder)
+    data = tmp_path / "cc"
+    write_images(data / "train", n=6)
+    write_images(data / "test", n=3, seed=1)
+    argv = ["run", "--models", folder, "--format", "imagefolder", "--data", data, "--trials", 2,
+            "--search", "grid", "--image-size", 32, "--threads", 1, "--cache", tmp_path / "cache"]
+
+    def top1(out):
+        code, _, err = run_cli(argv + ["--out", tmp_path / out], capsys)
+        assert code == 0, err
+        return json.loads(next((tmp_path / out).glob("*.json")).read_text())["top1"], err
+
+    _, err = top1("a")
+    assert "features from cache" not in err
+    _, err = top1("b")
+    assert "features from cache" in err  # unchanged: reused
+    shutil.rmtree(folder)  # re-exported: other weights, the same folder
+    other = tmp_path / "other.pth"
+    fx.write_backbone_file(other, arch="resnet18", seed=5)
+    trex_hub.save_pretrained(trex_hub.load(other), folder)
+    _, err = top1("c")
+    assert "features from cache" not in err, err
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+    for png in (data / "test" / "a").glob("*.png"):  # test images of class a now look like b
+        png.unlink()
+    write_images(data / "test_b", classes=("b",), n=3, seed=7)
+    for i, png in enumerate(sorted((data / "test_b" / "b").glob("*.png"))):
+        shutil.move(str(png), data / "test" / "a" / f"a{i}.png")
+    shutil.rmtree(data / "test_b")
+    cached, err = top1("d")
+    assert "features from cache" not in err, err
+    code, _, err = run_cli(argv[:-2] + ["--out", tmp_path / "e"], capsys)  # no cache at all
+    assert code == 0, err
+    fresh = json.loads(next((tmp_path / "e").glob("*.json")).read_text())["top1"]
+    assert cached == fresh
+
+
+def _extract_folder(model, image_folder, feats):
+    from trex_hub.cli import extract as extract_cli
+
+    for split in ("train", "test"):
+        assert extract_cli.main([str(model), str(image_folder / split), "-o",
+                                 str(feats / f"{split}.npy"), "--labels", "folder", "-j", "0",
+                                 "--threads", "1", "--no-progress", "-q"]) == 0
+
+
+def test_features_format_applies_classes_and_limits(tmp_path, r18_ckpt, image_folder, capsys):
+    feats = tmp_path / "feats"
+    _extract_folder(r18_ckpt, image_folder, feats)
+    capsys.readouterr()
+    code, md, err = run_cli(["run", "--format", "features", "--data", feats, "--out",
+                             tmp_path / "res", "--trials", 2, "--search", "grid", "--threads", 1,
+                             "-q", "--classes", "2,0", "--train-limit", 4, "--test-limit", 2],
+                            capsys)
+    assert code == 0, err
+    (f,) = list((tmp_path / "res").glob("*.json"))
+    res = json.loads(f.read_text())
+    assert res["dataset"] == "feats[2,0]" and res["class_names"] == ["c", "a"]
+    assert res["sizes"]["trainval"] == 4 and res["sizes"]["test"] == 2
+    assert res["sizes"]["num_classes"] == 2
+    code, _, err = run_cli(["run", "--format", "features", "--data", feats, "--out",
+                            tmp_path / "res2", "--classes", "5"], capsys)
+    assert code == 1 and "out of range" in err and "unexpected" not in err, err
+
+
+def test_features_subset_picks_the_images_the_image_path_picks(tmp_path, r18_ckpt, image_folder):
+    """The same --classes / --train-limit / --test-limit select the same images in both paths."""
+    from trex_hub.featurefile import read_features
+    from trex_hub.evaluation import runner
+
+    feats = tmp_path / "feats"
+    _extract_folder(r18_ckpt, image_folder, feats)
+    for classes, tr, te, seed in (("2,0", 4, 2, 0), ("1-2", 5, 3, 3), (None, 7, None, 1)):
+        opts = runner.DataOptions("imagefolder", str(image_folder), classes=classes,
+                                  train_limit=tr, test_limit=te, subset_seed=seed)
+        parts = runner.load_image_dataset(opts)
+        sets = runner.load_feature_sets(feats, None, several=False)
+        # feature rows replaced by their row numbers, to see which rows were kept
+        rows = (np.arange(len(sets[0]), dtype=np.float32)[:, None], sets[1],
+                np.arange(len(sets[2]), dtype=np.float32)[:, None], sets[3], sets[4])
+        fopts = runner.DataOptions("features", str(feats), classes=classes, train_limit=tr,
+                                   test_limit=te, subset_seed=seed)
+        Xtr, ytr, Xte, yte, names = runner.subset_features(rows, fopts)
+        assert names == parts["train"].class_names
+        for split, X, y in (("train", Xtr, ytr), ("test", Xte, yte)):
+            manifest = [r["path"] for r in read_features(feats / f"{split}.npy")[1]]
+            picked = [manifest[int(i)] for i in X[:, 0]]
+            expect = [Path(p).relative_to(image_folder / split).as_posix()
+                      for p in parts[split].items]
+            assert picked == expect and y.tolist() == parts[split].labels.tolist()
+
+
+def test_one_trainval_image_per_class_fails_before_the_features(tmp_path, r18_ckpt, image_folder,
+                                                                 capsys, monkeypatch):
+    _no_model_loading(monkeypatch)
+    for probe in ("logreg", "sgd"):
+        code, _, err = run_cli(["run", "--models", r18_ckpt, "--format", "imagefolder", "--data",
+                                image_folder, "--out", tmp_path / "o", "--trials", 2,
+                                "--train-limit", 3, "--probe", probe], capsys)
+        assert code == 1 and err.count("\n") == 1, err
+        assert "2 trainval images" in err and "--train-limit 3" in err, err
+        assert "EXPENSIVE" not in err and "Trial" not in err
+
+
+def test_out_and_cache_are_checked_before_any_work(tmp_path, r18_ckpt, image_folder, capsys,
+                                                   monkeypatch):
+    _no_model_loading(monkeypatch)
+    base = ["run", "--models", r18_ckpt, "--format", "imagefolder", "--data", image_folder,
+            "--trials", 2]
+    code, _, err = run_cli(base + ["--out", r18_ckpt], capsys)
+    assert code == 2 and f"--out {r18_ckpt}" in err and "EXPENSIVE" not in err, err
+    code, _, err = run_cli(base + ["--out", tmp_path / "o", "--cache", r18_ckpt], capsys)
+    assert code == 2 and f"--cache {r18_ckpt}" in err and "EXPENSIVE" not in err, err
+    code, _, err = run_cli(base + ["--out", r18_ckpt / "sub"], capsys)
+    assert code == 2 and "--out" in err and "EXPENSIVE" not in err, err
+
+
+def test_report_names_a_malformed_result_file(tmp_path, capsys):
+    folder = tmp_path / "rbad"
+    folder.mkdir()
+    bad = folder / "a.json"
+    schema = "trex_hub.eval.result/1"
+    for body, field in (({"dataset": "x", "seed": 0, "top1": 50.0}, "'model'"),
+                        ({"model": "m", "dataset": "x", "seed": 0, "top1": "high"}, "'top1'"),
+                        ({"model": "m", "dataset": "x", "seed": 0, "top1": 150.0}, "'top1'"),
+                        ({"model": "m", "dataset": "x", "seed": "0", "top1": 50.0}, "'seed'")):
+        bad.write_text(json.dumps({"schema": schema, **body}))
+        code, _, err = run_cli(["report", folder], capsys)
+        assert code == 1 and str(bad) in err and field in err, err
+        assert "unexpected" not in err and err.count("\n") == 1, err

@@ -351,3 +351,38 @@ def test_resize_transform_is_the_transfer_preset_at_another_size():
     got = build_resize_transform(112)(img)
     assert got.shape == (3, 112, 112)
     assert torch.equal(got, ref(img))
+
+
+def test_one_trainval_image_per_class_is_refused_with_the_reason():
+    x, y = blobs(n_per_class=1, classes=3, dim=4)
+    for probe in ("logreg", "sgd"):
+        with pytest.raises(ValueError, match="at least 2 trainval images"):
+            evaluate_features(x, y, x, y, config=ProtocolConfig(probe=probe, trials=2,
+                                                                search="grid"), seed=0)
+    y2 = np.array([0, 0, 1, 2])  # one class with two images is enough: the search has a row
+    x2 = np.vstack([x, x[:1]])
+    res = evaluate_features(x2, np.sort(y2), x, y, config=ProtocolConfig(trials=2,
+                                                                        search="grid"), seed=0)
+    assert res["sizes"]["train"] == 1
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"dataset": "x", "seed": 0, "top1": 50.0}, "'model'"),
+    ({"model": "", "dataset": "x", "seed": 0, "top1": 50.0}, "'model'"),
+    ({"model": "m", "dataset": 3, "seed": 0, "top1": 50.0}, "'dataset'"),
+    ({"model": "m", "dataset": "x", "seed": True, "top1": 50.0}, "'seed'"),
+    ({"model": "m", "dataset": "x", "seed": 0}, "'top1'"),
+    ({"model": "m", "dataset": "x", "seed": 0, "top1": "high"}, "'top1'"),
+    ({"model": "m", "dataset": "x", "seed": 0, "top1": 150.0}, "'top1'"),
+    ({"model": "m", "dataset": "x", "seed": 0, "top1": 50.0, "top5": "x"}, "'top5'"),
+    ({"model": "m", "dataset": "x", "seed": 0, "top1": 50.0, "sizes": []}, "'sizes'"),
+    ({"model": "m", "dataset": "x", "seed": 0, "top1": 50.0, "sizes": {"test": 0}}, "'sizes'"),
+    ({"model": "m", "dataset": "x", "seed": 0, "top1": 50.0, "created": 5}, "'created'"),
+])
+def test_load_results_names_the_file_and_field_of_a_malformed_result(tmp_path, body, field):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"schema": results.SCHEMA, **body}))
+    with pytest.raises(results.ResultsError) as info:
+        results.load_results([tmp_path])
+    assert str(bad) in str(info.value) and field in str(info.value)
+    report.aggregate([fake("m", "x", 0, 50.0)])  # a valid one still aggregates

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="models to compare side by side (optional with --format features)")
     g.add_argument("--names", nargs="+", metavar="NAME",
                    help="display names for --models, one each (default: the name, or the file "
-                   "name of a path)")
+                   "name of a path); names that would share a result file are refused, e.g. "
+                   "two runs/*/checkpoint.pth")
     g.add_argument("--format", required=True, metavar="FORMAT",
                    help="imagefolder | fashion-mnist | features | aircraft | cars | dtd | "
                    "eurosat | flowers102 | pets | food101 | sun397")
@@ -94,11 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="name of the dataset in results and reports (default from the format "
                    "or folder)")
     g.add_argument("--out", required=True, metavar="RESULTS_DIR",
-                   help="folder for the result JSON files (created)")
+                   help="folder for the result JSON files (created); a result another model "
+                   "wrote under the same name is never replaced")
 
     d = r.add_argument_group("dataset subset")
     d.add_argument("--classes", metavar="SPEC",
-                   help="keep these classes, relabelled in this order: '0-4', '5,6,7,8,9'")
+                   help="keep these classes, relabelled in this order: '0-4', '5,6,7,8,9' or "
+                   "class names; indices follow the dataset's class list (sorted class folders; "
+                   "for features, the sorted labels). Applies to every format")
     d.add_argument("--train-limit", type=_positive_int, metavar="N",
                    help="class-balanced seeded subset of N trainval images")
     d.add_argument("--test-limit", type=_positive_int, metavar="N",
@@ -150,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads for torch and for the probe's BLAS (default: the "
                    "libraries' choice; 1 is often fastest on a busy machine)")
     f.add_argument("--cache", metavar="DIR",
-                   help="keep computed features in DIR and reuse them when the model file, "
-                   "dataset, subset and image size are unchanged")
+                   help="keep computed features in DIR and reuse them when the weights (by "
+                   "content), the images (paths, sizes, modification times), the dataset "
+                   "options and the image size are unchanged")
     r.add_argument("-q", "--quiet", action="store_true", help="print only the final table")
     add_debug_flag(r)
     r.add_argument("--no-progress", dest="progress", action="store_false",
@@ -196,7 +201,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from ..datasets import DatasetError
     from ..evaluation import report as rpt
     from ..evaluation.protocol import ProtocolConfig
-    from ..evaluation.runner import DataOptions, EvalError, FeatureOptions, normalise_format, run
+    from ..evaluation.runner import (DataOptions, EvalError, EvalUsageError, FeatureOptions,
+                                     normalise_format, run)
 
     with failing_on(EvalError, code=EXIT_USAGE):
         fmt = normalise_format(args.format)
@@ -228,7 +234,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     progress = wants_progress(args.progress and not args.quiet)
     try:
         with failing_on(DatasetError, EvalError, ValueError, RuntimeError, OSError, ImportError,
-                        KeyError):
+                        KeyError), failing_on(EvalUsageError, code=EXIT_USAGE):
             summary = run(args.models, data, args.out, seeds=args.seeds, protocol=cfg,
                           features=feats, names=args.names, log=_log(args.quiet, progress),
                           progress=progress)

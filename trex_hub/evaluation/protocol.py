@@ -125,6 +125,27 @@ def _thread_limit(threads: Optional[int]):
         torch.set_num_threads(old)
 
 
+def search_split(labels: np.ndarray, seed: int,
+                 config: Optional[ProtocolConfig] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """(train indices, val indices) of trainval for the search, refused when train is empty.
+
+    When every class has a single trainval image, the validation split (at least one image per
+    class) takes them all and the probes would fail deep inside scikit-learn or torch with a
+    message that does not say why; this says why, and callers can ask before extracting
+    features (the sizes depend on the class counts only, not on the seed).
+    """
+    cfg = config or ProtocolConfig()
+    labels = np.asarray(labels, dtype=np.int64)
+    tr_idx, val_idx = validation_split(labels, seed, cfg.val_fraction, rule=cfg.split)
+    if len(tr_idx) == 0:
+        raise ValueError(
+            f"{len(labels)} trainval image(s) in {len(np.unique(labels))} class(es), one per "
+            f"class: the validation split ({cfg.val_fraction:.0%} of each class, at least one "
+            "image) takes them all and leaves the search nothing to fit; each class needs at "
+            "least 2 trainval images")
+    return tr_idx, val_idx
+
+
 def _fit(kind: str, X: np.ndarray, y: np.ndarray, params: Dict[str, float], num_classes: int,
          cfg: ProtocolConfig, seed: int, streams: Optional[TorchStreams]) -> LinearProbe:
     if kind == "logreg":
@@ -169,7 +190,7 @@ def evaluate_features(train_features: np.ndarray, train_labels: np.ndarray,
     say = log or (lambda msg: None)
     t0 = time.time()
 
-    tr_idx, val_idx = validation_split(ytv, seed, cfg.val_fraction, rule=cfg.split)
+    tr_idx, val_idx = search_split(ytv, seed, cfg)
     if kind == "logreg":
         space = {"C": tuple(cfg.c_range)}
     else:

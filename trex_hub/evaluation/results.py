@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, Iterable, List, Optional
 
 from ..fileio import PathLike
 
@@ -104,11 +105,65 @@ def find_result_files(paths: Iterable[PathLike]) -> List[Path]:
     return files
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _percent_problem(data: Dict[str, Any], key: str, required: bool) -> Optional[str]:
+    if key not in data:
+        return f"'{key}' is missing" if required else None
+    value = data[key]
+    if not _is_number(value):
+        return f"'{key}' must be a number, not {_show(value)}"
+    if math.isnan(value) and not required:  # an optional metric that could not be measured
+        return None
+    if not 0.0 <= value <= 100.0:
+        return f"'{key}' must lie in [0, 100], not {_show(value)}"
+    return None
+
+
+def result_problem(data: Dict[str, Any]) -> Optional[str]:
+    """What makes a dict tagged with :data:`SCHEMA` unusable by the report, or ``None``.
+
+    The schema tag alone is trusted by nothing: a hand-edited or truncated file would otherwise
+    end the report in a bare ``KeyError`` or ``could not convert`` that names no file.
+    """
+    for key in ("model", "dataset"):
+        if key not in data:
+            return f"'{key}' is missing"
+        if not isinstance(data[key], str) or not data[key]:
+            return f"'{key}' must be a non-empty string, not {_show(data[key])}"
+    if "seed" not in data:
+        return "'seed' is missing"
+    if not isinstance(data["seed"], int) or isinstance(data["seed"], bool):
+        return f"'seed' must be an integer, not {_show(data['seed'])}"
+    for key, required in (("top1", True), ("top5", False), ("mean_per_class", False)):
+        problem = _percent_problem(data, key, required)
+        if problem:
+            return problem
+    sizes = data.get("sizes", {})
+    if not isinstance(sizes, dict):
+        return f"'sizes' must be an object, not {_show(sizes)}"
+    n_test = sizes.get("test", 1)
+    if not isinstance(n_test, int) or isinstance(n_test, bool) or n_test < 1:
+        return f"'sizes' must give 'test' as a positive integer, not {_show(n_test)}"
+    if not isinstance(data.get("created", ""), str):
+        return f"'created' must be a date string, not {_show(data['created'])}"
+    return None
+
+
 def load_results(paths: Iterable[PathLike], warn=None) -> List[Dict[str, Any]]:
     """Every result JSON below ``paths`` (files or folders, recursive).
 
-    Files that are not results (other JSON) are skipped with a warning. When the same
-    (model, dataset, seed) appears more than once, the most recently created one wins.
+    Files that are not results (other JSON) are skipped with a warning; a file tagged as a
+    result whose fields are missing or of the wrong type (:func:`result_problem`) stops the load
+    with a :class:`ResultsError` naming it, since leaving it out would change the report. When the
+    same (model, dataset, seed) appears more than once, the most recently created one wins.
     """
     say = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
     best: Dict[tuple, Dict[str, Any]] = {}
@@ -122,6 +177,10 @@ def load_results(paths: Iterable[PathLike], warn=None) -> List[Dict[str, Any]]:
         if not isinstance(data, dict) or data.get("schema") != SCHEMA:
             say(f"{f}: skipped, not a trex-eval result")
             continue
+        problem = result_problem(data)
+        if problem:
+            raise ResultsError(f"{f}: a broken trex-eval result: {problem}; repair the file or "
+                               "move it out of the folder (trex-eval run writes it again)")
         data["_file"] = str(f)
         key = (data["model"], data["dataset"], data["seed"])
         if key in best:
