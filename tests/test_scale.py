@@ -429,6 +429,11 @@ def test_the_pixel_limit_holds_whichever_decoder_runs(r18_path, tmp_path):  # no
     data = (folder / "big.jpg").read_bytes()
     assert jpeg_extent(data) == len(data) and jpeg_extent(data, 1_920_000) == len(data)
     assert jpeg_extent(data, 1_919_999) is None
+    assert jpeg_extent(data, 1_920_000, resize=224) == len(data)  # 299 x 224 after the resize
+    thin = io.BytesIO()
+    Image.new("RGB", (4000, 8)).save(thin, format="JPEG")
+    assert jpeg_extent(thin.getvalue(), 1_000_000) is not None  # 32,000 pixels...
+    assert jpeg_extent(thin.getvalue(), 1_000_000, resize=224) is None  # ...112,000 x 224 after
     for decode in ("cpu", "gpu"):
         out = tmp_path / f"{decode}.npy"
         assert main([str(r18_path), str(folder), "-o", str(out), "-q", "--decode", decode,

@@ -70,3 +70,38 @@ def test_preset_geometry_comes_from_the_presets():
         resize, crop, interp = preset_geometry(name)
         assert (resize, crop, interp.value) == (cfg.resize, cfg.crop, cfg.interpolation)
     assert preset_geometry(None) is None
+
+
+def test_an_extreme_aspect_ratio_is_refused_before_the_resize(tmp_path):
+    """A 140-byte 1 x 20,000 PNG passed the decompression-bomb check, then Resize(224) made a
+    224 x 4,480,000 image (5 GB, 13 s) for the centre crop to throw away."""
+    import time
+
+    from trex_hub.cli.extract import main
+    from trex_hub.featurefile import read_features
+    from trex_hub.transforms import Decoder, ImageLoadError, resized_size
+
+    import factories as fx
+
+    assert resized_size(500, 375, 224) == (298, 224) and resized_size(1, 20000, 224) == (
+        224, 4480000)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (20000, 1), (128, 128, 128)).save(folder / "thin.png")
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(folder / "ok.png")
+    t0 = time.perf_counter()
+    with pytest.raises(ImageLoadError, match=r"thin.png\): refused: resizing 20000x1 to a "
+                                             r"shorter side of 224 px would make 4480000x224"):
+        Decoder("transfer")(folder / "thin.png")
+    assert time.perf_counter() - t0 < 2
+    # the limit is the decompression-bomb limit: a wide image far below it is decoded as before
+    assert Decoder("transfer")(Image.new("RGB", (3000, 10))).shape == (224, 224, 3)
+    ckpt = tmp_path / "r18.pth"
+    fx.write_backbone_file(ckpt, arch="resnet18")
+    for decode in ("cpu", "gpu"):  # the tensor path leaves it to PIL, which refuses it
+        out = tmp_path / f"{decode}.npy"
+        assert main([str(ckpt), str(folder), "-o", str(out), "-q", "--decode", decode]) == 0
+        feats, rows = read_features(out)
+        by_name = {r["path"]: r for r in rows}
+        assert feats.shape[0] == 1 and by_name["thin.png"]["status"] == "failed"
+        assert "extreme aspect ratio" in by_name["thin.png"]["error"]

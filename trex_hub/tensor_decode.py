@@ -22,6 +22,7 @@ features; ``decode="cpu"`` stays the exact reference.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import struct
 import warnings
@@ -34,7 +35,7 @@ import torch
 
 from .decoding import Batch, decode_item, in_background
 from .preprocess import PreprocessConfig
-from .transforms import Decoder, ImageLoadError, pixel_limit
+from .transforms import Decoder, ImageLoadError, pixel_limit, resized_size
 
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
@@ -64,12 +65,13 @@ _SEQUENTIAL = {0xC0, 0xC1}  # sequential Huffman frames (baseline, extended)
 _EOI = b"\xff\xd9"
 
 
-def jpeg_extent(data: Union[bytes, bytearray],
-                max_pixels: Optional[int] = None) -> Optional[int]:
+def jpeg_extent(data: Union[bytes, bytearray], max_pixels: Optional[int] = None,
+                resize: Optional[int] = None) -> Optional[int]:
     """How many leading bytes of ``data`` the tensor path decodes, or ``None`` when it would not
     decode them as PIL does. It takes JPEGs of 1 (grey) or 3 (YCbCr) components without an
     EXIF rotation, up to their end-of-image marker, and with ``max_pixels`` no more pixels than
-    that (the PIL path refuses a larger one with the usual message, whichever decoder runs).
+    that, nor after ``Resize(resize)`` (the PIL path refuses a larger one with the usual
+    message, whichever decoder runs).
     Reads the markers up to the first scan.
 
     The end marker keeps truncated files away from nvJPEG, which decodes them without an error
@@ -99,6 +101,9 @@ def jpeg_extent(data: Union[bytes, bytearray],
             height, width = struct.unpack(">HH", seg[1:5])
             if max_pixels is not None and not 0 < height * width <= max_pixels:
                 return None  # 0: a height given later (DNL), which PIL handles
+            if max_pixels is not None and resize and math.prod(
+                    resized_size(width, height, resize)) > max_pixels:
+                return None
             frame, components = marker, seg[5]
         elif marker == 0xDA:  # the first scan
             if frame is None:  # a scan before any frame header: malformed
@@ -154,11 +159,11 @@ def file_bytes(path: Union[str, os.PathLike],
     return buf
 
 
-def read_jpeg_file(path: Union[str, os.PathLike],
-                   max_pixels: Optional[int] = None) -> Optional[torch.Tensor]:
+def read_jpeg_file(path: Union[str, os.PathLike], max_pixels: Optional[int] = None,
+                   resize: Optional[int] = None) -> Optional[torch.Tensor]:
     """The JPEG bytes of ``path`` (:func:`jpeg_extent`: without data after the end marker) as a
     uint8 tensor when the tensor path decodes them as PIL would; ``None`` otherwise: unreadable
-    files, images over ``max_pixels``, and files over :data:`MAX_JPEG_BYTES`, which are not
+    files, images over ``max_pixels`` (before or after ``Resize(resize)``), and files over :data:`MAX_JPEG_BYTES`, which are not
     read into memory (the PIL fallback then decides, or names the problem)."""
     try:
         data = file_bytes(path, MAX_JPEG_BYTES)
@@ -166,7 +171,7 @@ def read_jpeg_file(path: Union[str, os.PathLike],
         return None
     if data is None:
         return None
-    n = jpeg_extent(data, max_pixels)
+    n = jpeg_extent(data, max_pixels, resize)
     if n is None:
         return None
     raw = torch.frombuffer(data, dtype=torch.uint8)
@@ -314,7 +319,7 @@ def tensor_batches(groups: Iterable[Sequence[int]], fetch: Callable[[int], Any],
                 raise
             return pos, None, (None, str(exc))
         if isinstance(item, (str, os.PathLike)):
-            raw = read_jpeg_file(item, limit)
+            raw = read_jpeg_file(item, limit, cfg.resize)
             if raw is not None:
                 return pos, (item, raw), None
         return pos, None, fallback(pos, item)

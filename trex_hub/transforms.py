@@ -189,6 +189,26 @@ def pixel_limit(max_pixels: Optional[int]) -> int:
     return min(max_pixels, MAX_PIXELS_CEILING) if max_pixels > 0 else MAX_PIXELS_CEILING
 
 
+def resized_size(width: int, height: int, resize: int) -> Tuple[int, int]:
+    """``(width, height)`` after ``Resize(resize)``: the shorter side made ``resize``, the longer
+    scaled and truncated (torchvision's rule for an int size)."""
+    if width <= height:
+        return resize, int(resize * height / width)
+    return int(resize * width / height), resize
+
+
+def check_resize(width: int, height: int, resize: int, limit: int, what: str) -> None:
+    """Refuse an image whose resized copy would hold more than ``limit`` pixels: a file of a few
+    bytes with an extreme aspect ratio (1 x 20,000 px) passes the decompression-bomb check, then
+    resizing its shorter side to 224 px made a 224 x 4,480,000 image (5 GB, 13 s) that the
+    centre crop throws away."""
+    w, h = resized_size(width, height, resize)
+    if w * h > limit:
+        raise ImageLoadError(f"{what}: refused: resizing {width}x{height} to a shorter side of "
+                             f"{resize} px would make {w}x{h} = {w * h} pixels, over the limit "
+                             f"of {limit} (an extreme aspect ratio)")
+
+
 def _draft(img: Image.Image, draft_size: Optional[int]) -> None:
     """Let the JPEG decoder scale by 1/2, 1/4 or 1/8 while the shorter side stays at least
     ``draft_size`` (only when that saves at least half of each side)."""
@@ -278,6 +298,7 @@ class Decoder:
         # already normalised tensors (every other batch is normalised by the inference model)
         self.mean, self.std = tuple(mean), tuple(std)
         self.max_pixels = max_pixels
+        self.resize = geo[0] if geo else None
         self.draft_size = geo[0] if (geo and draft) else None
         self.ops = []
         if geo is not None:
@@ -287,6 +308,10 @@ class Decoder:
 
     def __call__(self, item: Any, what: str = "image") -> np.ndarray:
         img = open_image(item, what, draft_size=self.draft_size, max_pixels=self.max_pixels)
+        if self.resize is not None:
+            if isinstance(item, (str, os.PathLike)):
+                what = f"{what} ({item})"  # as open_image names a file
+            check_resize(*img.size, self.resize, pixel_limit(self.max_pixels), what)
         for op in self.ops:
             img = op(img)
         arr = np.asarray(img)
