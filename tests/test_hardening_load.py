@@ -232,6 +232,19 @@ def test_a_missing_path_is_called_missing_not_an_unknown_model(tmp_path, monkeyp
         trex_hub.load("trex_sta")  # a name, not a path: the registry's suggestion
 
 
+def test_a_local_file_that_is_no_checkpoint_is_not_told_to_download_it_again(tmp_path):
+    """"Delete it and download it again" fits the download cache's files, not an image passed
+    as the model by mistake."""
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "img.jpg")
+    with pytest.raises(CheckpointError) as info:
+        trex_hub.load(tmp_path / "img.jpg")
+    msg = str(info.value)
+    assert msg.startswith(f"{tmp_path / 'img.jpg'}: not a readable PyTorch checkpoint")
+    assert "download it again" not in msg and "Give a checkpoint: a .pth" in msg
+
+
 def test_a_folder_named_like_a_model_is_named_in_a_warning(export, tmp_path, monkeypatch):
     """The registry name wins (it always did); the warning says how to load the folder."""
     import shutil

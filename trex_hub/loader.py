@@ -103,7 +103,23 @@ def read_weights(src: WeightsSource, *, ema: bool = False, cache_dir: Optional[P
             _check_arch(src.entry, ckpt, src.hf_id)
         return ckpt
     assert src.path is not None
-    return read_checkpoint(src.path, ema=ema)
+    return _read_local(src.path, ema)
+
+
+#: the hint for a file the user named (not one of the cache's, which can be downloaded again)
+_LOCAL_HINT = ("Give a checkpoint: a .pth / .safetensors file, or a folder written by "
+               "save_pretrained / trex-train export.")
+
+
+def _read_local(path: Path, ema: bool) -> Checkpoint:
+    """A local checkpoint; an unreadable one gets advice about the argument, not "download it
+    again", which only fits files of the download cache."""
+    try:
+        return read_checkpoint(path, ema=ema)
+    except CheckpointError as exc:
+        if "download it again" not in exc.hint:
+            raise
+        raise CheckpointError(exc.problem, _LOCAL_HINT) from None
 
 
 def read_architecture(src: WeightsSource, *, ema: bool = False,
@@ -119,7 +135,7 @@ def read_architecture(src: WeightsSource, *, ema: bool = False,
                                               revision=src.revision, progress=progress,
                                               **hub_kwargs))
     assert src.path is not None
-    return read_checkpoint(src.path, ema=ema).config
+    return _read_local(src.path, ema).config
 
 
 def _model_name(src: WeightsSource, config: Dict[str, Any]) -> str:
