@@ -293,3 +293,100 @@ def test_resume_after_sigkill_gives_identical_file(ckpt, tmp_path):
     feats, rows = read_features(out)
     assert feats.shape == (95, 512) and rows[50]["status"] == "failed"
 
+
+
+# --------------------------------------------------------------------------------------------
+# bad flags and outputs: usage errors before any work, no parts folder left behind
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag,value,words", [
+    ("--device", "foo", "--device foo: use auto, cpu, cuda or cuda:N"),
+    ("--device", "meta", "--device meta: use auto, cpu, cuda or cuda:N"),
+    ("--device", "cuda:x", "--device cuda:x: use auto, cpu, cuda or cuda:N"),
+    ("--threads", "-2", "--threads must be >= 1"),
+    ("--threads", "0", "--threads must be >= 1"),
+])
+def test_bad_device_or_threads_is_a_usage_error_naming_the_flag(ckpt, folder, tmp_path, capsys,
+                                                                flag, value, words):
+    root, _ = folder
+    assert run(ckpt, root / "cats", "-o", tmp_path / "o" / "f.npy", flag, value) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and "unexpected" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cuda_device_this_machine_lacks_is_a_usage_error(ckpt, folder, tmp_path, capsys,
+                                                           monkeypatch):
+    root, _ = folder
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert run(ckpt, root / "cats", "-o", tmp_path / "f.npy", "--device", "cuda:0") == 2
+    assert "--device cuda:0: CUDA is not available here" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert run(ckpt, root / "cats", "-o", tmp_path / "f.npy", "--device", "cuda:2") == 2
+    assert "--device cuda:2: this machine has 2 CUDA devices (cuda:0 to cuda:1)" in \
+        capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_that_is_a_folder_is_a_usage_error(ckpt, folder, tmp_path, capsys):
+    """Before: "exists; pass --overwrite", and with --overwrite a failed merge after all the
+    work, naming a temporary file, with the parts folder left behind."""
+    root, _ = folder
+    out = tmp_path / "f.npy"
+    out.mkdir()
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        assert run(ckpt, root / "cats", "-o", out, *extra) == 2
+        err = capsys.readouterr().err
+        assert f"-o {out} is a folder; give a file name" in err, err
+    (tmp_path / "plain").write_text("a file where a folder is wanted")
+    assert run(ckpt, root / "cats", "-o", tmp_path / "plain" / "f.npy") == 2
+    assert f"{tmp_path / 'plain'} is a file, not a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.npy", "plain"]
+    assert list(out.iterdir()) == []
+
+
+def test_a_run_that_fails_before_any_commit_leaves_no_parts_folder(ckpt, folder, tmp_path,
+                                                                    capsys, monkeypatch):
+    """Nothing was computed, so nothing is kept: the next plain run starts afresh instead of
+    being refused with "holds an unfinished run"."""
+    from trex_hub import extract_run
+
+    root, _ = folder
+    out = tmp_path / "f.npy"
+
+    def gone(*args, **kwargs):
+        raise RuntimeError("the device is gone")
+
+    with monkeypatch.context() as m:
+        m.setattr(extract_run, "prepare", gone)
+        assert run(ckpt, root / "cats", "-o", out) == 1
+    assert "the device is gone" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert run(ckpt, root / "cats", "-o", out) == 0
+    assert read_features(out)[0].shape == (3, 512)
+
+
+# --------------------------------------------------------------------------------------------
+# list files
+# --------------------------------------------------------------------------------------------
+
+
+def test_list_paths_are_relative_to_the_list_and_a_missing_one_names_the_path_tried(
+        ckpt, folder, tmp_path, capsys, monkeypatch):
+    root, _ = folder
+    shutil.copytree(root / "cats", tmp_path / "cats")
+    (tmp_path / "lists").mkdir()
+    # the first line is relative to the working folder (a common mistake), the second to the list
+    (tmp_path / "lists" / "train.txt").write_text("cats/0.png\n../cats/0.png\n")
+    monkeypatch.chdir(tmp_path)
+    assert run(ckpt, "lists/train.txt", "-o", "f.npy") == 0
+    err = capsys.readouterr().err
+    feats, rows = read_features(tmp_path / "f.npy")
+    assert [r["status"] for r in rows] == ["failed", "ok"] and feats.shape == (1, 512)
+    why = ("no such file: lists/cats/0.png (relative paths in a list file are resolved against "
+           "the list file's folder)")
+    assert rows[0]["error"] == why
+    assert f"skipped cats/0.png: {why}" in err

@@ -102,3 +102,14 @@ def test_collect_inputs_orders(tmp_path):
     assert entries[0].path == str(tmp_path / "root" / "c.bmp")
     with pytest.raises(FileNotFoundError):
         collect_inputs([tmp_path / "missing"])
+
+
+def test_a_list_saved_with_a_byte_order_mark_reads_its_first_path(tmp_path):
+    """Windows Notepad starts a UTF-8 file with a BOM (and ends lines with CRLF): the BOM is
+    not part of the first path."""
+    touch(tmp_path, "a.png", "b.png")
+    lst = tmp_path / "list.txt"
+    lst.write_bytes(b"\xef\xbb\xbfa.png\r\nb.png\tlabel\r\n")
+    entries = collect_inputs([lst])
+    assert [(e.rel, e.label) for e in entries] == [("a.png", None), ("b.png", "label")]
+    assert all(os.path.isfile(e.path) for e in entries)

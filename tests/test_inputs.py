@@ -184,3 +184,29 @@ def test_extract_on_cuda(tmp_path):
     for precision in ("bf16", "fp16"):
         low = gpu.extract([arr, arr], precision=precision)
         assert float((low - ref).abs().max() / ref.abs().max()) < 1e-2, precision
+
+
+def test_a_3d_array_is_one_image(model):
+    """A 3-D array is one HxWxC image, however short: a 4x64 RGB strip is not 4 rows."""
+    strip = rgb_array(4, 64)
+    feats = model.extract(strip)
+    assert feats.shape == (1, 512)
+    assert torch.allclose(feats, reference(model, Image.fromarray(strip)), atol=1e-4, rtol=1e-4)
+
+
+def test_channels_first_arrays_are_refused_with_the_fix(model):
+    """A CxHxW array (torch's layout) is not taken as C grayscale images: the error names the
+    shape and the transpose that fixes it, as an image alone, in a list or in a 4-D batch."""
+    chw = np.ascontiguousarray(rgb_array(64, 64).transpose(2, 0, 1))
+    for images, shape in ((chw, chw.shape), ([chw], chw.shape), (chw[None], chw.shape),
+                          (chw[:1], (1, 64, 64))):
+        with pytest.raises(ImageLoadError) as err:
+            model.extract(images)
+        msg = str(err.value)
+        assert "item 0" in msg and str(shape) in msg and "transpose(1, 2, 0)" in msg, msg
+    # a 3-D array that is neither says how to pass several images
+    with pytest.raises(ImageLoadError, match=r"item 0.*\(6, 64, 64\).*list"):
+        model.extract(np.zeros((6, 64, 64), np.uint8))
+    # the documented batches still work: a list, and an NxHxWxC array
+    arrs = np.stack([rgb_array(seed=i) for i in range(2)])
+    assert model.extract(list(arrs)).shape == model.extract(arrs).shape == (2, 512)

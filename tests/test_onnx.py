@@ -165,3 +165,36 @@ def test_trex_extract_engine_onnxruntime_matches_torch(tmp_path, capsys):
     code = extract_main(common + ["-o", str(tmp_path / "x.npy"), "--engine", "onnxruntime",
                                   "--precision", "bf16"])
     assert code == 2 and "runs fp32 on the CPU" in capsys.readouterr().err
+
+
+def test_trex_extract_engine_onnxruntime_with_the_models_own_crop(tmp_path, capsys):
+    """--preprocess model with a crop other than 224: the graph is exported at the run's crop
+    (it was always 224, and ONNX Runtime refused the first batch, leaving a parts folder)."""
+    fx.write_backbone_file(tmp_path / "r18.pth", arch="resnet18", seed=4)
+    model = trex_hub.load(tmp_path / "r18.pth")
+    model.set_preprocess({"resize": 72, "crop": 64})
+    folder = trex_hub.save_pretrained(model, tmp_path / "m64")
+    common = [str(folder), str(SAMPLES), "--no-progress", "-q", "--threads", "1", "-b", "2",
+              "--preprocess", "model"]
+    assert extract_main(common + ["-o", str(tmp_path / "torch.npy")]) == 0
+    code = extract_main(common + ["-o", str(tmp_path / "ort.npy"), "--engine", "onnxruntime"])
+    assert code == 0, capsys.readouterr().err
+    ref, ref_rows = read_features(tmp_path / "torch.npy")
+    got, rows = read_features(tmp_path / "ort.npy")
+    assert rows == ref_rows and got.shape == (len(PHOTOS), 512)
+    assert np.abs(got - ref).max() <= REL * np.abs(ref).max()
+
+
+def test_an_engine_for_another_input_size_is_refused_before_anything_is_written(tmp_path):
+    from trex_hub.extract_run import ExtractError, extract_to_file
+    from trex_hub.imagefiles import collect_inputs
+    from trex_hub.onnx_export import prepare_onnxruntime
+
+    model = TReX("resnet18").eval()
+    engine = prepare_onnxruntime(model, image_size=64)
+    assert engine.image_size == 64
+    out = tmp_path / "o" / "f.npy"
+    with pytest.raises(ExtractError, match=r"takes 64x64 inputs but the run's preprocessing "
+                                           r"crops to 224x224; make it with image_size=224"):
+        extract_to_file(model, collect_inputs([SAMPLES]), out, engine=engine)
+    assert not out.parent.exists()

@@ -52,13 +52,15 @@ _SINGLE = (str, os.PathLike)
 
 
 def _is_single(images: Any) -> bool:
+    """Whether ``images`` is one image. A 2-D or 3-D numpy array always is (HxW or HxWxC, as
+    documented): guessing from its shape took a CxHxW array for C grayscale images, and a short
+    HxWxC strip for H rows, without an error."""
     from PIL import Image
 
     if isinstance(images, (*_SINGLE, Image.Image)):
         return True
     if isinstance(images, np.ndarray):
-        return images.ndim == 2 or (images.ndim == 3 and images.shape[2] in (1, 3, 4)
-                                    and images.shape[0] > 4)
+        return images.ndim in (2, 3)
     if isinstance(images, torch.Tensor):
         return images.ndim == 3
     return False
@@ -83,6 +85,25 @@ def _split_inputs(images: Any) -> Tuple[Optional[torch.Tensor], List[Any]]:
         raise ImageLoadError(f"unsupported input type {type(images).__name__}; pass an image or "
                              "a list of images")
     return None, list(images)
+
+
+def _check_array(arr: np.ndarray, what: str) -> None:
+    """Refuse a 3-D array whose last axis cannot be colour channels, before any work, saying
+    what it probably is: a CxHxW array (torch's layout) or a stack of grayscale images."""
+    if arr.ndim != 3 or arr.shape[2] in (1, 3, 4):
+        return
+    if arr.shape[0] in (1, 3, 4):
+        fix = "it looks channels-first (CxHxW): pass arr.transpose(1, 2, 0)"
+    else:
+        fix = "a 3-D array is one image: pass several as a list or an NxHxWxC array"
+    raise ImageLoadError(f"{what}: array of shape {arr.shape} is not an HxW or HxWxC image "
+                         f"(C = 1, 3 or 4); {fix}")
+
+
+def _check_arrays(items: Sequence[Any]) -> None:
+    for i, item in enumerate(items):
+        if isinstance(item, np.ndarray):
+            _check_array(item, f"item {i}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,8 +245,9 @@ def extract_features(model: torch.nn.Module, images: Any, *, batch_size: int = 3
     """Features of ``images`` from the model's active head (backbone or projector).
 
     Args:
-        images: a path, PIL image, uint8 HxW/HxWxC numpy array, uint8 CxHxW tensor, a list or
-            iterable of those, or an already-normalised float batch [N, 3, H, W].
+        images: a path, PIL image, uint8 HxW/HxWxC numpy array (a 3-D array is one image;
+            several: a list or an NxHxWxC array), uint8 CxHxW tensor, a list or iterable of
+            those, or an already-normalised float batch [N, 3, H, W].
         batch_size: images per forward pass.
         preprocess: ``"transfer"`` (default; Resize 224 bicubic + CenterCrop 224, the paper's
             protocol), ``"imagenet"`` (Resize 256 + CenterCrop 224), ``"model"`` (the model's
@@ -265,9 +287,10 @@ def extract_features(model: torch.nn.Module, images: Any, *, batch_size: int = 3
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     preprocess = resolve_preprocess(preprocess, model)  # "model": the model's own geometry
+    batch, items = _split_inputs(images)
+    _check_arrays(items)  # before the model is prepared
     runner = prepare(model, device, precision, compile=compile, channels_last=fast,
                      fold_bn=fast)
-    batch, items = _split_inputs(images)
     outs: List[torch.Tensor] = []
     total = batch.shape[0] if batch is not None else len(items)
     bar = progress_bar(total, progress)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -288,6 +289,22 @@ def _fetch(entries: Sequence[Entry]) -> Callable[[int], str]:
     return fetch
 
 
+def failure_reason(e: Entry, why: str) -> str:
+    """The manifest's error for ``e``: the decoder's message less the entry's own name, which
+    the row holds already. A missing file keeps the path that was tried where it is not the
+    one listed: a list's relative paths are resolved against the list's folder, and a path
+    written relative to the working folder otherwise reads "no such file" for a file that
+    exists."""
+    prefix = f"{e.rel} ({e.path}): "
+    why = why[len(prefix):] if why.startswith(prefix) else why
+    if why != "no such file" or e.path == e.rel:
+        return why
+    if e.list_file is not None and not Path(e.rel).expanduser().is_absolute():
+        return (f"{why}: {e.path} (relative paths in a list file are resolved against the list "
+                "file's folder)")
+    return f"{why}: {e.path}"
+
+
 def run_chunks(model: torch.nn.Module, entries: Sequence[Entry], plan: Plan, opts: RunOptions,
                shard: Shard = Shard(), stats: Optional[Dict[str, Any]] = None
                ) -> Tuple[int, List[Tuple[str, str]], int, float]:
@@ -327,8 +344,7 @@ def run_chunks(model: torch.nn.Module, entries: Sequence[Entry], plan: Plan, opt
                 chunk.add_row(pos, entries[pos])
             for pos, why in b.failures:
                 e = entries[pos]
-                prefix = f"{e.rel} ({e.path}): "
-                why = why[len(prefix):] if why.startswith(prefix) else why
+                why = failure_reason(e, why)
                 chunk.add_row(pos, e, why)
                 failures.append((e.rel, why))
             computed += len(b.positions) + len(b.failures)
@@ -373,6 +389,38 @@ def finish_run(plan: Plan, opts: RunOptions, dim: int, total: int, world_size: i
     return n_ok, n_failed
 
 
+def check_engine(model: torch.nn.Module, opts: RunOptions) -> None:
+    """An engine of one input size (an ONNX graph is exported at one) must take the run's crop:
+    ONNX Runtime refuses any other at the first batch, after the parts folder is made."""
+    size = getattr(opts.engine, "image_size", None)
+    if size is None:
+        return
+    cfg = resolve_preprocess(opts.preprocess, model)
+    if cfg is not None and cfg.crop != size:
+        raise ExtractError(f"the engine takes {size}x{size} inputs but the run's preprocessing "
+                           f"crops to {cfg.crop}x{cfg.crop}; make it with image_size={cfg.crop} "
+                           "(trex_hub.onnx_export.engine_for)")
+
+
+def _ours(plan: Plan) -> bool:
+    """Whether ``plan``'s parts folder is still the one this process locked (another run may
+    have removed it and made its own meanwhile)."""
+    try:
+        return plan.lock is not None and \
+            os.fstat(plan.lock).st_ino == os.stat(plan.paths["parts"] / "lock").st_ino
+    except OSError:
+        return False
+
+
+def drop_empty_parts(plan: Plan) -> None:
+    """After a failed run: remove its parts folder when no segment was committed (a device
+    that fails, a model that does not fit, Ctrl-C before the first commit). There is nothing
+    to resume, and a plain rerun would otherwise be refused for "an unfinished run"."""
+    parts = plan.paths["parts"]
+    if _ours(plan) and not committed_segments(parts):
+        shutil.rmtree(parts, ignore_errors=True)
+
+
 def extract_to_file(model: torch.nn.Module, entries: Sequence[Entry], out: PathLike,
                     options: Optional[RunOptions] = None, *, rank: int = 0, world_size: int = 1,
                     barrier: Optional[Callable[[], None]] = None,
@@ -393,6 +441,7 @@ def extract_to_file(model: torch.nn.Module, entries: Sequence[Entry], out: PathL
     opts = dataclasses.replace(options or RunOptions(), **overrides)
     opts.check()
     output_paths(out)  # validates the suffix before anything else
+    check_engine(model, opts)
     shard = Shard(rank, world_size, barrier or _no_barrier)
     t_start = time.perf_counter()
     plan = plan_run(model, entries, out, opts, shard, log)
@@ -410,6 +459,10 @@ def extract_to_file(model: torch.nn.Module, entries: Sequence[Entry], out: PathL
                            computed, failures, None, loop_s, decoding)
         with write_errors(plan.paths):
             n_ok, n_failed = finish_run(plan, opts, dim, len(entries), world_size, info)
+    except BaseException:
+        if world_size == 1:  # under torchrun, the other ranks may be committing
+            drop_empty_parts(plan)
+        raise
     finally:
         plan.close()
     return Summary(len(entries), n_ok, n_failed, dim, time.perf_counter() - t_start, computed,
@@ -417,4 +470,5 @@ def extract_to_file(model: torch.nn.Module, entries: Sequence[Entry], out: PathL
 
 
 __all__ = ["RunOptions", "Shard", "Summary", "Plan", "ExtractError", "fingerprint", "plan_run",
-           "run_chunks", "finish_run", "extract_to_file"]
+           "run_chunks", "finish_run", "extract_to_file", "check_engine", "drop_empty_parts",
+           "failure_reason"]

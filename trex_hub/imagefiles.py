@@ -99,16 +99,19 @@ def walk_images(root: PathLike, extensions: Optional[Iterable[str]] = None,
 class Entry:
     """One input file: where to read it, how the manifest names it, and its label; ``error``
     is set for an input known to be unusable before decoding (a folder that cannot be read),
-    which a run records as failed."""
+    which a run records as failed. ``list_file`` is the text list that named it, whose folder
+    its relative path was resolved against (a run says so when the file is missing)."""
 
     path: str
     rel: str
     label: Optional[str] = None
     error: Optional[str] = None
+    list_file: Optional[str] = None
 
 
 def _read_list(path: Path, folder_label) -> List[Entry]:
-    """A text list: ``path`` or ``path<TAB>label`` per line, relative to the list's folder."""
+    """A text list: ``path`` or ``path<TAB>label`` per line, relative to the list's folder.
+    UTF-8, with or without the byte order mark that Windows editors write first."""
     entries = []
     try:
         with open(path, "rb") as fh:
@@ -116,7 +119,7 @@ def _read_list(path: Path, folder_label) -> List[Entry]:
         if b"\0" in raw:
             raise UnicodeDecodeError("utf-8", raw, raw.index(b"\0"), raw.index(b"\0") + 1,
                                      "NUL byte")
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ValueError(f"input '{path}' is neither an image (by its extension) nor a text list "
                          f"of images: not UTF-8 text (byte {exc.start}); pass --extensions if it "
@@ -129,7 +132,8 @@ def _read_list(path: Path, folder_label) -> List[Entry]:
         name, _, lab = line.partition("\t")
         full = Path(name).expanduser()
         full = full if full.is_absolute() else path.parent / full
-        entries.append(Entry(str(full), name, lab if lab else folder_label(str(full))))
+        entries.append(Entry(str(full), name, lab if lab else folder_label(str(full)),
+                             list_file=str(path)))
     return entries
 
 

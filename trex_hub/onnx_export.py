@@ -3,10 +3,10 @@
 * :func:`export_onnx` writes the backbone (``head="backbone"``: output ``features``) or the
   backbone and projector (``head="projector"``: outputs ``features`` and ``embeddings``) with
   PyTorch's ``torch.export``-based exporter (``torch.onnx.export(dynamo=True)``, which needs
-  ``onnxscript``). The input is ``pixel_values``: float32 ``[N, 3, 224, 224]``, RGB, already
-  normalised. The file's ``metadata_props`` record the input/output names and shapes, the
-  expected preprocessing (``preprocess`` as JSON: resize, crop, interpolation, mean, std), the
-  model's name, architecture and licence.
+  ``onnxscript``). The input is ``pixel_values``: float32 ``[N, 3, S, S]`` (``S =
+  image_size``, 224 by default), RGB, already normalised. The file's ``metadata_props`` record
+  the input/output names and shapes, the expected preprocessing (``preprocess`` as JSON:
+  resize, crop, interpolation, mean, std), the model's name, architecture and licence.
 * :class:`OnnxRuntimeModel` is an ONNX Runtime session with the call interface of
   :class:`trex_hub.inference.InferenceModel` (uint8 NHWC or normalised float NCHW batch in,
   float32 CPU tensor out), so the extraction engine can run on it (``trex-extract --engine
@@ -159,6 +159,8 @@ class OnnxRuntimeModel:
     ``output`` picks the graph output (``"features"`` or ``"embeddings"``; default: the last
     one, i.e. the head the file was exported for). ``threads`` sets ONNX Runtime's intra-op
     threads (default: torch's current setting, so ``--threads`` applies to both engines).
+    ``image_size`` is the height and width the graph takes (``None`` if not fixed): a run
+    checks it against its crop before it starts.
     """
 
     def __init__(self, path: PathLike, *, output: Optional[str] = None,
@@ -177,6 +179,8 @@ class OnnxRuntimeModel:
         if self.output not in names:
             raise ValueError(f"{path}: no output '{self.output}' (outputs: {names})")
         self.input_name = self.session.get_inputs()[0].name
+        height, width = self.session.get_inputs()[0].shape[-2:]
+        self.image_size = height if isinstance(height, int) and height == width else None
         dims = self.session.get_outputs()[names.index(self.output)].shape
         self.out_dim = dims[-1] if isinstance(dims[-1], int) else None
         self.device = torch.device("cpu")
@@ -207,35 +211,39 @@ class OnnxRuntimeModel:
 
 
 def prepare_onnxruntime(model: nn.Module, workdir: Optional[PathLike] = None, *,
-                        head: Optional[str] = None,
-                        threads: Optional[int] = None) -> OnnxRuntimeModel:
+                        head: Optional[str] = None, threads: Optional[int] = None,
+                        image_size: int = 224) -> OnnxRuntimeModel:
     """Export ``model`` and open it with ONNX Runtime: the engine ``trex-extract --engine
-    onnxruntime`` runs. ``head`` defaults to the model's active head. The file goes to
+    onnxruntime`` runs. ``head`` defaults to the model's active head; ``image_size`` is the
+    crop of the run's preprocessing (the graph takes that size only). The file goes to
     ``workdir`` when given (and stays there), else to a temporary folder removed once the session
     holds the graph. The exporter's optimiser is skipped: the session optimises the graph."""
     if head is None:
         head = "projector" if getattr(model, "has_projector", False) else "backbone"
     mean, std = normalisation(model)  # the weights' own, as the torch engine uses
     name = f"{getattr(model, 'arch', 'model')}-{head}.onnx"
+    kw = dict(head=head, optimize=False, image_size=image_size)
     if workdir is not None:
-        path = export_onnx(model, Path(workdir) / name, head=head, optimize=False)
+        path = export_onnx(model, Path(workdir) / name, **kw)
         return OnnxRuntimeModel(path, output=HEADS[head][-1], threads=threads, mean=mean,
                                 std=std)
     with tempfile.TemporaryDirectory(prefix="trex-onnx-") as tmp:
-        path = export_onnx(model, Path(tmp) / name, head=head, optimize=False)
+        path = export_onnx(model, Path(tmp) / name, **kw)
         return OnnxRuntimeModel(path, output=HEADS[head][-1], threads=threads, mean=mean,
                                 std=std)
 
 
 def engine_for(engine: str, model: nn.Module, workdir: Optional[PathLike] = None,
-               threads: Optional[int] = None) -> Union[OnnxRuntimeModel, None]:
+               threads: Optional[int] = None,
+               image_size: int = 224) -> Union[OnnxRuntimeModel, None]:
     """The batch runner for ``engine``: ``None`` for ``"torch"`` (the extraction engine's own
-    prepared model), an :class:`OnnxRuntimeModel` for ``"onnxruntime"``."""
+    prepared model), an :class:`OnnxRuntimeModel` for ``"onnxruntime"`` taking ``image_size``
+    inputs (the run's crop: ``resolve_preprocess(preprocess, model).crop``)."""
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r}: use one of {', '.join(ENGINES)}")
     if engine == "torch":
         return None
-    return prepare_onnxruntime(model, workdir, threads=threads)
+    return prepare_onnxruntime(model, workdir, threads=threads, image_size=image_size)
 
 
 __all__ = ["export_onnx", "read_onnx_metadata", "OnnxRuntimeModel", "prepare_onnxruntime",

@@ -4,7 +4,8 @@
 
 MODEL is a registry name (``trex_star``), a checkpoint path or ``hf-hub:org/repo``. INPUTs are
 image files, folders (searched recursively) or text files listing one image per line
-(``path`` or ``path<TAB>label``). Rows follow the sorted relative paths of a folder and the
+(``path`` or ``path<TAB>label``; a relative path is resolved against the list file's folder, not
+the working folder). Rows follow the sorted relative paths of a folder and the
 order of a list; with several folder INPUTs, paths are relative to their common parent. Next to
 OUT go ``OUT.manifest.jsonl`` (one row per input: index, path, label, status, error) and
 ``OUT.meta.json``; see :mod:`trex_hub.featurefile`.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import re
 import sys
 import threading
 from typing import List, Optional
@@ -44,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="registry name (e.g. trex_star), checkpoint path or "
                                  "hf-hub:org/repo")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="image files, folders (recursive) or text files listing images")
+                   help="image files, folders (recursive) or text files listing images, one "
+                        "per line (relative paths in a list are resolved against the list "
+                        "file's folder)")
     p.add_argument("-o", "--output", required=True,
                    help="features file: .npy, .safetensors or .pt")
     p.add_argument("--head", choices=("backbone", "projector"), default="backbone",
@@ -115,13 +119,50 @@ def _add_scale_options(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--decode", choices=DECODES, default="auto",
                    help="gpu: JPEGs decoded in batches on the device (nvJPEG on CUDA), other "
-                        "files by PIL; cpu: PIL (the exact reference); hybrid: both at once, each "
-                        "batch to whichever is free (CPU workers at a lower priority); auto: gpu "
-                        "on CUDA with fewer than 32 decode workers, else cpu (about as fast "
-                        "there, and exact)")
+                        "files by PIL; cpu: PIL, the exact reference with --no-draft "
+                        "(otherwise JPEGs at least twice the resize target are decoded at a "
+                        "reduced DCT scale, within about 1e-2 of exact); hybrid: both at once, "
+                        "each batch to whichever is free (CPU workers at a lower priority); "
+                        "auto: gpu on CUDA with fewer than 32 decode workers, else cpu (about as "
+                        "fast there)")
     p.add_argument("--workers-mode", choices=WORKER_MODES, default="auto",
                    help="CPU decoding in threads or in worker processes writing shared memory; "
                         "auto: processes for many files on >= 4 workers")
+
+
+def device_problem(device: str) -> Optional[str]:
+    """What is wrong with ``--device`` (``None``: nothing). Checked before any work: torch
+    refuses an unknown name only once the model is loaded, and a device that cannot run the
+    model (``meta``) or one this machine lacks (``cuda:3``) fails at the first batch."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        return f"--device {device}: use auto, cpu, cuda or cuda:N"
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"--device {device}: CUDA is not available here; use --device cpu (or auto)"
+    count = torch.cuda.device_count()
+    if int(device.partition(":")[2] or 0) < count:
+        return None
+    have = "1 CUDA device (cuda:0)" if count == 1 else \
+        f"{count} CUDA devices (cuda:0 to cuda:{count - 1})"
+    return f"--device {device}: this machine has {have}"
+
+
+def output_problem(output: str) -> Optional[str]:
+    """What the file system already shows wrong with ``-o`` (``None``: nothing): a folder of
+    that name, which the run would only fail to replace after computing every feature, or a
+    file where one of its folders should be."""
+    if os.path.isdir(output):
+        return (f"-o {output} is a folder; give a file name (e.g. "
+                f"{os.path.join(output, 'feats.npy')})")
+    parent = os.path.dirname(os.path.abspath(output))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"-o {output}: {parent} is a file, not a folder; choose another -o"
+    return None
 
 
 def silence_handled_warnings() -> None:
@@ -186,6 +227,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.max_pixels is not None and not 0 <= args.max_pixels <= MAX_PIXELS_CEILING:
             parser.error(f"--max-pixels must be between 0 and {MAX_PIXELS_CEILING} (0: the "
                          "ceiling itself)")
+        if args.threads is not None and args.threads < 1:
+            parser.error("--threads must be >= 1 (leave it out for torch's choice)")
+        problem = device_problem(args.device) or output_problem(args.output)
+        if problem:
+            parser.error(problem)
         return args
 
     return run_cli(PROG, parse, lambda args: _main(args, rank, world, local_rank),
@@ -266,7 +312,7 @@ def _main(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> i
         output_paths(args.output)
     silence_handled_warnings()
     device = _device(args, world, local_rank)
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.max_pixels is not None:
         from PIL import Image
@@ -304,11 +350,15 @@ def _main(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> i
         engine = None
         if args.engine != "torch":
             from ..onnx_export import engine_for
+            from ..transforms import resolve_preprocess
 
             info["engine"] = args.engine
             say("exporting the model to ONNX for ONNX Runtime")
-            with failing_on(ImportError):  # --engine onnxruntime without its packages
-                engine = engine_for(args.engine, model, threads=args.threads)
+            # ImportError: --engine onnxruntime without its packages; ValueError: --preprocess
+            # model for weights without a preprocessing config
+            with failing_on(ImportError, ValueError):
+                crop = resolve_preprocess(args.preprocess, model).crop  # the graph's one size
+                engine = engine_for(args.engine, model, threads=args.threads, image_size=crop)
         if cuda_start is not None:
             cuda_start.join()
         t_cuda = time.perf_counter()
