@@ -8,8 +8,9 @@ Modules: :mod:`.protocol` (search, refit, thread limits), :mod:`.splits` (the pu
 trex_hub validation splits), :mod:`.probes` (logistic regression, SGD linear layer),
 :mod:`.search` (Optuna TPE or log grid), :mod:`.metrics` (top-k, mean per-class, log-odds),
 :mod:`.results` (one JSON per model/dataset/seed), :mod:`.report` (tables and plot),
-:mod:`.runner` (what ``trex-eval run`` does), :mod:`.progress` (tqdm bars). scikit-learn and
-matplotlib are imported only by the functions that need them.
+:mod:`.runner` (what ``trex-eval run`` does, with :mod:`.options`, :mod:`.image_sets`,
+:mod:`.feature_sets`, :mod:`.models` and :mod:`.feature_cache`), :mod:`.progress` (tqdm bars).
+scikit-learn and matplotlib are imported only by the functions that need them.
 """
 from .metrics import log_odds, mean_log_odds, mean_per_class_accuracy, topk_accuracy
 from .protocol import C_RANGE, LR_RANGE, WD_RANGE, ProtocolConfig, evaluate_features
