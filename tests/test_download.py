@@ -508,7 +508,7 @@ def test_private_partials_of_killed_processes_are_swept(server, blobs, cache, mo
 
     import filelock
 
-    from trex_hub.hub import cache as hc
+    from trex_hub.hub import partials as hc
 
     def broken(*a, **k):
         raise OSError(38, "Function not implemented")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -36,9 +35,10 @@ from .extract import (choose_decoding, default_workers, open_batches, progress_b
 from .featurefile import (FORMAT_VERSION, ExtractError, committed_segments, merge, output_paths,
                           segment_files, write_segment)
 from .fileio import PathLike, WriteBehind
-from .imagefiles import Entry
+from .imagefiles import Entry, failure_reason
 from .inference import prepare
-from .run_state import decoding_kind, fingerprint, prepare_parts, release, write_errors
+from .run_state import (decoding_kind, drop_unused_parts, fingerprint, prepare_parts, release,
+                        write_errors)
 from .transforms import Decoder, ImageLoadError, check_preprocess, resolve_preprocess
 
 
@@ -289,22 +289,6 @@ def _fetch(entries: Sequence[Entry]) -> Callable[[int], str]:
     return fetch
 
 
-def failure_reason(e: Entry, why: str) -> str:
-    """The manifest's error for ``e``: the decoder's message less the entry's own name, which
-    the row holds already. A missing file keeps the path that was tried where it is not the
-    one listed: a list's relative paths are resolved against the list's folder, and a path
-    written relative to the working folder otherwise reads "no such file" for a file that
-    exists."""
-    prefix = f"{e.rel} ({e.path}): "
-    why = why[len(prefix):] if why.startswith(prefix) else why
-    if why != "no such file" or e.path == e.rel:
-        return why
-    if e.list_file is not None and not Path(e.rel).expanduser().is_absolute():
-        return (f"{why}: {e.path} (relative paths in a list file are resolved against the list "
-                "file's folder)")
-    return f"{why}: {e.path}"
-
-
 def run_chunks(model: torch.nn.Module, entries: Sequence[Entry], plan: Plan, opts: RunOptions,
                shard: Shard = Shard(), stats: Optional[Dict[str, Any]] = None
                ) -> Tuple[int, List[Tuple[str, str]], int, float]:
@@ -402,25 +386,6 @@ def check_engine(model: torch.nn.Module, opts: RunOptions) -> None:
                            "(trex_hub.onnx_export.engine_for)")
 
 
-def _ours(plan: Plan) -> bool:
-    """Whether ``plan``'s parts folder is still the one this process locked (another run may
-    have removed it and made its own meanwhile)."""
-    try:
-        return plan.lock is not None and \
-            os.fstat(plan.lock).st_ino == os.stat(plan.paths["parts"] / "lock").st_ino
-    except OSError:
-        return False
-
-
-def drop_empty_parts(plan: Plan) -> None:
-    """After a failed run: remove its parts folder when no segment was committed (a device
-    that fails, a model that does not fit, Ctrl-C before the first commit). There is nothing
-    to resume, and a plain rerun would otherwise be refused for "an unfinished run"."""
-    parts = plan.paths["parts"]
-    if _ours(plan) and not committed_segments(parts):
-        shutil.rmtree(parts, ignore_errors=True)
-
-
 def extract_to_file(model: torch.nn.Module, entries: Sequence[Entry], out: PathLike,
                     options: Optional[RunOptions] = None, *, rank: int = 0, world_size: int = 1,
                     barrier: Optional[Callable[[], None]] = None,
@@ -461,7 +426,7 @@ def extract_to_file(model: torch.nn.Module, entries: Sequence[Entry], out: PathL
             n_ok, n_failed = finish_run(plan, opts, dim, len(entries), world_size, info)
     except BaseException:
         if world_size == 1:  # under torchrun, the other ranks may be committing
-            drop_empty_parts(plan)
+            drop_unused_parts(plan.paths, plan.lock)
         raise
     finally:
         plan.close()
@@ -470,5 +435,4 @@ def extract_to_file(model: torch.nn.Module, entries: Sequence[Entry], out: PathL
 
 
 __all__ = ["RunOptions", "Shard", "Summary", "Plan", "ExtractError", "fingerprint", "plan_run",
-           "run_chunks", "finish_run", "extract_to_file", "check_engine", "drop_empty_parts",
-           "failure_reason"]
+           "run_chunks", "finish_run", "extract_to_file", "check_engine"]

@@ -182,5 +182,21 @@ def collect_inputs(inputs: Sequence[PathLike], *, extensions: Optional[Iterable[
     return entries
 
 
+def failure_reason(e: Entry, why: str) -> str:
+    """The manifest's error for ``e``: the decoder's message less the entry's own name, which
+    the row holds already. A missing file keeps the path that was tried where it is not the
+    one listed: a list's relative paths are resolved against the list's folder, and a path
+    written relative to the working folder otherwise reads "no such file" for a file that
+    exists."""
+    prefix = f"{e.rel} ({e.path}): "
+    why = why[len(prefix):] if why.startswith(prefix) else why
+    if why != "no such file" or e.path == e.rel:
+        return why
+    if e.list_file is not None and not Path(e.rel).expanduser().is_absolute():
+        return (f"{why}: {e.path} (relative paths in a list file are resolved against the list "
+                "file's folder)")
+    return f"{why}: {e.path}"
+
+
 __all__ = ["IMAGE_EXTENSIONS", "extension_set", "is_image", "walk_images", "Entry",
-           "collect_inputs"]
+           "collect_inputs", "failure_reason"]

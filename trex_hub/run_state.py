@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set
 import torch
 
 from .extract import choose_decoding, default_workers
-from .featurefile import FORMAT_VERSION, ExtractError, existing_paths
+from .featurefile import FORMAT_VERSION, ExtractError, committed_segments, existing_paths
 from .fileio import atomic_write
 from .imagefiles import Entry
 from .inference import normalisation, resolve_device
@@ -216,6 +216,24 @@ def _lock(parts: Path, out: Path) -> Optional[int]:
     return fd
 
 
+def _still_ours(parts: Path, lock: Optional[int]) -> bool:
+    """Whether ``parts`` is still the folder whose lock this process holds (another run may have
+    removed it and made its own meanwhile)."""
+    try:
+        return lock is not None and os.fstat(lock).st_ino == os.stat(parts / "lock").st_ino
+    except OSError:
+        return False
+
+
+def drop_unused_parts(paths: Dict[str, Path], lock: Optional[int]) -> None:
+    """After a failed run: remove its parts folder when no segment was committed (a device that
+    fails, a model that does not fit, Ctrl-C before the first commit). There is nothing to
+    resume, and a plain rerun would otherwise be refused for "an unfinished run"."""
+    parts = paths["parts"]
+    if _still_ours(parts, lock) and not committed_segments(parts):
+        shutil.rmtree(parts, ignore_errors=True)
+
+
 def release(fd: Optional[int]) -> None:
     if fd is not None:
         _HELD.discard(fd)
@@ -332,4 +350,4 @@ def write_errors(paths: Dict[str, Path]) -> Iterator[None]:
 
 
 __all__ = ["fingerprint", "decoding_kind", "describe_changes", "check_complete", "prepare_parts",
-           "release", "write_errors", "SHAPING", "PARTS_LAYOUT"]
+           "release", "drop_unused_parts", "write_errors", "SHAPING", "PARTS_LAYOUT"]

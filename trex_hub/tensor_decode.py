@@ -303,7 +303,7 @@ def tensor_batches(groups: Iterable[Sequence[int]], fetch: Callable[[int], Any],
     runs this in a thread of its own: :mod:`trex_hub.decode_hybrid`)."""
     device = torch.device(device)
     geometry = TensorGeometry(cfg)
-    limit = pixel_limit(decoder.max_pixels)
+    limit = pixel_limit(getattr(decoder, "max_pixels", None))
 
     def fallback(pos: int, item: Any) -> Tuple[Optional[np.ndarray], Optional[str]]:
         return decode_item(decoder, lambda: item, describe(pos), strict=strict,

@@ -13,11 +13,12 @@ from typing import Any, Optional
 
 from ..mirrors import download_command, file_url, get_base_url, get_mirror, set_mirror
 from . import cache
-from .cache import (MANIFEST_SUFFIX, PARTIAL_SUFFIX, CheckResult, OfflineError, cached_path,
+from .cache import (MANIFEST_SUFFIX, CheckResult, OfflineError, cached_path,
                     check_cached, file_lock, get_cache_dir, is_offline, lock_path, manifest_path,
                     partial_path, read_manifest, remove_cached, write_manifest)
 from .http import (DownloadError, IntegrityError, NotFoundError, _progress_bar, sha256_of,
                    user_agent)
+from .partials import PARTIAL_SUFFIX
 
 
 def fetch(filename: str, *, base_url: Optional[str] = None, model: Optional[str] = None,

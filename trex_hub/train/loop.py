@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import random
-import re
 import sys
 import time
 from pathlib import Path
@@ -27,12 +26,12 @@ from .config import plain_namespace, projector_config
 from .data import (build_train_loader, device_batches, load_data, loader_batches,
                    resolve_aug, worker_kwargs)
 from .module import TrainModule, param_groups
+from .outputs import LOG_NAME, clear_earlier_run, earlier_run, refuse_earlier_run, trim_log
 from .runtime import (CHECKPOINT_NAME, DistEnv, TrainingError, all_gather_cat, all_gather_objects,
                       checkpoint_dict, resume_from, rng_state, save_checkpoint, set_rng_state,
                       setup_distributed)
 from .schedule import lr_schedule, peak_lr
 
-LOG_NAME = "log.jsonl"
 
 
 def _amp(args: argparse.Namespace, device: torch.device) -> Tuple[str, Optional[torch.dtype]]:
@@ -181,61 +180,6 @@ def _log(env: DistEnv, msg: str) -> None:
         print(f"[trex-train] {msg}", file=sys.stderr, flush=True)
 
 
-def earlier_run(out_dir: Path) -> List[str]:
-    """The files of an earlier run in ``out_dir`` that a new run would replace or append to."""
-    return [name for name in (CHECKPOINT_NAME, LOG_NAME) if (out_dir / name).exists()]
-
-
-def _refuse_earlier_run(args: argparse.Namespace, out_dir: Path) -> None:
-    """A run that neither continues (``--resume``) nor replaces (``--overwrite``) the run
-    already in ``out_dir`` would overwrite its checkpoint after one epoch and mix its own
-    records into the old log: stop before anything is built."""
-    if args.resume or getattr(args, "overwrite", False):
-        return
-    found = earlier_run(out_dir)
-    if found:
-        raise TrainingError(
-            f"{out_dir} already holds an earlier run ({', '.join(found)}): add --resume to "
-            "continue it, --overwrite to start afresh and replace it, or give another (empty) "
-            "--output-dir")
-
-
-def _clear_earlier_run(out_dir: Path) -> None:
-    """``--overwrite``: delete what an earlier run wrote, so that no later ``--resume`` picks
-    up its checkpoints and the log holds this run's epochs only."""
-    names = [CHECKPOINT_NAME, LOG_NAME] + [p.name for p in out_dir.glob("checkpoint*.pth")
-                                           if re.fullmatch(r"checkpoint\d{4,}\.pth", p.name)]
-    for name in names:
-        (out_dir / name).unlink(missing_ok=True)
-
-
-def trim_log(path: Path, epochs_done: int) -> int:
-    """Keep the records of the first ``epochs_done`` epochs of ``path`` (a log of this loop);
-    returns how many lines were dropped. On resume the epochs after the checkpoint are trained
-    again, so their earlier records (and a line cut short by a crash) would otherwise appear
-    twice. The kept lines are unchanged; the file is rewritten atomically, only when needed."""
-    from ..fileio import atomic_write
-
-    if not path.is_file():
-        return 0
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if _log_epoch(line) <= epochs_done]
-    if len(kept) == len(lines) and all(line.endswith("\n") for line in kept):
-        return 0
-    text = "".join(line if line.endswith("\n") else line + "\n" for line in kept)
-    atomic_write(path, lambda fh: fh.write(text), mode="w")
-    return len(lines) - len(kept)
-
-
-def _log_epoch(line: str) -> float:
-    """The epoch of a log line; infinity for a line that is no record (cut short)."""
-    try:
-        epoch = json.loads(line)["epoch"]
-    except (ValueError, TypeError, KeyError):
-        return float("inf")
-    return epoch if isinstance(epoch, int) else float("inf")
-
-
 def train(args: argparse.Namespace) -> Dict[str, Any]:
     """Run (or continue) a training; returns the last epoch's log record."""
     env = setup_distributed(args.device)
@@ -251,7 +195,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
 
 def _train(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
     out_dir = Path(args.output_dir)
-    _refuse_earlier_run(args, out_dir)
+    refuse_earlier_run(args, out_dir)
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     cuda = env.device.type == "cuda"
@@ -431,7 +375,7 @@ def _start_log(args: argparse.Namespace, env: DistEnv, out_dir: Path, start_epoc
     that a run failing at its start (data, options) leaves it in place; a resumed run keeps
     the log's records up to its checkpoint (``trim_log``)."""
     if getattr(args, "overwrite", False):
-        _clear_earlier_run(out_dir)
+        clear_earlier_run(out_dir)
     elif args.resume:
         dropped = trim_log(out_dir / LOG_NAME, start_epoch)
         if dropped:
