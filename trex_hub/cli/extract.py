@@ -131,23 +131,29 @@ def _add_scale_options(p: argparse.ArgumentParser) -> None:
 
 
 def device_problem(device: str) -> Optional[str]:
-    """What is wrong with ``--device`` (``None``: nothing). Checked before any work: torch
-    refuses an unknown name only once the model is loaded, and a device that cannot run the
-    model (``meta``) or one this machine lacks (``cuda:3``) fails at the first batch."""
+    """What is wrong with the form of ``--device`` (``None``: nothing), checked with the other
+    options: torch refuses an unknown name only once the model is loaded, and a device that
+    cannot run the model (``meta``) fails at the first batch. Whether this machine has that
+    CUDA device is :func:`cuda_problem`'s, later: asking starts the CUDA driver, which a
+    CUDA run does in a thread of its own, beside its imports (:func:`_start_cuda`)."""
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
         return f"--device {device}: use auto, cpu, cuda or cuda:N"
-    if not device.startswith("cuda"):
-        return None
+    return None
+
+
+def cuda_problem(option: str, device: str) -> Optional[str]:
+    """What keeps ``device`` (``cuda`` or ``cuda:N``, from ``--device option``) from running
+    here (``None``: nothing)."""
     import torch
 
     if not torch.cuda.is_available():
-        return f"--device {device}: CUDA is not available here; use --device cpu (or auto)"
+        return f"--device {option}: CUDA is not available here; use --device cpu (or auto)"
     count = torch.cuda.device_count()
     if int(device.partition(":")[2] or 0) < count:
         return None
     have = "1 CUDA device (cuda:0)" if count == 1 else \
         f"{count} CUDA devices (cuda:0 to cuda:{count - 1})"
-    return f"--device {device}: this machine has {have}"
+    return f"--device {option}: this machine has {have}"
 
 
 def output_problem(output: str) -> Optional[str]:
@@ -250,8 +256,9 @@ def _device(args: argparse.Namespace, world: int, local_rank: int) -> str:
         device = args.device
         if world > 1 and device == "cuda":
             device = f"cuda:{local_rank}"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: CUDA is not available here")
+    problem = cuda_problem(args.device, device) if device.startswith("cuda") else None
+    if problem:
+        raise UsageError(problem)
     return device
 
 
