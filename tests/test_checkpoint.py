@@ -220,6 +220,21 @@ def test_namespace_args_survive(tmp_path):
     assert prototypes_from_memory is not None
 
 
+def test_a_zip_checkpoint_cut_short_is_called_corrupt_not_unreadable(tmp_path):
+    """torch's zip reader raises OSError(EINVAL) for an archive shorter than its end-of-directory
+    window: the bytes' fault (a cache deletes such a file), not the environment's."""
+    from trex_hub.checkpoint import CheckpointReadError
+
+    path = tmp_path / "b.pth"
+    fx.write_backbone_file(path, arch="resnet18")
+    cut = tmp_path / "cut.pth"
+    for size in (100, 30_000, 60_000):
+        cut.write_bytes(path.read_bytes()[:size])
+        with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint") as info:
+            read_checkpoint(cut)
+        assert not isinstance(info.value, CheckpointReadError)
+
+
 def test_args_resaved_as_a_dict_load_like_the_namespace(tmp_path):
     """``ckpt["args"] = vars(ckpt["args"])`` is how a released checkpoint is made loadable by a
     plain ``weights_only`` torch.load: same model, same options."""

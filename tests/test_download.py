@@ -442,6 +442,25 @@ def test_an_empty_cache_dir_is_refused_not_the_working_directory(server, tmp_pat
     assert list(tmp_path.iterdir()) == [] and server.requests == []
 
 
+def test_a_malformed_base_url_keeps_no_cached_file_from_loading(released_files, tmp_path,
+                                                                 monkeypatch):
+    """The base URL is made, and checked, only when a file must be downloaded: a wrong setting
+    (one a shell profile left, say) does not stop an offline machine loading what it holds."""
+    cache_dir = tmp_path / "cache"
+    with FileServer(released_files) as srv:
+        trex_hub.fetch("trex_star", cache_dir=cache_dir, base_url=srv.url, progress=False)
+    monkeypatch.setenv("TREX_HUB_BASE_URL", "mirror.local/trex/")
+    for offline in ("0", "1"):
+        monkeypatch.setenv("TREX_HUB_OFFLINE", offline)
+        assert trex_hub.load("trex_star", cache_dir=cache_dir).arch == "resnet50"
+    monkeypatch.setenv("TREX_HUB_OFFLINE", "1")  # not cached, offline: the offline error
+    with pytest.raises(dl.OfflineError, match="offline mode is on and 'trex.pth' is not cached"):
+        trex_hub.fetch("trex", cache_dir=cache_dir)
+    monkeypatch.setenv("TREX_HUB_OFFLINE", "0")  # not cached, online: the setting is named
+    with pytest.raises(dl.DownloadError, match="^TREX_HUB_BASE_URL 'mirror.local/trex/' is not"):
+        trex_hub.fetch("trex", cache_dir=cache_dir)
+
+
 def test_a_404_names_the_setting_that_chose_the_server(server, cache, monkeypatch):
     monkeypatch.setenv("TREX_HUB_BASE_URL", "http://127.0.0.1:9/elsewhere/")
     with pytest.raises(dl.NotFoundError) as err:  # base_url= wins over the variable
@@ -520,6 +539,7 @@ def test_private_partials_of_killed_processes_are_swept(server, blobs, cache, mo
     host = hc.private_partial_path(cache / "blob.bin").name.split(".")[3]
     names = {  # name -> kept?
         f".blob.bin.{host}.{dead}.0badc0de.incomplete": False,       # here, process gone
+        f".blob.bin.{host}.{dead}.0badc0df.incomplete": True,  # gone from here, written just now
         f".blob.bin.{host}.{os.getpid()}.0badc0de.incomplete": True,  # here, still running
         f".blob.bin.other-node.{dead}.0badc0de.incomplete": True,    # elsewhere, recent
         f".blob.bin.other-node.{dead}.00000001.incomplete": False,   # elsewhere, a day old
@@ -532,6 +552,9 @@ def test_private_partials_of_killed_processes_are_swept(server, blobs, cache, mo
     old = time.time() - hc.PRIVATE_PARTIAL_MAX_AGE - 60
     for name in (n for n in names if n.endswith(("00000001.incomplete", "00000003.incomplete"))):
         os.utime(cache / name, (old, old))
+    idle = time.time() - hc.PRIVATE_PARTIAL_IDLE - 60  # (another PID namespace: still alive)
+    for name in (n for n in names if ".0badc0de." in n):
+        os.utime(cache / name, (idle, idle))
     path = dl.fetch("blob.bin", base_url=server.url, cache_dir=cache, **FAST)
     assert path.read_bytes() == served(blobs)
     left = {p.name for p in cache.iterdir() if p.name.endswith(".incomplete")}

@@ -351,6 +351,25 @@ def test_a_merge_that_fails_leaves_the_old_output_whole(ckpt, tmp_path, monkeypa
     assert not list(tmp_path.glob(".f.npy*.tmp"))
 
 
+def test_the_api_refuses_an_output_that_is_a_folder_before_any_work(ckpt, tmp_path):
+    """The CLI refused it while parsing; extract_to_file (and what builds on it) computed
+    everything, then failed at the merge naming a temporary file, leaving a new manifest and
+    meta beside the folder."""
+    out = tmp_path / "f.npy"
+    out.mkdir()
+    model = trex_hub.load(ckpt)
+    entries = collect_inputs([_images(tmp_path / "d", 3)])
+    with pytest.raises(ValueError, match=f"^{out} is a folder; give a file name"):
+        extract_to_file(model, entries, out, RunOptions(num_workers=0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "f.npy"]
+    from trex_hub.fileio import atomic_write_many
+
+    with pytest.raises(IsADirectoryError):  # nothing renamed when one target is a folder
+        atomic_write_many([(tmp_path / "a.txt", lambda fh: fh.write(b"a"), "wb"),
+                           (out, lambda fh: fh.write(b"f"), "wb")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "f.npy"]
+
+
 def _workers_of(out):
     """PIDs of processes whose command line names ``out`` (forked decode workers carry their
     parent's)."""

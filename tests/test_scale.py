@@ -434,6 +434,10 @@ def test_the_pixel_limit_holds_whichever_decoder_runs(r18_path, tmp_path):  # no
     Image.new("RGB", (4000, 8)).save(thin, format="JPEG")
     assert jpeg_extent(thin.getvalue(), 1_000_000) is not None  # 32,000 pixels...
     assert jpeg_extent(thin.getvalue(), 1_000_000, resize=224) is None  # ...112,000 x 224 after
+    # a small limit bounds the source; the resize every image needs keeps an aspect floor of 64
+    assert jpeg_extent(data, 2_000_000, resize=224) == len(data)
+    small = jpeg_bytes(photos(1, (64, 48))[0])
+    assert jpeg_extent(small, 10_000, resize=224) == len(small)
     for decode in ("cpu", "gpu"):
         out = tmp_path / f"{decode}.npy"
         assert main([str(r18_path), str(folder), "-o", str(out), "-q", "--decode", decode,

@@ -96,6 +96,12 @@ def test_an_extreme_aspect_ratio_is_refused_before_the_resize(tmp_path):
     assert time.perf_counter() - t0 < 2
     # the limit is the decompression-bomb limit: a wide image far below it is decoded as before
     assert Decoder("transfer")(Image.new("RGB", (3000, 10))).shape == (224, 224, 3)
+    # a small --max-pixels (thumbnails) bounds the source, not the resize every image needs
+    tiny = Decoder("transfer", max_pixels=10_000)
+    assert tiny(Image.new("RGB", (64, 48))).shape == (224, 224, 3)
+    assert tiny(Image.new("RGB", (150, 20))).shape == (224, 224, 3)  # 7.5:1, under the floor
+    with pytest.raises(ImageLoadError, match="over the limit of 3211264 .an extreme aspect"):
+        tiny(Image.new("RGB", (2000, 20)))  # 100:1
     ckpt = tmp_path / "r18.pth"
     fx.write_backbone_file(ckpt, arch="resnet18")
     for decode in ("cpu", "gpu"):  # the tensor path leaves it to PIL, which refuses it

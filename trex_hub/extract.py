@@ -52,15 +52,17 @@ _SINGLE = (str, os.PathLike)
 
 
 def _is_single(images: Any) -> bool:
-    """Whether ``images`` is one image. A 2-D or 3-D numpy array always is (HxW or HxWxC, as
-    documented): guessing from its shape took a CxHxW array for C grayscale images, and a short
-    HxWxC strip for H rows, without an error."""
+    """Whether ``images`` is one image. A numpy array is: HxW, or HxWxC with C = 1, 3 or 4
+    however short (a 4x64 RGB strip is not 4 rows). A 3xHxW or 4xHxW array counts as one too,
+    so that :func:`_check_array` refuses it (torch's channels-first layout, or 3 grayscale
+    images? it cannot tell). Any other 3-D array is a stack of N grayscale HxW images."""
     from PIL import Image
 
     if isinstance(images, (*_SINGLE, Image.Image)):
         return True
     if isinstance(images, np.ndarray):
-        return images.ndim in (2, 3)
+        return images.ndim == 2 or (images.ndim == 3 and (images.shape[2] in (1, 3, 4)
+                                                          or images.shape[0] in (3, 4)))
     if isinstance(images, torch.Tensor):
         return images.ndim == 3
     return False
@@ -88,16 +90,15 @@ def _split_inputs(images: Any) -> Tuple[Optional[torch.Tensor], List[Any]]:
 
 
 def _check_array(arr: np.ndarray, what: str) -> None:
-    """Refuse a 3-D array whose last axis cannot be colour channels, before any work, saying
-    what it probably is: a CxHxW array (torch's layout) or a stack of grayscale images."""
+    """Refuse, before any work, a 3-D image whose last axis cannot be colour channels: a
+    channels-first CxHxW array (torch's layout) was taken for C grayscale images, without an
+    error."""
     if arr.ndim != 3 or arr.shape[2] in (1, 3, 4):
         return
-    if arr.shape[0] in (1, 3, 4):
-        fix = "it looks channels-first (CxHxW): pass arr.transpose(1, 2, 0)"
-    else:
-        fix = "a 3-D array is one image: pass several as a list or an NxHxWxC array"
     raise ImageLoadError(f"{what}: array of shape {arr.shape} is not an HxW or HxWxC image "
-                         f"(C = 1, 3 or 4); {fix}")
+                         f"(C = 1, 3 or 4); if it is channels-first (CxHxW), pass "
+                         f"arr.transpose(1, 2, 0); for {arr.shape[0]} grayscale images, "
+                         "list(arr)")
 
 
 def _check_arrays(items: Sequence[Any]) -> None:
@@ -245,9 +246,10 @@ def extract_features(model: torch.nn.Module, images: Any, *, batch_size: int = 3
     """Features of ``images`` from the model's active head (backbone or projector).
 
     Args:
-        images: a path, PIL image, uint8 HxW/HxWxC numpy array (a 3-D array is one image;
-            several: a list or an NxHxWxC array), uint8 CxHxW tensor, a list or iterable of
-            those, or an already-normalised float batch [N, 3, H, W].
+        images: a path, PIL image, uint8 HxW/HxWxC numpy array (several: a list, an NxHxWxC
+            array, or an NxHxW one of grayscale images; a 3xHxW or 4xHxW array is refused as
+            ambiguous), uint8 CxHxW tensor, a list or iterable of those, or an
+            already-normalised float batch [N, 3, H, W].
         batch_size: images per forward pass.
         preprocess: ``"transfer"`` (default; Resize 224 bicubic + CenterCrop 224, the paper's
             protocol), ``"imagenet"`` (Resize 256 + CenterCrop 224), ``"model"`` (the model's

@@ -33,7 +33,7 @@ import torch
 from .extract import (choose_decoding, default_workers, open_batches, progress_bar,
                       run_batches)
 from .featurefile import (FORMAT_VERSION, ExtractError, committed_segments, merge, output_paths,
-                          segment_files, write_segment)
+                          output_problem, segment_files, write_segment)
 from .fileio import PathLike, WriteBehind
 from .imagefiles import Entry, failure_reason
 from .inference import prepare
@@ -406,6 +406,9 @@ def extract_to_file(model: torch.nn.Module, entries: Sequence[Entry], out: PathL
     opts = dataclasses.replace(options or RunOptions(), **overrides)
     opts.check()
     output_paths(out)  # validates the suffix before anything else
+    problem = output_problem(out)  # a folder of that name fails only at the merge, after the work
+    if problem:
+        raise ValueError(problem)
     check_engine(model, opts)
     shard = Shard(rank, world_size, barrier or _no_barrier)
     t_start = time.perf_counter()

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -54,6 +55,23 @@ def output_paths(out: PathLike) -> Dict[str, Path]:
     return {"features": out, "manifest": out.with_name(out.name + ".manifest.jsonl"),
             "meta": out.with_name(out.name + ".meta.json"),
             "parts": out.with_name(out.name + ".parts")}
+
+
+def output_problem(output: PathLike) -> Optional[str]:
+    """What the file system already shows wrong with an output path (``None``: nothing): a
+    folder of that name, which a run would only fail to replace after computing every feature,
+    or a file where one of its folders should be. Checked before any work (trex-extract's
+    ``-o`` while parsing, :func:`~trex_hub.extract_run.extract_to_file` first thing)."""
+    output = os.fspath(output)
+    if os.path.isdir(output):
+        return (f"{output} is a folder; give a file name (e.g. "
+                f"{os.path.join(output, 'feats.npy')})")
+    parent = os.path.dirname(os.path.abspath(output))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{output}: {parent} is a file, not a folder; choose another output"
+    return None
 
 
 def legacy_paths(out: PathLike) -> Dict[str, Path]:
@@ -260,6 +278,7 @@ def _manifest_line(row: Dict[str, Any]) -> bytes:
         return (json.dumps(row) + "\n").encode("ascii")
 
 
-__all__ = ["OUTPUT_FORMATS", "FORMAT_VERSION", "ExtractError", "output_paths", "legacy_paths",
+__all__ = ["OUTPUT_FORMATS", "FORMAT_VERSION", "ExtractError", "output_paths", "output_problem",
+           "legacy_paths",
            "existing_paths", "read_features", "segment_files", "committed_segments",
            "write_segment", "tiling", "merge"]

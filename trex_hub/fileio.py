@@ -8,6 +8,7 @@ one, never a half-written one, whatever kills the process.
 """
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import random
@@ -89,6 +90,9 @@ def atomic_write_many(files: Sequence[Tuple[PathLike, Callable[[Any], Any], str]
     all are written (and synced) are they renamed, in the order given. A failure while writing
     (a full disk, a name that cannot be encoded) leaves every old file as it was, never a new
     file beside an old companion."""
+    for path, _, _ in files:  # a rename onto a folder fails only after the others were made
+        if os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", os.fspath(path))
     tmps: List[Path] = []
     try:
         for path, write, mode in files:

@@ -58,7 +58,8 @@ def _fetch_release(entry: registry.ModelEntry, file: registry.FileInfo, *, ema: 
     """The verified cached path of a released file and the checkpoint it holds (downloaded by
     local rank 0 first under ``torch.distributed``)."""
     path, ckpt = cache.local_rank_zero_first(
-        cache.fetch_checked, file.filename, mirrors.file_url(file.filename, base_url, entry.name),
+        cache.fetch_checked, file.filename,
+        partial(mirrors.file_url, file.filename, base_url, entry.name),  # made when needed
         cache_dir=cache_dir, sha256=file.sha256, size=file.size, progress=progress,
         offline=offline, check=partial(_release_check, entry, file, ema),
         offline_command=partial(mirrors.download_command, file.filename))

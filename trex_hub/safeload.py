@@ -8,6 +8,7 @@ permissions, I/O: nothing is said of its bytes, so nothing deletes it).
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
@@ -51,6 +52,10 @@ def _refused(path: str, names: List[str]) -> CheckpointError:
         "torch.save(model.state_dict(), ...) or convert it to safetensors.")
 
 
+#: the errors of reading a file that say nothing of its bytes
+_ENVIRONMENT = {errno.EACCES, errno.EPERM, errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE,
+                errno.EISDIR, errno.ETIMEDOUT, errno.ESTALE}
+
 # what torch's allocators say when they run out (a RuntimeError, not a MemoryError)
 _ALLOCATION_FAILED = re.compile(r"can't allocate memory|out of memory|std::bad_alloc", re.I)
 
@@ -83,7 +88,9 @@ def torch_load(path: PathLike) -> Any:
             AttributeError, IndexError, struct.error) as exc:
         if isinstance(exc, FileNotFoundError):
             raise CheckpointError(f"{path}: no such file") from None
-        if isinstance(exc, OSError):  # the file could not be read: nothing said of its bytes
+        if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT:
+            # the file could not be read: nothing said of its bytes (torch's zip reader raises
+            # EINVAL for an archive cut short, which is the bytes' fault: judged below)
             raise CheckpointReadError(f"{path}: cannot be read ({exc.strerror or exc}); the file "
                                       "was left as it is") from None
         if isinstance(exc, RuntimeError) and _ALLOCATION_FAILED.search(str(exc)):

@@ -22,7 +22,6 @@ features; ``decode="cpu"`` stays the exact reference.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import struct
 import warnings
@@ -35,7 +34,7 @@ import torch
 
 from .decoding import Batch, decode_item, in_background
 from .preprocess import PreprocessConfig
-from .transforms import Decoder, ImageLoadError, pixel_limit, resized_size
+from .transforms import Decoder, ImageLoadError, pixel_limit, resized_pixels_ok
 
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
@@ -101,8 +100,8 @@ def jpeg_extent(data: Union[bytes, bytearray], max_pixels: Optional[int] = None,
             height, width = struct.unpack(">HH", seg[1:5])
             if max_pixels is not None and not 0 < height * width <= max_pixels:
                 return None  # 0: a height given later (DNL), which PIL handles
-            if max_pixels is not None and resize and math.prod(
-                    resized_size(width, height, resize)) > max_pixels:
+            if max_pixels is not None and resize and not resized_pixels_ok(
+                    width, height, resize, max_pixels):
                 return None
             frame, components = marker, seg[5]
         elif marker == 0xDA:  # the first scan

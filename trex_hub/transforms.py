@@ -197,16 +197,29 @@ def resized_size(width: int, height: int, resize: int) -> Tuple[int, int]:
     return int(resize * width / height), resize
 
 
-def check_resize(width: int, height: int, resize: int, limit: int, what: str) -> None:
-    """Refuse an image whose resized copy would hold more than ``limit`` pixels: a file of a few
-    bytes with an extreme aspect ratio (1 x 20,000 px) passes the decompression-bomb check, then
-    resizing its shorter side to 224 px made a 224 x 4,480,000 image (5 GB, 13 s) that the
-    centre crop throws away."""
+#: the resized copy may always be this many times ``resize ** 2`` (an aspect ratio of 64): a
+#: small ``--max-pixels`` (thumbnails) bounds the source, not the resize that every image needs
+RESIZE_ASPECT_FLOOR = 64
+
+
+def resized_pixels_ok(width: int, height: int, resize: int, limit: int) -> bool:
+    """Whether ``Resize(resize)`` of a ``width x height`` image stays within the pixel budget:
+    ``limit``, but never less than :data:`RESIZE_ASPECT_FLOOR` ``* resize ** 2``."""
     w, h = resized_size(width, height, resize)
-    if w * h > limit:
+    return w * h <= max(limit, RESIZE_ASPECT_FLOOR * resize * resize)
+
+
+def check_resize(width: int, height: int, resize: int, limit: int, what: str) -> None:
+    """Refuse an image whose resized copy would be over the budget (:func:`resized_pixels_ok`):
+    a file of a few bytes with an extreme aspect ratio (1 x 20,000 px) passes the
+    decompression-bomb check, then resizing its shorter side to 224 px made a 224 x 4,480,000
+    image (5 GB, 13 s) that the centre crop throws away."""
+    if not resized_pixels_ok(width, height, resize, limit):
+        w, h = resized_size(width, height, resize)
+        budget = max(limit, RESIZE_ASPECT_FLOOR * resize * resize)
         raise ImageLoadError(f"{what}: refused: resizing {width}x{height} to a shorter side of "
                              f"{resize} px would make {w}x{h} = {w * h} pixels, over the limit "
-                             f"of {limit} (an extreme aspect ratio)")
+                             f"of {budget} (an extreme aspect ratio)")
 
 
 def _draft(img: Image.Image, draft_size: Optional[int]) -> None:

@@ -156,21 +156,6 @@ def cuda_problem(option: str, device: str) -> Optional[str]:
     return f"--device {option}: this machine has {have}"
 
 
-def output_problem(output: str) -> Optional[str]:
-    """What the file system already shows wrong with ``-o`` (``None``: nothing): a folder of
-    that name, which the run would only fail to replace after computing every feature, or a
-    file where one of its folders should be."""
-    if os.path.isdir(output):
-        return (f"-o {output} is a folder; give a file name (e.g. "
-                f"{os.path.join(output, 'feats.npy')})")
-    parent = os.path.dirname(os.path.abspath(output))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        return f"-o {output}: {parent} is a file, not a folder; choose another -o"
-    return None
-
-
 def silence_handled_warnings() -> None:
     """PIL warns about what the run handles itself: images over PIL's pixel limit (refused by
     the run's own --max-pixels check, with a line in the manifest) and corrupt EXIF data (the
@@ -235,9 +220,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "ceiling itself)")
         if args.threads is not None and args.threads < 1:
             parser.error("--threads must be >= 1 (leave it out for torch's choice)")
-        problem = device_problem(args.device) or output_problem(args.output)
-        if problem:
-            parser.error(problem)
+        from ..featurefile import output_problem
+
+        problem = device_problem(args.device)
+        if problem or output_problem(args.output):
+            parser.error(problem or f"-o {output_problem(args.output)}")
         return args
 
     return run_cli(PROG, parse, lambda args: _main(args, rank, world, local_rank),

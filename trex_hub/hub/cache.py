@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 
 from ..fileio import PathLike, atomic_write, fsync_dir
 from .http import DownloadError, IntegrityError, download, env_float, mirror_hint, sha256_of
@@ -281,15 +281,17 @@ def _check_fresh_file(tmp: Path, url: str, check: Optional[Check]) -> Any:
                            f"the cache; {mirror_hint(url)}]")
 
 
-def _offline_message(filename: str, path: Path, url: str,
+def _offline_message(filename: str, path: Path, url: Optional[str],
                      command: Optional[Callable[[Path], Optional[str]]]) -> str:
-    cmd = (command(path) if command is not None else None) or f"curl -fL -o {path} {url}"
+    cmd = ((command(path) if command is not None else None)
+           or (f"curl -fL -o {path} {url}" if url else f"curl -fL -o {path} <URL of {filename}>"))
     return (f"offline mode is on and '{filename}' is not cached (expected at {path}). On a "
             f"connected machine run `{cmd}` and copy the file there, or unset TREX_HUB_OFFLINE "
             "/ HF_HUB_OFFLINE.")
 
 
-def fetch_checked(filename: str, url: str, *, cache_dir: Optional[PathLike] = None,
+def fetch_checked(filename: str, url: Union[str, Callable[[], str]], *,
+                  cache_dir: Optional[PathLike] = None,
                   sha256: Optional[str] = None, size: Optional[int] = None,
                   progress: bool = True, offline: Optional[bool] = None,
                   timeout: Optional[float] = None, retries: Optional[int] = None,
@@ -297,7 +299,9 @@ def fetch_checked(filename: str, url: str, *, cache_dir: Optional[PathLike] = No
                   check: Optional[Check] = None,
                   offline_command: Optional[Callable[[Path], Optional[str]]] = None
                   ) -> Tuple[Path, Any]:
-    """:func:`fetch`, also returning what ``check`` returned for the file (``None`` without)."""
+    """:func:`fetch`, also returning what ``check`` returned for the file (``None`` without).
+    ``url`` may be a function that makes it, called only when the file must be downloaded: a
+    base URL setting that is wrong then keeps no cached file from loading."""
     path = get_cache_dir(cache_dir) / filename
     offline = is_offline() if offline is None else offline
     deleted = ""
@@ -315,8 +319,14 @@ def fetch_checked(filename: str, url: str, *, cache_dir: Optional[PathLike] = No
         deleted += " and has been deleted"
         log.warning("trex_hub: %s; downloading it again", deleted)
     if offline:
-        msg = _offline_message(filename, path, url, offline_command)
+        try:
+            shown: Optional[str] = url() if callable(url) else url
+        except DownloadError:  # a malformed base URL: the offline error is the one to give
+            shown = None
+        msg = _offline_message(filename, path, shown, offline_command)
         raise OfflineError(f"{deleted}; {msg}" if deleted else msg)
+    if callable(url):
+        url = url()
     _require_writable(path.parent, filename)
     with file_lock(path, lock_timeout) as locked:
         if path.is_file() and check_cached(path, sha256=sha256, size=size).ok:
@@ -362,7 +372,7 @@ def fetch_checked(filename: str, url: str, *, cache_dir: Optional[PathLike] = No
     return path, result
 
 
-def fetch(filename: str, url: str, **kwargs: Any) -> Path:
+def fetch(filename: str, url: Union[str, Callable[[], str]], **kwargs: Any) -> Path:
     """The cached, verified path of ``filename``, downloading it from ``url`` first if needed.
 
     A cached file gets the cheap check (its size against the manifest and ``size``); a bad one

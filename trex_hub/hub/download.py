@@ -24,7 +24,7 @@ from .partials import PARTIAL_SUFFIX
 def fetch(filename: str, *, base_url: Optional[str] = None, model: Optional[str] = None,
           **kwargs: Any) -> Path:
     """:func:`trex_hub.hub.cache.fetch` of ``filename`` from its mirror (see the module doc)."""
-    return cache.fetch(filename, file_url(filename, base_url, model),
+    return cache.fetch(filename, partial(file_url, filename, base_url, model),
                        offline_command=partial(download_command, filename), **kwargs)
 
 

@@ -28,6 +28,10 @@ def partial_path(path: PathLike) -> Path:
 
 #: how long a private partial of a process that may still run elsewhere is kept
 PRIVATE_PARTIAL_MAX_AGE = 86400.0
+#: how long the partial of a process that seems gone must have been untouched: a live download
+#: writes every chunk, and a process in another PID namespace (a container sharing the host
+#: name) looks gone from here
+PRIVATE_PARTIAL_IDLE = 600.0
 
 
 def private_partial_path(path: Path) -> Path:
@@ -51,9 +55,9 @@ def _pid_alive(pid: int) -> bool:
 
 def sweep_private_partials(path: Path) -> List[Path]:
     """Delete the private partials of ``path`` whose process is gone (killed mid-download:
-    nothing else would ever remove them): on this host, a process that no longer runs;
-    anywhere (a shared folder), one untouched for :data:`PRIVATE_PARTIAL_MAX_AGE`. Returns what
-    was deleted; never raises."""
+    nothing else would ever remove them): on this host, a process that no longer runs and a
+    partial untouched for :data:`PRIVATE_PARTIAL_IDLE`; anywhere (a shared folder), one
+    untouched for :data:`PRIVATE_PARTIAL_MAX_AGE`. Returns what was deleted; never raises."""
     host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
     own = re.compile(rf"\.{re.escape(path.name)}\.(?:(?P<host>[A-Za-z0-9-]+)\.)?(?P<pid>\d+)"
                      rf"\.[0-9a-f]{{8}}{re.escape(PARTIAL_SUFFIX)}")
@@ -69,8 +73,10 @@ def sweep_private_partials(path: Path) -> List[Path]:
             continue
         p = path.parent / name
         try:
-            old = now - p.stat().st_mtime > PRIVATE_PARTIAL_MAX_AGE
-            if old or (m.group("host") == host and not _pid_alive(int(m.group("pid")))):
+            idle = now - p.stat().st_mtime
+            gone = (m.group("host") == host and idle > PRIVATE_PARTIAL_IDLE
+                    and not _pid_alive(int(m.group("pid"))))
+            if gone or idle > PRIVATE_PARTIAL_MAX_AGE:
                 p.unlink()
                 removed.append(p)
         except OSError:
@@ -81,5 +87,5 @@ def sweep_private_partials(path: Path) -> List[Path]:
     return removed
 
 
-__all__ = ["PARTIAL_SUFFIX", "PRIVATE_PARTIAL_MAX_AGE", "partial_path",
+__all__ = ["PARTIAL_SUFFIX", "PRIVATE_PARTIAL_MAX_AGE", "PRIVATE_PARTIAL_IDLE", "partial_path",
            "private_partial_path", "sweep_private_partials"]
