@@ -17,6 +17,8 @@
 #   BATCH_SIZE=64  THREADS=(unset: libraries' default; 1 is fastest on a busy machine)
 #   CACHE=$OUT/features (computed features, reused by a rerun with more seeds)
 #   PYTHON=(.venv/bin/python if present, else python3)
+#   NAMES="a b ..." (one display name per MODEL; default: the models' names, with their parent
+#   folder where two are alike, e.g. runs/a/checkpoint.pth -> a-checkpoint)
 # Writes $OUT/results/*.json, $OUT/report.md, $OUT/report.csv, $OUT/report.png.
 set -euo pipefail
 
@@ -36,11 +38,14 @@ BATCH_SIZE="${BATCH_SIZE:-64}"
 MAX_ITER="${MAX_ITER:-2000}"
 CACHE="${CACHE:-$OUT/features}"
 THREADS="${THREADS:-}"
+NAMES="${NAMES:-}"
 extra=()
 [[ -n "$THREADS" ]] && extra+=(--threads "$THREADS")
+# shellcheck disable=SC2206
+[[ -n "$NAMES" ]] && extra+=(--names $NAMES)
 
 if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
-    sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     [[ $# -lt 1 ]] && exit 2 || exit 0
 fi
 if ! ls "$DATA"/train-images*idx3-ubyte* >/dev/null 2>&1; then

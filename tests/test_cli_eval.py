@@ -329,10 +329,10 @@ def test_same_display_names_or_seeds_are_refused_before_any_work(tmp_path, image
     base = ["--format", "imagefolder", "--data", image_folder, "--out", out, "--trials", 2,
             "--search", "grid", "--image-size", 32, "--threads", 1, "-q"]
     _no_model_loading(monkeypatch)
-    code, _, err = run_cli(["run", "--models", r0, r2] + base, capsys)
+    code, _, err = run_cli(["run", "--models", r0, r0] + base, capsys)
     assert code == 2 and err.count("\n") == 1, err
-    assert str(r0) in err and str(r2) in err and "'checkpoint'" in err and "--names" in err
-    assert "EXPENSIVE" not in err and not list(out.glob("*.json"))
+    assert f"--models gives {r0} twice" in err and "EXPENSIVE" not in err
+    assert not list(out.glob("*.json"))
     for extra in (["--names", "a", "a"], ["--names", "a b", "a-b"]):  # same name / same file
         code, _, err = run_cli(["run", "--models", r0, r2] + extra + base, capsys)
         assert code == 2 and "--names" in err and "EXPENSIVE" not in err, err
@@ -343,6 +343,13 @@ def test_same_display_names_or_seeds_are_refused_before_any_work(tmp_path, image
     assert code == 0, err
     assert sorted(p.name for p in out.glob("*.json")) == ["r0__colours__seed0.json",
                                                           "r2__colours__seed0.json"]
+    # without --names, two runs/*/checkpoint.pth are named after their folders
+    out2 = tmp_path / "res2"
+    code, md, err = run_cli(["run", "--models", r0, r2] + base[:5] + [out2] + base[6:], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out2.glob("*.json")) == [
+        f"{r0.parent.name}-checkpoint__colours__seed0.json",
+        f"{r2.parent.name}-checkpoint__colours__seed0.json"]
 
 
 def test_another_models_result_with_the_same_name_is_not_overwritten(tmp_path, image_folder,
@@ -485,6 +492,11 @@ def test_out_and_cache_are_checked_before_any_work(tmp_path, r18_ckpt, image_fol
     assert code == 2 and f"--cache {r18_ckpt}" in err and "EXPENSIVE" not in err, err
     code, _, err = run_cli(base + ["--out", r18_ckpt / "sub"], capsys)
     assert code == 2 and "--out" in err and "EXPENSIVE" not in err, err
+    # checked, not made: a run that fails later (here at the model) leaves no empty folders
+    code, _, err = run_cli(base + ["--out", tmp_path / "o2" / "x", "--cache", tmp_path / "c2"],
+                           capsys)
+    assert code != 0 and "EXPENSIVE" in err, err
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "c2").exists()
 
 
 def test_report_names_a_malformed_result_file(tmp_path, capsys):

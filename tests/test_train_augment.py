@@ -460,7 +460,11 @@ def test_a_loader_worker_error_is_its_own_line_without_the_worker_traceback():
     cases = [(image, 1, ["train item 1 (a/b.png): not a readable image", "remove or fix"]),
              (image, 0, ["train item 1 (a/b.png): not a readable image", "remove or fix"]),
              (KeyError("label"), 1, ["training loader worker", "KeyError", "'label'",
-                                     "--workers 0"])]
+                                     "--workers 0"]),
+             # no message: the type alone (a bare assert), and out of memory said as such
+             (AssertionError(), 1, ["training loader worker 0 failed: AssertionError.",
+                                    "--workers 0"]),
+             (MemoryError(), 1, ["training loader worker 0 ran out of memory:", "--batch-size"])]
     for error, workers, words in cases:
         loader = DataLoader(_Broken(error), batch_size=1, num_workers=workers)
         with pytest.raises(TrainingError) as err:

@@ -302,6 +302,23 @@ def test_a_new_run_never_replaces_an_earlier_one_unasked(straight_run, folder, t
     assert main(small_args(folder, out, "--overwrite", "--resume")) == 2
     assert "--overwrite" in capsys.readouterr().err
 
+    # --resume of a checkpoint from another folder continues that run, not this folder's: it
+    # needs --overwrite too (the other run's checkpoint was replaced after one epoch)
+    other = tmp_path / "other"
+    assert main(small_args(folder, other, "--stop-after-epoch", "1")) == 0
+    capsys.readouterr()
+    kept = (out / "checkpoint.pth").read_bytes()
+    resume = ["--resume", str(other / "checkpoint.pth")]
+    assert main(small_args(folder, out, *resume)) == 1
+    err = capsys.readouterr().err
+    assert "already holds another run" in err and "--overwrite" in err, err
+    assert (out / "checkpoint.pth").read_bytes() == kept
+    assert main(small_args(folder, out, "--overwrite", *resume)) == 0
+    ckpt = torch_load(out / "checkpoint.pth")
+    assert ckpt["epoch"] == torch_load(straight_run / "checkpoint.pth")["epoch"]
+    assert [json.loads(r)["epoch"] for r in (out / "log.jsonl").read_text().splitlines()] == \
+        list(range(2, ckpt["epoch"] + 1))
+
 
 def test_an_epoch_saved_but_not_logged_is_logged_on_resume(folder, tmp_path, monkeypatch):
     """Killed right after a checkpoint was written: the log already holds that epoch."""

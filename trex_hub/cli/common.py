@@ -137,7 +137,8 @@ def run_cli(prog: Union[str, Callable[[argparse.Namespace], str]],
         return _exit_code(exc)
     except MemoryError as exc:
         code, line = EXIT_FAIL, (f"error: out of memory{f' ({exc})' if str(exc) else ''}; free "
-                                 "some memory or use smaller batches, then run again")
+                                 "some memory (or lower -b / --workers where the program has "
+                                 "them), then run again")
         if debug_wanted(args):
             traceback.print_exc()
     except Exception as exc:  # a case nobody foresaw: still one line

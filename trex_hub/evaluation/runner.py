@@ -114,8 +114,9 @@ def plan_models(models: Sequence[str], data: DataOptions,
                 names: Optional[Sequence[str]] = None) -> List[Tuple[Optional[str], str]]:
     """(spec, display name) of every model; two names that give one result file are refused.
 
-    ``--names`` or :func:`display_name`; the features format without ``--models`` evaluates the
-    folder itself (spec ``None``), named after it.
+    ``--names`` or :func:`display_name`, with the parent folder in front where two stems are
+    alike (``runs/a/checkpoint.pth``: ``a-checkpoint``); the features format without
+    ``--models`` evaluates the folder itself (spec ``None``), named after it.
     """
     if names is not None and len(names) != len(models):
         raise EvalError(f"{len(names)} --names for {len(models)} --models")
@@ -127,6 +128,10 @@ def plan_models(models: Sequence[str], data: DataOptions,
 
     plan = [(spec, (names[i] if names else None) or display_name(spec))
             for i, spec in enumerate(models)]
+    if not names:  # runs/a/checkpoint.pth and runs/b/checkpoint.pth: a-checkpoint, b-checkpoint
+        stems = [slug(name) for _, name in plan]
+        plan = [(spec, _qualified_name(spec) if spec and stems.count(slug(name)) > 1 else name)
+                for spec, name in plan]
     first: Dict[str, int] = {}
     for i, (_, name) in enumerate(plan):
         j = first.setdefault(slug(name), i)
@@ -136,24 +141,28 @@ def plan_models(models: Sequence[str], data: DataOptions,
 
 
 def prepare_folders(*folders: Tuple[Optional[PathLike], str]) -> None:
-    """Create the folders of ``(path, flag)`` pairs and prove them writable, before any work.
+    """Prove the folders of ``(path, flag)`` pairs writable, before any work, creating none.
 
     Otherwise a file in the way or a missing permission surfaces only when the first result is
-    written, after the feature extraction and the whole search. Files in the way are looked for
-    first, so that a refused run creates no folder.
+    written, after the feature extraction and the whole search. A folder that does not exist
+    yet is judged by its nearest existing parent, and made when the first file is written: a
+    run that fails first (a mistyped model, an unreadable image) leaves nothing behind.
     """
     import tempfile
 
     for path, flag in folders:
-        if path is not None and Path(path).exists() and not Path(path).is_dir():
-            raise EvalUsageError(f"{flag} {path} is a file, not a folder; give a folder (it is "
-                                 "created when missing)")
-    for path, flag in folders:
         if path is None:
             continue
+        here = Path(path).expanduser().absolute()
+        while not here.exists() and here != here.parent:
+            here = here.parent
+        if not here.is_dir():
+            what = "is a file" if here == Path(path).expanduser().absolute() else \
+                f"is inside {here}, which is a file"
+            raise EvalUsageError(f"{flag} {path} {what}, not a folder; give a folder (it is "
+                                 "created when missing)")
         try:
-            Path(path).mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=path):
+            with tempfile.TemporaryFile(dir=here):
                 pass
         except OSError as exc:
             raise EvalUsageError(f"{flag} {path}: cannot write there ({exc.strerror or exc}); "

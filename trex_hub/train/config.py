@@ -250,7 +250,8 @@ def build_parser(prog: str = "trex-train") -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in an OUTPUT_DIR that holds an earlier run, deleting its "
                         "checkpoint.pth, checkpointNNNN.pth and log.jsonl (without it, or "
-                        "--resume, such a folder is refused)")
+                        "--resume, such a folder is refused); with --resume CKPT from another "
+                        "folder, this folder goes on from CKPT")
     g.add_argument("--checkpoint-every", type=_count, default=1,
                    help="rewrite checkpoint.pth every N epochs (1; always after the last epoch "
                         "and at --stop-after-epoch)")
@@ -308,9 +309,16 @@ def check_options(args: argparse.Namespace) -> None:
     if args.no_projector and args.memory_size > 0:
         raise ValueError("the OCM memory stores projector outputs; with --no-projector use "
                          "--memory-size 0")
-    if getattr(args, "overwrite", False) and getattr(args, "resume", None):
-        raise ValueError("--overwrite starts afresh and --resume continues the run in "
-                         "--output-dir: give one of them")
+    from pathlib import Path
+
+    from .outputs import resumes_in_place
+
+    resume = getattr(args, "resume", None)
+    if getattr(args, "overwrite", False) and resume and resumes_in_place(
+            resume, Path(args.output_dir)):
+        raise ValueError("--overwrite deletes the run in --output-dir, which --resume continues: "
+                         "give one of them (--overwrite with --resume CKPT from another folder "
+                         "starts this folder from CKPT)")
 
 
 # What a checkpoint learnt with: --resume refuses other values (trex_hub.train.runtime), as the

@@ -152,9 +152,10 @@ def _stop_workers(it: Any, wait: float = 5.0) -> None:
 
 # torch re-raises a worker's exception as "Caught KeyError in DataLoader worker process 0.\n
 # Original Traceback (most recent call last): ...", the worker's traceback ending in the line
-# "package.module.KeyError: message" (torch.utils._utils.ExceptionWrapper)
+# "package.module.KeyError: message", or the type alone for an exception without a message
+# (MemoryError(), a bare assert) (torch.utils._utils.ExceptionWrapper)
 _WORKER_ERROR = re.compile(r"Caught (\w+) in DataLoader worker process (\d+)\.\n"
-                           r"Original Traceback.*\n(?:[\w.]+\.)?\1: (.*?)\s*\Z", re.S)
+                           r"Original Traceback.*\n(?:[\w.]+\.)?\1(?:: (.*?))?\s*\Z", re.S)
 
 
 def worker_error(exc: BaseException) -> Optional[Tuple[str, str, str]]:
@@ -164,7 +165,7 @@ def worker_error(exc: BaseException) -> Optional[Tuple[str, str, str]]:
     if match is None:
         return None
     kind, worker, message = match.groups()
-    return kind, worker, " ".join(message.split())
+    return kind, worker, " ".join((message or "").split())
 
 
 def _image_error(exc: ImageLoadError, what: str) -> TrainingError:
@@ -217,9 +218,14 @@ def _raise_worker_error(it: Any, exc: Exception, what: str) -> None:
         return
     kind, worker, message = found
     _stop_workers(it)
+    if kind == "MemoryError":
+        raise TrainingError(f"{what} loader worker {worker} ran out of memory"
+                            f"{f' ({message})' if message else ''}: lower --workers or "
+                            "--batch-size, then run again (--resume goes on from the last "
+                            "checkpoint)") from exc
     raise TrainingError(
-        f"{what} loader worker {worker} failed: {kind}: {message}. Run with --workers 0 "
-        "(and --debug) to see where") from exc
+        f"{what} loader worker {worker} failed: {kind}{f': {message}' if message else ''}. "
+        "Run with --workers 0 (and --debug) to see where") from exc
 
 
 def device_batches(batches: Iterable[Any], data: TrainLoader, device: torch.device,

@@ -21,13 +21,26 @@ def earlier_run(out_dir: Path) -> List[str]:
     return [name for name in (CHECKPOINT_NAME, LOG_NAME) if (out_dir / name).exists()]
 
 
+def resumes_in_place(resume: str, out_dir: Path) -> bool:
+    """Whether ``--resume`` continues the run of ``out_dir`` (its own checkpoint, or one of its
+    ``--save-every`` files), not a checkpoint from elsewhere."""
+    return resume == "auto" or Path(resume).absolute().parent == out_dir.absolute()
+
+
 def refuse_earlier_run(args: argparse.Namespace, out_dir: Path) -> None:
     """A run that neither continues (``--resume``) nor replaces (``--overwrite``) the run
     already in ``out_dir`` would overwrite its checkpoint after one epoch and mix its own
-    records into the old log: stop before anything is built."""
-    if args.resume or getattr(args, "overwrite", False):
+    records into the old log: stop before anything is built. ``--resume`` of a checkpoint from
+    another folder continues that run, not this folder's: it needs ``--overwrite`` too."""
+    if getattr(args, "overwrite", False) or (args.resume and resumes_in_place(args.resume,
+                                                                             out_dir)):
         return
     found = earlier_run(out_dir)
+    if found and args.resume:
+        raise TrainingError(
+            f"{out_dir} already holds another run ({', '.join(found)}) and --resume "
+            f"{args.resume} continues one from elsewhere: add --overwrite to replace that run "
+            "with this one, or give another (empty) --output-dir")
     if found:
         raise TrainingError(
             f"{out_dir} already holds an earlier run ({', '.join(found)}): add --resume to "
@@ -69,4 +82,5 @@ def _log_epoch(line: str) -> float:
     return epoch if isinstance(epoch, int) else float("inf")
 
 
-__all__ = ["LOG_NAME", "earlier_run", "refuse_earlier_run", "clear_earlier_run", "trim_log"]
+__all__ = ["LOG_NAME", "earlier_run", "resumes_in_place", "refuse_earlier_run",
+           "clear_earlier_run", "trim_log"]
