@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ..cli.common import add_debug_flag
@@ -297,6 +298,12 @@ def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def resumes_in_place(resume: str, out_dir: Path) -> bool:
+    """Whether ``--resume`` continues the run of ``out_dir`` (its own checkpoint, or one of its
+    ``--save-every`` files), not a checkpoint from elsewhere."""
+    return resume == "auto" or Path(resume).absolute().parent == out_dir.absolute()
+
+
 def check_options(args: argparse.Namespace) -> None:
     """The rules between options (each value alone was checked when parsed); ``ValueError``
     names the options and the fix."""
@@ -309,10 +316,6 @@ def check_options(args: argparse.Namespace) -> None:
     if args.no_projector and args.memory_size > 0:
         raise ValueError("the OCM memory stores projector outputs; with --no-projector use "
                          "--memory-size 0")
-    from pathlib import Path
-
-    from .outputs import resumes_in_place
-
     resume = getattr(args, "resume", None)
     if getattr(args, "overwrite", False) and resume and resumes_in_place(
             resume, Path(args.output_dir)):
@@ -378,4 +381,5 @@ def plain_namespace(args: argparse.Namespace, **extra: Any) -> argparse.Namespac
 
 
 __all__: List[str] = ["PRESETS", "build_parser", "apply_preset", "check_options",
-                      "parse_args", "projector_config", "plain_namespace", "RESUME_MUST_MATCH"]
+                      "parse_args", "projector_config", "plain_namespace", "RESUME_MUST_MATCH",
+                      "resumes_in_place"]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import List
 
 from ..fileio import atomic_write
+from .config import resumes_in_place
 from .runtime import CHECKPOINT_NAME, TrainingError
 
 LOG_NAME = "log.jsonl"
@@ -19,12 +20,6 @@ LOG_NAME = "log.jsonl"
 def earlier_run(out_dir: Path) -> List[str]:
     """The files of an earlier run in ``out_dir`` that a new run would replace or append to."""
     return [name for name in (CHECKPOINT_NAME, LOG_NAME) if (out_dir / name).exists()]
-
-
-def resumes_in_place(resume: str, out_dir: Path) -> bool:
-    """Whether ``--resume`` continues the run of ``out_dir`` (its own checkpoint, or one of its
-    ``--save-every`` files), not a checkpoint from elsewhere."""
-    return resume == "auto" or Path(resume).absolute().parent == out_dir.absolute()
 
 
 def refuse_earlier_run(args: argparse.Namespace, out_dir: Path) -> None:
@@ -82,5 +77,4 @@ def _log_epoch(line: str) -> float:
     return epoch if isinstance(epoch, int) else float("inf")
 
 
-__all__ = ["LOG_NAME", "earlier_run", "resumes_in_place", "refuse_earlier_run",
-           "clear_earlier_run", "trim_log"]
+__all__ = ["LOG_NAME", "earlier_run", "refuse_earlier_run", "clear_earlier_run", "trim_log"]
