@@ -471,6 +471,8 @@ def test_trex_download_loading_faults_are_one_line(released_files, hub, export, 
     code = dl_cli.main(["trex_star", "--offline", "--cache-dir", str(cache_dir)])
     line = one_line(capsys.readouterr().err)
     assert code == 1 and "offline mode is on and 'trexstar.pth' is not cached" in line
+    # the flag set it, not the variables: the way out names the flag
+    assert "run without --offline" in line and "unset TREX_HUB_OFFLINE" not in line
     with FileServer(tmp_path / "empty_mirror") as srv:
         code = dl_cli.main(["trex_star", "--cache-dir", str(cache_dir), "--base-url", srv.url])
     line = one_line(capsys.readouterr().err)

@@ -281,13 +281,20 @@ def _check_fresh_file(tmp: Path, url: str, check: Optional[Check]) -> Any:
                            f"the cache; {mirror_hint(url)}]")
 
 
+def way_online() -> str:
+    """How to leave offline mode: the variables when they set it, else the option the caller
+    passed (``--offline``, ``offline=True``)."""
+    if is_offline():
+        return "unset TREX_HUB_OFFLINE / HF_HUB_OFFLINE"
+    return "run without --offline (offline=True)"
+
+
 def _offline_message(filename: str, path: Path, url: Optional[str],
                      command: Optional[Callable[[Path], Optional[str]]]) -> str:
     cmd = ((command(path) if command is not None else None)
            or (f"curl -fL -o {path} {url}" if url else f"curl -fL -o {path} <URL of {filename}>"))
     return (f"offline mode is on and '{filename}' is not cached (expected at {path}). On a "
-            f"connected machine run `{cmd}` and copy the file there, or unset TREX_HUB_OFFLINE "
-            "/ HF_HUB_OFFLINE.")
+            f"connected machine run `{cmd}` and copy the file there, or {way_online()}.")
 
 
 def fetch_checked(filename: str, url: Union[str, Callable[[], str]], *,

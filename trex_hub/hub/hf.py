@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..fileio import CONFIG_NAME, WEIGHTS_NAME, PathLike
 from ..version import __version__
-from .cache import OfflineError, is_offline
+from .cache import OfflineError, is_offline, way_online
 from .http import DownloadError, NotFoundError
 
 HF_PREFIX = "hf-hub:"
@@ -147,7 +147,7 @@ def _download_files(repo_id: str, rev: Optional[str], names: Sequence[str], *,
             raise OfflineError(
                 f"offline mode is on and {where} is not in the Hugging Face cache ({cache}). On "
                 f"a connected machine run `trex-download {where} --cache-dir {cache}` and copy "
-                "that folder here, or unset TREX_HUB_OFFLINE / HF_HUB_OFFLINE.") from None
+                f"that folder here, or {way_online()}.") from None
         raise DownloadError(
             f"{where}: the Hub at {ep or 'https://huggingface.co'} could not be reached and the "
             f"files are not cached in {cache}; check the network or HF_ENDPOINT.") from None
