@@ -10,6 +10,7 @@ PIL path with JPEG draft mode, plus the mean absolute pixel difference of the de
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -30,6 +31,15 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir", default=None)
     args = p.parse_args(argv)
 
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="trex-dec-"))
+    try:
+        return _measure(args, work)
+    finally:
+        if not args.work_dir:  # a folder of its own: its generated photos go with it
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _measure(args: argparse.Namespace, work: Path) -> int:
     import factories as fx
     from extract_bench import make_photos
 
@@ -40,7 +50,6 @@ def main(argv=None) -> int:
     from trex_hub.transforms import Decoder
 
     w, h = (int(v) for v in args.size.split("x"))
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="trex-dec-"))
     data = work / f"photos-{w}x{h}-{args.images}"
     make_photos(data, args.images, size=(w, h), seed=7)
     ckpt = work / f"{args.arch}.pth"
