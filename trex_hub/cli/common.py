@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import math
 import os
 import sys
 import threading
@@ -86,6 +87,43 @@ def nonempty(text: str) -> str:
         raise argparse.ArgumentTypeError("must not be empty (leave the option out for its "
                                          "default)")
     return text
+
+
+def int_at_least(low: int, high: Optional[int] = None) -> Callable[[str], int]:
+    """argparse ``type=``: an integer ``>= low`` (and ``<= high``); a bad value is a usage error
+    naming the option (argparse adds "argument --OPTION:") and what it takes."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            where = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {where}, got {value}")
+        return value
+
+    return parse
+
+
+def float_in(low: float, high: float = math.inf, *, open_low: bool = False,
+              open_high: bool = True) -> Callable[[str], float]:
+    """A finite float in the interval from ``low`` to ``high`` (``open_*``: that end excluded)."""
+    left, right = "(" if open_low else "[", ")" if open_high else "]"
+    where = (f"> {low:g}" if open_low else f">= {low:g}") if high == math.inf else \
+        f"in {left}{low:g}, {high:g}{right}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        inside = (math.isfinite(value) and (value > low if open_low else value >= low)
+                  and (value < high if open_high else value <= high))
+        if not inside:
+            raise argparse.ArgumentTypeError(f"must be {where}, got {text}")
+        return value
+
+    return parse
 
 
 def add_debug_flag(parser: argparse.ArgumentParser, also: str = "") -> None:
@@ -203,5 +241,6 @@ def exit_now(code: int) -> NoReturn:
 
 
 __all__ = ["EXIT_OK", "EXIT_FAIL", "EXIT_USAGE", "EXIT_INTERRUPTED", "CliError", "UsageError",
-           "fail", "failing_on", "HelpFormatter", "nonempty", "add_debug_flag", "debug_wanted",
+           "fail", "failing_on", "HelpFormatter", "nonempty", "int_at_least", "float_in",
+           "add_debug_flag", "debug_wanted",
            "run_cli", "exit_now", "process_age"]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .common import (EXIT_OK, EXIT_USAGE, UsageError, add_debug_flag, exit_now, fail, failing_on,
-                     run_cli)
+                     float_in, int_at_least, run_cli)
 
 PROG = "trex-eval"
 
@@ -51,24 +51,8 @@ library versions it ran with.
 """
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 < v < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {v}")
-    return v
+_positive_int = int_at_least(1)
+_fraction = float_in(0.0, 1.0, open_low=True)  # --test-fraction: some images on each side
 
 
 def build_parser() -> argparse.ArgumentParser:

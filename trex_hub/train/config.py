@@ -3,11 +3,10 @@ presets that fill the ones that differ between t-ReX, t-ReX* and the plain super
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
-from ..cli.common import add_debug_flag
+from ..cli.common import add_debug_flag, float_in, int_at_least
 
 # how data-loader workers start (trex_hub.train.data.worker_start_method)
 LOADER_STARTS = ("auto", "fork", "forkserver", "spawn")
@@ -88,48 +87,13 @@ Examples:
 # typed options: a bad value is a usage error naming the option and what it takes (argparse adds
 # "argument --OPTION:"), instead of a library error deep in the run or a run that means nothing
 # ---------------------------------------------------------------------------------------------
-def _int_at_least(low: int, high: Optional[int] = None) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low or (high is not None and value > high):
-            where = f">= {low}" if high is None else f"in [{low}, {high}]"
-            raise argparse.ArgumentTypeError(f"must be {where}, got {value}")
-        return value
-
-    return parse
-
-
-def _float_in(low: float, high: float = math.inf, *, open_low: bool = False,
-              open_high: bool = True) -> Callable[[str], float]:
-    """A finite float in the interval from ``low`` to ``high`` (``open_*``: that end excluded)."""
-    left, right = "(" if open_low else "[", ")" if open_high else "]"
-    where = (f"> {low:g}" if open_low else f">= {low:g}") if high == math.inf else \
-        f"in {left}{low:g}, {high:g}{right}"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        inside = (math.isfinite(value) and (value > low if open_low else value >= low)
-                  and (value < high if open_high else value <= high))
-        if not inside:
-            raise argparse.ArgumentTypeError(f"must be {where}, got {text}")
-        return value
-
-    return parse
-
-
-_positive = _int_at_least(1)
-_count = _int_at_least(0)
-_seed = _int_at_least(0, 2**32 - 1)  # numpy's seeds
-_scale = _float_in(0.0, 1.0, open_low=True, open_high=False)  # a share of the image area
-_fraction = _float_in(0.0, 1.0)  # a momentum: 1 would never move
-_non_negative = _float_in(0.0)
-_positive_float = _float_in(0.0, open_low=True)
+_positive = int_at_least(1)
+_count = int_at_least(0)
+_seed = int_at_least(0, 2**32 - 1)  # numpy's seeds
+_scale = float_in(0.0, 1.0, open_low=True, open_high=False)  # a share of the image area
+_fraction = float_in(0.0, 1.0)  # a momentum: 1 would never move
+_non_negative = float_in(0.0)
+_positive_float = float_in(0.0, open_low=True)
 
 
 def _seconds(text: str) -> float:
