@@ -34,18 +34,10 @@ from .featurefile import FORMAT_VERSION, ExtractError, committed_segments, exist
 from .fileio import atomic_write
 from .imagefiles import Entry
 from .inference import normalisation, resolve_device
+from .model import weights_digest
 from .transforms import preprocess_record
 
 PARTS_LAYOUT = 2  # part-A-B segments (1: chunk-K files)
-
-
-def _weights_digest(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _entries_digest(entries: Sequence[Entry]) -> str:
@@ -62,7 +54,7 @@ def fingerprint(model: torch.nn.Module, entries: Sequence[Entry], opts: Any
     chunk_size = int(math.ceil(opts.chunk_size / opts.batch_size) * opts.batch_size)
     fp = {
         "format_version": FORMAT_VERSION, "inputs": _entries_digest(entries),
-        "count": len(entries), "weights": _weights_digest(model),
+        "count": len(entries), "weights": weights_digest(model),
         "dim": int(getattr(model, "out_dim", 0) or 0),
         "preprocess": preprocess_record(opts.preprocess, model),
         "normalisation": [list(v) for v in normalisation(model)],

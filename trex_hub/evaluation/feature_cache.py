@@ -8,30 +8,11 @@ from typing import Any, Dict, Tuple
 import numpy as np
 
 from .. import datasets as dsets
+from ..model import weights_digest
 from .models import display_name
 from .options import DataOptions, FeatureOptions
 
 CACHE_KEY_VERSION = 2  # 2: weights by content, images by size and modification time
-
-
-def _weights_sha256(model: Any) -> str:
-    """sha256 of every parameter and buffer of the loaded model.
-
-    The weights themselves, not the argument that named them: an exported folder re-exported in
-    place, a checkpoint copied over another, an ``hf-hub:`` id whose repository moved on or a
-    registry file replaced in the download cache all change the key. Hashing ResNet-50's 100 MB
-    takes a fraction of a second, next to minutes of feature extraction.
-    """
-    import hashlib
-
-    import torch
-
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _file_stamp(item: Any) -> str:
@@ -66,7 +47,7 @@ def _cache_key(model: Any, spec: str, dname: str, data: "DataOptions", fopts: "F
 
     preprocess = getattr(model, "preprocess_config", None)
     desc = {"version": CACHE_KEY_VERSION,
-            "model": {"spec": spec, "weights_sha256": _weights_sha256(model),
+            "model": {"spec": spec, "weights_sha256": weights_digest(model),
                       "head": "projector" if getattr(model, "has_projector", False)
                       else "backbone",
                       "preprocess": preprocess.to_dict() if preprocess is not None else None},
