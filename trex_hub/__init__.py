@@ -27,7 +27,8 @@ _HOMES: Dict[str, str] = {
 __all__ = [
     "load", "list_models", "model_info", "fetch", "get_transform", "PreprocessConfig",
     "extract_features", "read_features", "read_checkpoint", "TReX", "CheckpointError",
-    "CheckpointReadError", "ModelLoadError", "UnknownModelError", "save_pretrained", "push_to_hub", "export_onnx",
+    "CheckpointReadError", "ModelLoadError", "UnknownModelError", "save_pretrained", "push_to_hub",
+    "export_onnx",
     "__version__",
 ]
 

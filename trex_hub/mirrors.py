@@ -59,11 +59,11 @@ def check_base_url(url: str, source: str) -> str:
 def get_base_url(base_url: Optional[str] = None, model: Optional[str] = None) -> str:
     """The base URL of ``model``'s files: ``base_url`` > its mirror (:func:`set_mirror`) >
     ``$TREX_HUB_BASE_URL`` > the official server; checked by :func:`check_base_url`."""
-    env = os.environ.get("TREX_HUB_BASE_URL")
+    env, mirror = os.environ.get("TREX_HUB_BASE_URL"), get_mirror(model)
     if base_url:
         url = check_base_url(base_url, "the base URL (--base-url / base_url=)")
-    elif get_mirror(model):
-        url = get_mirror(model) or ""
+    elif mirror:  # checked by set_mirror
+        url = mirror
     elif env:
         url = check_base_url(env, "TREX_HUB_BASE_URL")
     else:

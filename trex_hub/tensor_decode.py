@@ -162,8 +162,9 @@ def read_jpeg_file(path: Union[str, os.PathLike], max_pixels: Optional[int] = No
                    resize: Optional[int] = None) -> Optional[torch.Tensor]:
     """The JPEG bytes of ``path`` (:func:`jpeg_extent`: without data after the end marker) as a
     uint8 tensor when the tensor path decodes them as PIL would; ``None`` otherwise: unreadable
-    files, images over ``max_pixels`` (before or after ``Resize(resize)``), and files over :data:`MAX_JPEG_BYTES`, which are not
-    read into memory (the PIL fallback then decides, or names the problem)."""
+    files, images over ``max_pixels`` (before or after ``Resize(resize)``), and files over
+    :data:`MAX_JPEG_BYTES`, which are not read into memory (the PIL fallback then decides, or
+    names the problem)."""
     try:
         data = file_bytes(path, MAX_JPEG_BYTES)
     except OSError:

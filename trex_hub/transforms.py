@@ -202,24 +202,26 @@ def resized_size(width: int, height: int, resize: int) -> Tuple[int, int]:
 RESIZE_ASPECT_FLOOR = 64
 
 
+def _resize_budget(resize: int, limit: int) -> int:
+    return max(limit, RESIZE_ASPECT_FLOOR * resize * resize)
+
+
 def resized_pixels_ok(width: int, height: int, resize: int, limit: int) -> bool:
     """Whether ``Resize(resize)`` of a ``width x height`` image stays within the pixel budget:
-    ``limit``, but never less than :data:`RESIZE_ASPECT_FLOOR` ``* resize ** 2``."""
+    ``limit``, but never less than :data:`RESIZE_ASPECT_FLOOR` ``* resize ** 2``. A file of a
+    few bytes with an extreme aspect ratio (1 x 20,000 px) passes the decompression-bomb check,
+    then resizing its shorter side to 224 px made a 224 x 4,480,000 image (5 GB, 13 s) that the
+    centre crop throws away."""
     w, h = resized_size(width, height, resize)
-    return w * h <= max(limit, RESIZE_ASPECT_FLOOR * resize * resize)
+    return w * h <= _resize_budget(resize, limit)
 
 
-def check_resize(width: int, height: int, resize: int, limit: int, what: str) -> None:
-    """Refuse an image whose resized copy would be over the budget (:func:`resized_pixels_ok`):
-    a file of a few bytes with an extreme aspect ratio (1 x 20,000 px) passes the
-    decompression-bomb check, then resizing its shorter side to 224 px made a 224 x 4,480,000
-    image (5 GB, 13 s) that the centre crop throws away."""
-    if not resized_pixels_ok(width, height, resize, limit):
-        w, h = resized_size(width, height, resize)
-        budget = max(limit, RESIZE_ASPECT_FLOOR * resize * resize)
-        raise ImageLoadError(f"{what}: refused: resizing {width}x{height} to a shorter side of "
-                             f"{resize} px would make {w}x{h} = {w * h} pixels, over the limit "
-                             f"of {budget} (an extreme aspect ratio)")
+def _resize_refused(width: int, height: int, resize: int, limit: int,
+                    what: str) -> ImageLoadError:
+    w, h = resized_size(width, height, resize)
+    return ImageLoadError(f"{what}: refused: resizing {width}x{height} to a shorter side of "
+                          f"{resize} px would make {w}x{h} = {w * h} pixels, over the limit "
+                          f"of {_resize_budget(resize, limit)} (an extreme aspect ratio)")
 
 
 def _draft(img: Image.Image, draft_size: Optional[int]) -> None:
@@ -321,10 +323,11 @@ class Decoder:
 
     def __call__(self, item: Any, what: str = "image") -> np.ndarray:
         img = open_image(item, what, draft_size=self.draft_size, max_pixels=self.max_pixels)
-        if self.resize is not None:
-            if isinstance(item, (str, os.PathLike)):
-                what = f"{what} ({item})"  # as open_image names a file
-            check_resize(*img.size, self.resize, pixel_limit(self.max_pixels), what)
+        limit = pixel_limit(self.max_pixels)
+        if self.resize is not None and not resized_pixels_ok(*img.size, self.resize, limit):
+            # named as open_image names a file
+            named = f"{what} ({item})" if isinstance(item, (str, os.PathLike)) else what
+            raise _resize_refused(*img.size, self.resize, limit, named)
         for op in self.ops:
             img = op(img)
         arr = np.asarray(img)

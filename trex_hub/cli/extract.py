@@ -222,9 +222,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error("--threads must be >= 1 (leave it out for torch's choice)")
         from ..featurefile import output_problem
 
-        problem = device_problem(args.device)
-        if problem or output_problem(args.output):
-            parser.error(problem or f"-o {output_problem(args.output)}")
+        bad_output = output_problem(args.output)
+        problem = device_problem(args.device) or (f"-o {bad_output}" if bad_output else None)
+        if problem:
+            parser.error(problem)
         return args
 
     return run_cli(PROG, parse, lambda args: _main(args, rank, world, local_rank),

@@ -34,12 +34,16 @@ PRIVATE_PARTIAL_MAX_AGE = 86400.0
 PRIVATE_PARTIAL_IDLE = 600.0
 
 
+def _host() -> str:
+    """This machine's name as it goes into a private partial's name (no dots: they separate)."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
+
+
 def private_partial_path(path: Path) -> Path:
     """A partial of this process alone (no lock: another process may download the same file at
     the same time); its name says which host and process own it, so a later download can tell
     that the owner is gone (:func:`sweep_private_partials`)."""
-    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
-    return path.with_name(f".{path.name}.{host}.{os.getpid()}.{random.getrandbits(32):08x}"
+    return path.with_name(f".{path.name}.{_host()}.{os.getpid()}.{random.getrandbits(32):08x}"
                           f"{PARTIAL_SUFFIX}")
 
 
@@ -58,7 +62,7 @@ def sweep_private_partials(path: Path) -> List[Path]:
     nothing else would ever remove them): on this host, a process that no longer runs and a
     partial untouched for :data:`PRIVATE_PARTIAL_IDLE`; anywhere (a shared folder), one
     untouched for :data:`PRIVATE_PARTIAL_MAX_AGE`. Returns what was deleted; never raises."""
-    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
+    host = _host()
     own = re.compile(rf"\.{re.escape(path.name)}\.(?:(?P<host>[A-Za-z0-9-]+)\.)?(?P<pid>\d+)"
                      rf"\.[0-9a-f]{{8}}{re.escape(PARTIAL_SUFFIX)}")
     removed = []
