@@ -19,6 +19,7 @@ from .fileio import PathLike
 from .hub import cache, hf
 from .model import TReX
 from .resolve import HUB, LOCAL, RELEASE, ModelLoadError, WeightsSource
+from .safeload import REDOWNLOAD_HINT
 
 
 def _check_arch(entry: registry.ModelEntry, ckpt: Checkpoint, where: str) -> None:
@@ -118,7 +119,7 @@ def _read_local(path: Path, ema: bool) -> Checkpoint:
     try:
         return read_checkpoint(path, ema=ema)
     except CheckpointError as exc:
-        if "download it again" not in exc.hint:
+        if exc.hint != REDOWNLOAD_HINT:
             raise
         raise CheckpointError(exc.problem, _LOCAL_HINT) from None
 

@@ -40,7 +40,8 @@ class CheckpointReadError(OSError):
     an I/O error): the bytes were not judged, so no cache deletes the file for it."""
 
 
-_REDOWNLOAD = "Delete it and download it again (`trex-download --verify` checks the cache)."
+#: the hint of a file whose bytes are bad: right for the download cache's files only
+REDOWNLOAD_HINT = "Delete it and download it again (`trex-download --verify` checks the cache)."
 
 
 def _refused(path: str, names: List[str]) -> CheckpointError:
@@ -80,7 +81,7 @@ def torch_load(path: PathLike) -> Any:
             raise CheckpointError(
                 f"{path}: not a readable PyTorch checkpoint ({os.path.getsize(path)} bytes; it "
                 "may be truncated, corrupted, or an error page saved in its place).",
-                _REDOWNLOAD) from None
+                REDOWNLOAD_HINT) from None
         raise _refused(path, bad) from None
     except MemoryError as exc:
         raise _no_memory(path, exc) from None
@@ -99,7 +100,7 @@ def torch_load(path: PathLike) -> Any:
         first = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise CheckpointError(
             f"{path}: not a readable PyTorch checkpoint ({size} bytes; it may be truncated or "
-            f"corrupted: {type(exc).__name__}: {first}).", _REDOWNLOAD) from None
+            f"corrupted: {type(exc).__name__}: {first}).", REDOWNLOAD_HINT) from None
 
 
-__all__ = ["CheckpointError", "CheckpointReadError", "torch_load"]
+__all__ = ["CheckpointError", "CheckpointReadError", "REDOWNLOAD_HINT", "torch_load"]
