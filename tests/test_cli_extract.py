@@ -17,7 +17,8 @@ from PIL import Image
 
 import trex_hub
 from trex_hub.cli.extract import main
-from trex_hub import read_features
+from trex_hub import read_features, run_state
+from trex_hub.imagefiles import collect_inputs
 from test_extract import make_bad_files, photos
 
 REPO = Path(__file__).resolve().parents[1]
@@ -390,3 +391,63 @@ def test_list_paths_are_relative_to_the_list_and_a_missing_one_names_the_path_tr
            "the list file's folder)")
     assert rows[0]["error"] == why
     assert f"skipped cats/0.png: {why}" in err
+
+
+def test_resume_accepts_the_same_inputs_spelled_another_way(ckpt, folder, tmp_path, capsys,
+                                                            monkeypatch):
+    """A folder or a list named by an absolute path, then by a relative one (or through
+    ``..``), is the same input list: --resume continues the run instead of refusing it. The
+    manifest names the files the same way either way (relative to the folder or as listed)."""
+    root, _ = folder
+    own = tmp_path / "own"
+    shutil.copytree(root / "cats", own)
+    (own / "list.txt").write_text("1.jpg\n0.png\n")
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "f.npy"
+    assert run(ckpt, own, "-o", out, "--keep-parts", "-b", "2") == 0
+    first = read_features(out)
+    assert run(ckpt, "own", "-o", out, "--resume") == 0  # unfinished: adopted
+    assert not (tmp_path / "f.npy.parts").exists()
+    assert run(ckpt, "other/../own/", "-o", out, "--resume") == 0  # complete: nothing to do
+    assert "already complete; nothing to do" in capsys.readouterr().err
+    again = read_features(out)
+    assert np.array_equal(again[0], first[0]) and again[1] == first[1]
+    listed = tmp_path / "g.npy"
+    assert run(ckpt, own / "list.txt", "-o", listed, "--keep-parts") == 0
+    assert run(ckpt, "own/list.txt", "-o", listed, "--resume") == 0
+    # parts of an older version, whose digest hashed the paths as spelled, still resume
+    assert run(ckpt, "own", "-o", out, "--overwrite", "--keep-parts") == 0
+    state = tmp_path / "f.npy.parts" / "state.json"
+    fp = json.loads(state.read_text())
+    fp["inputs"] = run_state._entries_digest(collect_inputs(["own"]), spelled=True)
+    state.write_text(json.dumps(fp))
+    assert run(ckpt, "own", "-o", out, "--resume") == 0
+    assert [r["path"] for r in read_features(listed)[1]] == ["1.jpg", "0.png"]
+    # another folder holding files of the same names is another input list
+    shutil.copytree(own, tmp_path / "other" / "own")
+    assert run(ckpt, "other/own", "-o", out, "--resume") == 1
+    assert "the input list differs" in capsys.readouterr().err
+
+
+def test_a_run_where_every_input_failed_exits_1(ckpt, folder, tmp_path, capsys):
+    """An output with no features is not a finished job: when every input failed the run
+    says so in one line and exits 1 (the files stay, with each reason in the manifest); one
+    readable input, or no inputs at all (a warning), still exit 0."""
+    root, _ = folder
+    lst = tmp_path / "list.txt"
+    lst.write_text("nope1.jpg\nnope2.jpg\n")
+    out = tmp_path / "f.npy"
+    assert run(ckpt, lst, "-o", out) == 1
+    err = capsys.readouterr().err
+    assert "error: none of the 2 inputs could be read, so" in err and "Traceback" not in err
+    assert str(tmp_path / "f.npy.manifest.jsonl") in err
+    feats, rows = read_features(out)
+    assert feats.shape[0] == 0 and [r["status"] for r in rows] == ["failed", "failed"]
+    assert run(ckpt, root / "bad", "-o", tmp_path / "bad.npy", "-q") == 1
+    assert "none of the 5 inputs could be read" in capsys.readouterr().err
+    lst.write_text(f"nope1.jpg\n{root / 'cats' / '1.jpg'}\n")
+    assert run(ckpt, lst, "-o", tmp_path / "g.npy") == 0
+    (tmp_path / "empty").mkdir()
+    assert run(ckpt, tmp_path / "empty", "-o", tmp_path / "h.npy") == 0
+    assert "warning: no images found in the inputs" in capsys.readouterr().err

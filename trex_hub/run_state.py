@@ -40,11 +40,24 @@ from .transforms import preprocess_record
 PARTS_LAYOUT = 2  # part-A-B segments (1: chunk-K files)
 
 
-def _entries_digest(entries: Sequence[Entry]) -> str:
+def _entries_digest(entries: Sequence[Entry], spelled: bool = False) -> str:
+    """The input list as a digest: each file's absolute path (``imgs`` and ``/data/imgs`` are
+    one input), its name in the manifest and its label. ``spelled``: the paths as the command
+    line spelled them, the digest of older versions."""
     h = hashlib.sha256()
     for e in entries:
-        h.update(f"{e.path}\0{e.rel}\0{e.label}\n".encode("utf-8", "surrogateescape"))
+        path = e.path if spelled else os.path.abspath(e.path)
+        h.update(f"{path}\0{e.rel}\0{e.label}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
+
+
+def _changes(old: Dict[str, Any], fp: Dict[str, Any], entries: Sequence[Entry]) -> List[str]:
+    """:func:`describe_changes`, taking an older run's digest of the spelled paths as equal
+    to this run's when this run spells its inputs the same way."""
+    if old.get("inputs") not in (None, fp["inputs"]) and \
+            old["inputs"] == _entries_digest(entries, spelled=True):
+        old = dict(old, inputs=fp["inputs"])
+    return describe_changes(old, fp)
 
 
 def fingerprint(model: torch.nn.Module, entries: Sequence[Entry], opts: Any
@@ -154,7 +167,7 @@ def check_complete(out: Path, fp: Dict[str, Any], entries: Sequence[Entry]) -> N
     old = meta.get("fingerprint")
     if not isinstance(old, dict):
         old = _legacy_fingerprint(meta, rows, entries, fp)
-    changes = describe_changes(old, fp)
+    changes = _changes(old, fp, entries)
     if changes:
         raise ExtractError(f"cannot resume {out}: it is complete but was made by a different run "
                            f"({'; '.join(changes)}); pass --overwrite to replace it")
@@ -248,7 +261,8 @@ def _fresh(paths: Dict[str, Path], fp: Dict[str, Any]) -> Optional[int]:
     return fd
 
 
-def _adopt(paths: Dict[str, Path], fp: Dict[str, Any], log: Callable[[str], None]) -> None:
+def _adopt(paths: Dict[str, Path], fp: Dict[str, Any], entries: Sequence[Entry],
+           log: Callable[[str], None]) -> None:
     """--resume: keep the parts folder if its run is this run, else refuse."""
     parts = paths["parts"]
     try:
@@ -265,7 +279,7 @@ def _adopt(paths: Dict[str, Path], fp: Dict[str, Any], log: Callable[[str], None
         if key in old and old[key] != fp[key]:
             log(f"resuming with the run's {key.replace('_', ' ')} {old[key]}")
             fp[key] = old[key]
-    changes = describe_changes(old, fp)
+    changes = _changes(old, fp, entries)
     if changes:
         raise ExtractError(f"cannot resume {parts}: the run changed ({'; '.join(changes)}); "
                            "pass --overwrite to start again")
@@ -299,7 +313,7 @@ def prepare_parts(paths: Dict[str, Path], fp: Dict[str, Any], entries: Sequence[
                     atomic_write(parts / "state.json",
                                  lambda fh: fh.write(json.dumps(fp, indent=2)), "w")
                 else:
-                    _adopt(paths, fp, log)
+                    _adopt(paths, fp, entries, log)
                 for leftover in parts.glob("*.tmp"):
                     leftover.unlink()
             except BaseException:

@@ -28,7 +28,7 @@ import sys
 import threading
 from typing import List, Optional
 
-from .common import (EXIT_OK, EXIT_USAGE, HelpFormatter, UsageError, add_debug_flag,
+from .common import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, HelpFormatter, UsageError, add_debug_flag,
                      debug_wanted, exit_now, failing_on, nonempty, process_age, run_cli)
 
 PROG = "trex-extract"
@@ -373,6 +373,12 @@ def _main(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> i
             if summary.failed > 5:
                 say(f"  ... {summary.failed - 5} more in "
                     f"{output_paths(args.output)['manifest']}")
+        all_failed = rank == 0 and summary.out is not None and summary.total > 0 and \
+            summary.ok == 0
+        if all_failed:  # an empty features file must not pass for a finished job
+            print(f"{PROG}: error: none of the {summary.total} inputs could be read, so "
+                  f"{summary.out} holds no features; the reasons are above and in "
+                  f"{output_paths(args.output)['manifest']}", file=sys.stderr, flush=True)
         if debug_wanted(args):  # where a short run's time goes (the benchmarks read this line)
             lanes = summary.decoding.get("lanes")
             if summary.decoding:
@@ -385,7 +391,7 @@ def _main(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> i
                 f"model {t_model - t_inputs:.2f} s, waiting for CUDA {t_cuda - t_model:.2f} s, "
                 f"extract {summary.seconds:.2f} s (batch loop {summary.loop_seconds:.2f} s), "
                 f"main {time.perf_counter() - t0:.2f} s")
-        return EXIT_OK
+        return EXIT_FAIL if all_failed else EXIT_OK
     finally:
         if world > 1:
             import torch.distributed as dist
