@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -128,8 +130,16 @@ def test_projector_head_parity_on_the_sample_photos(tmp_path):
 
 
 def test_static_batch(tmp_path):
+    """A static-batch export; the file gets the umask's mode like every other output (it was
+    0600, unreadable for colleagues on a shared machine)."""
     model = TReX("resnet18").eval()
-    path = export_onnx(model, tmp_path / "static.onnx", dynamic_batch=False)
+    old_mask = os.umask(0o022)
+    try:
+        path = export_onnx(model, tmp_path / "static.onnx", dynamic_batch=False)
+    finally:
+        os.umask(old_mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["static.onnx"]
     proto = onnx.load(str(path))
     assert [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim] == \
         [1, 3, 224, 224]

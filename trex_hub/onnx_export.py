@@ -27,7 +27,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .fileio import PathLike
+from .fileio import PathLike, temp_path
 from .inference import Pending, normalisation
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, PRESETS
 
@@ -135,9 +135,8 @@ def export_onnx(model: nn.Module, path: PathLike, *, head: str = "backbone",
     program.model.metadata_props.update(onnx_metadata(model, head, image_size, dynamic_batch))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    tmp = temp_path(path)  # created by the save, so with the umask's mode (mkstemp's 0600
+    try:  # kept colleagues on a shared machine from reading the export)
         program.save(tmp, external_data=False)
         os.replace(tmp, path)
     finally:
