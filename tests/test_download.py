@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -344,6 +345,23 @@ def test_per_model_mirror_and_argument_precedence(released_files, tmp_path, monk
         finally:
             dl.set_mirror("trex_star", None)
     assert dl.get_base_url(model="trex_star") == "http://127.0.0.1:9/dead/"
+
+
+def test_the_readme_mirror_line_works_after_a_bare_import(released_files, tmp_path):
+    """README: ``import trex_hub`` then ``trex_hub.hub.download.set_mirror(...)``, as written
+    (in a fresh interpreter: nothing else has imported ``trex_hub.hub.download`` yet)."""
+    code = ("import sys, trex_hub\n"
+            "trex_hub.hub.download.set_mirror('trex_star', sys.argv[1])\n"
+            "m = trex_hub.load('trex_star', progress=False)\n"
+            "print(type(m).__name__, sorted(n for n in dir(trex_hub.hub) if n == 'hf'))\n")
+    env = dict(os.environ, TREX_HUB_CACHE=str(tmp_path), TREX_HUB_BASE_URL="http://127.0.0.1:9/",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    with FileServer(released_files) as srv:
+        done = subprocess.run([sys.executable, "-c", code, srv.url], env=env, text=True,
+                              capture_output=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert len(srv.gets("trexstar.pth")) == 1
+    assert done.stdout.split() == ["TReX", "['hf']"]
 
 
 def test_proxies_come_from_the_environment(server, blobs, cache, monkeypatch):
