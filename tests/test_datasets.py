@@ -276,6 +276,27 @@ def test_torchvision_eurosat_layout_gets_seeded_split(tmp_path):
     assert parts["train"].class_names == ["Forest", "River"]
 
 
+def test_torchvision_pets_layout_lists_trainval_and_test(tmp_path):
+    """OxfordIIITPet keeps its files in ``_images`` (not ``_image_files``): every pets root
+    was refused with "cannot list the images of OxfordIIITPet"."""
+    base = tmp_path / "oxford-iiit-pet"
+    (base / "images").mkdir(parents=True)
+    (base / "annotations" / "trimaps").mkdir(parents=True)
+    names = {"trainval": ["Abyssinian_1", "Abyssinian_2", "basset_hound_1", "basset_hound_2"],
+             "test": ["Abyssinian_3", "basset_hound_3"]}
+    for split, ids in names.items():
+        (base / "annotations" / f"{split}.txt").write_text("".join(
+            f"{i} {1 if i.startswith('Aby') else 2} {1 if i.startswith('Aby') else 2} 1\n"
+            for i in ids))
+        for i in ids:
+            Image.new("RGB", (8, 8), (40, 80, 120)).save(base / "images" / f"{i}.jpg")
+    parts = D.load_torchvision_dataset("pets", tmp_path)
+    assert [Path(p).stem for p in parts["train"].paths] == names["trainval"]
+    assert [Path(p).stem for p in parts["test"].paths] == names["test"]
+    assert list(parts["train"].labels) == [0, 0, 1, 1] and list(parts["test"].labels) == [0, 1]
+    assert parts["train"].class_names == ["Abyssinian", "Basset Hound"]
+
+
 def test_gzip_reader_matches_debian_layout_names(tmp_path):
     write_fmnist(tmp_path)
     imgs, labs = D.fashion_mnist_files(tmp_path, "test")

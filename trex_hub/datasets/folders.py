@@ -170,8 +170,9 @@ def torchvision_dataset_name(name: str) -> Optional[str]:
 
 
 def _tv_paths_labels(ds: Any) -> Tuple[List[str], List[int]]:
-    if hasattr(ds, "_image_files") and hasattr(ds, "_labels"):
-        return [str(p) for p in ds._image_files], [int(t) for t in ds._labels]
+    for files in ("_image_files", "_images"):  # _images: OxfordIIITPet
+        if hasattr(ds, files) and hasattr(ds, "_labels"):
+            return [str(p) for p in getattr(ds, files)], [int(t) for t in ds._labels]
     if hasattr(ds, "_samples"):  # StanfordCars
         return [str(p) for p, _ in ds._samples], [int(t) for _, t in ds._samples]
     if hasattr(ds, "samples"):  # ImageFolder subclasses (EuroSAT)
