@@ -267,6 +267,29 @@ def test_bad_training_args_are_named_before_anything_is_allocated(tmp_path, args
         read_checkpoint(path)
 
 
+def test_class_names_of_a_training_run_label_classify_on_the_checkpoint(tmp_path):
+    """``trex-train`` keeps the class names in ``args.class_names``: loading the checkpoint
+    itself labels ``classify`` with them, as its export does (it gave '4' for 'Coat')."""
+    names = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat"]
+    path = tmp_path / "full.pth"
+    ck = fx.write_full_checkpoint(path, num_layers=1, arch="resnet18", memory_size=64,
+                                  labels=torch.arange(64) % 5)
+    ck["args"] = dict(vars(ck["args"]), num_classes=5, class_names=names)
+    torch.save(ck, path)
+    assert read_checkpoint(path).config["classifier"]["class_names"] == names
+    model = trex_hub.load(path, projector=True)
+    top = model.classify(torch.rand(2, 3, 32, 32), topk=5)
+    assert {p.label for row in top for p in row} == set(names)
+    ck["args"]["class_names"] = names[:3]  # names of other classes: indices, as before
+    torch.save(ck, path)
+    assert "class_names" not in read_checkpoint(path).config["classifier"]
+    ck["args"]["class_names"] = "Coat"
+    torch.save(ck, path)
+    with pytest.raises(CheckpointError, match="args.class_names must be a list of strings, "
+                                              "found str"):
+        read_checkpoint(path)
+
+
 def test_a_huge_memory_label_is_refused_not_allocated(tmp_path):
     path = tmp_path / "full.pth"
     labels = torch.zeros(64, dtype=torch.long)

@@ -219,8 +219,23 @@ def _from_full(obj: Dict[str, Any], source: str, ema: bool) -> Checkpoint:
         state["classifier.prototypes"] = torch.nn.functional.normalize(w, dim=-1)
         config["classifier"] = {"type": "prototypes", "num_classes": int(w.shape[0]),
                                 "tau": tau, "from": "linear"}
+    if config["classifier"] is not None:
+        _add_class_names(config["classifier"], args.get("class_names"), source)
     extra = {"epoch": obj.get("epoch"), "args": args if obj.get("args") is not None else None}
     return Checkpoint(state, config, "full", source, extra)
+
+
+def _add_class_names(classifier: Dict[str, Any], names: Any, source: str) -> None:
+    """The class names ``trex-train`` keeps in ``args.class_names``, for ``classify`` on the
+    checkpoint itself as on its export; a list of another length (names of other classes than
+    the classifier's) is left out, so labels are the class indices as without names."""
+    if names is None:
+        return
+    if not isinstance(names, (list, tuple)) or not all(isinstance(x, str) for x in names):
+        raise CheckpointError(f"{source}: args.class_names must be a list of strings, found "
+                              f"{type(names).__name__}"[:300])
+    if len(names) == classifier["num_classes"]:
+        classifier["class_names"] = list(names)
 
 
 def _training_args(args: Any, source: str) -> Dict[str, Any]:
