@@ -512,3 +512,71 @@ def test_report_names_a_malformed_result_file(tmp_path, capsys):
         code, _, err = run_cli(["report", folder], capsys)
         assert code == 1 and str(bad) in err and field in err, err
         assert "unexpected" not in err and err.count("\n") == 1, err
+
+
+def test_another_datasets_result_with_the_same_name_is_not_overwritten(tmp_path, r18_ckpt,
+                                                                       capsys):
+    """/data/a/colours and /data/b/colours are both named 'colours': one result file name."""
+    folders = []
+    for i, where in enumerate(("a", "b")):
+        root = tmp_path / where / "colours"
+        write_images(root / "train", n=6, seed=10 * i)
+        write_images(root / "test", n=3, seed=10 * i + 1)
+        folders.append(root)
+    out = tmp_path / "res"
+    base = ["run", "--models", r18_ckpt, "--format", "imagefolder", "--out", out, "--trials", 2,
+            "--search", "grid", "--image-size", 32, "--threads", 1, "-q"]
+    code, _, err = run_cli(base + ["--data", folders[0], "--seeds", 0, 1], capsys)
+    assert code == 0, err
+    done = out / "tiny_r18__colours__seed0.json"
+    before = done.read_text()
+    assert json.loads(before)["dataset_source"] == str(folders[0].resolve())
+    for seeds in ([0], [2]):  # the same file, or a new seed that the report would average in
+        code, _, err = run_cli(base + ["--data", folders[1], "--seeds"] + seeds, capsys)
+        assert code == 2 and err.count("\n") == 1, err
+        assert str(folders[0].resolve()) in err and str(folders[1].resolve()) in err, err
+        assert "--dataset-name b-colours" in err and "features of" not in err, err
+    assert done.read_text() == before and not (out / "tiny_r18__colours__seed2.json").exists()
+    code, _, err = run_cli(base[:2] + [f"random:{r18_ckpt}"] + base[3:] + ["--data", folders[1]],
+                           capsys)  # another model: the report would show one dataset column
+    assert code == 2 and "--dataset-name b-colours" in err and "features of" not in err, err
+    code, _, err = run_cli(base + ["--data", folders[1], "--dataset-name", "b-colours"], capsys)
+    assert code == 0, err
+    assert (out / "tiny_r18__b-colours__seed0.json").is_file() and done.read_text() == before
+    code, _, err = run_cli(base[:-1] + ["--data", folders[0]], capsys)  # a rerun replaces
+    assert code == 0 and f"replacing {done}" in err, err
+    # results written before dataset_source was recorded are replaced as before
+    for f in out.glob("tiny_r18__colours__seed*.json"):
+        old = json.loads(f.read_text())
+        del old["dataset_source"]
+        f.write_text(json.dumps(old))
+    code, _, err = run_cli(base + ["--data", folders[1], "--seeds", 0, 1], capsys)
+    assert code == 0, err
+    assert json.loads(done.read_text())["dataset_source"] == str(folders[1].resolve())
+    # the report refuses to average two folders' results as one dataset
+    code, _, err = run_cli(base + ["--data", folders[0], "--out", tmp_path / "res_a"], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["report", out, tmp_path / "res_a"], capsys)
+    assert code == 1 and err.count("\n") == 1, err
+    assert str(folders[0].resolve()) in err and str(folders[1].resolve()) in err, err
+    assert "--dataset-name" in err, err
+
+
+def test_one_format_read_from_two_roots_is_two_datasets(tmp_path, r18_ckpt, capsys,
+                                                        monkeypatch):
+    """--format fashion-mnist (or a torchvision set) names the dataset after the format."""
+    from test_datasets import write_fmnist
+
+    for i, root in enumerate(("one", "two")):
+        write_fmnist(tmp_path / root, n_train=30, n_test=10, seed=i)
+    base = ["run", "--models", r18_ckpt, "--format", "fashion-mnist", "--out", tmp_path / "res",
+            "--trials", 2, "--search", "grid", "--image-size", 32, "--threads", 1, "-q"]
+    code, _, err = run_cli(base + ["--data", tmp_path / "one"], capsys)
+    assert code == 0, err
+    (done,) = list((tmp_path / "res").glob("*.json"))
+    before = done.read_text()
+    _no_model_loading(monkeypatch)
+    code, _, err = run_cli(base + ["--data", tmp_path / "two"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "EXPENSIVE" not in err, err
+    assert str((tmp_path / "one").resolve()) in err and str((tmp_path / "two").resolve()) in err
+    assert "--dataset-name two-fashion-mnist" in err and done.read_text() == before, err

@@ -386,3 +386,14 @@ def test_load_results_names_the_file_and_field_of_a_malformed_result(tmp_path, b
         results.load_results([tmp_path])
     assert str(bad) in str(info.value) and field in str(info.value)
     report.aggregate([fake("m", "x", 0, 50.0)])  # a valid one still aggregates
+
+
+def test_report_refuses_one_dataset_name_from_two_folders(tmp_path):
+    a, b = fake("m", "flowers", 0, 90.0), fake("m2", "flowers", 1, 50.0)
+    old = fake("m", "flowers", 2, 80.0)
+    a["dataset_source"], b["dataset_source"] = "/data/a/flowers", "/data/b/flowers"
+    for folder, res in (("ra", a), ("rb", b), ("rold", old)):
+        results.write_result(tmp_path / folder, res)
+    assert len(results.load_results([tmp_path / "ra", tmp_path / "rold"])) == 2  # not recorded
+    with pytest.raises(results.ResultsError, match="/data/a/flowers and /data/b/flowers"):
+        results.load_results([tmp_path])

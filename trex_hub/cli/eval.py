@@ -77,10 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", metavar="ROOT", help="dataset root (see formats below)")
     g.add_argument("--dataset-name", metavar="NAME",
                    help="name of the dataset in results and reports (default from the format "
-                   "or folder)")
+                   "or folder); give it when another folder's results in --out have that name, "
+                   "e.g. /data/a/flowers and /data/b/flowers")
     g.add_argument("--out", required=True, metavar="RESULTS_DIR",
                    help="folder for the result JSON files (created); a result another model "
-                   "wrote under the same name is never replaced")
+                   "or dataset folder wrote under the same name is never replaced")
 
     d = r.add_argument_group("dataset subset")
     d.add_argument("--classes", metavar="SPEC",

@@ -157,17 +157,35 @@ def result_problem(data: Dict[str, Any]) -> Optional[str]:
     return None
 
 
+def _check_dataset_source(data: Dict[str, Any], seen: Dict[str, Dict[str, Any]]) -> None:
+    """Refuse a result whose dataset folder differs from an earlier one's of the same dataset
+    name; ``seen`` maps a dataset name to the first result that recorded its folder."""
+    source = data.get("dataset_source")
+    if not isinstance(source, str):  # written before the folder was recorded
+        return
+    first = seen.setdefault(data["dataset"], data)
+    if first["dataset_source"] != source:
+        raise ResultsError(
+            f"{first['_file']} and {data['_file']}: the dataset '{data['dataset']}' was "
+            f"computed on two folders, {first['dataset_source']} and {source}; the report "
+            "would show them as one dataset: report their folders separately, or rerun one "
+            "with its own --dataset-name")
+
+
 def load_results(paths: Iterable[PathLike], warn=None) -> List[Dict[str, Any]]:
     """Every result JSON below ``paths`` (files or folders, recursive).
 
     Files that are not results (other JSON) are skipped with a warning; a file tagged as a
     result whose fields are missing or of the wrong type (:func:`result_problem`) stops the load
     with a :class:`ResultsError` naming it, since leaving it out would change the report. When the
-    same (model, dataset, seed) appears more than once, the most recently created one wins.
+    same (model, dataset, seed) appears more than once, the most recently created one wins. Two
+    results of one dataset name computed on different dataset folders (their recorded
+    ``dataset_source``) are two datasets under one name: a :class:`ResultsError`, not one column.
     """
     say = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
     best: Dict[tuple, Dict[str, Any]] = {}
     order: List[tuple] = []
+    sources: Dict[str, Dict[str, Any]] = {}
     for f in find_result_files(paths):
         try:
             data = json.loads(f.read_text())
@@ -182,6 +200,7 @@ def load_results(paths: Iterable[PathLike], warn=None) -> List[Dict[str, Any]]:
             raise ResultsError(f"{f}: a broken trex-eval result: {problem}; repair the file or "
                                "move it out of the folder (trex-eval run writes it again)")
         data["_file"] = str(f)
+        _check_dataset_source(data, sources)
         key = (data["model"], data["dataset"], data["seed"])
         if key in best:
             say(f"{f}: duplicate of {best[key]['_file']} for {key}; keeping the newer one")

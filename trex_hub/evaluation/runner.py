@@ -23,7 +23,7 @@ __all__ = ["run", "RunSummary", "DataOptions", "FeatureOptions", "EvalError", "E
            "IMAGE_FORMATS", "FORMATS", "RANDOM_PREFIX", "RANDOM_INIT_SEED", "CACHE_KEY_VERSION",
            "normalise_format", "dataset_name", "load_image_dataset", "feature_folder",
            "feature_files", "load_feature_sets", "subset_features", "display_name", "load_model",
-           "model_source", "check_seeds", "plan_models", "prepare_folders",
+           "model_source", "dataset_source", "check_seeds", "plan_models", "prepare_folders",
            "check_earlier_results"]
 
 IMAGE_FORMATS = ("imagefolder", "fashion-mnist")
@@ -169,41 +169,87 @@ def prepare_folders(*folders: Tuple[Optional[PathLike], str]) -> None:
                                  "give a folder you can write to") from None
 
 
-def _earlier_source(path: Path) -> Optional[str]:
-    """``model_source`` of the result already at ``path`` (``None``: none, or not recorded)."""
+def dataset_source(opts: DataOptions) -> str:
+    """What a result's dataset is read from, recorded as its ``dataset_source``: the absolute
+    path of the image folder, feature folder or torchvision root, or of the folder the
+    Fashion-MNIST files were found in.
+
+    Unlike the dataset name (the folder's name, or the format) it tells ``/data/a/flowers`` and
+    ``/data/b/flowers`` apart, so a later run can see that the results it is about to replace,
+    or to be averaged with in a report, were computed on another dataset.
+    """
+    if opts.format == "fashion-mnist":
+        return str(dsets.fashion_mnist_files(opts.data, "train")[0].parent.resolve())
+    return str(Path(opts.data or ".").expanduser().resolve())
+
+
+def _qualified_dataset_name(dname: str, source: str) -> Optional[str]:
+    """``b-flowers`` for ``/data/b/flowers`` (and for the torchvision root ``/data/b``)."""
+    p = Path(source)
+    folder = p.parent.name if dname.startswith(p.name) else p.name
+    return f"{folder}-{dname}" if folder else None
+
+
+def _earlier_sources(out: Path, dname: str) -> List[Tuple[Path, str, Dict[str, Any]]]:
+    """The results in ``out`` on dataset ``dname`` (every model and seed): path, model name and
+    the recorded ``model_source`` / ``dataset_source`` (missing when not recorded)."""
     import json
 
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    source = data.get("model_source") if isinstance(data, dict) else None
-    return source if isinstance(source, str) else None
+    from .results import slug
+
+    found = []
+    for path in sorted(out.glob(f"*__{slug(dname)}__seed*.json")):
+        try:
+            data = json.loads(path.read_text()) if path.is_file() else None
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict) or not isinstance(data.get("model"), str) \
+                or slug(data.get("dataset", "")) != slug(dname):
+            continue
+        found.append((path, data["model"], {k: data[k] for k in ("model_source",
+                                                                   "dataset_source")
+                                            if isinstance(data.get(k), str)}))
+    return found
 
 
 def check_earlier_results(out: Path, plan: List[Tuple[Optional[str], str]],
-                          sources: Sequence[str], dname: str, seeds: Sequence[int]) -> None:
-    """Refuse to replace a result another model wrote under the same name.
+                          sources: Sequence[str], dname: str,
+                          data_source: Optional[str] = None) -> None:
+    """Refuse to replace, or to add to, results another model or dataset wrote under the same
+    names.
 
     Two ``runs/*/checkpoint.pth`` evaluated one after the other into one ``--out`` are both
-    named ``checkpoint``; the second would silently replace the first's files. A rerun of the
-    same model replaces its own results (the log says so); results written before
-    ``model_source`` was recorded cannot be told apart and are replaced as before.
+    named ``checkpoint``, and ``/data/a/flowers`` and ``/data/b/flowers`` are both ``flowers``;
+    the second would silently replace the first's files, or add seeds (or, for a dataset,
+    models) that the report shows as one model or dataset. A rerun of the same model on the
+    same data replaces its own results (the log says so); results written before
+    ``model_source`` / ``dataset_source`` were recorded cannot be told apart and are replaced
+    as before.
     """
-    from .results import result_filename
+    from .results import slug
 
+    earlier = _earlier_sources(out, dname)
+    for path, _, recorded in earlier:
+        data_was = recorded.get("dataset_source", data_source)
+        if data_source is not None and data_was != data_source:
+            hint = _qualified_dataset_name(dname, data_source)
+            example = f" {hint}" if hint and hint != dname else ""
+            raise EvalUsageError(
+                f"--out {out} already holds {path}, computed on {data_was} under the dataset "
+                f"name '{dname}'; this run's {data_source} would replace it or be reported as "
+                f"the same dataset: give this dataset its own name with --dataset-name{example} "
+                f"or use another --out (delete the *__{slug(dname)}__seed*.json files there to "
+                "replace them on purpose)")
     for (spec, name), source in zip(plan, sources):
-        for seed in seeds:
-            path = out / result_filename(name, dname, seed)
-            earlier = _earlier_source(path)
-            if earlier is not None and earlier != source:
+        for path, model, recorded in earlier:
+            model_was = recorded.get("model_source", source)
+            if slug(model) == slug(name) and model_was != source:
                 raise EvalUsageError(
-                    f"--out {out} already holds {path}, the result of {earlier} under the name "
-                    f"'{name}'; this run's {spec or source} would replace it: give it another "
-                    f"name with --names or use another --out (delete {path.name} to replace it "
-                    "on purpose)")
+                    f"--out {out} already holds {path}, the result of {model_was} under the "
+                    f"name '{name}'; this run's {spec or source} would replace it or be "
+                    "reported as more seeds of that model: give it another name with --names "
+                    f"or use another --out (delete {slug(name)}__{slug(dname)}__seed*.json "
+                    "there to replace them on purpose)")
 
 
 def _check_trainval(labels: np.ndarray, seed: int, protocol: ProtocolConfig, dname: str,
@@ -261,9 +307,9 @@ def run(models: Sequence[str], data: DataOptions, out_dir: PathLike, *,
 
     Everything that can be checked without a model is checked first: unique names and seeds,
     the dataset (or every model's feature files), a trainval the search can use, writable
-    ``--out`` / cache folders, and no other model's result in the way. ``progress`` shows bars
-    with an ETA on stderr for the feature extraction and for each seed's probe search (trials +
-    refit).
+    ``--out`` / cache folders, and no other model's or dataset's result in the way.
+    ``progress`` shows bars with an ETA on stderr for the feature extraction and for each seed's
+    probe search (trials + refit).
     """
     from .results import result_filename
 
@@ -285,7 +331,8 @@ def run(models: Sequence[str], data: DataOptions, out_dir: PathLike, *,
     prepare_folders((out_dir, "--out"), (fopts.cache or None, "--cache"))
     out = Path(out_dir)
     sources = [model_source(spec, data, several) for spec, _ in plan]
-    check_earlier_results(out, plan, sources, dname, seeds)
+    data_src = dataset_source(data)
+    check_earlier_results(out, plan, sources, dname, data_src)
     summary = RunSummary()
     for (spec, mname), source in zip(plan, sources):
         t0 = time.time()
@@ -305,8 +352,8 @@ def run(models: Sequence[str], data: DataOptions, out_dir: PathLike, *,
             res = _evaluate_seed(Xtr, ytr, Xte, yte, len(classes), mname, dname, seed, protocol,
                                  log, progress)
             result = make_result(mname, dname, res, model_spec=spec, model_source=source,
-                                 data=data.describe(), features=feat_info,
-                                 class_names=list(classes))
+                                 dataset_source=data_src, data=data.describe(),
+                                 features=feat_info, class_names=list(classes))
             target = out / result_filename(mname, dname, seed)
             if target.exists():
                 log(f"  replacing {target}")
