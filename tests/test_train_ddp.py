@@ -70,3 +70,146 @@ def test_torchrun_gloo_two_processes(tmp_path):
 
     model = trex_hub.load(out / "checkpoint.pth", projector=True)
     assert model.classifier.num_classes == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# a failure in one process: one line from that process, the others quiet
+# ---------------------------------------------------------------------------------------------
+INJECT = """import os, sys
+from trex_hub.cli import train as cli
+from trex_hub.cli.common import exit_now
+from trex_hub.train import module
+from trex_hub.train.runtime import TrainingError
+
+if os.environ["RANK"] == "1":  # a failure that only rank 1 meets, in the middle of a step
+    def update_ema(self, momentum):
+        raise TrainingError("the disk of rank 1 is on fire")
+    module.TrainModule.update_ema = update_ema
+exit_now(cli.main(sys.argv[1:]))
+"""
+
+
+def _torchrun(tmp_path: Path, *argv: str, script=None) -> subprocess.CompletedProcess:
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0", TMPDIR=str(tmp_path / "tmp"))
+    target = [str(script)] if script else ["-m", "trex_hub.cli.train"]
+    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", *target, *argv]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _error_lines(proc: subprocess.CompletedProcess) -> list:
+    """trex-train's error lines; no traceback of ours and no lost-connection error anywhere
+    (torchrun's own summary and traceback follow whenever a process fails)."""
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    assert "Connection closed" not in proc.stderr and "unexpected" not in proc.stderr, proc.stderr
+    assert "trex_hub/" not in proc.stderr.replace(str(Path(trex_hub.__file__).parent), "#"), \
+        proc.stderr
+    return [line for line in proc.stderr.splitlines() if line.startswith("trex-train: ")]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to python")
+def test_torchrun_failure_of_one_rank_is_one_line_from_it(tmp_path):
+    data = make_pattern_folder(tmp_path / "data", n_train=8, n_val=2)
+    (tmp_path / "inject.py").write_text(INJECT)
+    proc = _torchrun(tmp_path, *small_args(data, tmp_path / "run", "--batch-size", "4",
+                                           "--epochs", "1"), script=tmp_path / "inject.py")
+    assert _error_lines(proc) == ["trex-train: error: the disk of rank 1 is on fire [rank 1]"]
+    # torchrun's summary shows the error too, not a link to its docs
+    assert "traceback : the disk of rank 1 is on fire" in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to python")
+def test_torchrun_unreadable_image_is_named_once(tmp_path):
+    data = make_pattern_folder(tmp_path / "data", n_train=8, n_val=2)
+    bad = data / "train" / "vertical" / "003.png"
+    bad.write_bytes(b"not an image")
+    proc = _torchrun(tmp_path, *small_args(data, tmp_path / "run", "--batch-size", "4",
+                                           "--epochs", "1"))
+    (line,) = _error_lines(proc)
+    assert str(bad) in line and "not a readable image" in line and "[rank " in line, line
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to python")
+def test_torchrun_error_of_every_rank_is_printed_once(tmp_path):
+    data = make_pattern_folder(tmp_path / "data", n_train=4, n_val=1)  # 12 images
+    for extra, expected in (([], "12 training images do not make one batch of 8 x 2"),
+                            (["--epochs", "0"], "argument --epochs: must be >= 1")):  # parsing
+        proc = _torchrun(tmp_path, *small_args(data, tmp_path / "run", *extra))
+        (line,) = _error_lines(proc)
+        assert expected in line, proc.stderr[-3000:]
+        assert proc.stderr.count("usage: trex-train") <= 1
+
+
+class FakeStore:
+    """The calls of a c10d store that failure_in_group makes, on a dict."""
+
+    def __init__(self):
+        self.data = {}
+        self.waited = []
+
+    def check(self, keys):
+        return all(k in self.data for k in keys)
+
+    def get(self, key):
+        return self.data[key]
+
+    def set(self, key, value):
+        self.data[key] = value.encode()
+
+    def compare_set(self, key, expected, desired):
+        if self.data.get(key, b"").decode() == expected:
+            self.data[key] = desired.encode()
+        return self.data[key]
+
+    def wait(self, keys, timeout):
+        self.waited.append(keys)
+
+
+def test_failure_in_group_reports_the_first_failure_once(monkeypatch, tmp_path):
+    from trex_hub.train import runtime as rt
+
+    store = FakeStore()
+    monkeypatch.setattr(rt, "_group_store", lambda: store)
+    monkeypatch.setattr(rt, "_REPORTING", [])
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "e1.json"))
+    first = rt.TrainingError("bad image on rank 1")
+    assert rt.failure_in_group(first, rt.DistEnv(rank=1, world_size=2)) is first
+    assert "bad image on rank 1" in (tmp_path / "e1.json").read_text()
+    # rank 0 then loses its connection to rank 1: quiet, after rank 1's line is out
+    gone = RuntimeError("[pair.cc:561] Connection closed by peer [127.0.0.1]:28876")
+    quiet = rt.failure_in_group(gone, rt.DistEnv(rank=0, world_size=2))
+    assert isinstance(quiet, rt.FailedElsewhere) and "rank 1 failed: bad image" in str(quiet)
+    assert store.waited == [[rt.REPORTED_KEY]]
+    rt.failure_reported()
+    assert store.data[rt.REPORTED_KEY] == b"1"
+    # the same error in every process: the second one is quiet too
+    again = rt.failure_in_group(rt.TrainingError("same"), rt.DistEnv(rank=0, world_size=2))
+    assert isinstance(again, rt.FailedElsewhere)
+
+
+def test_failure_in_group_when_the_peer_died_without_a_word(monkeypatch):
+    from trex_hub.train import runtime as rt
+
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    monkeypatch.setattr(rt, "_REPORTING", [])
+    store = FakeStore()
+    monkeypatch.setattr(rt, "_group_store", lambda: store)
+    gone = RuntimeError("[/__w/gloo/pair.cc:545] Read error [127.0.0.1]:20864: Connection reset "
+                        "by peer. This is typically caused by a remote worker hanging")
+    said = rt.failure_in_group(gone, rt.DistEnv(rank=0, world_size=2))
+    assert isinstance(said, rt.TrainingError)
+    assert str(said) == ("another process of this run ended without a message (this one lost "
+                         "its connection to it: Read error [127.0.0.1]:20864: Connection reset "
+                         "by peer); look for its error above, and for its exit code or signal "
+                         "in torchrun's summary")
+    # a broken pipe of this process's own (stdout closed) is its own error, not a lost peer
+    monkeypatch.setattr(rt, "_group_store", FakeStore)
+    own_pipe = BrokenPipeError(32, "Broken pipe")
+    assert rt.failure_in_group(own_pipe, rt.DistEnv(rank=1, world_size=2)) is own_pipe
+    # without a store (it went with rank 0) every process says its own
+    monkeypatch.setattr(rt, "_group_store", lambda: None)
+    own = ValueError("x")
+    assert rt.failure_in_group(own, rt.DistEnv(rank=1, world_size=2)) is own

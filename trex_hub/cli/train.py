@@ -10,10 +10,13 @@ Exit codes: 0 done, 1 failure (message on stderr), 2 usage error, 130 interrupte
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import sys
-from typing import Optional, Sequence
+from contextlib import redirect_stderr, redirect_stdout
+from typing import Callable, List, Optional, Sequence, Tuple
 
-from .common import EXIT_OK, add_debug_flag, exit_now, failing_on, run_cli
+from .common import EXIT_FAIL, EXIT_OK, add_debug_flag, exit_now, failing_on, run_cli
 
 PROG = "trex-train"
 
@@ -45,19 +48,32 @@ def _export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, after: List[Callable[[], None]]) -> int:
     from ..train.loop import TrainingError, train
+    from ..train.runtime import FailedElsewhere, failure_reported
     from ..transforms import ImageLoadError
 
+    after.append(failure_reported)  # under torchrun: the other processes wait for our line
     # an unreadable image is named by the loader (trex_hub.train.data.loader_batches); one read
     # elsewhere still ends in its own line, not in "unexpected ImageLoadError"
     with failing_on(TrainingError, ImageLoadError):
-        train(args)
+        try:
+            train(args)
+        except FailedElsewhere:  # another process of the run failed first and says why
+            return EXIT_FAIL
     return EXIT_OK
+
+
+def _ranks() -> Tuple[int, int, int]:
+    """(rank, number of processes, local rank) under torchrun; (0, 1, 0) otherwise."""
+    rank = int(os.environ.get("RANK", "0") or 0)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    return rank, int(os.environ.get("WORLD_SIZE", "1") or 1), local_rank
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    rank, world, local_rank = _ranks()
     if argv and argv[0] == "export":
         return run_cli("trex-train export", lambda: _export_parser().parse_args(argv[1:]),
                        _export)
@@ -65,9 +81,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def parse() -> argparse.Namespace:
         from ..train.config import parse_args
 
-        return parse_args(argv)
+        if world == 1 or local_rank == 0:  # train.runtime.reports_alike_errors, without torch
+            return parse_args(argv)
+        # under torchrun every process meets the same usage error: local rank 0 prints it
+        try:
+            with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+                return parse_args(argv)
+        except SystemExit as exc:
+            if exc.code:
+                from ..train.runtime import linger
 
-    return run_cli(PROG, parse, _train, interrupted="interrupted; continue with --resume")
+                linger()
+            raise
+
+    # under torchrun the run's first failure is printed by its process, with its rank; the
+    # others end without a word (trex_hub.train.runtime.failure_in_group)
+    after: List[Callable[[], None]] = []
+    code = run_cli(PROG, parse, lambda args: _train(args, after),
+                   interrupted="interrupted; continue with --resume",
+                   suffix=f" [rank {rank}]" if world > 1 else "")
+    for step in after:  # the line is out
+        step()
+    return code
 
 
 if __name__ == "__main__":

@@ -27,9 +27,10 @@ from .data import (build_train_loader, device_batches, load_data, loader_batches
                    resolve_aug, worker_kwargs)
 from .module import TrainModule, param_groups
 from .outputs import LOG_NAME, clear_earlier_run, earlier_run, refuse_earlier_run, trim_log
-from .runtime import (CHECKPOINT_NAME, DistEnv, TrainingError, all_gather_cat, all_gather_objects,
-                      checkpoint_dict, resume_from, rng_state, save_checkpoint, set_rng_state,
-                      setup_distributed)
+from .runtime import (CHECKPOINT_NAME, DistEnv, FailedElsewhere, TrainingError, all_gather_cat,
+                      all_gather_objects, checkpoint_dict, failure_in_group, linger,
+                      reports_alike_errors, resume_from, rng_state, save_checkpoint,
+                      set_rng_state, setup_distributed)
 from .schedule import lr_schedule, peak_lr
 
 
@@ -181,12 +182,29 @@ def _log(env: DistEnv, msg: str) -> None:
 
 
 def train(args: argparse.Namespace) -> Dict[str, Any]:
-    """Run (or continue) a training; returns the last epoch's log record."""
-    env = setup_distributed(args.device)
+    """Run (or continue) a training; returns the last epoch's log record.
+
+    Under torchrun a failure is raised as :func:`~.runtime.failure_in_group` decides: the
+    run's first failure as it is (call :func:`~.runtime.failure_reported` once it is shown),
+    :class:`~.runtime.FailedElsewhere` in the other processes."""
+    try:
+        env = setup_distributed(args.device)
+    except TrainingError as exc:  # a missing device: alike in every process of the machine
+        if reports_alike_errors():
+            raise
+        linger()
+        raise FailedElsewhere(str(exc)) from exc
     deterministic = (torch.are_deterministic_algorithms_enabled(),
                      torch.is_deterministic_algorithms_warn_only_enabled())
     try:
         return _train(args, env)
+    except Exception as exc:
+        if not env.distributed:
+            raise
+        reported = failure_in_group(exc, env)
+        if reported is exc:
+            raise
+        raise reported from exc
     finally:
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         if env.distributed and dist.is_initialized():

@@ -7,6 +7,7 @@ import os
 import random
 import sys
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -85,6 +86,134 @@ def all_gather_objects(obj: Any, env: DistEnv) -> List[Any]:
     out: List[Any] = [None] * env.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# one error line for a run of several processes
+# ---------------------------------------------------------------------------------------------
+FAILED_KEY, REPORTED_KEY = "trex_train/failed", "trex_train/reported"
+REPORT_WAIT_S = 30.0  # how long a quiet process waits for the reporting one's line
+LINGER_S = 10.0  # how long a quiet process outlives an error met alike by every process
+# what gloo and NCCL raise in a process whose peer is gone (its sockets closed)
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+              "remote process exited", "NCCL communicator was aborted")
+_REPORTING: List[Any] = []  # the store of a failure this process reports (once it is printed)
+
+
+class FailedElsewhere(RuntimeError):
+    """This process stops because another process of the run failed first, and that one reports
+    its error: ``trex-train`` prints nothing for this one and exits 1."""
+
+
+def reports_alike_errors() -> bool:
+    """Whether this process reports the errors that every process of a machine meets alike
+    before the group exists (a usage error, a missing device): local rank 0 of a torchrun run,
+    or a process on its own. The others stay quiet and :func:`linger`."""
+    return (int(os.environ.get("WORLD_SIZE", "1") or 1) == 1
+            or int(os.environ.get("LOCAL_RANK", "0") or 0) == 0)
+
+
+def linger() -> None:
+    """Wait before ending a quiet process: torchrun stops every process as soon as one ends,
+    and would stop the one that reports the error before its line is out."""
+    import time
+
+    time.sleep(LINGER_S)
+
+
+def _group_store() -> Any:
+    """The store of the process group (the torchrun agent's, or rank 0's), or None."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+
+
+def _peer_gone(exc: BaseException) -> Optional[str]:
+    """gloo's or NCCL's words for a lost peer in a failed collective (``exc``), without the
+    source location and the advice after them; None for any other error."""
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or isinstance(exc, TrainingError):
+        return None
+    for words in _PEER_GONE:
+        end = text.find(words)
+        if end >= 0:
+            said = text[:end + len(words)].strip()
+            return said.split("] ", 1)[1] if said.startswith("[") and "] " in said else said
+    return None
+
+
+def _record_for_torchrun(message: str) -> None:
+    """The error in torchrun's error file, so that its closing summary shows it as the root
+    cause rather than a link to the docs (torchrun's ``@record`` layout, no traceback)."""
+    import json
+    import time
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}}
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data))
+    except OSError:
+        pass
+
+
+def failure_in_group(exc: Exception, env: DistEnv) -> Exception:
+    """What a process of a distributed run raises for its failure ``exc``, so that the run
+    ends with one error line: ``exc`` itself when it is the run's first failure (this process
+    reports it); :class:`FailedElsewhere` when another process failed first (it reports its
+    own; this one waits, at most :data:`REPORT_WAIT_S`, for :func:`failure_reported`, so that
+    torchrun, which stops every process when one ends, does not stop the reporting one before
+    its line is out); a :class:`TrainingError` saying that another process ended without a
+    word when ``exc`` is only the lost connection to it.
+
+    The first failure is the first one recorded in the group's store, before this process
+    closes its connections: a process whose collective failed because a peer was gone finds
+    that peer's record there. Without a usable store every process reports its own error.
+    """
+    from ..transforms import ImageLoadError
+
+    store = _group_store()
+    gone = _peer_gone(exc)
+    what = str(exc) if isinstance(exc, (TrainingError, ImageLoadError)) else \
+        f"{type(exc).__name__}: {exc}"
+    if gone:
+        what = (f"another process of this run ended without a message (this one lost its "
+                f"connection to it: {gone}); look for its error above, and for its exit code "
+                "or signal in torchrun's summary")
+    mine = f"{env.rank}:{what}"
+    try:
+        if store is None:
+            raise RuntimeError("no store")
+        if gone and store.check([FAILED_KEY]):
+            first = store.get(FAILED_KEY).decode()
+        else:
+            first = store.compare_set(FAILED_KEY, "", mine).decode()
+    except Exception:  # the store went with a failed process (rank 0 hosts it without torchrun)
+        first = mine
+    if first != mine:
+        rank, _, message = first.partition(":")
+        _record_for_torchrun(f"stopped: rank {rank} failed first: {message}")
+        try:
+            store.wait([REPORTED_KEY], timedelta(seconds=REPORT_WAIT_S))
+        except Exception:
+            pass
+        return FailedElsewhere(f"rank {rank} failed: {message}")
+    _record_for_torchrun(what)
+    if store is not None:
+        _REPORTING.append(store)  # kept past the group's end, for failure_reported
+    return TrainingError(what) if gone else exc
+
+
+def failure_reported() -> None:
+    """Tell the processes that wait in :func:`failure_in_group` that the error line is out."""
+    while _REPORTING:
+        try:
+            _REPORTING.pop().set(REPORTED_KEY, "1")
+        except Exception:
+            pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,5 +377,7 @@ def resume_from(path: Path, module: TrainModule, optimizer: torch.optim.Optimize
 
 
 __all__ = ["TrainingError", "DistEnv", "setup_distributed", "all_gather_cat", "all_gather_objects",
+           "FailedElsewhere", "failure_in_group", "failure_reported", "reports_alike_errors",
+           "linger",
            "rng_state", "set_rng_state", "checkpoint_dict", "save_checkpoint", "resume_from",
            "setting_differences", "CHECKPOINT_NAME"]
