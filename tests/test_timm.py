@@ -85,19 +85,26 @@ def test_timm_resolves_the_papers_transfer_preprocessing(timm_folder):
 
     from trex_hub.transforms import build_transform
 
-    net = timm.create_model(f"local-dir:{timm_folder}", pretrained=True, num_classes=0)
-    cfg = timm.data.resolve_data_config({}, model=net)
-    assert cfg["input_size"] == (3, 224, 224) or list(cfg["input_size"]) == [3, 224, 224]
-    assert (cfg["interpolation"], cfg["crop_pct"], cfg["crop_mode"]) == ("bicubic", 1.0, "center")
-    assert tuple(cfg["mean"]) == (0.485, 0.456, 0.406)
-    assert tuple(cfg["std"]) == (0.229, 0.224, 0.225)
-    theirs = timm.data.create_transform(**cfg)
+    by_dir = timm.create_model(f"local-dir:{timm_folder}", pretrained=True, num_classes=0)
+    # the README's overlay of timm's own resnet50 config (which says crop_pct 0.95: Resize 235)
+    by_file = timm.create_model("resnet50", pretrained=True, num_classes=0,
+                                pretrained_cfg_overlay=dict(
+                                    file=str(timm_folder / "model.safetensors"), crop_pct=1.0,
+                                    interpolation="bicubic"))
     ours = build_transform("transfer")
-    for name in ("chelsea.jpg", "rocket.jpg"):
-        img = Image.open(SAMPLES / name).convert("RGB")
-        a, b = theirs(img), ours(img)
-        assert a.shape == b.shape == (3, 224, 224)
-        assert (a - b).abs().max().item() <= 1e-5
+    for net in (by_dir, by_file):
+        cfg = timm.data.resolve_data_config({}, model=net)
+        assert cfg["input_size"] == (3, 224, 224) or list(cfg["input_size"]) == [3, 224, 224]
+        assert (cfg["interpolation"], cfg["crop_pct"], cfg["crop_mode"]) == \
+            ("bicubic", 1.0, "center")
+        assert tuple(cfg["mean"]) == (0.485, 0.456, 0.406)
+        assert tuple(cfg["std"]) == (0.229, 0.224, 0.225)
+        theirs = timm.data.create_transform(**cfg)
+        for name in ("chelsea.jpg", "rocket.jpg"):
+            img = Image.open(SAMPLES / name).convert("RGB")
+            a, b = theirs(img), ours(img)
+            assert a.shape == b.shape == (3, 224, 224)
+            assert (a - b).abs().max().item() <= 1e-5
 
 
 def test_timm_loads_through_the_hub_with_hf_endpoint(released_r50, timm_folder, tmp_path):
