@@ -580,3 +580,110 @@ def test_one_format_read_from_two_roots_is_two_datasets(tmp_path, r18_ckpt, caps
     assert code == 2 and err.count("\n") == 1 and "EXPENSIVE" not in err, err
     assert str((tmp_path / "one").resolve()) in err and str((tmp_path / "two").resolve()) in err
     assert "--dataset-name two-fashion-mnist" in err and done.read_text() == before, err
+
+
+# ---- review D: findings 7 and 17 ----------------------------------------------------------------
+def _set_meta(feats: Path, **fields):
+    for split in ("train", "test"):
+        meta = feats / f"{split}.npy.meta.json"
+        meta.write_text(json.dumps(dict(json.loads(meta.read_text()), **fields)))
+
+
+def test_features_are_checked_against_the_checkpoint_named(tmp_path, r18_ckpt, image_folder,
+                                                           capsys):
+    """--models names a checkpoint: its weights digest must be the one trex-extract recorded."""
+    import factories as fx
+
+    feats = tmp_path / "feats"
+    _extract_folder(r18_ckpt, image_folder, feats)
+    other = tmp_path / "other.pth"
+    fx.write_backbone_file(other, arch="resnet18", seed=1)
+    base = ["run", "--format", "features", "--data", feats, "--trials", 2, "--search", "grid",
+            "--threads", 1]
+    capsys.readouterr()
+    code, _, err = run_cli(base + ["--models", other, "--out", tmp_path / "o1"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"--models {other}: the features in {feats} were extracted with {r18_ckpt}" in err
+    assert f"pass the model they were extracted with (--models {r18_ckpt}" in err
+    assert "trex-extract" in err and not (tmp_path / "o1").exists()
+    code, _, err = run_cli(base + ["--models", r18_ckpt, "--out", tmp_path / "o2"], capsys)
+    assert code == 0 and "the same weights" in err, err
+    # a name that is no model only labels the result, and the log says which model it was
+    code, _, err = run_cli(base + ["--models", "my-label", "--out", tmp_path / "o3"], capsys)
+    assert code == 0 and "only labels the result" in err and str(r18_ckpt) in err, err
+    assert (tmp_path / "o3" / "my-label__feats__seed0.json").is_file()
+    # the trainval and the test file must come from one model, with or without --models
+    meta = feats / "test.npy.meta.json"
+    meta.write_text(json.dumps(dict(json.loads(meta.read_text()), weights_sha256="0" * 64)))
+    code, _, err = run_cli(base + ["--out", tmp_path / "o4"], capsys)
+    assert code == 1 and "record different weights" in err and "000000000000" in err, err
+
+
+def test_features_are_checked_against_the_registry_name(tmp_path, r18_ckpt, image_folder, capsys,
+                                                        monkeypatch):
+    """Two registry names are compared by name (nothing loaded); a registry name against
+    features of a path is checked on the cached release file only, never downloaded."""
+    import shutil
+
+    import factories as fx
+
+    from trex_hub import loader
+    from trex_hub.evaluation import feature_check
+
+    feats = tmp_path / "feats"
+    _extract_folder(r18_ckpt, image_folder, feats)
+    base = ["run", "--format", "features", "--data", feats, "--trials", 2, "--search", "grid",
+            "--threads", 1]
+
+    def no_download(*a, **k):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(loader, "_fetch_release", no_download)
+    capsys.readouterr()
+    code, _, err = run_cli(base + ["--models", "trex", "--out", tmp_path / "o1"], capsys)
+    assert code == 0 and "not in the download cache" in err and str(r18_ckpt) in err, err
+    cache = tmp_path / "cache"  # TREX_HUB_CACHE (conftest)
+    cache.mkdir(exist_ok=True)
+    shutil.copy(r18_ckpt, cache / "trex.pth")
+    code, _, err = run_cli(base + ["--models", "trex", "--out", tmp_path / "o2"], capsys)
+    assert code == 0 and "the same weights" in err, err
+    fx.write_backbone_file(cache / "trexstar.pth", arch="resnet18", seed=1)
+    code, _, err = run_cli(base + ["--models", "trex_star", "--out", tmp_path / "o3"], capsys)
+    assert code == 2 and "not with the weights of trex_star" in err, err
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(feature_check, "load_model", no_load)
+    _set_meta(feats, model="trex_star")
+    code, _, err = run_cli(base + ["--models", "trex", "--out", tmp_path / "o4"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "--models trex: the features in" in err and "extracted with trex_star" in err
+    assert "(--models trex_star; --names sets the name shown)" in err
+    code, _, err = run_cli(base + ["--models", "t-rex*", "--out", tmp_path / "o5"], capsys)
+    assert code == 0 and "the same weights" in err, err
+    # several models: --models names the folders, and a folder named after a model is checked
+    many = tmp_path / "many"
+    shutil.copytree(feats, many / "trex")
+    shutil.copytree(feats, many / "m1")
+    code, _, err = run_cli(["run", "--format", "features", "--data", many, "--models", "trex",
+                            "m1", "--out", tmp_path / "o6"], capsys)
+    assert code == 2 and "move them to a folder named after the model" in err, err
+
+
+def test_neighbours_of_an_output_made_from_several_folders(tmp_path, r18_ckpt, image_folder,
+                                                           capsys):
+    """trex-extract m/a m/b writes a/..., b/... relative to m: the default --images is m."""
+    from trex_hub.cli import extract as extract_cli
+
+    feats = tmp_path / "multi.npy"
+    assert extract_cli.main([str(r18_ckpt), str(image_folder / "train" / "a"),
+                             str(image_folder / "train" / "b"), "-o", str(feats), "-j", "0",
+                             "--threads", "1", "--no-progress", "-q"]) == 0
+    code, _, err = run_cli(["neighbours", feats, "--out", tmp_path / "g.png", "-k", 2], capsys)
+    assert code == 0 and (tmp_path / "g.png").is_file(), err
+    code, _, err = run_cli(["neighbours", feats, "--images", image_folder / "train" / "a",
+                            "--out", tmp_path / "g2.png"], capsys)
+    assert code == 1 and "(for several folders, their common parent)" in err, err
+    code, out, _ = run_cli(["neighbours", "--help"], capsys)
+    assert code == 0 and "for several folders, their common parent" in " ".join(out.split())

@@ -1,4 +1,4 @@
-"""The transfer protocol (TREX_SPEC section 4) on tiny synthetic features."""
+"""The transfer protocol (the t-ReX paper, arXiv 2206.15369) on tiny synthetic features."""
 import csv
 import json
 import math
@@ -214,6 +214,22 @@ def test_results_roundtrip_and_duplicates(tmp_path):
     assert any("not a trex-eval result" in w for w in warnings)
     with pytest.raises(results.ResultsError):
         results.load_results([tmp_path / "missing"])
+
+
+def test_result_files_follow_the_umask(tmp_path):
+    """Colleagues can read a shared results folder: no owner-only temporary-file mode."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        p = results.write_result(tmp_path / "shared", fake("trex", "pets", 0, 90.0))
+        again = results.write_result(tmp_path / "shared", fake("trex", "pets", 0, 91.0))
+    finally:
+        os.umask(old)
+    assert again == p and json.loads(p.read_text())["top1"] == 91.0
+    assert stat.S_IMODE(p.stat().st_mode) == 0o644
+    assert [q.name for q in (tmp_path / "shared").iterdir()] == [p.name]  # no temporary left
 
 
 def test_report_mean_std_log_odds_tables_and_plot(tmp_path):

@@ -11,6 +11,7 @@ Exit codes: 0 success, 1 failure (missing data, unreadable checkpoint...), 2 usa
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -28,7 +29,10 @@ formats:
   fashion-mnist    --data DIR holding the idx files (default /usr/share/datasets/fashion-mnist,
                    from `apt-get install dataset-fashion-mnist`); plain or .gz
   features         --data DIR of trex-extract outputs: DIR/train* + DIR/test* for one model, or
-                   DIR/<model>/train* + DIR/<model>/test* for each of several --models
+                   DIR/<model>/train* + DIR/<model>/test* for each of several --models; a
+                   --models whose weights can be told without a download (registry name,
+                   local checkpoint, cached release) must match the weights their meta.json
+                   records, else --models only labels the result
   aircraft, cars, dtd, eurosat, flowers102, pets, food101, sun397
                    the paper's small sets via torchvision, read from --data ROOT with
                    download=False (never downloads)
@@ -269,7 +273,8 @@ def _add_neighbours_parser(sub) -> None:
                     help="a trex-extract output (.npy / .safetensors / .pt with its manifest)")
     nb.add_argument("--images", metavar="DIR_OR_LIST",
                     help="where the manifest's relative paths live: the folder (or list file) "
-                    "given to trex-extract (default: its single input, from FEATS' meta.json)")
+                    "given to trex-extract; for several folders, their common parent (default: "
+                    "from FEATS' meta.json, its single input or its folders' common parent)")
     nb.add_argument("--out", required=True, metavar="PNG", help="the picture to write")
     nb.add_argument("-k", "--k", type=_positive_int, default=4, metavar="K",
                     help="neighbours per query (default 4)")
@@ -289,6 +294,10 @@ def _image_root(args: argparse.Namespace, feats_path: Path) -> Optional[Path]:
         meta_path = existing_paths(feats_path)["meta"]
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         inputs = meta.get("inputs") or []
+        if len(inputs) > 1 and all(Path(i).expanduser().is_dir() for i in inputs):
+            # trex-extract wrote the paths relative to the folders' common parent
+            return Path(os.path.commonpath([os.path.abspath(Path(i).expanduser())
+                                            for i in inputs]))
         if len(inputs) != 1:
             return None
         where = inputs[0]
@@ -316,7 +325,8 @@ def _cmd_neighbours(args: argparse.Namespace) -> int:
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} image(s) of the manifest not found, e.g. {missing[0]}; pass "
-                "--images with the folder or list given to trex-extract")
+                "--images with the folder or list given to trex-extract (for several folders, "
+                "their common parent)")
         if len(paths) < 2:
             raise ValueError(f"{feats_path} has {len(paths)} image(s); neighbours need >= 2")
         from ..viz import neighbours_figure

@@ -1,4 +1,4 @@
-"""Transfer evaluation with the paper's linear-probe protocol (TREX_SPEC section 4).
+"""Transfer evaluation with the linear-probe protocol of the t-ReX paper (arXiv 2206.15369).
 
 >>> from trex_hub.evaluation import evaluate_features
 >>> result = evaluate_features(train_feats, train_labels, test_feats, test_labels, seed=0)

@@ -20,7 +20,7 @@ def display_name(spec: str) -> str:
     return spec
 
 
-def load_model(spec: str, device: str):
+def load_model(spec: str, device: str, projector: bool = False, ema: bool = False):
     import trex_hub
 
     if spec.startswith(RANDOM_PREFIX):
@@ -29,8 +29,9 @@ def load_model(spec: str, device: str):
         # deterministic random weights: the same random:NAME gives the same model every run
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
-            return trex_hub.load(spec[len(RANDOM_PREFIX):], pretrained=False, device=device)
-    return trex_hub.load(spec, device=device)
+            return trex_hub.load(spec[len(RANDOM_PREFIX):], pretrained=False, device=device,
+                                 projector=projector, ema=ema)
+    return trex_hub.load(spec, device=device, projector=projector, ema=ema)
 
 
 def _spec_source(spec: str) -> str:

@@ -13,7 +13,8 @@ class EvalError(RuntimeError):
 
 class EvalUsageError(EvalError):
     """The arguments ask for something impossible (clashing names, an --out that is a file...);
-    ``trex-eval`` exits 2 on it, as on any usage error. Raised before any model is loaded."""
+    ``trex-eval`` exits 2 on it, as on any usage error. Raised before any feature is computed
+    (with ``--format features``, a checkpoint may have been loaded to compare its weights)."""
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The paper's transfer protocol on frozen features (TREX_SPEC section 4).
+"""The paper's transfer protocol on frozen features (t-ReX, arXiv 2206.15369).
 
 1. Split trainval into train / val: 20 % of every class (at least one image) goes to val,
    seeded, by the published rule or trex_hub's (:mod:`.splits`).

@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
-from ..fileio import PathLike
+from ..fileio import PathLike, atomic_write
 
 SCHEMA = "trex_hub.eval.result/1"
 
@@ -59,20 +57,19 @@ def make_result(model: str, dataset: str, protocol_result: Dict[str, Any],
 
 
 def write_result(out_dir: PathLike, result: Dict[str, Any]) -> Path:
-    """Write atomically to ``out_dir/<model>__<dataset>__seed<seed>.json``; returns the path."""
+    """Write atomically to ``out_dir/<model>__<dataset>__seed<seed>.json``; returns the path.
+
+    The file gets the permissions of any file the user creates (the umask), so colleagues can
+    read a shared results folder, as they read the rest of the outputs."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / result_filename(result["model"], result["dataset"], result["seed"])
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(result, fh, indent=2, sort_keys=False, default=_jsonable)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    def write(fh) -> None:
+        json.dump(result, fh, indent=2, sort_keys=False, default=_jsonable)
+        fh.write("\n")
+
+    atomic_write(path, write, mode="w")
     return path
 
 

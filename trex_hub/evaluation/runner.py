@@ -10,6 +10,7 @@ import numpy as np
 
 from .. import datasets as dsets
 from .feature_cache import CACHE_KEY_VERSION, _cached_features
+from .feature_check import check_feature_model
 from .feature_sets import feature_files, feature_folder, load_feature_sets, subset_features
 from .features import compute_features
 from .image_sets import load_image_dataset
@@ -305,9 +306,11 @@ def run(models: Sequence[str], data: DataOptions, out_dir: PathLike, *,
         log: Callable[[str], None] = lambda m: None, progress: bool = False) -> RunSummary:
     """Evaluate every model on one dataset for every seed; one result JSON per (model, seed).
 
-    Everything that can be checked without a model is checked first: unique names and seeds,
-    the dataset (or every model's feature files), a trainval the search can use, writable
-    ``--out`` / cache folders, and no other model's or dataset's result in the way.
+    Everything that can be checked before a feature is computed or a probe fitted is checked
+    first: unique names and seeds, the dataset (or every model's feature files, and that they
+    were extracted with the weights ``--models`` names where that can be told offline:
+    :mod:`.feature_check`), a trainval the search can use, writable ``--out`` / cache folders,
+    and no other model's or dataset's result in the way.
     ``progress`` shows bars with an ETA on stderr for the feature extraction and for each seed's
     probe search (trials + refit).
     """
@@ -325,9 +328,10 @@ def run(models: Sequence[str], data: DataOptions, out_dir: PathLike, *,
         _check_trainval(parts["train"].labels, seeds[0], protocol, dname, data)
         log(f"dataset {dname}: {len(parts['train'])} trainval / {len(parts['test'])} test "
             f"images, {parts['train'].num_classes} classes")
-    else:
-        for spec, _ in plan:
-            feature_files(data.data or ".", spec, several)
+    else:  # every model's files, and that they are that model's features (feature_check)
+        files = [feature_files(data.data or ".", spec, several) for spec, _ in plan]
+        for (spec, _), pair in zip(plan, files):
+            check_feature_model(spec, pair, several, log)
     prepare_folders((out_dir, "--out"), (fopts.cache or None, "--cache"))
     out = Path(out_dir)
     sources = [model_source(spec, data, several) for spec, _ in plan]
