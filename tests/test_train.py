@@ -1,7 +1,9 @@
-"""Training building blocks: memory FIFO, prototypes, EMA, schedule, SGD groups, the loss, crops."""
+"""Training building blocks: memory FIFO, prototypes, EMA, schedule, SGD groups, the loss, crops;
+the options: help text, defaults, the default output folder."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -277,3 +279,56 @@ def test_resume_trims_the_log_to_the_checkpoint(tmp_path):
     assert trim_log(log, 0) == 2 and log.read_text() == ""
     assert trim_log(tmp_path / "missing.jsonl", 3) == 0
     assert not (tmp_path / "missing.jsonl").exists()
+
+
+# --------------------------------------------------------------------------------- options, help
+def _help_example(marker: str, text: str = "") -> list:
+    """The command under ``marker`` in trex-train --help's examples (or in ``text``), as argv
+    (no program)."""
+    import shlex
+
+    from trex_hub.train.config import EPILOG
+
+    lines = (text or EPILOG).splitlines()
+    start = next(i for i, line in enumerate(lines) if marker in line) + 1
+    command = ""
+    for line in lines[start:]:
+        command += line.strip().rstrip("\\") + " "
+        if not line.rstrip().endswith("\\"):
+            break
+    argv = shlex.split(command)
+    assert argv[0] == "trex-train", argv
+    return argv[1:]
+
+
+def test_help_small_cpu_run_is_small():
+    """The help's "small CPU run" is a few minutes on 2 cores at most: a data subset, few
+    iterations, at most 2 loader workers, tiny crops, and a warm-up the run leaves."""
+    from trex_hub.train.config import parse_args
+
+    args = parse_args(_help_example("# small CPU run"))
+    assert args.workers <= 2
+    assert args.train_limit is not None and args.train_limit <= 2000
+    iterations = args.epochs * (args.train_limit // args.batch_size)
+    assert iterations <= 100, iterations
+    assert args.global_size <= 32 and args.local_size <= 16
+    assert args.warmup_epochs < args.epochs
+    assert args.output_dir == "runs/fm"
+    # the README's small run is the same command
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert _help_example("# a small CPU run", readme) == _help_example("# small CPU run")
+
+
+def test_help_shows_every_default_and_where_resume_is_exact(capsys):
+    from trex_hub.train.config import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("--workers WORKERS data-loader processes per GPU/process (8;",
+                  "--epochs EPOCHS epochs (100)", "sampler order (0)", "(imagefolder)",
+                  "--output-dir OUTPUT_DIR checkpoints and logs (runs/trex, whatever the preset",
+                  "torchvision ResNet backbone (resnet50)", "progress line every N steps (50;",
+                  "(bit for bit on CPU; on CUDA with --deterministic)"):
+        assert words in text, words
+    assert "bit-for-bit where it stopped" not in text

@@ -36,6 +36,9 @@ def test_help_documents_the_recipe(capsys):
                   "export", "cosine", "1e-6", "Nesterov", "solarise"):
         assert words in text, words
     assert main(["export", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "trex_hub.load(OUT, projector=True) and model.classify() work" in text
+    assert "(--preset baseline, --no-projector) exports its backbone only" in text
     assert main(["--preset", "nope"]) == 2
 
 
@@ -420,7 +423,10 @@ def test_cpu_refuses_fp16(folder, tmp_path, capsys):
     assert "needs CUDA" in capsys.readouterr().err
 
 
-def test_baseline_preset_and_plain_classifier(folder, tmp_path):
+def test_baseline_preset_and_plain_classifier(folder, tmp_path, capsys):
+    """And what their export keeps: a run without a projector exports its backbone only and
+    says that its linear classifier is not exported; the learnable cosine classifier is
+    exported with its class names; a linear one on a projector loses its bias, and says so."""
     out = tmp_path / "base"
     assert main(small_args(folder, out, "--epochs", "1", preset="baseline")) == 0
     sd = torch_load(out / "checkpoint.pth")["model"]
@@ -432,6 +438,35 @@ def test_baseline_preset_and_plain_classifier(folder, tmp_path):
     sd = torch_load(out2 / "checkpoint.pth")["model"]
     assert sd["module.clf.fc.weight"].shape == (3, 32) and "module.clf.fc.bias" not in sd
     assert trex_hub.load(out2 / "checkpoint.pth", projector=True).classifier.num_classes == 3
+    capsys.readouterr()
+
+    assert main(["export", str(out / "checkpoint.pth"), str(tmp_path / "e_base")]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(tmp_path / "e_base")
+    assert captured.err == ("trex-train export: the linear classifier (clf.fc) is not exported: "
+                            "classify() scores projector outputs and this run has no projector "
+                            "(--preset baseline or --no-projector); the folder holds the "
+                            "backbone only\n")
+    config = json.loads((tmp_path / "e_base" / "config.json").read_text())
+    assert config["projector"] is None and config["classifier"] is None
+    assert trex_hub.load(tmp_path / "e_base").out_dim == 512
+
+    assert main(["export", str(out2 / "checkpoint.pth"), str(tmp_path / "e_cos")]) == 0
+    assert capsys.readouterr().err == ""
+    exported = trex_hub.load(tmp_path / "e_cos", projector=True)
+    assert exported.classifier.class_names == list(CLASSES)
+    assert torch.allclose(exported.classifier.prototypes,
+                          torch.nn.functional.normalize(sd["module.clf.fc.weight"], dim=-1))
+
+    ckpt = torch_load(out2 / "checkpoint.pth")  # as --classifier linear on a projector saves it
+    ckpt["model"]["module.clf.fc.bias"] = torch.zeros(3)
+    ckpt["args"].classifier = "linear"
+    torch.save(ckpt, tmp_path / "linear.pth")
+    assert main(["export", str(tmp_path / "linear.pth"), str(tmp_path / "e_lin")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("trex-train export: the linear classifier (clf.fc) is exported as "
+                          "cosine prototypes") and "without its bias" in err, err
+    assert trex_hub.load(tmp_path / "e_lin", projector=True).classifier.num_classes == 3
 
 
 def test_short_run_learns_a_generated_folder(tmp_path):

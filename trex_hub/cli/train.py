@@ -25,9 +25,13 @@ def _export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="trex-train export",
         description="Write a training checkpoint as a zoo folder (model.safetensors + "
-                    "config.json + README.md model card), loadable with "
-                    "trex_hub.load(OUT, projector=True); OCM prototypes and class names are kept "
-                    "so that model.classify() works.")
+                    "config.json + README.md model card), loadable with trex_hub.load(OUT). A "
+                    "run with a projector keeps it, its classifier as prototypes (OCM, or the "
+                    "learnable cosine classifier; a linear one loses its bias) and the class "
+                    "names, so that trex_hub.load(OUT, projector=True) and model.classify() "
+                    "work. A run without a projector (--preset baseline, --no-projector) exports "
+                    "its backbone only: its classifier is not exported (a line on stderr says "
+                    "so).")
     p.add_argument("checkpoint", help="checkpoint.pth written by trex-train (or a released full "
                                       "training checkpoint)")
     p.add_argument("output", help="folder to write")
@@ -43,7 +47,9 @@ def _export(args: argparse.Namespace) -> int:
     from ..train.export import export_checkpoint
 
     with failing_on(CheckpointError, CheckpointReadError):
-        out = export_checkpoint(args.checkpoint, args.output, ema=args.ema, name=args.name)
+        out = export_checkpoint(args.checkpoint, args.output, ema=args.ema, name=args.name,
+                                note=lambda line: print(f"trex-train export: {line}",
+                                                        file=sys.stderr, flush=True))
     print(out)
     return EXIT_OK
 

@@ -56,10 +56,11 @@ Recipe (defaults = the paper's ImageNet-1K recipe, 4 GPUs x 64 images):
              per-process BatchNorm statistics (SyncBatchNorm needs CUDA) and DDP broadcasts rank
              0's running statistics every step.
 
-Outputs in --output-dir: checkpoint.pth (released full-checkpoint layout, written atomically every
-epoch; trex_hub.load(path, projector=True) reads it), log.jsonl (one JSON line per epoch: loss,
-top-1, lr, images/s), and with --resume the run continues bit-for-bit where it stopped. A folder
-that holds a run is refused unless --resume continues it or --overwrite replaces it.
+Outputs in --output-dir (default runs/trex, whatever the preset): checkpoint.pth (released
+full-checkpoint layout, written atomically every epoch; trex_hub.load(path, projector=True) reads
+it), log.jsonl (one JSON line per epoch: loss, top-1, lr, images/s), and with --resume the run
+continues where it stopped (bit for bit on CPU; on CUDA with --deterministic). A folder that holds
+a run is refused unless --resume continues it or --overwrite replaces it.
 
 Export for the zoo:  trex-train export OUTPUT_DIR/checkpoint.pth EXPORT_DIR
 """
@@ -76,9 +77,10 @@ Examples:
   # t-ReX* on ImageNet-1K, 4 GPUs
   torchrun --nproc_per_node=4 -m trex_hub.cli.train --preset trex_star --data /data/imagenet \\
       --output-dir runs/trex_star
-  # small CPU run on Fashion-MNIST classes 0-4
-  trex-train --preset trex --arch resnet18 --dataset fashion-mnist --classes 0-4 \\
-      --global-size 32 --local-size 16 --epochs 5 --batch-size 64 --output-dir runs/fm
+  # small CPU run: 1,000 Fashion-MNIST images of classes 0-4, 3 epochs of 31 steps, 2 workers
+  trex-train --preset trex_star --arch resnet18 --dataset fashion-mnist --classes 0-4 \\
+      --train-limit 1000 --global-size 16 --local-size 8 --epochs 3 --warmup-epochs 1 \\
+      --batch-size 32 --workers 2 --output-dir runs/fm
   trex-train export runs/fm/checkpoint.pth exported/fm
 """
 
@@ -117,19 +119,24 @@ def build_parser(prog: str = "trex-train") -> argparse.ArgumentParser:
                    help="ImageFolder root with train/ and val/ (or test/) class folders; for "
                         "--dataset fashion-mnist the folder of the idx files (default "
                         "/usr/share/datasets/fashion-mnist or $TREX_FASHION_MNIST)")
-    g.add_argument("--dataset", default="imagefolder", choices=("imagefolder", "fashion-mnist"))
+    g.add_argument("--dataset", default="imagefolder", choices=("imagefolder", "fashion-mnist"),
+                   help="what --data holds (imagefolder)")
     g.add_argument("--classes", default=None,
-                   help="train on a class subset, e.g. 0-4 or 0,3,7 (relabelled 0..k-1)")
+                   help="train on a class subset, e.g. 0-4 or 0,3,7 (relabelled 0..k-1; "
+                        "default: all classes)")
     g.add_argument("--train-limit", type=_positive, default=None,
-                   help="use a seeded class-balanced subset of this many training images")
+                   help="use a seeded class-balanced subset of this many training images "
+                        "(default: all)")
     g.add_argument("--val-limit", type=_positive, default=None,
-                   help="use a seeded class-balanced subset of this many validation images")
+                   help="use a seeded class-balanced subset of this many validation images "
+                        "(default: all)")
     g.add_argument("--data-seed", type=_seed, default=0,
                    help="seed of the --train-limit / --val-limit subsets (0; kept apart from "
                         "--seed so that runs with different seeds see the same images)")
     g.add_argument("--no-val", action="store_true", help="skip validation")
     g.add_argument("--workers", type=_count, default=8,
-                   help="data-loader processes per GPU/process")
+                   help="data-loader processes per GPU/process (8; 0: load in the training "
+                        "process)")
     g.add_argument("--loader-start", choices=LOADER_STARTS,
                    default="auto",
                    help="how loader workers start (auto: forkserver with CUDA, where forking a "
@@ -142,7 +149,8 @@ def build_parser(prog: str = "trex-train") -> argparse.ArgumentParser:
                         "long, instead of waiting for ever on a stuck worker (600; 0: no limit)")
 
     g = p.add_argument_group("network")
-    g.add_argument("--arch", default="resnet50", choices=ARCHS)
+    g.add_argument("--arch", default="resnet50", choices=ARCHS,
+                   help="torchvision ResNet backbone (resnet50)")
     g.add_argument("--projector-layers", type=_count, default=None,
                    help="hidden projector blocks L (preset: 3 t-ReX, 1 t-ReX*)")
     g.add_argument("--no-projector", action="store_true", default=None,
@@ -154,7 +162,8 @@ def build_parser(prog: str = "trex-train") -> argparse.ArgumentParser:
     g.add_argument("--tau", type=_positive_float, default=0.1,
                    help="cosine softmax temperature (0.1)")
     g.add_argument("--memory-size", type=_count, default=None,
-                   help="OCM memory entries (8192); 0 = learnable cosine classifier")
+                   help="OCM memory entries (preset: 8192, baseline 0); 0 = learnable "
+                        "classifier (--classifier)")
     g.add_argument("--classifier", choices=("cosine", "linear"), default=None,
                    help="classifier when --memory-size is 0 (cosine for trex*, linear for baseline)")
     g.add_argument("--ema-momentum", type=_fraction, default=0.999, help="EMA momentum (0.999)")
@@ -164,7 +173,8 @@ def build_parser(prog: str = "trex-train") -> argparse.ArgumentParser:
     g.add_argument("--global-size", type=_positive, default=224, help="global crop size (224)")
     g.add_argument("--global-scale", type=_scale, nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="RandomResizedCrop scale of global crops (preset)")
-    g.add_argument("--local-crops", type=_count, default=None, help="local crops per image (8)")
+    g.add_argument("--local-crops", type=_count, default=None,
+                   help="local crops per image (preset: 8, baseline 0)")
     g.add_argument("--local-size", type=_positive, default=96, help="local crop size (96)")
     g.add_argument("--local-scale", type=_scale, nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="RandomResizedCrop scale of local crops (preset)")
@@ -173,10 +183,10 @@ def build_parser(prog: str = "trex-train") -> argparse.ArgumentParser:
     g.add_argument("--simple-aug", action="store_true", default=None,
                    help="crop + flip only (no colour jitter, grayscale, blur, solarise)")
     g.add_argument("--aug", choices=("auto", "cpu", "gpu"), default="auto",
-                   help="where the crops are made: cpu = PIL in the loader workers; gpu = the "
-                        "workers only decode, the crops are made batched on the training device "
-                        "(on a CPU-only machine: batched on the CPU); auto = gpu on CUDA, cpu "
-                        "elsewhere. Same random draws either way (docs/training.md)")
+                   help="where the crops are made (auto): cpu = PIL in the loader workers; "
+                        "gpu = the workers only decode, the crops are made batched on the "
+                        "training device (on a CPU-only machine: batched on the CPU); auto = gpu "
+                        "on CUDA, cpu elsewhere. Same random draws either way (docs/training.md)")
     g.add_argument("--aug-ahead", action="store_true",
                    help="--aug gpu: augment the next batch while this one trains, on a CUDA "
                         "stream of its own (same crops; off by default until measured on a GPU: "
@@ -186,7 +196,7 @@ def build_parser(prog: str = "trex-train") -> argparse.ArgumentParser:
                         "decoded at 1/2-1/8 scale when every crop still shrinks >= 2x after it)")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=_positive, default=100)
+    g.add_argument("--epochs", type=_positive, default=100, help="epochs (100)")
     g.add_argument("--batch-size", type=_positive, default=64, help="images per process (64)")
     g.add_argument("--lr", type=_non_negative, default=0.1,
                    help="learning rate per --lr-ref-batch images (0.1)")
@@ -203,12 +213,14 @@ def build_parser(prog: str = "trex-train") -> argparse.ArgumentParser:
     g.add_argument("--wd-all", action="store_true",
                    help="also decay biases and 1-D (BatchNorm) parameters")
     g.add_argument("--amp", choices=("auto", "fp16", "bf16", "none"), default="auto",
-                   help="autocast: auto = fp16 + GradScaler on CUDA, fp32 on CPU")
+                   help="autocast (auto: fp16 + GradScaler on CUDA, fp32 on CPU)")
     g.add_argument("--sync-bn", choices=("auto", "on", "off"), default="auto",
                    help="SyncBatchNorm under DDP (auto: on with CUDA; CPU cannot)")
 
     g = p.add_argument_group("run")
-    g.add_argument("--output-dir", default="runs/trex", help="checkpoints and logs")
+    g.add_argument("--output-dir", default="runs/trex",
+                   help="checkpoints and logs (runs/trex, whatever the preset: give each run "
+                        "its own folder; one that holds another run is refused)")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                    help="continue from CKPT (default: OUTPUT_DIR/checkpoint.pth); the options "
                         "that define what is learnt must be the checkpoint's")
@@ -223,8 +235,10 @@ def build_parser(prog: str = "trex-train") -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=_count, default=0,
                    help="also keep checkpoint{EPOCH:04d}.pth every N epochs (0: only the latest)")
     g.add_argument("--eval-every", type=_count, default=1, help="validate every N epochs (1)")
-    g.add_argument("--seed", type=_seed, default=0)
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    g.add_argument("--seed", type=_seed, default=0,
+                   help="seed of the initialisation, the crops and the sampler order (0)")
+    g.add_argument("--device", default="auto",
+                   help="auto | cpu | cuda (auto: cuda where available)")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic cuDNN / CUDA kernels, no cuDNN autotuning (slower; CPU "
                         "runs are deterministic anyway)")
@@ -238,7 +252,8 @@ def build_parser(prog: str = "trex-train") -> argparse.ArgumentParser:
                    help="read the non-finite-loss flag every N steps (0 = auto: every step on "
                         "CPU, 50 on CUDA, where each read waits for the GPU); the error names "
                         "the first bad step however late it is noticed")
-    g.add_argument("--print-freq", type=_count, default=50, help="progress line every N steps")
+    g.add_argument("--print-freq", type=_count, default=50,
+                   help="progress line every N steps (50; 0: none)")
     g.add_argument("--stop-after-epoch", type=_positive, default=None,
                    help="exit after this epoch as if interrupted (the schedule still spans "
                         "--epochs; continue with --resume)")
