@@ -450,6 +450,9 @@ def test_baseline_preset_and_plain_classifier(folder, tmp_path, capsys):
     config = json.loads((tmp_path / "e_base" / "config.json").read_text())
     assert config["projector"] is None and config["classifier"] is None
     assert trex_hub.load(tmp_path / "e_base").out_dim == 512
+    with pytest.raises(trex_hub.ModelLoadError, match="no projector weights .* load it without "
+                                                      "projector=True for its backbone"):
+        trex_hub.load(tmp_path / "e_base", projector=True)
 
     assert main(["export", str(out2 / "checkpoint.pth"), str(tmp_path / "e_cos")]) == 0
     assert capsys.readouterr().err == ""

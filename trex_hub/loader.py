@@ -160,7 +160,9 @@ def build(src: WeightsSource, *, projector: bool = False, pretrained: bool = Tru
         where = f"{src.hf_id if src.kind == HUB else src.path}: this model"
     if projector and not config.get("projector"):
         raise ModelLoadError(
-            f"{where} has no projector weights, so projector=True is not available. Released "
+            f"{where} has no projector weights (a backbone only, such as a released backbone "
+            "file or the export of a run without a projector), so projector=True is not "
+            "available: load it without projector=True for its backbone features. Released "
             f"models with a projector: {', '.join(registry.projector_models())}.")
     name = _model_name(src, config)
     preprocess = src.entry.preprocess.to_dict() if src.entry is not None else None
