@@ -411,6 +411,13 @@ def test_resume_accepts_the_same_inputs_spelled_another_way(ckpt, folder, tmp_pa
     assert not (tmp_path / "f.npy.parts").exists()
     assert run(ckpt, "other/../own/", "-o", out, "--resume") == 0  # complete: nothing to do
     assert "already complete; nothing to do" in capsys.readouterr().err
+    (tmp_path / "link").symlink_to(own)  # a link to the folder, and a linked working folder
+    assert run(ckpt, "link", "-o", out, "--resume") == 0
+    (tmp_path / "here").symlink_to(tmp_path)
+    monkeypatch.chdir(tmp_path / "here")
+    assert run(ckpt, tmp_path / "here" / "own", "-o", out, "--resume") == 0
+    monkeypatch.chdir(tmp_path)
+    assert "already complete; nothing to do" in capsys.readouterr().err
     again = read_features(out)
     assert np.array_equal(again[0], first[0]) and again[1] == first[1]
     listed = tmp_path / "g.npy"
@@ -444,8 +451,13 @@ def test_a_run_where_every_input_failed_exits_1(ckpt, folder, tmp_path, capsys):
     assert str(tmp_path / "f.npy.manifest.jsonl") in err
     feats, rows = read_features(out)
     assert feats.shape[0] == 0 and [r["status"] for r in rows] == ["failed", "failed"]
+    assert run(ckpt, lst, "-o", out, "--resume") == 1  # a retry does not make it a success
+    err = capsys.readouterr().err
+    assert "already complete" in err and "none of the 2 inputs could be read" in err
     assert run(ckpt, root / "bad", "-o", tmp_path / "bad.npy", "-q") == 1
-    assert "none of the 5 inputs could be read" in capsys.readouterr().err
+    err = capsys.readouterr().err  # -q shows no reasons, so the line does not point above
+    assert err.count("\n") == 1 and "none of the 5 inputs could be read" in err
+    assert "the reasons are in " in err and "above" not in err
     lst.write_text(f"nope1.jpg\n{root / 'cats' / '1.jpg'}\n")
     assert run(ckpt, lst, "-o", tmp_path / "g.npy") == 0
     (tmp_path / "empty").mkdir()

@@ -91,6 +91,19 @@ def existing_paths(out: PathLike) -> Dict[str, Path]:
     return paths
 
 
+def recorded_counts(out: PathLike) -> Optional[Tuple[int, int]]:
+    """``(ok, failed)`` as a finished output's meta file records them (``None``: no readable
+    record, e.g. an output of a version that did not keep them)."""
+    try:
+        meta = json.loads(existing_paths(out)["meta"].read_text(encoding="utf-8"))
+        ok, failed = meta["ok"], meta["failed"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (ok, failed)):
+        return None
+    return ok, failed
+
+
 # --------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------
@@ -279,6 +292,6 @@ def _manifest_line(row: Dict[str, Any]) -> bytes:
 
 
 __all__ = ["OUTPUT_FORMATS", "FORMAT_VERSION", "ExtractError", "output_paths", "output_problem",
-           "legacy_paths",
+           "legacy_paths", "recorded_counts",
            "existing_paths", "read_features", "segment_files", "committed_segments",
            "write_segment", "tiling", "merge"]

@@ -41,12 +41,19 @@ PARTS_LAYOUT = 2  # part-A-B segments (1: chunk-K files)
 
 
 def _entries_digest(entries: Sequence[Entry], spelled: bool = False) -> str:
-    """The input list as a digest: each file's absolute path (``imgs`` and ``/data/imgs`` are
-    one input), its name in the manifest and its label. ``spelled``: the paths as the command
-    line spelled them, the digest of older versions."""
+    """The input list as a digest: each file's path with its folder resolved (``imgs``,
+    ``/data/imgs`` and a link to it are one input, also under a linked working folder), its
+    name in the manifest and its label. ``spelled``: the paths as the command line spelled
+    them, the digest of older versions."""
     h = hashlib.sha256()
+    folders: Dict[str, str] = {}  # one realpath per folder: a million files share a few
     for e in entries:
-        path = e.path if spelled else os.path.abspath(e.path)
+        path = e.path
+        if not spelled:
+            folder, name = os.path.split(path)
+            if folder not in folders:
+                folders[folder] = os.path.realpath(folder or ".")
+            path = os.path.join(folders[folder], name)
         h.update(f"{path}\0{e.rel}\0{e.label}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 

@@ -234,6 +234,19 @@ def main(argv: Optional[List[str]] = None) -> int:
                    suffix=f" [rank {rank}]" if world > 1 else "")
 
 
+def all_inputs_failed(summary) -> bool:
+    """Whether the output rank 0 wrote (or found complete, on ``--resume``) holds no features
+    although there were inputs: every one of them failed."""
+    if summary.out is None or summary.total == 0:
+        return False
+    if summary.ok >= 0:
+        return summary.ok == 0
+    from ..featurefile import recorded_counts
+
+    counts = recorded_counts(summary.out)  # already complete: what the run that made it found
+    return counts is not None and counts[0] == 0 and counts[1] > 0
+
+
 def _device(args: argparse.Namespace, world: int, local_rank: int) -> str:
     import torch
 
@@ -373,12 +386,13 @@ def _main(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> i
             if summary.failed > 5:
                 say(f"  ... {summary.failed - 5} more in "
                     f"{output_paths(args.output)['manifest']}")
-        all_failed = rank == 0 and summary.out is not None and summary.total > 0 and \
-            summary.ok == 0
+        all_failed = all_inputs_failed(summary)
         if all_failed:  # an empty features file must not pass for a finished job
+            shown = summary.failures and not quiet
             print(f"{PROG}: error: none of the {summary.total} inputs could be read, so "
-                  f"{summary.out} holds no features; the reasons are above and in "
-                  f"{output_paths(args.output)['manifest']}", file=sys.stderr, flush=True)
+                  f"{summary.out} holds no features; the reasons are "
+                  f"{'above and ' if shown else ''}in {output_paths(args.output)['manifest']}",
+                  file=sys.stderr, flush=True)
         if debug_wanted(args):  # where a short run's time goes (the benchmarks read this line)
             lanes = summary.decoding.get("lanes")
             if summary.decoding:
