@@ -687,3 +687,44 @@ def test_neighbours_of_an_output_made_from_several_folders(tmp_path, r18_ckpt, i
     assert code == 1 and "(for several folders, their common parent)" in err, err
     code, out, _ = run_cli(["neighbours", "--help"], capsys)
     assert code == 0 and "for several folders, their common parent" in " ".join(out.split())
+
+
+def test_features_of_two_models_are_one_dataset_and_checked_fairly(tmp_path, r18_ckpt,
+                                                                   image_folder, capsys,
+                                                                   monkeypatch):
+    """Two models' feature folders of the same images go under one --dataset-name into one
+    --out and one report (a feature folder is one model's, not another dataset); a registry
+    name is accepted whichever of its released files is cached (the full checkpoint's online
+    backbone is the backbone file's); trainval and test of different heads are named so."""
+    import shutil
+
+    import factories as fx
+
+    from trex_hub import loader
+
+    monkeypatch.setattr(loader, "_fetch_release", lambda *a, **k: pytest.fail("a download"))
+    full = tmp_path / "full.pth"
+    fx.write_full_checkpoint(full, num_layers=1, arch="resnet18", hidden=64, out=32,
+                             memory_size=64)
+    a, b = tmp_path / "feats_a", tmp_path / "feats_b"
+    _extract_folder(r18_ckpt, image_folder, a)
+    _extract_folder(full, image_folder, b)
+    base = ["run", "--format", "features", "--dataset-name", "flowers", "--trials", 2,
+            "--search", "grid", "--threads", 1, "--out", tmp_path / "res"]
+    capsys.readouterr()
+    assert run_cli(base + ["--data", a, "--models", r18_ckpt], capsys)[0] == 0
+    code, _, err = run_cli(base + ["--data", b, "--models", full], capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["report", tmp_path / "res"], capsys)
+    assert code == 0 and "flowers" in out, err
+    # only the full checkpoint of trex_repro cached: its online backbone is what --models loads
+    cache = tmp_path / "cache"  # TREX_HUB_CACHE (conftest)
+    cache.mkdir(exist_ok=True)
+    shutil.copy(full, cache / "trex_2_checkpoint_full.pth")
+    code, _, err = run_cli(base[:-1] + [tmp_path / "res2", "--data", b, "--models",
+                                        "trex_repro"], capsys)
+    assert code == 0 and "the same weights" in err, err
+    meta = b / "test.npy.meta.json"
+    meta.write_text(json.dumps(dict(json.loads(meta.read_text()), head="projector")))
+    code, _, err = run_cli(base[:-1] + [tmp_path / "res3", "--data", b], capsys)
+    assert code == 1 and "record different heads (--head backbone and --head projector)" in err

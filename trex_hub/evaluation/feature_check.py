@@ -49,6 +49,13 @@ class Recorded:
                 meta = None
             if isinstance(meta, dict):
                 seen.append((path, meta))
+        heads = {m.get("head") for _, m in seen} - {None}
+        if len(heads) > 1:  # a projector's digest covers the projector: not another model
+            (pa, a), (pb, b) = seen[0], seen[-1]
+            raise EvalError(
+                f"{pa} and {pb} record different heads (--head {a.get('head')} and --head "
+                f"{b.get('head')}): the trainval and test features must be the same kind; "
+                "extract both splits again with one --head")
         digests = [(p, m) for p, m in seen if isinstance(m.get("weights_sha256"), str)]
         if len({m["weights_sha256"] for _, m in digests}) > 1:
             (pa, a), (pb, b) = digests[0], digests[-1]
@@ -73,8 +80,10 @@ def _release_candidates(name: str, head: str) -> Iterator[Tuple[str, bool]]:
     from ..hub.cache import cached_path
 
     entry = registry.get_entry(name)
-    files = [(entry.full_file if head == "projector" else entry.backbone_file, False),
-             (entry.full_file, True)]
+    files = [(entry.full_file if head == "projector" else entry.backbone_file, False)]
+    if head != "projector":  # the full checkpoint's online backbone is the backbone file's
+        files.append((entry.full_file, False))
+    files.append((entry.full_file, True))
     for info, ema in files:
         path = cached_path(info.filename) if info is not None else None
         if path is not None:

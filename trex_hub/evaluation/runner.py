@@ -170,15 +170,19 @@ def prepare_folders(*folders: Tuple[Optional[PathLike], str]) -> None:
                                  "give a folder you can write to") from None
 
 
-def dataset_source(opts: DataOptions) -> str:
+def dataset_source(opts: DataOptions) -> Optional[str]:
     """What a result's dataset is read from, recorded as its ``dataset_source``: the absolute
-    path of the image folder, feature folder or torchvision root, or of the folder the
-    Fashion-MNIST files were found in.
+    path of the image folder or torchvision root, or of the folder the Fashion-MNIST files were
+    found in. ``None`` for ``--format features``: a feature folder holds one model's features of
+    some images, so two models' folders of one dataset differ, and the images themselves are
+    not known here.
 
     Unlike the dataset name (the folder's name, or the format) it tells ``/data/a/flowers`` and
     ``/data/b/flowers`` apart, so a later run can see that the results it is about to replace,
     or to be averaged with in a report, were computed on another dataset.
     """
+    if opts.format == "features":
+        return None
     if opts.format == "fashion-mnist":
         return str(dsets.fashion_mnist_files(opts.data, "train")[0].parent.resolve())
     return str(Path(opts.data or ".").expanduser().resolve())
