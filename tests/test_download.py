@@ -362,6 +362,10 @@ def test_the_readme_mirror_line_works_after_a_bare_import(released_files, tmp_pa
         assert done.returncode == 0, done.stderr
         assert len(srv.gets("trexstar.pth")) == 1
     assert done.stdout.split() == ["TReX", "['hf']"]
+    names: dict = {}
+    exec("from trex_hub.hub import *", names)  # the modules, not the package's helpers
+    assert sorted(n for n in names if not n.startswith("__")) == \
+        ["cache", "download", "hf", "http", "partials"]
 
 
 def test_proxies_come_from_the_environment(server, blobs, cache, monkeypatch):

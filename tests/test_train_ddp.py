@@ -2,6 +2,7 @@
 step, and an OCM memory holding both ranks' EMA outputs in rank order (recomputed here)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -213,3 +214,23 @@ def test_failure_in_group_when_the_peer_died_without_a_word(monkeypatch):
     monkeypatch.setattr(rt, "_group_store", lambda: None)
     own = ValueError("x")
     assert rt.failure_in_group(own, rt.DistEnv(rank=1, world_size=2)) is own
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_error_before_the_group_exists_reaches_torchruns_summary(monkeypatch, tmp_path):
+    """--device cuda without CUDA, met alike by every process before the process group
+    exists: local rank 0 reports it, and torchrun's error file holds it (its summary showed a
+    link to its docs instead)."""
+    from trex_hub.train.config import parse_args
+    from trex_hub.train.loop import train
+    from trex_hub.train.runtime import TrainingError
+
+    error_file = tmp_path / "error.json"
+    for key, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0"),
+                       ("TORCHELASTIC_ERROR_FILE", str(error_file))):
+        monkeypatch.setenv(key, value)
+    args = parse_args(["--device", "cuda", "--output-dir", str(tmp_path / "run")])
+    with pytest.raises(TrainingError, match="CUDA is not available"):
+        train(args)
+    recorded = json.loads(error_file.read_text())["message"]["message"]
+    assert "--device cuda was asked for but CUDA is not available" in recorded

@@ -220,21 +220,18 @@ def _from_full(obj: Dict[str, Any], source: str, ema: bool) -> Checkpoint:
         config["classifier"] = {"type": "prototypes", "num_classes": int(w.shape[0]),
                                 "tau": tau, "from": "linear"}
     if config["classifier"] is not None:
-        _add_class_names(config["classifier"], args.get("class_names"), source)
+        _add_class_names(config["classifier"], args.get("class_names"))
     extra = {"epoch": obj.get("epoch"), "args": args if obj.get("args") is not None else None}
     return Checkpoint(state, config, "full", source, extra)
 
 
-def _add_class_names(classifier: Dict[str, Any], names: Any, source: str) -> None:
+def _add_class_names(classifier: Dict[str, Any], names: Any) -> None:
     """The class names ``trex-train`` keeps in ``args.class_names``, for ``classify`` on the
-    checkpoint itself as on its export; a list of another length (names of other classes than
-    the classifier's) is left out, so labels are the class indices as without names."""
-    if names is None:
-        return
-    if not isinstance(names, (list, tuple)) or not all(isinstance(x, str) for x in names):
-        raise CheckpointError(f"{source}: args.class_names must be a list of strings, found "
-                              f"{type(names).__name__}"[:300])
-    if len(names) == classifier["num_classes"]:
+    checkpoint itself as on its export. Anything else there (not a list of strings, or names
+    of other classes than the classifier's) is left out: labels are then the class indices,
+    as without names, and the weights load as they did."""
+    if isinstance(names, (list, tuple)) and len(names) == classifier["num_classes"] \
+            and all(isinstance(x, str) for x in names):
         classifier["class_names"] = list(names)
 
 

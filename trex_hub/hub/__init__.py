@@ -4,19 +4,19 @@ module's names.
 
 Nothing in this package knows about torch modules or the registry of models.
 """
-from importlib import import_module
-from typing import Any
+from importlib import import_module as _import_module
 
-_SUBMODULES = ("cache", "download", "hf", "http", "partials")
+__all__ = ["cache", "download", "hf", "http", "partials"]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str):
     """``trex_hub.hub.download.set_mirror(...)`` after a bare ``import trex_hub``: each module
     is imported on first use (nothing here is imported before it is needed)."""
-    if name in _SUBMODULES:
-        return import_module(f".{name}", __name__)
+    if name in __all__:
+        return _import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list:
-    return sorted(set(globals()) | set(_SUBMODULES))
+    return sorted(n for n in set(globals()) | set(__all__) if not n.startswith("_")
+                  or n.startswith("__"))

@@ -29,8 +29,8 @@ from .module import TrainModule, param_groups
 from .outputs import LOG_NAME, clear_earlier_run, earlier_run, refuse_earlier_run, trim_log
 from .runtime import (CHECKPOINT_NAME, DistEnv, FailedElsewhere, TrainingError, all_gather_cat,
                       all_gather_objects, checkpoint_dict, failure_in_group, linger,
-                      reports_alike_errors, resume_from, rng_state, save_checkpoint,
-                      set_rng_state, setup_distributed)
+                      record_for_torchrun, reports_alike_errors, resume_from, rng_state,
+                      save_checkpoint, set_rng_state, setup_distributed)
 from .schedule import lr_schedule, peak_lr
 
 
@@ -191,6 +191,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         env = setup_distributed(args.device)
     except TrainingError as exc:  # a missing device: alike in every process of the machine
         if reports_alike_errors():
+            record_for_torchrun(str(exc))  # torchrun's summary then shows it
             raise
         linger()
         raise FailedElsewhere(str(exc)) from exc

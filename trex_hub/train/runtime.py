@@ -143,7 +143,7 @@ def _peer_gone(exc: BaseException) -> Optional[str]:
     return None
 
 
-def _record_for_torchrun(message: str) -> None:
+def record_for_torchrun(message: str) -> None:
     """The error in torchrun's error file, so that its closing summary shows it as the root
     cause rather than a link to the docs (torchrun's ``@record`` layout, no traceback)."""
     import json
@@ -195,13 +195,13 @@ def failure_in_group(exc: Exception, env: DistEnv) -> Exception:
         first = mine
     if first != mine:
         rank, _, message = first.partition(":")
-        _record_for_torchrun(f"stopped: rank {rank} failed first: {message}")
+        record_for_torchrun(f"stopped: rank {rank} failed first: {message}")
         try:
             store.wait([REPORTED_KEY], timedelta(seconds=REPORT_WAIT_S))
         except Exception:
             pass
         return FailedElsewhere(f"rank {rank} failed: {message}")
-    _record_for_torchrun(what)
+    record_for_torchrun(what)
     if store is not None:
         _REPORTING.append(store)  # kept past the group's end, for failure_reported
     return TrainingError(what) if gone else exc
@@ -378,6 +378,6 @@ def resume_from(path: Path, module: TrainModule, optimizer: torch.optim.Optimize
 
 __all__ = ["TrainingError", "DistEnv", "setup_distributed", "all_gather_cat", "all_gather_objects",
            "FailedElsewhere", "failure_in_group", "failure_reported", "reports_alike_errors",
-           "linger",
+           "linger", "record_for_torchrun",
            "rng_state", "set_rng_state", "checkpoint_dict", "save_checkpoint", "resume_from",
            "setting_differences", "CHECKPOINT_NAME"]
