@@ -30,7 +30,7 @@ import sys
 import threading
 import traceback
 from contextlib import contextmanager
-from typing import Callable, Iterator, NoReturn, Optional, Union
+from typing import Callable, Iterator, NoReturn, Optional, Tuple, Union
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEBUG_ENV = "TREX_HUB_DEBUG"
@@ -189,6 +189,13 @@ def run_cli(prog: Union[str, Callable[[argparse.Namespace], str]],
     return code
 
 
+def torchrun_ranks() -> Tuple[int, int, int]:
+    """``(rank, number of processes, local rank)`` from torchrun's environment; ``(0, 1, 0)``
+    for a process on its own (read without importing torch)."""
+    return (int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1),
+            int(os.environ.get("LOCAL_RANK", "0") or 0))
+
+
 def process_age() -> Optional[float]:
     """Seconds since this process started (Linux, to 10 ms), or ``None`` where that is unknown:
     the interpreter's start and the imports, when read as a program's ``main`` begins."""
@@ -243,4 +250,4 @@ def exit_now(code: int) -> NoReturn:
 __all__ = ["EXIT_OK", "EXIT_FAIL", "EXIT_USAGE", "EXIT_INTERRUPTED", "CliError", "UsageError",
            "fail", "failing_on", "HelpFormatter", "nonempty", "int_at_least", "float_in",
            "add_debug_flag", "debug_wanted",
-           "run_cli", "exit_now", "process_age"]
+           "run_cli", "exit_now", "process_age", "torchrun_ranks"]

@@ -29,7 +29,8 @@ import threading
 from typing import List, Optional
 
 from .common import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, HelpFormatter, UsageError, add_debug_flag,
-                     debug_wanted, exit_now, failing_on, nonempty, process_age, run_cli)
+                     debug_wanted, exit_now, failing_on, nonempty, process_age, run_cli,
+                     torchrun_ranks)
 
 PROG = "trex-extract"
 
@@ -168,13 +169,6 @@ def silence_handled_warnings() -> None:
     warnings.filterwarnings("ignore", message="Corrupt EXIF data", category=UserWarning)
 
 
-def _dist_env() -> tuple:
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    rank = int(os.environ.get("RANK", "0") or 0)
-    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
-    return rank, world, local
-
-
 def collect(args: argparse.Namespace) -> list:
     """The input entries of a parsed command line, in output order."""
     from ..imagefiles import collect_inputs
@@ -201,7 +195,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ..choices import MAX_PIXELS_CEILING
 
     parser = build_parser()
-    rank, world, local_rank = _dist_env()
+    rank, world, local_rank = torchrun_ranks()
 
     def parse() -> argparse.Namespace:
         args = parser.parse_args(argv)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import sys
 from contextlib import redirect_stderr, redirect_stdout
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence
 
-from .common import EXIT_FAIL, EXIT_OK, add_debug_flag, exit_now, failing_on, run_cli
+from .common import (EXIT_FAIL, EXIT_OK, add_debug_flag, exit_now, failing_on, run_cli,
+                     torchrun_ranks)
 
 PROG = "trex-train"
 
@@ -70,16 +70,9 @@ def _train(args: argparse.Namespace, after: List[Callable[[], None]]) -> int:
     return EXIT_OK
 
 
-def _ranks() -> Tuple[int, int, int]:
-    """(rank, number of processes, local rank) under torchrun; (0, 1, 0) otherwise."""
-    rank = int(os.environ.get("RANK", "0") or 0)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
-    return rank, int(os.environ.get("WORLD_SIZE", "1") or 1), local_rank
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    rank, world, local_rank = _ranks()
+    rank, world, local_rank = torchrun_ranks()
     if argv and argv[0] == "export":
         return run_cli("trex-train export", lambda: _export_parser().parse_args(argv[1:]),
                        _export)
