@@ -24,6 +24,11 @@ def result_filename(model: str, dataset: str, seed: int) -> str:
     return f"{slug(model)}__{slug(dataset)}__seed{int(seed)}.json"
 
 
+def result_pattern(dataset: str, model: str = "*") -> str:
+    """The glob of :func:`result_filename` for every seed (and, by default, every model)."""
+    return f"{model if model == '*' else slug(model)}__{slug(dataset)}__seed*.json"
+
+
 # the libraries whose versions can change a result; recorded in every result file
 VERSIONED = ("numpy", "scipy", "scikit-learn", "torch", "optuna", "threadpoolctl")
 _MODULES = {"scikit-learn": "sklearn"}

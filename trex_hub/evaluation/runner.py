@@ -200,10 +200,10 @@ def _earlier_sources(out: Path, dname: str) -> List[Tuple[Path, str, Dict[str, A
     the recorded ``model_source`` / ``dataset_source`` (missing when not recorded)."""
     import json
 
-    from .results import slug
+    from .results import result_pattern, slug
 
     found = []
-    for path in sorted(out.glob(f"*__{slug(dname)}__seed*.json")):
+    for path in sorted(out.glob(result_pattern(dname))):
         try:
             data = json.loads(path.read_text()) if path.is_file() else None
         except (OSError, ValueError):
@@ -231,7 +231,7 @@ def check_earlier_results(out: Path, plan: List[Tuple[Optional[str], str]],
     ``model_source`` / ``dataset_source`` were recorded cannot be told apart and are replaced
     as before.
     """
-    from .results import slug
+    from .results import result_pattern, slug
 
     earlier = _earlier_sources(out, dname)
     for path, _, recorded in earlier:
@@ -243,7 +243,7 @@ def check_earlier_results(out: Path, plan: List[Tuple[Optional[str], str]],
                 f"--out {out} already holds {path}, computed on {data_was} under the dataset "
                 f"name '{dname}'; this run's {data_source} would replace it or be reported as "
                 f"the same dataset: give this dataset its own name with --dataset-name{example} "
-                f"or use another --out (delete the *__{slug(dname)}__seed*.json files there to "
+                f"or use another --out (delete the {result_pattern(dname)} files there to "
                 "replace them on purpose)")
     for (spec, name), source in zip(plan, sources):
         for path, model, recorded in earlier:
@@ -253,7 +253,7 @@ def check_earlier_results(out: Path, plan: List[Tuple[Optional[str], str]],
                     f"--out {out} already holds {path}, the result of {model_was} under the "
                     f"name '{name}'; this run's {spec or source} would replace it or be "
                     "reported as more seeds of that model: give it another name with --names "
-                    f"or use another --out (delete {slug(name)}__{slug(dname)}__seed*.json "
+                    f"or use another --out (delete {result_pattern(dname, name)} "
                     "there to replace them on purpose)")
 
 
