@@ -91,14 +91,21 @@ def existing_paths(out: PathLike) -> Dict[str, Path]:
     return paths
 
 
+def read_meta(out: PathLike) -> Optional[Dict[str, Any]]:
+    """The meta file of output ``out`` as a dict (``None``: missing, unreadable or not an
+    object), for callers to which a missing record only means "not known"."""
+    try:
+        meta = json.loads(existing_paths(out)["meta"].read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def recorded_counts(out: PathLike) -> Optional[Tuple[int, int]]:
     """``(ok, failed)`` as a finished output's meta file records them (``None``: no readable
     record, e.g. an output of a version that did not keep them)."""
-    try:
-        meta = json.loads(existing_paths(out)["meta"].read_text(encoding="utf-8"))
-        ok, failed = meta["ok"], meta["failed"]
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
+    meta = read_meta(out) or {}
+    ok, failed = meta.get("ok"), meta.get("failed")
     if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (ok, failed)):
         return None
     return ok, failed
@@ -292,6 +299,6 @@ def _manifest_line(row: Dict[str, Any]) -> bytes:
 
 
 __all__ = ["OUTPUT_FORMATS", "FORMAT_VERSION", "ExtractError", "output_paths", "output_problem",
-           "legacy_paths", "recorded_counts",
+           "legacy_paths", "read_meta", "recorded_counts",
            "existing_paths", "read_features", "segment_files", "committed_segments",
            "write_segment", "tiling", "merge"]

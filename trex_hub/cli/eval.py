@@ -285,15 +285,13 @@ def _add_neighbours_parser(sub) -> None:
 
 def _image_root(args: argparse.Namespace, feats_path: Path) -> Optional[Path]:
     """The folder the manifest's relative paths are relative to (None: as given)."""
-    import json
-
-    from ..featurefile import existing_paths
+    from ..featurefile import read_meta
 
     where = args.images
     if where is None:
-        meta_path = existing_paths(feats_path)["meta"]
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        inputs = meta.get("inputs") or []
+        inputs = (read_meta(feats_path) or {}).get("inputs") or []
+        if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
+            inputs = []  # not a record trex-extract writes: --images decides
         if len(inputs) > 1 and all(Path(i).expanduser().is_dir() for i in inputs):
             # trex-extract wrote the paths relative to the folders' common parent
             return Path(os.path.commonpath([os.path.abspath(Path(i).expanduser())

@@ -21,7 +21,6 @@ file and a test file extracted with different weights are an :class:`~.options.E
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -33,7 +32,7 @@ class Recorded:
     """What the meta.json files of one model's feature files say about the weights."""
 
     def __init__(self, files: Sequence[Path]) -> None:
-        from ..featurefile import existing_paths
+        from ..featurefile import existing_paths, read_meta
 
         self.folder = Path(files[0]).parent
         self.meta: Optional[Path] = None
@@ -42,13 +41,9 @@ class Recorded:
         self.head = "backbone"
         seen: List[Tuple[Path, Dict[str, Any]]] = []
         for f in files:
-            path = existing_paths(f)["meta"]
-            try:
-                meta = json.loads(path.read_text()) if path.is_file() else None
-            except (OSError, ValueError):
-                meta = None
-            if isinstance(meta, dict):
-                seen.append((path, meta))
+            meta = read_meta(f)
+            if meta is not None:
+                seen.append((existing_paths(f)["meta"], meta))
         heads = {m.get("head") for _, m in seen} - {None}
         if len(heads) > 1:  # a projector's digest covers the projector: not another model
             (pa, a), (pb, b) = seen[0], seen[-1]
