@@ -49,15 +49,17 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 
-from trex_hub.tensor_decode import jpeg_fits, read_jpeg_file, submit_chunks  # noqa: E402
+from trex_hub.tensor_decode import jpeg_extent, read_jpeg_file, submit_chunks  # noqa: E402
 
 BATCH = 256
 
 
-def per_file_read(path: Path):
-    """The baseline reader: what the stage did per file before (one future each)."""
+def per_file_read(path: Path, max_pixels=None, resize=None):
+    """The baseline reader: what the stage did per file before (one future each), with the
+    signature and the checks of :func:`read_jpeg_file`, which it stands in for."""
     data = Path(path).read_bytes()
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if jpeg_fits(data) else None
+    n = jpeg_extent(data, max_pixels, resize)
+    return None if n is None else torch.frombuffer(bytearray(data), dtype=torch.uint8)[:n]
 
 
 def read_batch(kind: str, pool: ThreadPoolExecutor, group, threads: int) -> list:

@@ -223,3 +223,14 @@ def test_train_bench_preset_options():
                                                           ["--compile", "--aug-ahead"])
     with pytest.raises(SystemExit, match=r"\+compile, \+ahead"):
         tb.split_preset("trex_star+fast")
+
+
+def test_read_stage_bench_runs_both_readers_through_the_real_pipeline(tmp_path, capsys):
+    """The GPU plan's profile stage runs this script; its per-file stand-in must keep the
+    signature of the reader it replaces (it fell behind once and crashed the stage)."""
+    import read_stage_bench
+
+    assert read_stage_bench.main(["--images", "8", "--rounds", "1", "--threads", "2",
+                                  "--work-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| per-file |" in out and "| chunked |" in out and "pipeline with a free GPU" in out
