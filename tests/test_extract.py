@@ -99,6 +99,43 @@ def test_fold_leaves_unknown_layouts_alone():
         assert rel_err(runner(x), net(x)) < 1e-5
 
 
+def test_launch_on_another_gpu_records_on_that_gpus_stream(r18_path, monkeypatch):
+    """A cuda:1 model called where cuda:0 is current: the event that says the features are
+    back must be on cuda:1's stream, where the copy runs (recorded on the current device's, it
+    let the features be read before they arrived). Stand-ins for the CUDA calls; on a GPU the
+    CUDA tests hold the numbers."""
+    runner = InferenceModel(trex_hub.load(r18_path), torch.device("cpu"))
+    runner.device = torch.device("cuda", 1)
+    entered, recorded = [], []
+
+    class Event:
+        def record(self, stream=None):
+            recorded.append(stream)
+
+        def synchronize(self):
+            pass
+
+    class OnDevice:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append(None)
+
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: real_empty(*a, **k))
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "device", OnDevice)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ("stream of", device))
+    monkeypatch.setattr(runner, "forward", lambda batch: torch.ones(len(batch), 4))
+    assert runner.launch(torch.zeros(2, 3, 8, 8)).result().shape == (2, 4)
+    assert recorded == [("stream of", torch.device("cuda", 1))]
+    assert entered == [torch.device("cuda", 1), None]  # forward and the copy ran on cuda:1
+
+
 def test_uint8_batch_is_normalised_like_totensor(r18_path):
     model = trex_hub.load(r18_path)
     runner = prepare(model)

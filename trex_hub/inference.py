@@ -279,7 +279,7 @@ class InferenceModel:
         done.synchronize()  # its previous copy to the device has finished
         buf[:n].copy_(batch)
         x = buf[:n].to(self.device, non_blocking=True)
-        done.record()
+        done.record(torch.cuda.current_stream(self.device))
         return x
 
     # -- batches -------------------------------------------------------------------------------
@@ -328,14 +328,18 @@ class InferenceModel:
     def launch(self, batch: torch.Tensor) -> Pending:
         """Start ``batch``; on CUDA the features come back to pinned host memory without
         blocking, so the caller can prepare (and launch) the next batch meanwhile."""
-        y = self.forward(batch)
         if self.device.type != "cuda":
-            return Pending(y.cpu())
-        with torch.inference_mode():
+            return Pending(self.forward(batch).cpu())
+        # On this model's GPU, whatever the calling thread's current device: the events go on
+        # the stream the copies run on (a cuda:1 model called where cuda:0 is current recorded
+        # them on cuda:0's, and its features were read before they arrived), and the pinned
+        # buffers belong to its context, not to one opened on cuda:0.
+        with torch.cuda.device(self.device), torch.inference_mode():
+            y = self.forward(batch)
             out = torch.empty(y.shape, dtype=torch.float32, pin_memory=True)
             out.copy_(y, non_blocking=True)
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))
         return Pending(out, event)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:

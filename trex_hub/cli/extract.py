@@ -363,6 +363,10 @@ def _main(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> i
                 engine = engine_for(args.engine, model, threads=args.threads, image_size=crop)
         if cuda_start is not None:
             cuda_start.join()
+        if args.engine == "torch" and device.startswith("cuda:"):
+            # this process's GPU for whatever names none (pinned memory, streams): under
+            # torchrun, rank N would otherwise open a second context on cuda:0
+            torch.cuda.set_device(device)
         t_cuda = time.perf_counter()
         with failing_on(ExtractError, ImportError):
             summary = extract_to_file(model, entries, args.output,
