@@ -530,6 +530,45 @@ def test_compiled_runner_pads_a_short_last_batch(r18_path):  # noqa: F811
     assert seen == [5] and out.shape == ref.shape and rel_err(out, ref) < 1e-5
 
 
+def test_compiled_runner_pads_to_the_announced_batch_size(r18_path):  # noqa: F811
+    """Hybrid decoding can deliver the short last batch first: padded to the batch size the run
+    announced, it compiles no shape of its own (checked on the eager module, as above)."""
+    runner = prepare(trex_hub.load(r18_path), "cpu")
+    x = torch.from_numpy(np.stack(photos(5, (64, 64))))
+    runner.compiled = True
+    seen = []
+    handle = runner.module.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    try:
+        runner.expect_batch(5)
+        out = runner(x[:3])
+        runner(x)
+    finally:
+        handle.remove()
+        runner.compiled = False
+    assert seen == [5, 5] and out.shape[0] == 3
+
+
+def test_extract_runs_announce_their_batch_size(r18_path, tmp_path, monkeypatch):  # noqa: F811
+    from trex_hub import inference
+
+    announced = []
+    real = inference.InferenceModel.expect_batch
+    monkeypatch.setattr(inference.InferenceModel, "expect_batch",
+                        lambda self, n: (announced.append(n), real(self, n))[1])
+    model = trex_hub.load(r18_path)
+    files = []
+    for i, arr in enumerate(photos(5, (64, 64))):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(arr).save(files[-1])
+    model.extract(files, batch_size=4)
+    model.extract(files[:2], batch_size=4)
+    from trex_hub.extract_run import extract_to_file
+    from trex_hub.imagefiles import collect_inputs
+
+    extract_to_file(model, collect_inputs([tmp_path]), tmp_path / "f.npy", batch_size=4)
+    assert announced == [4, 2, 4]
+
+
 def test_gpu_bench_refuses_in_one_line_without_cuda(capsys, monkeypatch):
     import sys
 

@@ -293,6 +293,7 @@ def extract_features(model: torch.nn.Module, images: Any, *, batch_size: int = 3
     _check_arrays(items)  # before the model is prepared
     runner = prepare(model, device, precision, compile=compile, channels_last=fast,
                      fold_bn=fast)
+    runner.expect_batch(min(batch_size, batch.shape[0] if batch is not None else len(items)))
     outs: List[torch.Tensor] = []
     total = batch.shape[0] if batch is not None else len(items)
     bar = progress_bar(total, progress)

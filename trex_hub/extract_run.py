@@ -36,7 +36,7 @@ from .featurefile import (FORMAT_VERSION, ExtractError, committed_segments, merg
                           output_problem, segment_files, write_segment)
 from .fileio import PathLike, WriteBehind
 from .imagefiles import Entry, failure_reason
-from .inference import prepare
+from .inference import InferenceModel, prepare
 from .run_state import (decoding_kind, drop_unused_parts, fingerprint, prepare_parts, release,
                         write_errors)
 from .transforms import Decoder, ImageLoadError, check_preprocess, resolve_preprocess
@@ -299,6 +299,8 @@ def run_chunks(model: torch.nn.Module, entries: Sequence[Entry], plan: Plan, opt
     dim = int(getattr(model, "out_dim", 0) or 0)
     runner = ((opts.engine or prepare(model, opts.device, opts.precision, compile=opts.compile))
               if plan.mine else None)
+    if isinstance(runner, InferenceModel):
+        runner.expect_batch(min(opts.batch_size, len(entries)))
     decoder = Decoder(resolve_preprocess(opts.preprocess, model), draft=opts.draft,
                       max_pixels=opts.max_pixels)
     workers = opts.num_workers if opts.num_workers is not None else default_workers()

@@ -252,6 +252,7 @@ class InferenceModel:
             net = net.to(memory_format=torch.channels_last)
         self.module = net
         self.compiled = False
+        self._full = 0  # compiled: the batch size every batch is padded to (see expect_batch)
         if compile:
             self.module = torch.compile(net, dynamic=False)
             self.compiled = True
@@ -260,6 +261,12 @@ class InferenceModel:
         # CUDA: a small ring of pinned uint8 input buffers, each reusable once its copy is done
         self._pinned: List[Tuple[torch.Tensor, Any]] = []
         self._next_pinned = 0
+
+    def expect_batch(self, n: int) -> None:
+        """Batches of up to ``n`` rows are coming. Compiled, each smaller one is padded to the
+        largest size announced or seen, so a short batch that comes first (hybrid decoding
+        delivers batches as they are ready) compiles no shape of its own."""
+        self._full = max(self._full, int(n))
 
     def _pinned_copy(self, batch: torch.Tensor) -> torch.Tensor:
         """``batch`` (uint8, CPU) on the device, through a reused pinned buffer, not blocking."""
@@ -313,7 +320,7 @@ class InferenceModel:
             x = self.to_input(batch)
             n = x.shape[0]
             if self.compiled:  # a short last batch is padded: no recompilation for its shape
-                self._full = max(getattr(self, "_full", 0), n)
+                self._full = max(self._full, n)
                 if n < self._full:
                     x = torch.cat([x, x.new_zeros((self._full - n, *x.shape[1:]))])
                     if self.channels_last:
