@@ -359,7 +359,10 @@ def tensor_batches(groups: Iterable[Sequence[int]], fetch: Callable[[int], Any],
                 if res[0] is None:
                     failures.append((pos, res[1]))
                     continue
-                pix = torch.from_numpy(np.array(res[0])).to(device)  # PIL's array is read-only
+                pix = torch.from_numpy(np.array(res[0]))  # PIL's array is read-only
+                # pinned: the upload queues behind the model's work instead of waiting for it
+                pix = (pix.pin_memory() if device.type == "cuda" else pix).to(
+                    device, non_blocking=True)
             ok.append(pos)
             tensors.append(pix)
         data = torch.stack(tensors) if tensors else None
