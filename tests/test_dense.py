@@ -93,3 +93,52 @@ def test_drops_into_torchvision_fpn_and_faster_rcnn(maps):
     with torch.no_grad():
         [det] = detector([torch.rand(3, 120, 128)])
     assert set(det) == {"boxes", "labels", "scores"} and det["boxes"].shape[1] == 4
+
+
+def test_out_indices_as_timm_takes_them(r50_file):
+    """An int n is the last n levels (timm's features_only); floats and bools are refused, not
+    truncated; the check comes before any download."""
+    maps = trex_hub.load(r50_file, features_only=True, out_indices=3)
+    assert maps.out_indices == (2, 3, 4)
+    assert maps.feature_info.module_name() == ["layer2", "layer3", "layer4"]
+    for bad in (0, 6, True, (2.7,), (True,), "12"):
+        with pytest.raises(ValueError, match="pick levels from 0"):
+            FeatureMaps(TReX("resnet18"), bad)
+    with pytest.raises(ValueError, match="pick levels from 0"):  # refused before resolving
+        trex_hub.load("no-such-model-anywhere", features_only=True, out_indices=(2.5,))
+
+
+def test_a_features_only_model_gives_its_transform(maps, r50_file):
+    want = trex_hub.get_transform(trex_hub.load(r50_file))
+    assert repr(trex_hub.get_transform(maps)) == repr(want)
+
+
+def test_frozen_batchnorm_and_trainable_layers_as_torchvision_detection(r50_file):
+    """frozen_bn keeps the pretrained statistics through a train-mode forward (a detector's
+    batches of 1-2 images would otherwise rewrite them); trainable_layers=3 freezes the stem and
+    layer1, as torchvision's resnet_fpn_backbone does; the state_dict keys stay torchvision's."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    live = trex_hub.load(r50_file, features_only=True)
+    maps = trex_hub.load(r50_file, features_only=True, frozen_bn=True, trainable_layers=3)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in maps.modules())
+    assert isinstance(maps.layer2[0].bn1, FrozenBatchNorm2d)
+    trainable = {n.split(".")[0] for n, p in maps.named_parameters() if p.requires_grad}
+    assert trainable == {"layer2", "layer3", "layer4"}
+    with torch.no_grad():
+        want = live(X)
+        maps.train()
+        got = maps(X)
+        again = maps(X)
+    for a, b, c in zip(got, want, again):
+        assert float((a - b).abs().max() / b.abs().max()) < 1e-5 and torch.equal(a, c)
+    assert set(maps.state_dict()) == {k for k in live.state_dict()
+                                      if not k.endswith("num_batches_tracked")}
+    every = trex_hub.load(r50_file, features_only=True, trainable_layers=5)
+    assert all(p.requires_grad for p in every.parameters())  # bn1 too, BatchNorm left live
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in every.modules())
+    for bad in (6, -1, True, 2.0):
+        with pytest.raises(ValueError, match="trainable_layers"):
+            trex_hub.load("no-such-model-anywhere", features_only=True, trainable_layers=bad)
+    with pytest.raises(ModelLoadError, match="add features_only=True"):
+        trex_hub.load(r50_file, frozen_bn=True)

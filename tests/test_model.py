@@ -117,3 +117,21 @@ def test_config_round_trip_and_imagenet_names():
 def test_prototype_classifier_needs_projector():
     with pytest.raises(ValueError, match="projector"):
         TReX("resnet18", num_classes=5)
+
+
+@pytest.mark.parametrize("preset", ["transfer", "imagenet"])
+def test_timm_resolves_the_models_own_preprocessing(preset):
+    """timm.data.resolve_data_config(model=...) reads pretrained_cfg; without crop_pct it fell
+    back to 0.875 and resized the transfer models' images to 256."""
+    timm = pytest.importorskip("timm")
+    import trex_hub
+
+    model = TReX("resnet18", preprocess=preset)
+    model.pretrained_cfg["license"] = "cc-by-nc-sa-4.0"
+    model.set_preprocess(preset)  # keeps what is not preprocessing
+    assert model.pretrained_cfg["license"] == "cc-by-nc-sa-4.0"
+    cfg = timm.data.resolve_data_config({}, model=model)
+    got, want = timm.data.create_transform(**cfg), trex_hub.get_transform(model)
+    sizes = [(t.__class__.__name__, getattr(t, "size", None)) for t in got.transforms[:2]]
+    assert sizes == [(t.__class__.__name__, getattr(t, "size", None))
+                     for t in want.transforms[:2]]

@@ -11,8 +11,9 @@ import torch
 
 from . import registry
 from .fileio import PathLike
+from .dense import FeatureMaps, check_options
 from .loader import build
-from .model import FeatureMaps, TReX
+from .model import TReX
 from .resolve import HUB, ModelLoadError, resolve
 
 __all__ = ["load", "list_models", "model_info", "ModelLoadError"]
@@ -43,7 +44,8 @@ def load(name_or_path: PathLike, *, projector: bool = False,
          device: Union[str, torch.device, None] = None, pretrained: bool = True,
          ema: bool = False, cache_dir: Optional[PathLike] = None, progress: bool = True,
          base_url: Optional[str] = None, source: Optional[str] = None,
-         features_only: bool = False, out_indices: Sequence[int] = (1, 2, 3, 4),
+         features_only: bool = False, out_indices: Union[int, Sequence[int]] = (1, 2, 3, 4),
+         frozen_bn: bool = False, trainable_layers: Optional[int] = None,
          **kwargs: Any) -> TReX:
     """Load a t-ReX model, ready for inference (eval mode).
 
@@ -68,16 +70,26 @@ def load(name_or_path: PathLike, *, projector: bool = False,
         source: for registry models, ``"hf"`` loads the entry's Hugging Face Hub mirror instead
             of the released file (only when asked: the default never changes silently).
         features_only: return a :class:`~trex_hub.model.FeatureMaps` whose forward gives the
-            backbone's stage outputs at ``out_indices`` (0 = stem, 1-4 = ``layer1..4``) as a
-            list, with timm's ``feature_info`` (for FPN / detection / segmentation heads).
+            backbone's stage outputs at ``out_indices`` (0 = stem, 1-4 = ``layer1..4``; an int
+            ``n``: the last ``n`` levels, as in timm) as a list, with timm's ``feature_info``
+            (for FPN / detection / segmentation heads).
+        frozen_bn, trainable_layers: with ``features_only``, for fine-tuning as torchvision's
+            detection backbones do (``frozen_bn=True, trainable_layers=3``): BatchNorm layers
+            frozen at the pretrained statistics, and only the last ``trainable_layers`` stages
+            (of layer4..layer1, conv1) trainable (:meth:`~trex_hub.dense.FeatureMaps.freeze`).
         **kwargs: passed to the Hugging Face Hub download for ``hf-hub:`` ids and
             ``source="hf"`` (``revision``, ``token``...).
 
     The model carries its preprocessing (``model.pretrained_cfg``; ``trex_hub.get_transform``).
     """
+    if (frozen_bn or trainable_layers is not None) and not features_only:
+        raise ModelLoadError("frozen_bn and trainable_layers prepare a features_only=True "
+                             "backbone for fine-tuning: add features_only=True")
     if features_only and projector:
         raise ModelLoadError("features_only=True returns the backbone's stage outputs, which "
                              "the projector does not use: drop projector=True")
+    if features_only:
+        check_options(out_indices, trainable_layers)  # before any download
     dev = _resolve_device(device)
     src = resolve(name_or_path, projector=projector, ema=ema, source=source,
                   revision=kwargs.pop("revision", None))
@@ -87,5 +99,8 @@ def load(name_or_path: PathLike, *, projector: bool = False,
     model = build(src, projector=projector, pretrained=pretrained, ema=ema, cache_dir=cache_dir,
                   progress=progress, base_url=base_url, **kwargs)
     if features_only:  # a post-load wrap: the same weights, stage outputs as a list
-        return FeatureMaps(model, out_indices).to(dev).eval()  # type: ignore[return-value]
+        maps = FeatureMaps(model, out_indices)
+        if frozen_bn or trainable_layers is not None:
+            maps.freeze(trainable_layers, frozen_bn=frozen_bn)
+        return maps.to(dev).eval()  # type: ignore[return-value]
     return model.to(dev).eval()

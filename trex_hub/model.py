@@ -32,6 +32,11 @@ def build_backbone(arch: str = "resnet50") -> nn.Module:
     return net
 
 
+# what set_preprocess writes into pretrained_cfg (timm's keys and ours)
+_PREPROCESS_KEYS = ("input_size", "resize", "crop", "interpolation", "mean", "std", "crop_pct",
+                    "crop_mode")
+
+
 class L2Norm(nn.Module):
     """Parameter-free L2 normalisation over the last dimension."""
 
@@ -227,9 +232,13 @@ class TReX(nn.Module):
         """Attach a preprocessing config (a :class:`PreprocessConfig`, its dict, a preset name,
         or ``None`` for the ``"transfer"`` preset) to the model's ``pretrained_cfg``."""
         cfg = as_preprocess_config(preprocess)
-        name = getattr(self, "pretrained_cfg", {}).get("name")
+        # the rest (name, licence...) stays; crop_pct / crop_mode make timm's
+        # resolve_data_config(model=...) build this preprocessing, not its 0.875 default
+        keep = {k: v for k, v in getattr(self, "pretrained_cfg", {"name": None}).items()
+                if k not in _PREPROCESS_KEYS}
         self.pretrained_cfg: Dict[str, Any] = {
-            "name": name, "input_size": (3, cfg.crop, cfg.crop), **asdict(cfg)}
+            **keep, "input_size": (3, cfg.crop, cfg.crop), **asdict(cfg),
+            "crop_pct": round(cfg.crop / cfg.resize, 6), "crop_mode": "center"}
 
     def config(self) -> Dict[str, Any]:
         """What is needed to rebuild this architecture (written to ``config.json``)."""
@@ -309,96 +318,6 @@ class TReX(nn.Module):
                  for v, i in zip(vs, ids)] for vs, ids in zip(values, indices)]
 
 
-# --------------------------------------------------------------------------------------------
-# Dense features (``load(..., features_only=True)``): stage outputs for detection/segmentation
-# --------------------------------------------------------------------------------------------
-class FeatureInfo:
-    """Channels, stride and module of each feature level, with timm's ``FeatureInfo`` API:
-    ``channels()``, ``reduction()``, ``module_name()`` give the values at ``out_indices``
-    (or at the level(s) ``idx``); ``info[i]`` / ``len()`` cover every level."""
-
-    def __init__(self, info: List[Dict[str, Any]], out_indices: Sequence[int]):
-        self.info = [dict(d, index=i) for i, d in enumerate(info)]
-        self.out_indices = tuple(out_indices)
-
-    def get(self, key: str, idx: Any = None) -> Any:
-        if idx is None:
-            return [self.info[i][key] for i in self.out_indices]
-        if isinstance(idx, (tuple, list)):
-            return [self.info[i][key] for i in idx]
-        return self.info[idx][key]
-
-    def get_dicts(self, keys: Optional[Sequence[str]] = None, idx: Any = None) -> Any:
-        pick = (lambda d: dict(d)) if keys is None else (lambda d: {k: d[k] for k in keys})
-        if idx is None:
-            return [pick(self.info[i]) for i in self.out_indices]
-        if isinstance(idx, (tuple, list)):
-            return [pick(self.info[i]) for i in idx]
-        return pick(self.info[idx])
-
-    def channels(self, idx: Any = None) -> Any:
-        return self.get("num_chs", idx)
-
-    def reduction(self, idx: Any = None) -> Any:
-        return self.get("reduction", idx)
-
-    def module_name(self, idx: Any = None) -> Any:
-        return self.get("module", idx)
-
-    def __getitem__(self, item: int) -> Dict[str, Any]:
-        return self.info[item]
-
-    def __len__(self) -> int:
-        return len(self.info)
-
-
-_STAGES = ("layer1", "layer2", "layer3", "layer4")
-
-
-class FeatureMaps(nn.Module):
-    """A ResNet backbone that returns its stage outputs as a list, like timm's
-    ``features_only=True``: level 0 is the stem (stride 2), levels 1-4 are ``layer1..4``
-    (strides 4/8/16/32; 256/512/1024/2048 channels for ResNet-50).
-
-    Its children are the backbone's own modules under torchvision's names (``conv1``, ``bn1``,
-    ``relu``, ``maxpool``, ``layer1``...), shared with the model it was built from, so
-    ``state_dict()`` has torchvision's (= timm's) keys and torchvision's ``BackboneWithFPN``
-    can wrap it. Layers after the last requested level are not run.
-    """
-
-    def __init__(self, model: nn.Module, out_indices: Sequence[int] = (1, 2, 3, 4)):
-        super().__init__()
-        net = getattr(model, "backbone", model)
-        missing = [n for n in ("conv1", "bn1", "relu", "maxpool", *_STAGES) if not hasattr(net, n)]
-        if missing:
-            raise ValueError(f"features_only needs a ResNet backbone; {type(net).__name__} has "
-                             f"no {', '.join(missing)}")
-        levels = len(_STAGES) + 1
-        try:  # negative indices count from the last level, as in timm
-            idx = sorted({int(i) + levels if int(i) < 0 else int(i) for i in out_indices})
-        except (TypeError, ValueError):
-            idx = []
-        if not idx or idx[0] < 0 or idx[-1] >= levels:
-            raise ValueError(f"out_indices={out_indices!r}: pick levels from 0 (stem, stride 2) "
-                             "to 4 (layer4, stride 32), e.g. (1, 2, 3, 4)")
-        for name in ("conv1", "bn1", "relu", "maxpool", *_STAGES[:idx[-1]]):
-            self.add_module(name, getattr(net, name))
-        info = [{"num_chs": net.bn1.num_features, "reduction": 2, "module": "relu"}]
-        for k, name in enumerate(_STAGES, 1):
-            last = getattr(net, name)[-1]
-            bn = getattr(last, "bn3", None) or last.bn2
-            info.append({"num_chs": bn.num_features, "reduction": 2 ** (k + 1), "module": name})
-        self.feature_info = FeatureInfo(info, idx)
-        self.out_indices = tuple(idx)
-        self.arch = getattr(model, "arch", None)
-        self.pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        x = self.relu(self.bn1(self.conv1(x)))
-        outs = [x] if 0 in self.out_indices else []
-        x = self.maxpool(x)
-        for k, name in enumerate(_STAGES[:self.out_indices[-1]], 1):
-            x = getattr(self, name)(x)
-            if k in self.out_indices:
-                outs.append(x)
-        return outs
+# the dense-features wrap (``load(..., features_only=True)``) lives in trex_hub.dense; its
+# first documented path was trex_hub.model.FeatureMaps
+from .dense import FeatureInfo, FeatureMaps  # noqa: E402,F401
