@@ -53,9 +53,10 @@
 #      alone: git worktree add .carry/before 2f7fabc, carry .carry, then
 #      benchmarks/epoch_stream_bench.py --baseline .carry/before --device cuda (its --help)
 #   later: GPU_CHECK_STAGES="profile repro" REPRO_RECIPE=gpu LR=0.1  (64 px at the paper's lr)
-# Before a GPU call, dry-run the stages on the CPU (GPU_CHECK_DEVICE=cpu; bench-gpu alone:
-# python benchmarks/extract_gpu_bench.py --device cpu --images 96 --batch-size 16): the dry run
-# of 2026-11-27 (fifth session) found every +compile side hanging at its exit (fixed).
+# Before a GPU call, dry-run the stages on the CPU (GPU_CHECK_DEVICE=cpu: every stage at tiny
+# sizes but decode, which needs CUDA; the docs are left alone; the exit status is 1 if any stage
+# failed): the dry run of 2026-11-27 (fifth session) found every +compile side hanging at its
+# exit, the one of 2026-11-27 (eighth) a crash of read_stage_bench (both fixed).
 # The benchmarks and the profile run alone on the machine, after the rest. Runs with
 # PYTHONPATH=$PWD and the python that has torch (no install); wheels in .whl/ (Optuna for the probe's TPE search) are
 # unpacked to /tmp/site first. Files in $OUT (at most 8): log.txt, pytest_cuda.txt,
@@ -117,6 +118,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 
 rc_tests=skipped rc_repro=skipped rc_gpu=skipped rc_aug=skipped rc_train=skipped
+rc_profile=skipped
 REPRO_OUT=/tmp/trex-repro
 DEV=${GPU_CHECK_DEVICE:-cuda}  # cpu: a dry run of the script itself (tiny sizes via the env)
 repro_env=(env RECIPE="${REPRO_RECIPE:-gpu32}" OUT="$REPRO_OUT" FMNIST="$FMNIST" PYTHON="$PY"
@@ -160,7 +162,9 @@ if [ -n "${repro_pid:-}" ]; then
 fi
 
 # --- stage 1b: nvJPEG against the PIL path, with and without the race ----------------------
-if has decode; then
+if has decode && [ "$DEV" = cpu ]; then
+  say "decode: skipped in a dry run (gpu_decode_check.py needs CUDA)"
+elif has decode; then
   say "decode: benchmarks/gpu_decode_check.py"
   timeout "$(cap 60 decode)" "$PY" benchmarks/gpu_decode_check.py 2>&1 | tee -a "$LOGS/decode.txt" \
       | tee -a "$LOG" >/dev/null
@@ -170,7 +174,9 @@ fi
 if has bench-gpu; then
   t=$(cap "${GPU_BENCH_TIMEOUT:-300}" bench-gpu)
   say "bench-gpu (timeout $t s)"
-  timeout "$t" "$PY" benchmarks/extract_gpu_bench.py --images "${GPU_BENCH_IMAGES:-10000}" \
+  size=(--images "${GPU_BENCH_IMAGES:-10000}")  # a dry run: tiny, and never writes the docs
+  [ "$DEV" = cpu ] && size=(--device cpu --images "${GPU_BENCH_IMAGES:-48}" --batch-size 16)
+  timeout "$t" "$PY" benchmarks/extract_gpu_bench.py "${size[@]}" \
       --work-dir /tmp/trex-gpu-bench --json "$LOGS/bench_gpu.json" --run-timeout 90 \
       ${GPU_BENCH_ARGS:-} > "$LOGS/bench_gpu.txt" 2>&1
   rc_gpu=$?
@@ -190,11 +196,13 @@ fi
 if has bench-train; then
   t=$(cap "${TRAIN_BENCH_TIMEOUT:-420}" bench-train)
   say "bench-train (timeout $t s)"
-  aug=(); [ "$DEV" = cpu ] && aug=(--aug gpu)  # the dry run takes CUDA's path (--aug auto there)
-  timeout "$t" "$PY" benchmarks/train_bench.py --rounds "${TRAIN_BENCH_ROUNDS:-1}" "${aug[@]}" \
+  # the dry run takes CUDA's path (--aug auto there) and leaves the docs' CPU table alone
+  opts=(--write-docs docs/benchmarks.md); [ "$DEV" = cpu ] && opts=(--aug gpu)
+  timeout "$t" "$PY" benchmarks/train_bench.py --rounds "${TRAIN_BENCH_ROUNDS:-1}" "${opts[@]}" \
       --presets "${TRAIN_BENCH_PRESETS:-baseline,trex_star,trex_star+compile}" \
-      --run-timeout "${TRAIN_BENCH_RUN_TIMEOUT:-75}" --compile-timeout 150 --work-dir /tmp/trex-train-bench --json "$LOGS/train_bench.json" \
-      --write-docs docs/benchmarks.md >> "$LOGS/train_bench.txt" 2>&1
+      --run-timeout "${TRAIN_BENCH_RUN_TIMEOUT:-75}" --compile-timeout 150 \
+      --work-dir /tmp/trex-train-bench --json "$LOGS/train_bench.json" \
+      >> "$LOGS/train_bench.txt" 2>&1
   rc_train=$?
   tail -12 "$LOGS/train_bench.txt" | tee -a "$LOG"
 fi
@@ -206,15 +214,17 @@ if has profile; then
   timeout "$(cap 150 profile)" "$PY" benchmarks/gpu_pipeline_profile.py --device "$DEV" \
       --work-dir /tmp/trex-profile "${size[@]}" 2>&1 | tee -a "$LOGS/decode.txt" | tail -21 \
       | tee -a "$LOG"
+  rc_profile=${PIPESTATUS[0]}
   say "profile: benchmarks/read_stage_bench.py (the reader threads' GIL cost, 16 threads)"
-  timeout "$(cap 45 profile)" "$PY" benchmarks/read_stage_bench.py --rounds 3 \
+  size=(); [ "$DEV" = cpu ] && size=(--images 16 --rounds 1 --threads 2)
+  timeout "$(cap 45 profile)" "$PY" benchmarks/read_stage_bench.py --rounds 3 "${size[@]}" \
       --work-dir /tmp/trex-readbench 2>&1 | tee -a "$LOGS/decode.txt" | tail -7 | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}; [ "$rc_profile" = 0 ] && rc_profile=$rc
 fi
 
 [ "$(ls "$LOGS" | wc -l)" -lt 8 ] && cp docs/benchmarks.md "$LOGS/benchmarks.md"
-say "done: tests rc=$rc_tests, repro rc=$rc_repro, bench-gpu rc=$rc_gpu, aug rc=$rc_aug, bench-train rc=$rc_train"
-[ "$rc_tests" != 0 ] && [ "$rc_tests" != skipped ] && exit 1
-for rc in "$rc_repro" "$rc_gpu" "$rc_train"; do
+say "done: tests rc=$rc_tests, repro rc=$rc_repro, bench-gpu rc=$rc_gpu, aug rc=$rc_aug, bench-train rc=$rc_train, profile rc=$rc_profile"
+for rc in "$rc_tests" "$rc_repro" "$rc_gpu" "$rc_aug" "$rc_train" "$rc_profile"; do
   [ "$rc" != 0 ] && [ "$rc" != skipped ] && exit 1
 done
 exit 0
