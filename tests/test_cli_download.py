@@ -220,3 +220,60 @@ def test_hf_hub_repos_are_checked_on_download_and_verified_by_blob_name(capsys, 
         code, out, err = run(capsys, "hf-hub:org/tiny", "--cache-dir", str(hf_cache))
         assert code == 0 and len(hub.log) > n and weights.read_bytes() == (
             folder / "model.safetensors").read_bytes()
+
+
+def test_to_destinations_are_checked_before_any_download(mirror, capsys, tmp_path, cache):
+    """A --to-* destination that cannot be written is one usage line naming the option and the
+    fix, before anything is downloaded (it was a raw errno line after the download, and an
+    empty DIR silently exported nothing)."""
+    a_file = tmp_path / "trex_star.onnx"
+    a_file.write_text("an earlier export")
+    taken = tmp_path / "taken"
+    (taken / "trex_star.onnx").mkdir(parents=True)
+    (taken / "trex_star").write_text("not a folder")
+    cases = [
+        (["--to-onnx", str(a_file)], "--to-onnx takes a folder", "is a file: name a folder"),
+        (["--to-onnx", str(tmp_path / "new.onnx")], "--to-onnx takes a folder",
+         "looks like a file name"),
+        (["--to-timm", str(a_file / "sub")], "--to-timm takes a folder",
+         f"'{a_file}' in '{a_file / 'sub'}' is a file"),
+        (["--to-safetensors", ""], "--to-safetensors", "must not be empty"),
+        (["--to-onnx", str(taken)], "--to-onnx", "is a folder, where the export of trex_star"),
+        (["--to-safetensors", str(taken)], "--to-safetensors", "is a file, where the export"),
+        (["--to-safetensors", str(tmp_path / "x"), "--to-timm", str(tmp_path / "x")],
+         "--to-safetensors and --to-timm name the same folder", "give each its own DIR"),
+    ]
+    for extra, option, fix in cases:
+        code, out, err = run(capsys, "trex_star", *extra)
+        assert code == 2, (extra, err)
+        line = err.strip().splitlines()[-1]  # argparse's own errors print the usage above it
+        assert line.startswith("trex-download: error: ") and option in line and fix in line
+        assert err.count("error") == 1 and "Traceback" not in err and out == ""
+    assert mirror.requests == [] and not cache.exists()
+    assert a_file.read_text() == "an earlier export"
+
+
+def test_to_onnx_without_the_exporter_fails_before_the_download(mirror, capsys, cache,
+                                                                 tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if not installed
+    code, out, err = run(capsys, "trex_star", "--to-onnx", str(tmp_path / "onnx"))
+    assert code == 1 and out == "" and len(err.strip().splitlines()) == 1
+    assert "'onnxscript'" in err and "trex_hub[interop]" in err
+    assert mirror.requests == [] and not cache.exists()
+
+
+def test_an_export_into_the_same_folder_again_is_replaced_and_said(mirror, capsys, tmp_path):
+    """Re-running --to-* into the same DIR keeps working (scripts do it) and now says that it
+    replaced the earlier export, file by file, each atomically."""
+    out_dir = tmp_path / "exported"
+    code, out, err = run(capsys, "trex", "--to-safetensors", str(out_dir))
+    assert code == 0, err
+    assert f"wrote {out_dir / 'trex'}\n" in out and "replaced" not in out
+    code, out, err = run(capsys, "trex", "--to-safetensors", str(out_dir))
+    assert code == 0, err
+    assert f"wrote {out_dir / 'trex'} (replaced the existing export)" in out
+    assert {p.name for p in (out_dir / "trex").iterdir()} == {"model.safetensors",
+                                                             "config.json", "README.md"}
+    assert run(capsys, "trex", "-q", "--to-safetensors", str(out_dir)) == (0, "", "")

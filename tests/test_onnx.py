@@ -208,3 +208,124 @@ def test_an_engine_for_another_input_size_is_refused_before_anything_is_written(
                                            r"crops to 224x224; make it with image_size=224"):
         extract_to_file(model, collect_inputs([SAMPLES]), out, engine=engine)
     assert not out.parent.exists()
+
+
+def crop64_model() -> TReX:
+    model = TReX("resnet18", name="r18-64").eval()
+    model.set_preprocess({"resize": 72, "crop": 64})
+    return model
+
+
+def test_the_graph_takes_the_models_own_crop_or_any_size(tmp_path):
+    """image_size defaults to the model's crop (it was always 224 while the metadata said the
+    crop), and dynamic_size gives a graph of any height and width."""
+    model = crop64_model()
+    path = export_onnx(model, tmp_path / "fixed.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    meta = read_onnx_metadata(path)
+    assert sess.get_inputs()[0].shape[1:] == [3, 64, 64]
+    assert json.loads(meta["preprocess"])["crop"] == 64 and meta["dynamic_size"] == "false"
+    assert json.loads(meta["input_shape"]) == ["N", 3, 64, 64]
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert rel_err(sess.run(None, {"pixel_values": x.numpy()})[0], model(x)) <= REL
+    path = export_onnx(model, tmp_path / "any.onnx", dynamic_size=True)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    batch, channels, height, width = sess.get_inputs()[0].shape
+    assert channels == 3 and all(isinstance(d, str) for d in (batch, height, width))
+    assert len({batch, height, width}) == 3
+    meta = read_onnx_metadata(path)
+    assert meta["dynamic_size"] == "true" and json.loads(meta["input_shape"]) == ["N", 3, "H", "W"]
+    for size in ((64, 64), (50, 77)):
+        x = torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert rel_err(sess.run(None, {"pixel_values": x.numpy()})[0], model(x)) <= REL
+    with pytest.raises(ValueError, match=r"image_size=0: .* leave it out for the model's own"):
+        export_onnx(model, tmp_path / "bad.onnx", image_size=0)
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_download_to_onnx_of_a_hub_model_takes_its_crop(tmp_path, monkeypatch):
+    """trex-download --to-onnx of a model whose preprocessing crops to 64: the graph takes 64
+    (ONNX Runtime refused the documented input)."""
+    from http_server import HubServer
+
+    folder = trex_hub.save_pretrained(crop64_model(), tmp_path / "m64")
+    with HubServer() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url.rstrip("/"))
+        hub.add("org/m64", {n: (folder / n).read_bytes()
+                            for n in ("config.json", "model.safetensors")})
+        code = download_main(["hf-hub:org/m64", "-q", "--cache-dir", str(tmp_path / "hf"),
+                              "--to-onnx", str(tmp_path / "onnx")])
+    assert code == 0
+    path = tmp_path / "onnx" / "org--m64.onnx"
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].shape[1:] == [3, 64, 64]
+    assert json.loads(read_onnx_metadata(path)["preprocess"])["crop"] == 64
+
+
+def test_an_opset_the_exporter_cannot_write_is_refused_before_export(tmp_path, capfd):
+    """opset < 18 (or past onnx's newest) was silently written as 18, after tracebacks."""
+    model = TReX("resnet18").eval()
+    for opset in (13, 17, 99, 18.0, True, "18"):
+        with pytest.raises(ValueError, match=r"opset=.*: the torch.export-based exporter "
+                                             r"writes ONNX opset 18 to \d+; pass one of those"):
+            export_onnx(model, tmp_path / "o.onnx", opset=opset)
+    assert not list(tmp_path.iterdir())
+    assert "Traceback" not in capfd.readouterr().err
+    path = export_onnx(model, tmp_path / "o19.onnx", opset=19, image_size=32)
+    assert {o.domain: o.version for o in onnx.load(str(path)).opset_import}[""] == 19
+    assert read_onnx_metadata(path)["opset"] == "19"
+    path = export_onnx(model, tmp_path / "default.onnx", image_size=32)  # the exporter's own
+    written = {o.domain: o.version for o in onnx.load(str(path)).opset_import}[""]
+    assert read_onnx_metadata(path)["opset"] == str(written) and written >= 18
+
+
+def test_a_failed_opset_conversion_is_one_error_and_no_file(tmp_path, capfd, monkeypatch):
+    """An opset the exporter accepts but cannot convert to: one ValueError, no file, and none
+    of the converter's tracebacks on stderr (it saved the unconverted opset)."""
+    newest = onnx.defs.onnx_opset_version()
+    monkeypatch.setattr(onnx.defs, "onnx_opset_version", lambda: newest + 5)
+    with pytest.raises(ValueError, match=rf"opset={newest + 1}: the exporter could not convert"):
+        export_onnx(TReX("resnet18").eval(), tmp_path / "o.onnx", opset=newest + 1,
+                    image_size=32)
+    assert not list(tmp_path.iterdir())
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_features_only_model_exports_one_output_per_level(tmp_path):
+    ckpt = tmp_path / "r18.pth"
+    fx.write_backbone_file(ckpt, arch="resnet18", seed=4)
+    maps = trex_hub.load(ckpt, features_only=True, out_indices=(0, 2, 4))
+    names = maps.feature_info.module_name()
+    path = export_onnx(maps, tmp_path / "maps.onnx", dynamic_size=True)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == names == ["relu", "layer2", "layer4"]
+    meta = read_onnx_metadata(path)
+    assert meta["head"] == "feature_maps" and json.loads(meta["output_names"]) == names
+    assert json.loads(meta["output_dims"]) == {"relu": [64], "layer2": [128], "layer4": [512]}
+    assert json.loads(meta["output_strides"]) == {"relu": 2, "layer2": 8, "layer4": 32}
+    for size in ((64, 64), (65, 97)):
+        x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(2))
+        got = sess.run(None, {"pixel_values": x.numpy()})
+        with torch.no_grad():
+            ref = maps(x)
+        assert [g.shape for g in got] == [tuple(r.shape) for r in ref]
+        assert all(rel_err(g, r) <= REL for g, r in zip(got, ref))
+    fixed = export_onnx(maps, tmp_path / "fixed.onnx", dynamic_batch=False)  # the model's crop
+    assert [d.dim_value for d in onnx.load(str(fixed)).graph.input[0].type.tensor_type.shape.dim
+            ] == [1, 3, 224, 224]
+    with pytest.raises(ValueError, match="features_only model exports its feature maps"):
+        export_onnx(maps, tmp_path / "p.onnx", head="projector")
+    assert not (tmp_path / "p.onnx").exists()
+
+
+def test_licence_comes_from_the_models_pretrained_cfg_first():
+    from trex_hub.onnx_export import onnx_metadata
+
+    model = TReX("resnet18", name="hf-hub:org/renamed")  # not a registry name
+    assert "license" not in onnx_metadata(model, "backbone", 224, True)
+    model.pretrained_cfg["license"] = "cc-by-nc-sa-4.0"
+    assert onnx_metadata(model, "backbone", 224, True)["license"] == "cc-by-nc-sa-4.0"
+    model = TReX("resnet18", name="trex_star")  # the registry, as before
+    assert onnx_metadata(model, "backbone", 224, True)["license"] == "cc-by-nc-sa-4.0"

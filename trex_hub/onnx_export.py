@@ -3,10 +3,13 @@
 * :func:`export_onnx` writes the backbone (``head="backbone"``: output ``features``) or the
   backbone and projector (``head="projector"``: outputs ``features`` and ``embeddings``) with
   PyTorch's ``torch.export``-based exporter (``torch.onnx.export(dynamo=True)``, which needs
-  ``onnxscript``). The input is ``pixel_values``: float32 ``[N, 3, S, S]`` (``S =
-  image_size``, 224 by default), RGB, already normalised. The file's ``metadata_props`` record
-  the input/output names and shapes, the expected preprocessing (``preprocess`` as JSON:
-  resize, crop, interpolation, mean, std), the model's name, architecture and licence.
+  ``onnxscript``), or the feature maps of a ``features_only=True`` model (one output per level,
+  named as its ``feature_info.module_name()``: ``layer1`` ... ``layer4``, ``relu`` for the stem).
+  The input is ``pixel_values``: float32 ``[N, 3, S, S]`` (``S = image_size``, by default the
+  model's own crop: 224 for the released models), or ``[N, 3, H, W]`` with ``dynamic_size``,
+  RGB, already normalised. The file's ``metadata_props`` record the input/output names and
+  shapes, the opset written, the expected preprocessing (``preprocess`` as JSON: resize, crop,
+  interpolation, mean, std), the model's name, architecture and licence.
 * :class:`OnnxRuntimeModel` is an ONNX Runtime session with the call interface of
   :class:`trex_hub.inference.InferenceModel` (uint8 NHWC or normalised float NCHW batch in,
   float32 CPU tensor out), so the extraction engine can run on it (``trex-extract --engine
@@ -19,23 +22,29 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
+import operator
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .fileio import PathLike, temp_path
 from .inference import Pending, normalisation
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, PRESETS
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, PRESETS, PreprocessConfig
 
 INPUT_NAME = "pixel_values"
 HEADS: Dict[str, Tuple[str, ...]] = {"backbone": ("features",),
                                      "projector": ("features", "embeddings")}
 ENGINES = ("torch", "onnxruntime")
+OPSET_MIN = 18  # the torch.export-based exporter has no implementations below opset 18
 _HINT = "pip install 'trex_hub[interop]' (onnx, onnxscript, onnxruntime)"
+# where the exporter reports a failed opset conversion (a warning with its traceback)
+_CONVERTER_LOGGERS = ("onnxscript.version_converter", "torch.onnx._internal.exporter._compat")
 
 
 class _Graph(nn.Module):
@@ -53,6 +62,17 @@ class _Graph(nn.Module):
         return features, self.head(features)
 
 
+class _MapsGraph(nn.Module):
+    """What is exported of a ``features_only`` model: its levels, as a tuple of outputs."""
+
+    def __init__(self, maps: nn.Module):
+        super().__init__()
+        self.maps = maps
+
+    def forward(self, pixel_values: torch.Tensor):
+        return tuple(self.maps(pixel_values))
+
+
 def _require(module: str):
     import importlib
 
@@ -62,77 +82,187 @@ def _require(module: str):
         raise ImportError(f"ONNX export/runtime needs '{module}': {_HINT}") from None
 
 
-def onnx_metadata(model: nn.Module, head: str, image_size: int,
-                  dynamic_batch: bool) -> Dict[str, str]:
+def require_exporter() -> None:
+    """Raise the one-line ``ImportError`` (naming the fix) when :func:`export_onnx` cannot run:
+    for callers that check before doing long work (``trex-download --to-onnx``)."""
+    _require("onnx")
+    _require("onnxscript")
+
+
+def _is_feature_maps(model: nn.Module) -> bool:
+    """A ``load(..., features_only=True)`` model (:class:`trex_hub.dense.FeatureMaps`)."""
+    return hasattr(model, "feature_info") and not hasattr(model, "backbone")
+
+
+def _preprocess(model: nn.Module) -> PreprocessConfig:
+    """The model's own preprocessing (the ``"transfer"`` preset for a bare network)."""
+    try:
+        return model.preprocess_config
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return PRESETS["transfer"]
+
+
+def _output_dims(model: nn.Module, head: str) -> Dict[str, List[int]]:
+    """Each output's name and trailing dims: ``[width]`` of a vector, ``[channels]`` of a map."""
+    if _is_feature_maps(model):
+        return {n: [int(c)] for n, c in zip(model.feature_info.module_name(),
+                                             model.feature_info.channels())}
+    outputs = {"features": [int(model.num_features)]}
+    if head == "projector":
+        outputs["embeddings"] = [int(model.out_dim)]
+    return outputs
+
+
+def onnx_metadata(model: nn.Module, head: str, image_size: int, dynamic_batch: bool, *,
+                  dynamic_size: bool = False, opset: Optional[int] = None) -> Dict[str, str]:
     """The ``metadata_props`` written into the file (all values are strings)."""
     from .version import __version__
 
     cfg = getattr(model, "pretrained_cfg", None) or {}
     name = cfg.get("name")
-    pre = model.preprocess_config if hasattr(model, "preprocess_config") else PRESETS["transfer"]
-    license = None
-    if name:
+    pre = _preprocess(model)
+    license = cfg.get("license")
+    if not license and name:
         from . import registry
 
         license = registry.get_entry(name).license if registry.is_known(name) else None
-    outputs = {"features": [int(model.num_features)]}
-    if head == "projector":
-        outputs["embeddings"] = [int(model.out_dim)]
+    outputs = _output_dims(model, head)
+    side: List[Any] = ["H", "W"] if dynamic_size else [image_size, image_size]
     meta = {
         "producer": "trex_hub", "trex_hub_version": __version__,
-        "model_name": name or "", "arch": str(getattr(model, "arch", "")), "head": head,
+        "model_name": name or "", "arch": str(getattr(model, "arch", "")),
+        "head": "feature_maps" if _is_feature_maps(model) else head,
         "input_name": INPUT_NAME,
-        "input_shape": json.dumps(["N" if dynamic_batch else 1, 3, image_size, image_size]),
+        "input_shape": json.dumps(["N" if dynamic_batch else 1, 3, *side]),
+        "dynamic_size": json.dumps(bool(dynamic_size)),
         "input_format": "float32 NCHW RGB, scaled to [0, 1] then normalised with mean/std",
-        "output_names": json.dumps(list(HEADS[head])),
+        "output_names": json.dumps(list(outputs)),
         "output_dims": json.dumps(outputs),
         "preprocess": json.dumps(dict(pre.to_dict(), steps=[
             f"resize shorter side to {pre.resize} ({pre.interpolation}, antialiased)",
             f"center crop {pre.crop}x{pre.crop}", "to float in [0, 1]",
             "normalise (x - mean) / std"])),
     }
+    if _is_feature_maps(model):  # map i is [N, C_i, ceil(H / stride_i), ceil(W / stride_i)]
+        meta["output_strides"] = json.dumps(dict(zip(model.feature_info.module_name(),
+                                                     model.feature_info.reduction())))
+    if opset is not None:
+        meta["opset"] = str(int(opset))
     if license:
         meta["license"] = license
     return meta
 
 
+def check_opset(opset: Any) -> Optional[int]:
+    """``opset`` as an int the exporter can write (``None``: its default), else one
+    ``ValueError`` naming the request and the range."""
+    if opset is None:
+        return None
+    onnx = _require("onnx")
+    high = int(onnx.defs.onnx_opset_version())
+    try:
+        value = None if isinstance(opset, bool) else operator.index(opset)
+    except TypeError:
+        value = None
+    if value is None or not OPSET_MIN <= value <= high:
+        raise ValueError(f"opset={opset!r}: the torch.export-based exporter writes ONNX opset "
+                         f"{OPSET_MIN} to {high}; pass one of those or leave opset out (for an "
+                         "older opset, call torch.onnx.export(..., dynamo=False) yourself)")
+    return value
+
+
+@contextmanager
+def _quiet_converter() -> Iterator[None]:
+    """Keep the exporter's opset-conversion warnings (and their tracebacks) off stderr: a
+    conversion that fails is reported as one ``ValueError`` instead."""
+    loggers = [logging.getLogger(n) for n in _CONVERTER_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _check_args(model: nn.Module, head: str, image_size: Any) -> int:
+    """The input size to export (``image_size``, or the model's crop); refuses bad requests."""
+    if head not in HEADS:
+        raise ValueError(f"head={head!r}: use 'backbone' or 'projector'")
+    if _is_feature_maps(model):
+        if head != "backbone":
+            raise ValueError(f"head={head!r}: a features_only model exports its feature maps "
+                             "(one output per level); leave head out, or export the model "
+                             "loaded without features_only=True")
+    elif head == "projector" and not getattr(model, "has_projector", False):
+        raise ValueError("head='projector' needs a model with its projector: load it with "
+                         "projector=True (trex_repro, trex_star_repro), or use head='backbone'")
+    if image_size is None:
+        return int(_preprocess(model).crop)
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size={image_size!r}: pass the input's height and width as a "
+                         "positive int, or leave it out for the model's own crop")
+    return image_size
+
+
 def export_onnx(model: nn.Module, path: PathLike, *, head: str = "backbone",
                 dynamic_batch: bool = True, opset: Optional[int] = None,
-                image_size: int = 224, optimize: bool = True) -> Path:
-    """Export ``model`` (a :class:`~trex_hub.model.TReX`) to ``path`` as one ``.onnx`` file.
+                image_size: Optional[int] = None, optimize: bool = True,
+                dynamic_size: bool = False) -> Path:
+    """Export ``model`` (a :class:`~trex_hub.model.TReX`, or a ``features_only=True``
+    :class:`~trex_hub.dense.FeatureMaps`) to ``path`` as one ``.onnx`` file.
 
     Args:
         head: ``"backbone"`` (output ``features`` ``[N, 2048]``) or ``"projector"`` (outputs
             ``features`` and ``embeddings`` ``[N, out_dim]``; needs a model loaded with
-            ``projector=True``).
+            ``projector=True``). A ``features_only`` model has one output per level instead,
+            ``[N, C, ceil(H / stride), ceil(W / stride)]``, named as
+            ``model.feature_info.module_name()`` (leave ``head`` out).
         dynamic_batch: a symbolic batch dimension (else the graph takes exactly one image).
-        opset: ONNX opset (default: the exporter's).
-        image_size: height and width of the input (224 for the paper's protocol).
+        opset: ONNX opset, 18 or later (default: the exporter's); one it cannot write is a
+            ``ValueError`` and no file. The opset written is in the metadata (``opset``).
+        image_size: height and width of the input (default: the model's own crop,
+            ``model.preprocess_config.crop``; 224 for the released models).
         optimize: run the exporter's graph optimiser (constant folding, fusions). ONNX Runtime
             optimises at load time anyway, so ``False`` only makes the export faster.
+        dynamic_size: symbolic height and width (input ``[N, 3, H, W]``: any size, e.g. for
+            detection or segmentation); recorded in the metadata (``dynamic_size``).
     Returns:
         ``path``. The file is written atomically; ONNX Runtime outputs match PyTorch within
         1e-4 relative (tested).
     """
-    if head not in HEADS:
-        raise ValueError(f"head={head!r}: use 'backbone' or 'projector'")
-    if head == "projector" and not getattr(model, "has_projector", False):
-        raise ValueError("head='projector' needs a model with its projector: load it with "
-                         "projector=True (trex_repro, trex_star_repro), or use head='backbone'")
+    size = _check_args(model, head, image_size)
     _require("onnxscript")
-    net = _Graph(copy.deepcopy(model).float().cpu().eval(), head).eval()
+    opset = check_opset(opset)
+    work = copy.deepcopy(model).float().cpu().eval()
+    if _is_feature_maps(model):
+        net: nn.Module = _MapsGraph(work).eval()
+    else:
+        net = _Graph(work, head).eval()
+    names = list(_output_dims(model, head))
     batch = 2 if dynamic_batch else 1  # an example batch of 2 keeps the dimension symbolic
-    example = torch.zeros(batch, 3, image_size, image_size)
-    dynamic = {INPUT_NAME: {0: torch.export.Dim("batch")}} if dynamic_batch else None
+    side = size if size > 1 or not dynamic_size else 32  # a size of 1 would be specialised
+    example = torch.zeros(batch, 3, side, side)
+    dims: Dict[int, Any] = {0: torch.export.Dim("batch")} if dynamic_batch else {}
+    if dynamic_size:
+        dims.update({2: torch.export.Dim("height", min=1), 3: torch.export.Dim("width", min=1)})
+    dynamic = {INPUT_NAME: dims} if dims else None
     import warnings
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_converter():
         warnings.simplefilter("ignore")  # exporter chatter about unrelated deprecations
         program = torch.onnx.export(net, (example,), None, dynamo=True, verbose=False,
-                                    input_names=[INPUT_NAME], output_names=list(HEADS[head]),
+                                    input_names=[INPUT_NAME], output_names=names,
                                     opset_version=opset, dynamic_shapes=dynamic,
                                     optimize=optimize)
-    program.model.metadata_props.update(onnx_metadata(model, head, image_size, dynamic_batch))
+    written = program.model.opset_imports.get("")
+    if opset is not None and written != opset:
+        raise ValueError(f"opset={opset}: the exporter could not convert this graph to opset "
+                         f"{opset} (it made opset {written}); pass opset={written} or leave "
+                         "opset out")
+    program.model.metadata_props.update(onnx_metadata(
+        model, head, size, dynamic_batch, dynamic_size=dynamic_size, opset=written))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)  # created by the save, so with the umask's mode (mkstemp's 0600
@@ -246,4 +376,5 @@ def engine_for(engine: str, model: nn.Module, workdir: Optional[PathLike] = None
 
 
 __all__ = ["export_onnx", "read_onnx_metadata", "OnnxRuntimeModel", "prepare_onnxruntime",
-           "engine_for", "INPUT_NAME", "HEADS", "ENGINES", "onnx_metadata"]
+           "engine_for", "INPUT_NAME", "HEADS", "ENGINES", "OPSET_MIN", "onnx_metadata",
+           "check_opset", "require_exporter"]

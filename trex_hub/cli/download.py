@@ -54,15 +54,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="re-hash the cached files (all, or the MODELs named) against their "
                         "manifest and the registry; delete mismatches and exit 1")
-    p.add_argument("--to-safetensors", metavar="DIR", default=None,
+    p.add_argument("--to-safetensors", metavar="DIR", default=None, type=nonempty,
                    help="also write each model as DIR/<name>/ (model.safetensors + config.json + "
-                        "README.md); with --full the projector and prototypes are included")
-    p.add_argument("--to-timm", metavar="DIR", default=None,
+                        "README.md; an existing export there is replaced, and the output says "
+                        "so); with --full the projector and prototypes are included")
+    p.add_argument("--to-timm", metavar="DIR", default=None, type=nonempty,
                    help="also write each model's backbone as DIR/<name>/ in timm's layout, for "
                         "timm.create_model('hf-hub:...' or 'local-dir:DIR/<name>')")
-    p.add_argument("--to-onnx", metavar="DIR", default=None,
+    p.add_argument("--to-onnx", metavar="DIR", default=None, type=nonempty,
                    help="also export each model to DIR/<name>.onnx (backbone; with --full the "
-                        "projector output too); needs trex_hub[interop]")
+                        "projector output too; input: the model's own crop); needs "
+                        "trex_hub[interop]")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, no output but "
                                                               "errors")
     add_debug_flag(p)
@@ -227,6 +229,56 @@ def _verify(names: List[str], cache_dir, as_json: bool, quiet: bool) -> int:
     return 1 if bad else 0
 
 
+# the --to-* options: (flag, attribute, what each model becomes under DIR)
+_DESTINATIONS = (("--to-safetensors", "to_safetensors", "DIR/<name>/"),
+                 ("--to-timm", "to_timm", "DIR/<name>/"),
+                 ("--to-onnx", "to_onnx", "DIR/<name>.onnx"))
+
+
+def _export_name(key: str) -> str:
+    """What a model's export is called under a --to-* folder (``org--repo`` for a Hub id)."""
+    from ..hub.hf import is_hf_id, parse_hf_id
+
+    return parse_hf_id(key)[0].replace("/", "--") if is_hf_id(key) else key
+
+
+def _check_exports(names: List[str], args: argparse.Namespace) -> None:
+    """The --to-* destinations and the ONNX exporter's packages, checked before anything is
+    downloaded (they were found wrong only after the download, in raw errno lines)."""
+    seen: Dict[Path, str] = {}
+    for flag, attr, layout in _DESTINATIONS:
+        value = getattr(args, attr)
+        if value is None:
+            continue
+        root = Path(value)
+        takes = f"{flag} takes a folder (each model is written as {layout})"
+        if root.exists() and not root.is_dir():
+            raise UsageError(f"{takes}; '{value}' is a file: name a folder (it is created if "
+                             "missing)")
+        if attr == "to_onnx" and root.suffix.lower() == ".onnx" and not root.exists():
+            raise UsageError(f"{takes}; '{value}' looks like a file name: name the folder (the "
+                             "file is named after the model)")
+        parent = next((p for p in root.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise UsageError(f"{takes}; '{parent}' in '{value}' is a file: name a folder")
+        folder = attr != "to_onnx"
+        for name in names:
+            target = root / (_export_name(name) + ("" if folder else ".onnx"))
+            if target.exists() and target.is_dir() != folder:
+                raise UsageError(f"{flag}: '{target}' is a {'file' if folder else 'folder'}, "
+                                 f"where the export of {name} goes; move it away or name "
+                                 "another DIR")
+        if folder:
+            other = seen.setdefault(root.resolve(), flag)
+            if other != flag:
+                raise UsageError(f"{other} and {flag} name the same folder, so one export "
+                                 "would replace the other; give each its own DIR")
+    if args.to_onnx:
+        from ..onnx_export import require_exporter
+
+        require_exporter()
+
+
 def _download(names: List[str], args: argparse.Namespace) -> int:
     from .. import registry
     from ..checkpoint import build_model, read_checkpoint
@@ -248,7 +300,7 @@ def _download(names: List[str], args: argparse.Namespace) -> int:
             if exporting:
                 model = build_model(ckpt, projector=ckpt.has_projector,
                                     name=ckpt.config.get("name"))
-                _export(model, src.hf_repo.replace("/", "--"), args)
+                _export(model, _export_name(name), args)
             continue
         entry = registry.get_entry(name)
         wanted = [False] + ([True] if args.full and entry.full_file is not None else [])
@@ -271,19 +323,22 @@ def _download(names: List[str], args: argparse.Namespace) -> int:
 def _export(model, name: str, args: argparse.Namespace) -> None:
     from ..publish import save_pretrained
 
-    written = []
+    def report(target: Path, write) -> None:
+        replaced = target.exists()  # re-running into the same DIR replaces (file by file,
+        path = write(target)  # each atomically), as before; the output now says so
+        if not args.quiet:
+            print(f"wrote {path}" + (" (replaced the existing export)" if replaced else ""))
+
     if args.to_safetensors:
-        written.append(save_pretrained(model, Path(args.to_safetensors) / name))
+        report(Path(args.to_safetensors) / name, lambda p: save_pretrained(model, p))
     if args.to_timm:
-        written.append(save_pretrained(model, Path(args.to_timm) / name, format="timm"))
+        report(Path(args.to_timm) / name, lambda p: save_pretrained(model, p, format="timm"))
     if args.to_onnx:
         from ..onnx_export import export_onnx
 
         head = "projector" if model.has_projector else "backbone"
-        written.append(export_onnx(model, Path(args.to_onnx) / f"{name}.onnx", head=head))
-    for path in written:
-        if not args.quiet:
-            print(f"wrote {path}")
+        # no image_size: the graph takes the model's own crop, as its metadata says
+        report(Path(args.to_onnx) / f"{name}.onnx", lambda p: export_onnx(model, p, head=head))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -314,6 +369,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.json and not (args.list or args.verify):
             raise UsageError("--json goes with --list or --verify")
         names = _resolve(args.models, args.all)
+        if names and not args.verify:
+            _check_exports(names, args)
         if args.list:
             offline = bool(args.offline) or is_offline()
             rows = _listing(args.cache_dir, args.base_url, offline)
