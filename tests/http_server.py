@@ -396,7 +396,7 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
             else:
                 self._json(200, {"warnings": []})
             return
-        m = re.match(r"^/api/models/([^/]+/[^/]+)/(preupload|commit)/(.+)$", path)
+        m = re.match(r"^/api/models/([^/]+/[^/]+)/(preupload|commit|branch)/(.+)$", path)
         if not m:
             self._error(404, "EntryNotFound", f"no route {path}")
             return
@@ -404,6 +404,23 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
         repo = server.repos.get(repo_id)
         if repo is None or not self._authorised(repo):
             self._error(404, "RepoNotFound", "Repository not found")
+            return
+        if action == "branch":  # create_branch: from startingPoint, else from main
+            start = json.loads(body or b"{}").get("startingPoint") or "main"
+            with server.lock:
+                if revision in repo.refs:
+                    self._error(409, "Conflict", f"Reference {revision} already exists")
+                    return
+                sha = repo.resolve(start)
+                if sha is None:
+                    self._error(404, "RevisionNotFound", f"Invalid rev id: {start}")
+                    return
+                repo.refs[revision] = sha
+            self._json(200, {})
+            return
+        if repo.resolve(revision) is None and not revision.startswith("refs/pr/"):
+            # as the Hub: a commit goes onto an existing branch (create_branch makes one)
+            self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
             return
         if action == "preupload":
             files = json.loads(body)["files"]
@@ -428,10 +445,11 @@ class _HubHTTPServer(http.server.ThreadingHTTPServer):
 class HubServer:
     """An in-memory Hugging Face Hub on a free loopback port; point ``HF_ENDPOINT`` at ``.url``.
 
-    ``add(repo_id, {path: bytes})`` publishes a commit; ``private=True`` repos need
-    ``Authorization: Bearer <token>`` (``.token``). ``.downloads`` lists the file GETs served,
-    ``.auth`` the Authorization headers seen, ``.log`` every request, ``.fail_statuses`` makes the
-    next GETs fail with those statuses.
+    ``add(repo_id, {path: bytes})`` publishes a commit; uploads (``preupload`` / ``commit``) go
+    onto an existing branch only, as on the Hub, and ``create_branch`` makes one. ``private=True``
+    repos need ``Authorization: Bearer <token>`` (``.token``). ``.downloads`` lists the file GETs
+    served, ``.auth`` the Authorization headers seen, ``.log`` every request, ``.fail_statuses``
+    makes the next GETs fail with those statuses.
     """
 
     def __init__(self, user: str = "tester", token: str = "hf_test_token") -> None:

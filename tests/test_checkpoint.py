@@ -330,3 +330,43 @@ def test_a_buffer_outside_the_state_dict_keeps_its_initialisation(tmp_path, monk
     fx.write_backbone_file(tmp_path / "bb.pth", arch="resnet18", seed=1)
     model = build_model(read_checkpoint(tmp_path / "bb.pth"))
     assert torch.equal(model.scratch, torch.full((4,), 3.0))
+
+
+def _rewrite_tensors(folder, convert):
+    """Rewrite an export's model.safetensors with ``convert(name, tensor)`` applied."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    state = load_file(str(path))
+    save_file({k: convert(k, v).contiguous() for k, v in state.items()}, str(path))
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.int64])
+def test_integer_or_bool_weights_are_refused_naming_the_keys(tmp_path, dtype):
+    """Review F #9: load_state_dict would cast them into the float parameters silently."""
+    torch.manual_seed(0)
+    folder = save_safetensors(trex_hub.TReX("resnet18"), tmp_path / "export")
+    _rewrite_tensors(folder, lambda k, v: v.to(dtype) if v.is_floating_point() else v)
+    kind = str(dtype).replace("torch.", "")
+    with pytest.raises(CheckpointError, match=rf"does not fit the resnet18 t-ReX model; wrong "
+                                              rf"dtype: backbone\.\S+ {kind} \(expected a "
+                                              r"floating type\)") as info:
+        trex_hub.load(folder)
+    assert "\n" not in str(info.value) and "more" in str(info.value)  # many keys, a few named
+
+
+def test_float_counters_are_refused_and_half_precision_weights_upcast(tmp_path):
+    torch.manual_seed(0)
+    model = trex_hub.TReX("resnet18").eval()
+    folder = save_safetensors(model, tmp_path / "export")
+    _rewrite_tensors(folder, lambda k, v: v.float() if k.endswith("num_batches_tracked") else v)
+    with pytest.raises(CheckpointError, match=r"wrong dtype: backbone\.bn1\.num_batches_tracked "
+                                              r"float32 \(expected an integer type\)"):
+        trex_hub.load(folder)
+    for half in (torch.float16, torch.bfloat16):
+        folder = save_safetensors(model, tmp_path / str(half))
+        _rewrite_tensors(folder, lambda k, v: v.to(half) if v.is_floating_point() else v)
+        loaded = trex_hub.load(folder)
+        want = model.state_dict()["backbone.conv1.weight"].to(half).float()
+        assert loaded.backbone.conv1.weight.dtype == torch.float32
+        assert torch.equal(loaded.backbone.conv1.weight, want)

@@ -268,3 +268,116 @@ def test_one_renderer_for_trained_exports_even_under_a_released_name():
         assert text.lstrip().startswith(f"# {name}\n") and "**not** one of the released" in text
         assert "## Files of this export" in text and "- epochs_done: 2" in text
         assert text.index("## Files of this export") < text.index("## Training")
+
+
+# --------------------------------------------------------------------------------------------
+# Review F: the licence travels (#2), push to a branch (#5), features_only (#6), cards (#10a)
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def trex_star(released_files, monkeypatch):
+    """``trex_hub.load("trex_star")``, its (generated) released file served by a FileServer."""
+    with FileServer(released_files) as srv:
+        monkeypatch.setenv("TREX_HUB_BASE_URL", srv.url)
+        yield trex_hub.load("trex_star", progress=False)
+
+
+LICENSE = "cc-by-nc-sa-4.0"
+
+
+def test_the_licence_survives_a_trip_through_the_hub(hub, trex_star, tmp_path):
+    """Review F #2: a re-export of a Hub-loaded release keeps its licence, in every format."""
+    assert trex_star.pretrained_cfg["license"] == LICENSE
+    trex_hub.push_to_hub(trex_star, "tester/trex_star", token=hub.token)
+    pushed = hub.repos["tester/trex_star"]
+    assert json.loads(pushed.commits[pushed.refs["main"]]["config.json"])["license"] == LICENSE
+    again = trex_hub.load("hf-hub:tester/trex_star")
+    assert again.pretrained_cfg["name"] == "hf-hub:tester/trex_star"  # where it came from
+    assert again.pretrained_cfg["license"] == LICENSE
+    st = trex_hub.save_pretrained(again, tmp_path / "re_st")
+    assert json.loads((st / "config.json").read_text())["license"] == LICENSE
+    assert ModelCard.load(st / "README.md").data.license == LICENSE
+    tm = trex_hub.save_pretrained(again, tmp_path / "re_timm", format="timm")
+    assert json.loads((tm / "config.json").read_text())["pretrained_cfg"]["license"] == LICENSE
+    assert ModelCard.load(tm / "README.md").data.license == LICENSE
+    # and back from both folders (config.json's licence, a timm pretrained_cfg's licence)
+    for folder in (st, tm):
+        assert trex_hub.load(folder).pretrained_cfg["license"] == LICENSE
+    assert trex_hub.load(folder, features_only=True).pretrained_cfg["license"] == LICENSE
+
+
+def test_an_explicit_licence_is_recorded_and_a_bad_one_refused(tmp_path):
+    folder = trex_hub.save_pretrained(small_model(), tmp_path / "mit", license="mit")
+    assert json.loads((folder / "config.json").read_text())["license"] == "mit"
+    assert trex_hub.load(folder).pretrained_cfg["license"] == "mit"
+    assert "license" not in json.loads(
+        (trex_hub.save_pretrained(small_model(), tmp_path / "none") / "config.json").read_text())
+
+
+def test_push_to_a_branch_leaves_main_alone(hub, exported):
+    """Review F #5: 'org/repo@dev' pushes to the branch dev (created from main)."""
+    model, _ = exported
+    url = trex_hub.push_to_hub(model, "tester/rev@dev", token=hub.token)
+    repo = hub.repos["tester/rev"]
+    assert url.endswith(repo.refs["dev"]) and "config.json" not in repo.commits[repo.refs["main"]]
+    assert_same(model, trex_hub.load("hf-hub:tester/rev@dev", projector=True))
+    with pytest.raises(dl.NotFoundError, match="no config.json"):
+        trex_hub.load("hf-hub:tester/rev")  # main: still the empty repository
+    newer = small_model(seed=4)
+    trex_hub.push_to_hub(newer, "hf-hub:tester/rev", revision="dev", token=hub.token)
+    assert_same(newer, trex_hub.load("hf-hub:tester/rev@dev", projector=True))
+    assert len(repo.commits) == 3 and "config.json" not in repo.commits[repo.refs["main"]]
+    with pytest.raises(ValueError, match="use one"):
+        trex_hub.push_to_hub(model, "tester/rev@dev", revision="main")
+    with pytest.raises(ValueError, match="not onto a commit id; name a branch"):
+        trex_hub.push_to_hub(model, f"tester/rev@{repo.refs['dev']}")
+    assert len(repo.commits) == 3
+
+
+def test_save_pretrained_of_a_features_only_model_says_what_to_save(exported, tmp_path, hub):
+    """Review F #6: one line, not an AttributeError, and nothing written."""
+    _, folder = exported
+    fm = trex_hub.load(folder, features_only=True)
+    for kw in ({}, {"format": "timm"}):
+        with pytest.raises(ValueError, match="features_only=True .* save the model loaded "
+                                             "without features_only=True") as info:
+            trex_hub.save_pretrained(fm, tmp_path / "fm", **kw)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="features_only"):
+        trex_hub.push_to_hub(fm, "tester/fm", token=hub.token)
+    assert not (tmp_path / "fm").exists() and "tester/fm" not in hub.repos
+    with pytest.raises(TypeError, match="takes a t-ReX model"):
+        trex_hub.save_pretrained(torch.nn.Linear(2, 2), tmp_path / "lin")
+
+
+def test_a_release_card_only_for_the_release_architecture(tmp_path):
+    """Review F #10a: a resnet18 saved under the name trex_star does not get its card."""
+    torch.manual_seed(0)
+    for fmt in ("trex_hub", "timm"):
+        folder = trex_hub.save_pretrained(TReX("resnet18"), tmp_path / fmt, name="trex_star",
+                                          format=fmt)
+        text = (folder / "README.md").read_text()
+        assert "ResNet-50" not in text and "80.2" not in text and "0.8829" not in text
+        assert "Intended use" not in text
+        assert "not that release's resnet50" in text
+
+
+def test_a_changed_release_gets_a_derived_card_with_the_licence(trex_star, tmp_path):
+    """Review F #10a: fine-tuned weights keep the release's name but not its card."""
+    as_released = trex_hub.save_pretrained(trex_star, tmp_path / "as_released")
+    assert "## Intended use" in (as_released / "README.md").read_text()
+    assert "derived_from" not in json.loads((as_released / "config.json").read_text())
+    with torch.no_grad():
+        trex_star.backbone.layer4[0].conv1.weight.mul_(1.01)  # "fine-tuned"
+    for fmt in ("trex_hub", "timm"):
+        folder = trex_hub.save_pretrained(trex_star, tmp_path / f"tuned_{fmt}", format=fmt)
+        card = ModelCard.load(folder / "README.md")
+        assert card.data.license == LICENSE and "Derived from the released t-ReX model " \
+            "`trex_star`" in card.text
+        assert "Intended use" not in card.text and "80.2" not in card.text
+    folder = tmp_path / "tuned_trex_hub"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["derived_from"] == "trex_star" and config["name"] == "trex_star"
+    # loaded back and saved again: still derived, still licensed
+    again = trex_hub.save_pretrained(trex_hub.load(folder), tmp_path / "again")
+    assert "Derived from the released" in (again / "README.md").read_text()
+    assert json.loads((again / "config.json").read_text())["license"] == LICENSE

@@ -239,3 +239,70 @@ def test_trex_download_to_timm(released_files, tmp_path, capsys):
     net = timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=0).eval()
     with torch.no_grad():
         assert (net(X) - ref).abs().max().item() <= 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# Review F #8: what would make trex_hub build another network, or preprocess otherwise, is refused
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_args,field", [
+    ({"global_pool": "max"}, "'global_pool' is 'max'"),
+    ({"output_stride": 16}, "'model_args.output_stride' changes the network"),
+    ({"in_chans": 1}, "'model_args.in_chans' is 1"),
+])
+def test_timm_fields_that_change_the_network_are_refused(tmp_path, model_args, field):
+    torch.manual_seed(0)
+    net = timm.create_model("resnet18", num_classes=0, **model_args).eval()
+    timm.models.save_for_hf(net, tmp_path / "t", safe_serialization=True, model_args=model_args)
+    for pretrained in (True, False):
+        with pytest.raises(CheckpointError, match=field + ".*load it with timm") as info:
+            trex_hub.load(tmp_path / "t", pretrained=pretrained)
+        assert "\n" not in str(info.value)
+
+
+def test_harmless_timm_model_args_load(tmp_path):
+    torch.manual_seed(0)
+    args = {"drop_rate": 0.2, "drop_path_rate": 0.1, "global_pool": "avg"}
+    net = timm.create_model("resnet18", num_classes=0, **args).eval()
+    timm.models.save_for_hf(net, tmp_path / "t", safe_serialization=True, model_args=args)
+    model = trex_hub.load(tmp_path / "t")
+    assert model.pretrained_cfg["license"] == "apache-2.0"  # timm's pretrained_cfg licence
+    with torch.no_grad():
+        assert (model(X) - net(X)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("changes,field", [
+    ({"crop_mode": "squash"}, "'pretrained_cfg.crop_mode' is 'squash'"),
+    ({"interpolation": "random"}, "'pretrained_cfg.interpolation' is 'random'"),
+    ({"crop_pct": 1.5}, "'pretrained_cfg.crop_pct' is 1.5"),
+    ({"input_size": [3, 224, 160]}, "'pretrained_cfg.input_size'"),
+    ({"mean": "imagenet"}, "'pretrained_cfg.mean'"),
+])
+def test_a_preprocessing_trex_hub_cannot_reproduce_is_refused(tmp_path, changes, field):
+    """Not replaced silently by the transfer preset with ImageNet statistics."""
+    net = timm.create_model("resnet18", num_classes=0)
+    timm.models.save_for_hf(net, tmp_path / "t", safe_serialization=True)
+    cfg = json.loads((tmp_path / "t" / "config.json").read_text())
+    cfg["pretrained_cfg"]["mean"] = [0.4815, 0.4578, 0.4082]
+    cfg["pretrained_cfg"].update(changes)
+    (tmp_path / "t" / "config.json").write_text(json.dumps(cfg))
+    for pretrained in (True, False):
+        with pytest.raises(CheckpointError, match=field):
+            trex_hub.load(tmp_path / "t", pretrained=pretrained)
+    cfg["pretrained_cfg"] = [1]
+    (tmp_path / "t" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="'pretrained_cfg' must be an object, found list"):
+        trex_hub.load(tmp_path / "t")
+
+
+def test_a_timm_pretrained_cfg_keeps_its_statistics(tmp_path):
+    net = timm.create_model("resnet18", num_classes=0)
+    timm.models.save_for_hf(net, tmp_path / "t", safe_serialization=True)
+    cfg = json.loads((tmp_path / "t" / "config.json").read_text())
+    clip = ([0.4815, 0.4578, 0.4082], [0.2686, 0.2613, 0.2758])
+    cfg["pretrained_cfg"].update(mean=clip[0], std=clip[1], crop_pct=0.875,
+                                 interpolation="bilinear")
+    del cfg["pretrained_cfg"]["input_size"]  # absent: timm's default 224
+    (tmp_path / "t" / "config.json").write_text(json.dumps(cfg))
+    pre = trex_hub.load(tmp_path / "t").preprocess_config
+    assert (pre.mean, pre.std) == (tuple(clip[0]), tuple(clip[1]))
+    assert (pre.resize, pre.crop, pre.interpolation) == (256, 224, "bilinear")

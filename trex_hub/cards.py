@@ -2,12 +2,18 @@
 
 A card is a head followed by sections. The head depends on what the weights are:
 
-* a released model (``name`` in the registry): its hand-written card from ``model_cards/`` when
-  the source checkout has one, else one built from the registry facts (licence, metrics,
+* a released model (``name`` in the registry, ``config["arch"]`` the release's architecture and
+  no ``derived_from`` in the config): its hand-written card from ``model_cards/`` (installed as
+  ``trex_hub/model_cards/``), else one built from the registry facts (licence, metrics,
   citation);
 * a model converted from a training checkpoint by ``trex-train export`` (``config.json`` has a
   ``source_checkpoint``): a card that says it is *not* a released model;
-* anything else: a short generic card.
+* anything else: a short generic card, with the licence ``config.json`` records and, for weights
+  derived from a release or named after one they are not, a line that says so.
+
+``derived_from`` is written by :func:`provenance`: the loader records the digest of a release's
+weights when it loads them (``pretrained_cfg["release_digest"]``), and weights that no longer
+match it when they are exported (fine-tuned, converted) are the release's derivatives.
 
 A timm-format export (``save_pretrained(format="timm")``) gets :func:`render_timm_card`: the same
 facts, told for a timm user.
@@ -17,13 +23,23 @@ how to load it) and, when present, the training settings.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from . import registry
 from .preprocess import PRESETS, preprocess_from_timm
 
-_CARDS_DIR = Path(__file__).resolve().parents[1] / "model_cards"  # present in a source checkout
+
+def _cards_dir() -> Path:
+    """``model_cards/``: inside the installed package (setup.cfg maps it there), or at the top of
+    a source checkout."""
+    here = Path(__file__).resolve().parent
+    installed = here / "model_cards"
+    return installed if installed.is_dir() else here.parent / "model_cards"
+
+
+_CARDS_DIR = _cards_dir()
 TAGS = ["image-feature-extraction", "transfer-learning", "resnet", "t-rex", "trex_hub"]
 
 
@@ -100,13 +116,78 @@ def _trained_head(title: str, license: Optional[str]) -> Tuple[Any, str]:
     return data, head
 
 
-def _generic_head(title: str, license: Optional[str]) -> Tuple[Any, str]:
+def _entry(name: Any) -> Optional[registry.ModelEntry]:
+    return registry.get_entry(name) if isinstance(name, str) and registry.is_known(name) else None
+
+
+def provenance(model: Any, *, name: Optional[str] = None,
+               license: Optional[str] = None) -> Dict[str, Any]:
+    """What an export's ``config.json`` records about where ``model``'s weights come from:
+    ``license`` (``license``, else the one the model was loaded with, else the release's for a
+    model of its architecture named after it) and ``derived_from`` (the release the weights
+    were loaded from when they no longer match the digest the loader recorded, or the
+    ``derived_from`` they were loaded with). Absent values are left out."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    derived = cfg.get("derived_from")
+    digest = cfg.get("release_digest")
+    if derived is None and digest and cfg.get("release"):
+        from .model import weights_digest  # ~0.06 s for a ResNet-50, only for a release
+
+        if weights_digest(model) != digest:
+            derived = cfg["release"]
+    entry = _entry(name or cfg.get("name"))
+    if license is None:
+        license = cfg.get("license")
+    if license is None and entry is not None and entry.arch == getattr(model, "arch", None):
+        license = entry.license
+    return {k: v for k, v in (("license", license), ("derived_from", derived)) if v}
+
+
+#: what an export records about its weights (:func:`trex_hub.cards.provenance`): put into the
+#: card and into ``pretrained_cfg`` by the loader, so short plain text only
+_LICENSE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}")
+
+
+def check_provenance(config: Dict[str, Any]) -> Dict[str, Any]:
+    """``config`` when its ``license`` / ``derived_from`` (untrusted, like the rest of a
+    ``config.json``) are short plain text; else ``ConfigFieldError`` naming the field."""
+    from .configschema import ConfigFieldError
+
+    lic, derived = config.get("license"), config.get("derived_from")
+    if lic is not None and not (isinstance(lic, str) and _LICENSE_RE.fullmatch(lic)):
+        raise ConfigFieldError(f"config field 'license' must be a licence id such as "
+                               f"'cc-by-nc-sa-4.0', found {lic!r}"[:300])
+    if derived is not None and not (isinstance(derived, str) and 0 < len(derived) <= 200
+                                    and derived.isprintable() and "`" not in derived):
+        raise ConfigFieldError(f"config field 'derived_from' must be a model name, found "
+                               f"{derived!r}"[:300])
+    return config
+
+
+def _release_note(entry: Optional[registry.ModelEntry], config: Dict[str, Any],
+                  arch: Optional[str]) -> str:
+    """Why a model named after a release, or derived from one, does not get its card."""
+    derived = config.get("derived_from")
+    if derived:
+        return (f"\nDerived from the released t-ReX model `{derived}`: its weights changed after "
+                "they were loaded (fine-tuned, converted or edited), so the release's card and "
+                "metrics do not describe them. The licence of the release applies to "
+                "derivatives.\n")
+    if entry is not None and arch != entry.arch:
+        return (f"\nExported under the name of the released model `{entry.name}`, but it is a "
+                f"{arch}, not that release's {entry.arch}: the release's card and metrics do not "
+                "describe it.\n")
+    return ""
+
+
+def _generic_head(title: str, license: Optional[str], note: str = "") -> Tuple[Any, str]:
     from huggingface_hub import ModelCardData
 
     data = ModelCardData(license=license, library_name="trex_hub", tags=TAGS,
                          pipeline_tag="image-feature-extraction")
+    lic = f"\nLicence of the weights: {license}.\n" if license else ""
     return data, (f"# {title}\n\nA t-ReX-style model exported with trex_hub. Method: "
-                  f"{registry.PAPER_URL}\n")
+                  f"{registry.PAPER_URL}\n{note}{lic}")
 
 
 def render_card(config: Dict[str, Any], *, name: Optional[str] = None,
@@ -114,13 +195,17 @@ def render_card(config: Dict[str, Any], *, name: Optional[str] = None,
     """The :class:`huggingface_hub.ModelCard` of an exported model (see the module doc)."""
     from huggingface_hub import ModelCard
 
-    entry = registry.get_entry(name) if name and registry.is_known(name) else None
+    entry = _entry(name)
     trained = bool(config.get("source_checkpoint"))
     sections = files_section(config, repo_id) + training_section(config)
     title = name or config.get("name") or config["arch"]
+    license = license or config.get("license")
+    released = entry is not None and entry.arch == config["arch"] \
+        and not config.get("derived_from")
     if trained:
         data, head = _trained_head(title, license)
-    elif entry is not None:
+    elif released:
+        assert entry is not None
         hand_written = _CARDS_DIR / f"{entry.name}.md"
         if hand_written.is_file():
             card = ModelCard.load(hand_written)
@@ -128,7 +213,7 @@ def render_card(config: Dict[str, Any], *, name: Optional[str] = None,
             return card
         data, head = _released_head(entry)
     else:
-        data, head = _generic_head(title, license)
+        data, head = _generic_head(title, license, _release_note(entry, config, config["arch"]))
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{head}{sections}")
 
 
@@ -140,15 +225,18 @@ def render_timm_card(config: Dict[str, Any], *, name: Optional[str] = None,
     ``pretrained_cfg``)."""
     from huggingface_hub import ModelCardData
 
-    entry = registry.get_entry(name) if name and registry.is_known(name) else None
+    entry = _entry(name)
+    ours = config.get("trex_hub") if isinstance(config.get("trex_hub"), dict) else {}
+    arch = ours.get("arch") or str(config["architecture"]).split(".")[0]
+    release_note = _release_note(entry, ours, arch)
+    if release_note:  # not the release's weights: not its figures
+        entry = None
     data = ModelCardData(license=license, library_name="timm",
                          tags=["image-feature-extraction", "timm", "t-rex", "trex_hub"],
                          pipeline_tag="image-feature-extraction")
     target = f"hf-hub:{repo_id}" if repo_id else "hf-hub:ORG/REPO"
     pre = config["pretrained_cfg"]
-    geo = preprocess_from_timm(pre) or {"resize": pre["input_size"][1],
-                                        "crop": pre["input_size"][1],
-                                        "interpolation": pre["interpolation"]}
+    geo = preprocess_from_timm(pre)
     steps = f"Resize {geo['resize']} {geo['interpolation']} + CenterCrop {geo['crop']}"
     t = PRESETS["transfer"]
     note = (" (the paper's transfer protocol)"
@@ -156,7 +244,7 @@ def render_timm_card(config: Dict[str, Any], *, name: Optional[str] = None,
                                                                      t.interpolation) else "")
     paper = pre.get("paper_name") or registry.PAPER_URL
     ids = pre.get("paper_ids")
-    facts = ""
+    facts = release_note
     if entry is not None:
         facts = (f"\n{entry.description}\n\n- ImageNet-1K top-1: {entry.imagenet_top1} %\n"
                  f"- mean transfer log-odds (15 datasets): {entry.transfer_log_odds}\n")

@@ -292,6 +292,7 @@ def read_config(path: PathLike, config: Any = None) -> Dict[str, Any]:
     """The ``config.json`` of an exported model (architecture, heads, preprocessing), validated
     against :mod:`trex_hub.configschema` (types, bounds) before anything is built from it;
     ``config`` is its already parsed content, if the caller has it."""
+    from .cards import check_provenance
     from .configschema import ConfigFieldError, validate_config
     from .timm_format import config_from_timm, is_timm_config
 
@@ -300,7 +301,7 @@ def read_config(path: PathLike, config: Any = None) -> Dict[str, Any]:
     try:
         if is_timm_config(config):  # a timm folder's config.json (pretrained=False reads it)
             config = config_from_timm(config)
-        return validate_config(config)
+        return check_provenance(validate_config(config))
     except ConfigFieldError as exc:
         raise CheckpointError(f"{path}: {exc}; fix the file or export the model again with "
                               "trex_hub.save_pretrained") from None
@@ -345,14 +346,25 @@ def _list(keys: List[str], n: int = 8) -> str:
     return ", ".join(keys[:n]) + more
 
 
+def _dtype_kind(t: torch.Tensor) -> str:
+    return "bool" if t.dtype == torch.bool else "complex" if t.is_complex() else \
+        "floating" if t.is_floating_point() else "integer"
+
+
 def load_into(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: str = "") -> None:
-    """Strictly copy ``state`` into ``model``: any missing, unexpected or mis-shaped tensor is an
-    error naming the keys. (Only BatchNorm ``num_batches_tracked`` counters may be absent.)"""
+    """Strictly copy ``state`` into ``model``: a missing, unexpected or mis-shaped tensor, or one
+    of the wrong kind (integer / bool for float, or the reverse: ``load_state_dict`` would cast
+    it silently; fp16 / bf16 are cast as usual) is an error naming the keys. (Only BatchNorm
+    ``num_batches_tracked`` counters may be absent.)"""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     shapes = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
               for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    dtypes = [f"{k} {str(state[k].dtype).replace('torch.', '')} (expected "
+              f"{'an' if _dtype_kind(v) == 'integer' else 'a'} {_dtype_kind(v)} type)"
+              for k, v in expected.items()
+              if k in state and _dtype_kind(state[k]) != _dtype_kind(v)]
     problems = []
     if missing:
         problems.append(f"missing: {_list(missing)}")
@@ -360,6 +372,8 @@ def load_into(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: st
         problems.append(f"unexpected: {_list(unexpected)}")
     if shapes:
         problems.append(f"wrong shape: {_list(shapes)}")
+    if dtypes:
+        problems.append(f"wrong dtype: {_list(dtypes, 4)}")
     if problems:
         raise CheckpointError(f"{source or 'checkpoint'} does not fit the "
                               f"{getattr(model, 'arch', '')} t-ReX model; " + "; ".join(problems))
@@ -386,6 +400,7 @@ def build_model(ckpt: Checkpoint, *, projector: bool = True, name: Optional[str]
         cfg["name"] = name
     model = _uninitialised(cfg)
     load_into(model, state, ckpt.source)
+    model.pretrained_cfg.update({k: cfg[k] for k in ("license", "derived_from") if cfg.get(k)})
     return model
 
 
@@ -406,15 +421,20 @@ def _uninitialised(cfg: Dict[str, Any]) -> TReX:
 # Writing
 # --------------------------------------------------------------------------------------------
 def save_safetensors(model: TReX, folder: PathLike,
-                     extra_config: Optional[Dict[str, Any]] = None) -> Path:
-    """Write ``model.safetensors`` (tensors only) + ``config.json`` into ``folder`` atomically."""
+                     extra_config: Optional[Dict[str, Any]] = None, *,
+                     name: Optional[str] = None, license: Optional[str] = None) -> Path:
+    """Write ``model.safetensors`` (tensors only) + ``config.json`` into ``folder`` atomically;
+    the config records the licence and derivation (:func:`trex_hub.cards.provenance`)."""
     from safetensors.torch import save
+
+    from .cards import provenance
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     config = model.config()
     config.update({"format": "trex_hub", "format_version": FORMAT_VERSION})
+    config.update(provenance(model, name=name, license=license))
     if extra_config:
         config.update(extra_config)
     blob = save(tensors, metadata={"format": "pt"})

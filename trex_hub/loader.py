@@ -17,7 +17,7 @@ from . import mirrors, registry
 from .checkpoint import Checkpoint, CheckpointError, build_model, read_checkpoint, read_config
 from .fileio import PathLike
 from .hub import cache, hf
-from .model import TReX
+from .model import TReX, weights_digest
 from .resolve import HUB, LOCAL, RELEASE, ModelLoadError, WeightsSource
 from .safeload import REDOWNLOAD_HINT
 
@@ -141,7 +141,27 @@ def read_architecture(src: WeightsSource, *, ema: bool = False,
 
 
 def _model_name(src: WeightsSource, config: Dict[str, Any]) -> str:
+    """A registry model's name, a Hub model's id (a repository can name itself anything,
+    a release included: the id says where it came from), a local export's own name."""
     return src.name if src.kind != LOCAL else (config.get("name") or src.name)
+
+
+def _record_provenance(model: TReX, src: WeightsSource, config: Dict[str, Any]) -> None:
+    """Where the weights come from, on ``model.pretrained_cfg`` for the exporters (cards, timm,
+    ONNX). ``build_model`` has put the checkpoint's own ``license`` / ``derived_from`` there; a
+    release gets the registry's licence, ``release`` and ``release_digest`` (its weights'
+    :func:`~trex_hub.model.weights_digest`, so that an export can tell whether they changed);
+    an older export without a licence, named after a release of its architecture, the
+    release's licence."""
+    cfg = model.pretrained_cfg
+    if src.entry is not None:
+        cfg.update(license=src.entry.license, release=src.entry.name,
+                   release_digest=weights_digest(model))
+        return
+    named = config.get("name")
+    entry = registry.get_entry(named) if registry.is_known(named) else None
+    if not cfg.get("license") and entry is not None and entry.arch == config.get("arch"):
+        cfg["license"] = entry.license
 
 
 def build(src: WeightsSource, *, projector: bool = False, pretrained: bool = True,
@@ -167,8 +187,10 @@ def build(src: WeightsSource, *, projector: bool = False, pretrained: bool = Tru
     name = _model_name(src, config)
     preprocess = src.entry.preprocess.to_dict() if src.entry is not None else None
     if pretrained:
-        return build_model(ckpt, projector=projector, name=name, preprocess=preprocess)
-    cfg = dict(config, classifier=None, name=name)
+        model = build_model(ckpt, projector=projector, name=name, preprocess=preprocess)
+        _record_provenance(model, src, config)
+        return model
+    cfg = dict(config, classifier=None, name=name)  # random weights: no provenance recorded
     if not projector:
         cfg["projector"] = None
     return TReX.from_config(cfg)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Tuple, Union
 
 IMAGENET_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -82,23 +82,38 @@ def as_preprocess_config(value: PreprocessLike) -> PreprocessConfig:
     return PreprocessConfig.from_dict(value)
 
 
-def preprocess_from_timm(pre: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+def preprocess_from_timm(pre: Mapping[str, Any]) -> Dict[str, Any]:
     """Our ``preprocess`` dict from timm's ``pretrained_cfg`` (``input_size``, ``crop_pct``,
-    ``interpolation``, ``mean`` / ``std``; resize = floor(crop / crop_pct) as timm computes it),
-    or ``None`` when it says something else than resize + centre crop (its values are then
-    checked by the config schema like any other)."""
-    try:
-        crop = int(pre["input_size"][-1])
-        pct = float(pre.get("crop_pct", 1.0))
-        if pre.get("crop_mode", "center") != "center" or not 0.0 < pct <= 1.0:
-            return None
-        if pre.get("interpolation", "bicubic") not in INTERPOLATIONS:
-            return None
-        out = {"resize": int(math.floor(crop / pct + 1e-3)), "crop": crop,
-               "interpolation": pre.get("interpolation", "bicubic")}
-        for key in ("mean", "std"):
-            if key in pre:
-                out[key] = [float(v) for v in pre[key]]
-        return out
-    except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError):
-        return None
+    ``interpolation``, ``mean`` / ``std``; resize = floor(crop / crop_pct) as timm computes it).
+    Keys it lacks keep the transfer preset's values; the sizes and statistics are then checked by
+    the config schema like any other. A preprocessing trex_hub cannot reproduce (a ``crop_mode``
+    other than ``"center"``, an interpolation other than bicubic / bilinear / nearest, a
+    ``crop_pct`` outside (0, 1], values of the wrong type) is a ``ValueError`` naming the field:
+    loading the weights with another preprocessing than theirs would change the features
+    silently."""
+    def bad(key: str, what: str) -> ValueError:
+        return ValueError(f"timm config field 'pretrained_cfg.{key}' is {pre.get(key)!r}"[:200]
+                          + f": {what}")
+
+    how = "trex_hub preprocesses by resize + centre crop only; load these weights with timm"
+    if pre.get("crop_mode", "center") != "center":
+        raise bad("crop_mode", f"{how} (or set it to 'center' to use a centre crop)")
+    interpolation = pre.get("interpolation", "bicubic")
+    if interpolation not in INTERPOLATIONS:
+        raise bad("interpolation", f"use one of {', '.join(INTERPOLATIONS)}; {how}")
+    size = pre.get("input_size", [3, PRESETS["transfer"].crop, PRESETS["transfer"].crop])
+    if not isinstance(size, (list, tuple)) or len(size) != 3 or size[1] != size[2] \
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
+        raise bad("input_size", "expected [3, S, S] with an integer side S")
+    pct = pre.get("crop_pct", 1.0)
+    if isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 0.0 < pct <= 1.0:
+        raise bad("crop_pct", f"expected a number in (0, 1]; {how}")
+    crop = size[-1]
+    out: Dict[str, Any] = {"resize": int(math.floor(crop / pct + 1e-3)), "crop": crop,
+                           "interpolation": interpolation}
+    for key in ("mean", "std"):
+        if key in pre:
+            if not isinstance(pre[key], (list, tuple)):
+                raise bad(key, "expected a list of 3 numbers")
+            out[key] = list(pre[key])
+    return out

@@ -71,12 +71,16 @@ def pretrained_cfg(arch: str, *, name: Optional[str] = None, license: Optional[s
 
 
 def timm_config(model: Any, *, name: Optional[str] = None,
-                license: Optional[str] = None) -> Dict[str, Any]:
+                license: Optional[str] = None,
+                derived_from: Optional[str] = None) -> Dict[str, Any]:
     """The ``config.json`` timm reads for ``model``'s backbone."""
     arch = getattr(model, "arch", None)
     if arch not in TIMM_ARCHITECTURES:
         raise ValueError(f"format='timm' supports {', '.join(TIMM_ARCHITECTURES)} backbones; "
                          f"this model is a {arch!r}")
+    ours: Dict[str, Any] = {"name": name, "arch": arch, "format": "timm"}
+    if derived_from:
+        ours["derived_from"] = derived_from
     return {
         "architecture": TIMM_ARCHITECTURES[arch],
         "num_classes": 0,
@@ -85,14 +89,8 @@ def timm_config(model: Any, *, name: Optional[str] = None,
         "pretrained_cfg": pretrained_cfg(arch, name=name, license=license,
                                          preprocess=getattr(model, "preprocess_config", None)),
         # provenance for trex_hub itself; timm ignores keys it does not know
-        "trex_hub": {"name": name, "arch": arch, "format": "timm"},
+        "trex_hub": ours,
     }
-
-
-def _registry_facts(name: Optional[str]):
-    from . import registry
-
-    return registry.get_entry(name) if name and registry.is_known(name) else None
 
 
 def save_timm(model: Any, folder: PathLike, *, name: Optional[str] = None,
@@ -100,16 +98,20 @@ def save_timm(model: Any, folder: PathLike, *, name: Optional[str] = None,
     """Write ``model``'s backbone as a timm folder (``model.safetensors``, ``config.json``,
     ``README.md``); ``timm.create_model("hf-hub:...")`` or ``local-dir:`` loads it.
 
-    ``name`` (default: the model's own name) picks the licence of a released model from the
-    registry unless ``license`` is given. A projector or classifier is not exported: timm
-    rebuilds the bare backbone.
+    ``name`` (default: the model's own name) names the export. The licence is ``license``, else
+    the one the model was loaded with (``pretrained_cfg["license"]``), else the registry's for a
+    model of a release's architecture named after it (:func:`trex_hub.cards.provenance`). A
+    projector or classifier is not exported: timm rebuilds the bare backbone.
     """
     from safetensors.torch import save
 
+    from .cards import provenance
+
     name = name or (getattr(model, "pretrained_cfg", None) or {}).get("name")
-    entry = _registry_facts(name)
-    license = license or (entry.license if entry is not None else None)
-    config = timm_config(model, name=name, license=license)
+    facts = provenance(model, name=name, license=license)
+    license = facts.get("license")
+    config = timm_config(model, name=name, license=license,
+                         derived_from=facts.get("derived_from"))
     tensors = {k: v.detach().to("cpu").contiguous()
                for k, v in model.backbone.state_dict().items() if not k.startswith("fc.")}
     folder = Path(folder)
@@ -129,10 +131,44 @@ _PLAIN_RESNET_KEY = re.compile(
     r"downsample\.[01]\.\w+)|fc\.(weight|bias))$")
 
 
+# timm model_args that do not change what the network computes in eval mode (the classifier is
+# dropped anyway; dropout and drop-path are identities in eval; zero_init_last is an init)
+_HARMLESS_ARGS = {"num_classes", "drop_rate", "drop_path_rate", "drop_block_rate",
+                  "zero_init_last"}
+
+
+def _check_network_fields(config: Dict[str, Any]) -> None:
+    """Refuse (``ValueError`` naming the field) what makes timm build another network than the
+    plain ResNet trex_hub rebuilds: a pooling other than average, other input channels, or any
+    other constructor argument (``output_stride``, ``block_args``...)."""
+    fix = "trex_hub rebuilds the plain ResNet with average pooling; load it with timm"
+    args = config.get("model_args")
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise ValueError(f"timm config field 'model_args' must be an object, found "
+                         f"{type(args).__name__}")
+    for field, value in (("global_pool", config.get("global_pool")),
+                         ("model_args.global_pool", args.get("global_pool"))):
+        if value is not None and value != "avg":  # absent or null: timm's default, avg
+            raise ValueError(f"timm config field '{field}' is {value!r}"[:200]
+                             + f" (not 'avg'): {fix}")
+    if args.get("in_chans", 3) != 3:
+        raise ValueError(f"timm config field 'model_args.in_chans' is {args['in_chans']!r}"[:200]
+                         + f" (not 3): {fix}")
+    other = sorted(set(args) - _HARMLESS_ARGS - {"global_pool", "in_chans"})
+    if other:
+        raise ValueError(f"timm config field 'model_args.{other[0]}' changes the network "
+                         f"(trex_hub accepts {', '.join(sorted(_HARMLESS_ARGS))}, "
+                         f"in_chans 3, global_pool 'avg'): {fix}")
+
+
 def config_from_timm(config: Dict[str, Any]) -> Dict[str, Any]:
     """A timm ``config.json`` -> the trex_hub config that rebuilds the same backbone (arch,
-    features, name, preprocessing from its ``pretrained_cfg``). Raises ``ValueError`` (one line:
-    what and how to fix) for another architecture."""
+    features, name, licence, preprocessing from its ``pretrained_cfg``). Raises ``ValueError``
+    (one line: what and how to fix) for another architecture, for fields that make timm build
+    another network (``global_pool``, ``model_args``) and for a preprocessing trex_hub cannot
+    reproduce."""
     arch_name = str(config.get("architecture"))
     base = arch_name.split(".")[0]  # "resnet50.a1_in1k" -> "resnet50"
     ours = {v: k for k, v in TIMM_ARCHITECTURES.items()}.get(base)
@@ -140,14 +176,20 @@ def config_from_timm(config: Dict[str, Any]) -> Dict[str, Any]:
         raise ValueError(f"a timm '{arch_name}' model is not a t-ReX backbone; trex_hub loads "
                          f"timm folders of {', '.join(TIMM_ARCHITECTURES)} only (load other "
                          "timm models with timm.create_model)")
-    pre = config.get("pretrained_cfg") if isinstance(config.get("pretrained_cfg"), dict) else {}
+    _check_network_fields(config)
+    pre = config.get("pretrained_cfg", {})
+    if not isinstance(pre, dict):
+        raise ValueError(f"timm config field 'pretrained_cfg' must be an object, found "
+                         f"{type(pre).__name__}")
     extra = config.get("trex_hub") if isinstance(config.get("trex_hub"), dict) else {}
     cfg: Dict[str, Any] = {"arch": ours, "num_features": config.get("num_features"),
                            "projector": None, "classifier": None,
-                           "name": extra.get("name") or pre.get("tag")}
-    preprocess = preprocess_from_timm(pre)
-    if preprocess is not None:
-        cfg["preprocess"] = preprocess
+                           "name": extra.get("name") or pre.get("tag"),
+                           "preprocess": preprocess_from_timm(pre)}
+    for key, value in (("license", pre.get("license")),
+                       ("derived_from", extra.get("derived_from"))):
+        if value is not None:
+            cfg[key] = value  # checked by read_config like our own config.json's
     return cfg
 
 

@@ -286,22 +286,28 @@ def upload_folder(folder: PathLike, repo_id: str, *, token: Union[str, bool, Non
                   commit_message: str = "Upload t-ReX model (trex_hub)",
                   create_repo: bool = True, endpoint: Optional[str] = None) -> str:
     """Upload the files of ``folder`` to the model repository ``repo_id``; returns the commit
-    URL. Failures are an :class:`UploadError` with one line naming the repository and the fix."""
+    URL. ``"org/repo@branch"`` or ``revision="branch"`` commits to that branch, created from the
+    default branch when missing (``refs/pr/N`` commits to that pull request); a commit id is
+    refused. Failures are an :class:`UploadError` with one line naming the repository and the
+    fix."""
     from huggingface_hub import HfApi
     from huggingface_hub import errors as hf_errors
 
     if is_offline():  # the switch promises no network at all, uploads included
         raise OfflineError(f"offline mode is on (TREX_HUB_OFFLINE / HF_HUB_OFFLINE): uploading to "
                            f"'{repo_id}' needs the network; unset it to upload")
-    repo_id, _ = parse_hf_id(repo_id)
-    if revision is not None:
-        check_revision(revision, repo_id)
+    repo_id, revision = parse_hf_id(repo_id, revision)
+    if revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision):
+        raise ValueError(f"{HF_PREFIX}{repo_id}@{revision}: an upload is a new commit on a "
+                         "branch, not onto a commit id; name a branch (org/repo@branch)")
     ep = _endpoint(endpoint)
     api = HfApi(endpoint=ep, token=token, library_name="trex_hub",
                 library_version=__version__)
     try:
         if create_repo:
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision not in (None, "main") and not revision.startswith("refs/"):
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
                                  commit_message=commit_message, repo_type="model")
     except Exception as exc:  # noqa: BLE001 - sorted into one line below, others re-raised
