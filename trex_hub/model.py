@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from .preprocess import PreprocessConfig, PreprocessLike, as_preprocess_config
+from .preprocess import PreprocessConfig, PreprocessLike, as_preprocess_config, timm_crop_pct
 
 # Backbones we can rebuild, with the width of their pooled feature.
 BACKBONE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048,
@@ -238,7 +238,7 @@ class TReX(nn.Module):
                 if k not in _PREPROCESS_KEYS}
         self.pretrained_cfg: Dict[str, Any] = {
             **keep, "input_size": (3, cfg.crop, cfg.crop), **asdict(cfg),
-            "crop_pct": round(cfg.crop / cfg.resize, 6), "crop_mode": "center"}
+            "crop_pct": timm_crop_pct(cfg), "crop_mode": "center"}
 
     def config(self) -> Dict[str, Any]:
         """What is needed to rebuild this architecture (written to ``config.json``)."""

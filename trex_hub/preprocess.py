@@ -82,6 +82,15 @@ def as_preprocess_config(value: PreprocessLike) -> PreprocessConfig:
     return PreprocessConfig.from_dict(value)
 
 
+def timm_crop_pct(cfg: PreprocessConfig) -> float:
+    """timm's ``crop_pct`` for ``cfg``: timm resizes to ``floor(crop / crop_pct)``, so the plain
+    ratio, rounded to 6 digits, can land one pixel short (224 / 235); then a ratio aimed at the
+    middle of the pixel is used. :func:`preprocess_from_timm` reads either back exactly."""
+    pct = round(cfg.crop / cfg.resize, 6)
+    return pct if math.floor(cfg.crop / pct) == cfg.resize else \
+        round(cfg.crop / (cfg.resize + 0.5), 6)
+
+
 def preprocess_from_timm(pre: Mapping[str, Any]) -> Dict[str, Any]:
     """Our ``preprocess`` dict from timm's ``pretrained_cfg`` (``input_size``, ``crop_pct``,
     ``interpolation``, ``mean`` / ``std``; resize = floor(crop / crop_pct) as timm computes it).

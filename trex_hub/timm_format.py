@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from .cards import render_timm_card
 from .fileio import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, PathLike, atomic_write
-from .preprocess import PRESETS, PreprocessConfig, preprocess_from_timm
+from .preprocess import PRESETS, PreprocessConfig, preprocess_from_timm, timm_crop_pct
 
 
 # our arch -> timm's architecture name (the same network and module names in both libraries)
@@ -52,7 +52,7 @@ def pretrained_cfg(arch: str, *, name: Optional[str] = None, license: Optional[s
         "input_size": [3, pre.crop, pre.crop],
         "fixed_input_size": False,
         "interpolation": pre.interpolation,
-        "crop_pct": round(pre.crop / pre.resize, 6),
+        "crop_pct": timm_crop_pct(pre),
         "crop_mode": "center",
         "mean": list(pre.mean),
         "std": list(pre.std),
