@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -381,3 +382,25 @@ def test_a_changed_release_gets_a_derived_card_with_the_licence(trex_star, tmp_p
     again = trex_hub.save_pretrained(trex_hub.load(folder), tmp_path / "again")
     assert "Derived from the released" in (again / "README.md").read_text()
     assert json.loads((again / "config.json").read_text())["license"] == LICENSE
+
+
+def test_offline_touches_no_server_even_in_a_fresh_process(hub, tmp_path):
+    """local_files_only alone let huggingface_hub fetch /api/agent-harnesses for its headers,
+    once per process (a test process has it cached, hence a fresh interpreter): an offline
+    load and `trex-download --verify hf-hub:...` (offline by design) must send nothing."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.pop("HF_HUB_OFFLINE", None)
+    code = ("import sys, trex_hub\n"
+            "try:\n    trex_hub.load('hf-hub:org/none')\n"
+            "except trex_hub.hub.cache.OfflineError:\n    sys.exit(3)\n")
+    run = subprocess.run([sys.executable, "-c", code], env=dict(env, TREX_HUB_OFFLINE="1"),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 3, run.stderr
+    run = subprocess.run([sys.executable, "-m", "trex_hub.cli.download", "--verify",
+                          "hf-hub:org/none"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert "not cached" in run.stdout + run.stderr
+    assert hub.log == []

@@ -11,11 +11,12 @@ torch modules.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ..fileio import CONFIG_NAME, WEIGHTS_NAME, PathLike
 from ..version import __version__
@@ -114,6 +115,22 @@ def hf_cache_dir(cache_dir: Optional[PathLike] = None) -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
+@contextlib.contextmanager
+def _client_offline(offline: bool) -> Iterator[None]:
+    """huggingface_hub's own offline switch, on while ``offline``: ``local_files_only`` alone
+    still lets the client fetch ``/api/agent-harnesses`` for its request headers (2.x), once per
+    process, so an offline load touched the network. The switch is read at call time; restored
+    after."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = saved or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
 def _download_files(repo_id: str, rev: Optional[str], names: Sequence[str], *,
                     cache_dir: Optional[PathLike], token: Union[str, bool, None],
                     force_download: bool, offline: Optional[bool], endpoint: Optional[str],
@@ -135,13 +152,14 @@ def _download_files(repo_id: str, rev: Optional[str], names: Sequence[str], *,
     try:
         paths: List[Path] = []
         pinned = rev
-        for name in names:
-            local = hf_hub_download(repo_id, name, revision=pinned, cache_dir=str(cache),
-                                    token=token, endpoint=ep, local_files_only=offline,
-                                    force_download=force_download, library_name="trex_hub",
-                                    library_version=__version__)
-            paths.append(Path(local))
-            pinned = Path(local).parent.name if not offline else pinned  # same commit for all
+        with _client_offline(offline):
+            for name in names:
+                local = hf_hub_download(repo_id, name, revision=pinned, cache_dir=str(cache),
+                                        token=token, endpoint=ep, local_files_only=offline,
+                                        force_download=force_download, library_name="trex_hub",
+                                        library_version=__version__)
+                paths.append(Path(local))
+                pinned = Path(local).parent.name if not offline else pinned  # one commit
     except hf_errors.LocalEntryNotFoundError:
         if offline:
             raise OfflineError(
