@@ -7,6 +7,7 @@ names only.
 from __future__ import annotations
 
 import os
+import shlex
 import urllib.parse
 from pathlib import Path
 from typing import Dict, Optional
@@ -83,9 +84,10 @@ def owner_of(filename: str) -> Optional[registry.ModelEntry]:
 
 def download_command(filename: str, path: Path) -> Optional[str]:
     """The ``trex-download`` command that puts ``filename`` at ``path`` (for offline errors), or
-    ``None`` for a file no registry model releases."""
+    ``None`` for a file no registry model releases; shell-quoted, to be pasted as printed."""
     entry = owner_of(filename)
     if entry is None:
         return None
     full = " --full" if entry.full_file and entry.full_file.filename == filename else ""
-    return f"trex-download {entry.name}{full} --cache-dir {path.parent}"
+    folder = shlex.quote(str(path.parent))
+    return f"trex-download {shlex.quote(entry.name)}{full} --cache-dir {folder}"

@@ -26,20 +26,25 @@ import json
 import logging
 import os
 import random
-import re
+import shlex
+import stat
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from ..fileio import PathLike, atomic_write, fsync_dir
-from .http import DownloadError, IntegrityError, download, env_float, mirror_hint, sha256_of
+from .http import DownloadError, IntegrityError, download, mirror_hint, sha256_of
+from .locks import DEFAULT_LOCK_TIMEOUT, LOCK_DIR, file_lock, lock_path
 from .partials import partial_path, private_partial_path, sweep_private_partials
 
 MANIFEST_SUFFIX = ".manifest.json"
-LOCK_DIR = ".locks"
-DEFAULT_LOCK_TIMEOUT = 3600.0  # how long to wait for another process's download of the same file
+__all__ = ["CacheLocationError", "CacheReadError", "CheckResult", "DEFAULT_LOCK_TIMEOUT",
+           "LOCK_DIR", "MANIFEST_SUFFIX", "OfflineError", "ReadOnlyCacheError", "cached_path",
+           "check_cached", "fetch", "fetch_checked", "fetch_distributed", "file_lock",
+           "get_cache_dir", "is_offline", "local_rank_zero_first", "lock_path", "manifest_path",
+           "partial_path", "read_manifest", "remove_cached", "way_online", "write_manifest"]
 
 #: ``check(path)`` reads a complete file and returns what it read, or raises ``ValueError`` (or a
 #: subclass) to reject it. Other exceptions pass through and leave the cache untouched.
@@ -54,6 +59,14 @@ class OfflineError(DownloadError):
 
 class ReadOnlyCacheError(DownloadError):
     """The cache cannot be written and does not hold the file asked for."""
+
+
+class CacheLocationError(DownloadError):
+    """No cache folder can be chosen (no home directory, and no ``TREX_HUB_CACHE``)."""
+
+
+class CacheReadError(DownloadError):
+    """A cached file exists but cannot be read (another user's file, without read access)."""
 
 
 _READ_ONLY_NOTED: set = set()
@@ -99,12 +112,26 @@ def get_cache_dir(cache_dir: Optional[PathLike] = None) -> Path:
         if not os.fspath(cache_dir):
             raise ValueError("the cache folder given is empty (''); name a folder, or leave it "
                              "out for the default (TREX_HUB_CACHE or ~/.cache/trex_hub)")
-        return Path(cache_dir).expanduser()
+        return _home_based(cache_dir, "the cache folder (--cache-dir / cache_dir=)")
     if os.environ.get("TREX_HUB_CACHE"):
-        return Path(os.environ["TREX_HUB_CACHE"]).expanduser()
+        return _home_based(os.environ["TREX_HUB_CACHE"], "TREX_HUB_CACHE")
     xdg = os.environ.get("XDG_CACHE_HOME")
-    root = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    root = _home_based(xdg, "XDG_CACHE_HOME") if xdg else _home_based("~/.cache", "")
     return root / "trex_hub"
+
+
+def _home_based(folder: PathLike, setting: str) -> Path:
+    """``folder`` with ``~`` expanded; without a home directory (HOME unset and a UID with no
+    passwd entry: a container run under an arbitrary UID) a :class:`CacheLocationError`."""
+    try:
+        return Path(folder).expanduser()
+    except RuntimeError:  # pathlib: "Could not determine home directory."
+        why = (f"HOME is unset and UID {os.getuid()} has no passwd entry"
+               if hasattr(os, "getuid") else "no HOME / USERPROFILE")
+        fix = (f"{setting}={os.fspath(folder)!r} starts with ~: give an absolute path" if setting
+               else "set TREX_HUB_CACHE (or --cache-dir / cache_dir=) to a folder you can write to")
+        raise CacheLocationError(f"no home directory to put the cache in ({why}): {fix}") \
+            from None
 
 
 def cached_path(filename: str, cache_dir: Optional[PathLike] = None) -> Optional[Path]:
@@ -173,6 +200,7 @@ def check_cached(path: PathLike, *, sha256: Optional[str] = None, size: Optional
         actual = p.stat().st_size
     except FileNotFoundError:
         return CheckResult(p, False, "missing")
+    _require_readable(p)
     man = read_manifest(p)
     if size is not None and actual != size:
         return CheckResult(p, False, f"size {actual} bytes, the registry says {size}", size=actual)
@@ -199,43 +227,26 @@ def check_cached(path: PathLike, *, sha256: Optional[str] = None, size: Optional
     return CheckResult(p, True, "", man["sha256"], actual)
 
 
-# --------------------------------------------------------------------------------------------
-# Locking
-# --------------------------------------------------------------------------------------------
-def lock_path(path: PathLike) -> Path:
-    p = Path(path)
-    return p.parent / LOCK_DIR / (re.sub(r"[^A-Za-z0-9_-]", "_", p.name) + ".lock")
-
-
-@contextlib.contextmanager
-def file_lock(path: PathLike, timeout: Optional[float] = None) -> Iterator[bool]:
-    """Hold the inter-process lock for cached file ``path``; yields whether it is held.
-
-    Where locks are not supported (some network file systems) or another process holds the lock
-    past ``timeout``, this yields ``False`` and the caller falls back to a private temp file: each
-    process then downloads on its own and the atomic rename keeps the result correct.
-    """
-    import filelock  # a dependency; imported on use so that `import trex_hub` stays light
-
-    if timeout is None:  # inf: wait as long as the other download takes
-        timeout = env_float("TREX_HUB_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT, finite=False)
-    lp = lock_path(path)
+def _require_readable(path: Path) -> None:
+    """Raise :class:`CacheReadError` when the cached ``path`` cannot be opened for reading
+    (written under umask 077 by another user of a shared cache), naming its owner and mode."""
     try:
-        lp.parent.mkdir(parents=True, exist_ok=True)
-        lock = filelock.FileLock(str(lp), timeout=timeout)
-        lock.acquire()
-    except filelock.Timeout:
-        log.warning("waited %.0fs for the lock %s; downloading without it", timeout, lp)
-        yield False
-        return
-    except OSError as exc:
-        log.warning("file locks unavailable (%s); downloading without a lock", exc)
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        lock.release()
+        os.close(os.open(path, os.O_RDONLY))
+    except PermissionError as exc:
+        try:
+            st = path.stat()
+            import pwd  # POSIX only, as is the problem
+
+            try:
+                owner = f"owner {pwd.getpwuid(st.st_uid).pw_name} (uid {st.st_uid})"
+            except KeyError:
+                owner = f"owner uid {st.st_uid}"
+            facts = f"; {owner}, mode {stat.S_IMODE(st.st_mode):04o}"
+        except (OSError, ImportError):
+            facts = ""
+        raise CacheReadError(f"the cached {path} cannot be read ({exc.strerror or exc}{facts}): "
+                             "ask its owner to `chmod g+r` it (a+r for everyone), or set "
+                             "TREX_HUB_CACHE to a folder of your own") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,8 +302,10 @@ def way_online() -> str:
 
 def _offline_message(filename: str, path: Path, url: Optional[str],
                      command: Optional[Callable[[Path], Optional[str]]]) -> str:
+    target = shlex.quote(str(path))
     cmd = ((command(path) if command is not None else None)
-           or (f"curl -fL -o {path} {url}" if url else f"curl -fL -o {path} <URL of {filename}>"))
+           or (f"curl -fL -o {target} {shlex.quote(url)}" if url
+               else f"curl -fL -o {target} '<URL of {filename}>'"))
     return (f"offline mode is on and '{filename}' is not cached (expected at {path}). On a "
             f"connected machine run `{cmd}` and copy the file there, or {way_online()}.")
 

@@ -1,10 +1,11 @@
 """HTTP(S) transport: one URL into one local file, resumed, retried and hashed.
 
-What this module does: proxies from the environment (never for loopback), ``Range`` requests to
-resume a partial file, retries with jittered exponential back-off (``Retry-After`` honoured),
-a progress bar on a terminal, and a SHA-256 of the complete file checked against the expected
-one. What it does not do: choose where files live, keep manifests or locks (``hub/cache.py``),
-or know which files exist (the registry, above ``hub/``).
+What this module does: ``Range`` requests to resume a partial file, retries with jittered
+exponential back-off (``Retry-After`` honoured; a host that cannot be resolved or connected to
+is retried once only), a progress bar on a terminal, and a SHA-256 of the complete file checked
+against the expected one. Proxies and the connect timeout: ``hub/connect.py``; the fixes its
+errors name: ``hub/advice.py``. What it does not do: choose where files live, keep manifests or
+locks (``hub/cache.py``), or know which files exist (the registry, above ``hub/``).
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ from typing import Optional, Tuple
 
 from ..fileio import PathLike
 from ..version import __version__
+from .advice import NO_SPACE, mirror_hint, no_space, proxy_refused, way_out
+from .connect import DEFAULT_CONNECT_TIMEOUT, ConnectFailure, Proxy, opener
 
 CHUNK = 1 << 20
 
@@ -35,8 +38,9 @@ DEFAULT_TIMEOUT = 30.0        # seconds without a byte before a connection count
 DEFAULT_RETRIES = 5           # extra attempts after the first one, for transient failures
 DEFAULT_BACKOFF = 1.0         # first back-off in seconds; doubles each retry (capped, jittered)
 MAX_BACKOFF = 30.0
-# extra attempts when the host name does not resolve: on a machine without network every
-# attempt fails at once, and five back-offs (about 30 s) would only delay the message
+# extra attempts when the host name does not resolve or no connection can be opened (refused,
+# unreachable, no answer within the connect timeout): on a machine without network, or a compute
+# node without a way out, every attempt fails alike and five back-offs would only delay the message
 DNS_RETRIES = 1
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,16 @@ class NotFoundError(DownloadError):
 
 class IntegrityError(DownloadError):
     """A file's bytes do not match the expected size or SHA-256; the bad file has been deleted."""
+
+
+class ProxyError(DownloadError):
+    """The proxy refused the request (407: it wants credentials; or it will not open a tunnel to
+    the host): retrying will not help."""
+
+
+class DiskFullError(DownloadError):
+    """The partial download could not be written (no space, quota, file size limit); it is kept
+    so that a rerun resumes it."""
 
 
 def env_float(name: str, default: float, *, low: float = 0.0, above: bool = False,
@@ -78,16 +92,6 @@ def env_float(name: str, default: float, *, low: float = 0.0, above: bool = Fals
     return value
 
 
-def mirror_hint(url: str) -> str:
-    """Where to look when the server at ``url`` failed: the setting that chose that server."""
-    env = os.environ.get("TREX_HUB_BASE_URL", "")
-    if env and url.startswith(env.rstrip("/") + "/"):
-        return f"check the mirror setting TREX_HUB_BASE_URL (now {env!r})"
-    return ("check the base URL it was built from: --base-url / base_url= or set_mirror() where "
-            "given, else TREX_HUB_BASE_URL" + (f" ({env!r})" if env else
-                                               " (unset: the official server)"))
-
-
 def sha256_of(path: PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -100,26 +104,20 @@ def user_agent() -> str:
     return f"trex_hub/{__version__} python/{sys.version_info[0]}.{sys.version_info[1]}"
 
 
-_LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
-
-
-def _opener(url: str) -> urllib.request.OpenerDirector:
-    """Proxies come from the environment (``https_proxy``, ``no_proxy``...), except for loopback."""
-    host = urllib.parse.urlsplit(url).hostname or ""
-    if host in _LOOPBACK:
-        return urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    return urllib.request.build_opener()  # ProxyHandler() reads the environment
-
-
 class _Transient(Exception):
     """A failure worth retrying (connection lost, timeout, 5xx, short body); ``unresolved``
-    names the host whose name did not resolve (retried :data:`DNS_RETRIES` times only)."""
+    names the host whose name did not resolve and ``unreachable`` the ``host:port`` that no
+    connection could be opened to (both retried :data:`DNS_RETRIES` times only); ``proxy`` is
+    set when that host was the proxy's."""
 
     def __init__(self, message: str, retry_after: Optional[float] = None,
-                 unresolved: Optional[str] = None):
+                 unresolved: Optional[str] = None, unreachable: Optional[str] = None,
+                 proxy: Optional[Proxy] = None):
         super().__init__(message)
         self.retry_after = retry_after
         self.unresolved = unresolved
+        self.unreachable = unreachable
+        self.proxy = proxy
 
 
 def _retry_after(value: Optional[str]) -> Optional[float]:
@@ -156,15 +154,18 @@ def _parse_content_range(value: Optional[str]) -> Tuple[Optional[int], Optional[
     return int(m.group(1)), (int(m.group(3)) if m.group(3) != "*" else None)
 
 
-def _open(url: str, tmp: Path, offset: int, timeout: float):
+def _open(url: str, tmp: Path, offset: int, timeout: float,
+          connect_timeout: float = DEFAULT_CONNECT_TIMEOUT):
     """The HTTP response for ``url`` from byte ``offset``, or the total size when the partial
     already holds every byte (an HTTP 416 naming exactly that size)."""
     headers = {"User-Agent": user_agent(), "Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
     req = urllib.request.Request(url, headers=headers)
+    proxy = None
     try:
-        return _opener(url).open(req, timeout=timeout)
+        op, proxy = opener(url, connect_timeout)
+        return op.open(req, timeout=timeout)
     except urllib.error.HTTPError as exc:
         code = exc.code
         exc.close()
@@ -174,6 +175,8 @@ def _open(url: str, tmp: Path, offset: int, timeout: float):
                 return offset  # the partial already holds every byte (verified next)
             tmp.unlink()  # our partial is no prefix the server recognises: start over
             raise _Transient("HTTP 416 for a resumed download; restarting") from None
+        if code == 407:  # the proxy's answer (plain HTTP through a proxy)
+            raise ProxyError(proxy_refused(url, proxy, code, exc.reason)) from None
         if code in (401, 403, 404, 410):
             raise NotFoundError(f"{url}: HTTP {code} {exc.reason}; {mirror_hint(url)}.") \
                 from None
@@ -192,9 +195,23 @@ def _open(url: str, tmp: Path, offset: int, timeout: float):
         if isinstance(exc, ValueError) or str(reason).startswith("unknown url type"):
             raise DownloadError(f"{url}: not a URL this client can open ({reason}); "
                                 f"{mirror_hint(url)}.") from None
-        if isinstance(reason, socket.gaierror):  # no DNS answer: offline, or a wrong host
-            host = urllib.parse.urlsplit(url).hostname or url
-            raise _Transient(f"cannot resolve {host} ({reason})", unresolved=host) from None
+        tunnel = re.match(r"Tunnel connection failed: (\d+) ?(.*)", str(reason))
+        if tunnel:  # the proxy answered CONNECT (an https URL) with an error
+            code, target = int(tunnel.group(1)), urllib.parse.urlsplit(url).netloc
+            if code < 500:
+                raise ProxyError(proxy_refused(url, proxy, code, tunnel.group(2))) from None
+            raise _Transient(f"{proxy or 'the proxy'} cannot reach {target} (HTTP {code} "
+                             f"{tunnel.group(2)})", unreachable=target) from None
+        cause = reason.cause if isinstance(reason, ConnectFailure) else reason
+        if isinstance(cause, socket.gaierror):  # no DNS answer: offline, or a wrong host
+            host = (reason.host if isinstance(reason, ConnectFailure)
+                    else urllib.parse.urlsplit(url).hostname or url)
+            of = f", the host of {proxy}" if proxy is not None else ""
+            raise _Transient(f"cannot resolve {host}{of} ({cause})", unresolved=host,
+                             proxy=proxy) from None
+        if isinstance(reason, ConnectFailure):  # refused, unreachable, no answer in time
+            raise _Transient(f"cannot connect to {proxy or reason.hostport} ({reason.why})",
+                             unreachable=reason.hostport, proxy=proxy) from None
         raise _Transient(f"{type(reason).__name__}: {reason}") from None
 
 
@@ -204,15 +221,16 @@ def head_size(url: str, timeout: float = 3.0) -> Optional[int]:
     req = urllib.request.Request(url, method="HEAD", headers={
         "User-Agent": user_agent(), "Accept-Encoding": "identity"})
     try:
-        with _opener(url).open(req, timeout=timeout) as resp:
+        with opener(url, min(timeout, DEFAULT_CONNECT_TIMEOUT))[0].open(req, timeout=timeout) \
+                as resp:
             length = resp.headers.get("Content-Length")
             return int(length) if length and length.isdigit() else None
     except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError):
         return None
 
 
-def _attempt(url: str, tmp: Path, *, timeout: float, expected_size: Optional[int],
-             progress: bool, desc: str) -> int:
+def _attempt(url: str, tmp: Path, *, timeout: float, connect_timeout: float,
+             expected_size: Optional[int], progress: bool, desc: str, resumable: bool) -> int:
     """One HTTP attempt appending to ``tmp`` (resuming from its size). Returns the total size."""
     offset = tmp.stat().st_size if tmp.exists() else 0
     if expected_size is not None and offset > expected_size:
@@ -220,7 +238,7 @@ def _attempt(url: str, tmp: Path, *, timeout: float, expected_size: Optional[int
         tmp.unlink()
     if expected_size is not None and offset == expected_size and offset > 0:
         return offset  # an earlier attempt got every byte (e.g. killed before the rename)
-    resp = _open(url, tmp, offset, timeout)
+    resp = _open(url, tmp, offset, timeout, connect_timeout)
     if isinstance(resp, int):
         return resp
     with resp:
@@ -241,7 +259,8 @@ def _attempt(url: str, tmp: Path, *, timeout: float, expected_size: Optional[int
         if expected_size is not None and total is not None and total != expected_size:
             raise IntegrityError(f"{url}: the server announces {total} bytes but "
                                  f"{expected_size} are expected; {mirror_hint(url)}.")
-        got = _stream(resp, tmp, mode, offset, _progress_bar(progress, total, offset, desc))
+        bar = _progress_bar(progress, total, offset, desc)
+        got = _stream(resp, tmp, mode, offset, bar, total, resumable)
         if body_len is not None and got < body_len:
             raise _Transient(f"connection closed after {offset + got} of {offset + body_len} "
                              "bytes")
@@ -251,8 +270,10 @@ def _attempt(url: str, tmp: Path, *, timeout: float, expected_size: Optional[int
         return size
 
 
-def _stream(resp, tmp: Path, mode: str, offset: int, bar) -> int:
-    """Copy the body of ``resp`` into ``tmp`` (fsync'ed); returns the number of bytes copied."""
+def _stream(resp, tmp: Path, mode: str, offset: int, bar, total: Optional[int] = None,
+            resumable: bool = True) -> int:
+    """Copy the body of ``resp`` into ``tmp`` (fsync'ed); returns the number of bytes copied.
+    A full disk (or quota, or file size limit) is a :class:`DiskFullError`."""
     got = 0
     try:
         with open(tmp, mode) as out:
@@ -271,6 +292,10 @@ def _stream(resp, tmp: Path, mode: str, offset: int, bar) -> int:
                     bar.update(len(block))
             out.flush()
             os.fsync(out.fileno())
+    except OSError as exc:  # the reads' errors are _Transient: this is the disk's
+        if exc.errno in NO_SPACE:
+            raise DiskFullError(no_space(tmp, exc, total, resumable)) from None
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -280,13 +305,15 @@ def _stream(resp, tmp: Path, mode: str, offset: int, bar) -> int:
 def download(url: str, tmp: PathLike, *, sha256: Optional[str] = None,
              size: Optional[int] = None, progress: bool = True, desc: str = "",
              timeout: Optional[float] = None, retries: Optional[int] = None,
-             backoff: Optional[float] = None, resumable: bool = True) -> Tuple[str, int]:
+             backoff: Optional[float] = None, resumable: bool = True,
+             connect_timeout: Optional[float] = None) -> Tuple[str, int]:
     """Bring every byte of ``url`` into the file ``tmp``; returns its ``(sha256, size)``.
 
     An existing ``tmp`` is resumed with HTTP Range (from scratch when the server ignores Range).
     Once complete the whole file is hashed and checked against ``sha256``/``size`` when given.
     On failure ``tmp`` is kept only when the failure is transient and ``resumable`` (the next
-    call then resumes it); bad bytes and refused requests never linger.
+    call then resumes it); bad bytes and refused requests never linger. ``connect_timeout``
+    (``$TREX_HUB_CONNECT_TIMEOUT``) bounds opening a connection, ``timeout`` the wait for a byte.
     """
     tmp = Path(tmp)
     if timeout is None:
@@ -295,24 +322,26 @@ def download(url: str, tmp: PathLike, *, sha256: Optional[str] = None,
         retries = int(env_float("TREX_HUB_RETRIES", DEFAULT_RETRIES, integer=True))
     if backoff is None:
         backoff = env_float("TREX_HUB_BACKOFF", DEFAULT_BACKOFF)
+    if connect_timeout is None:
+        connect_timeout = env_float("TREX_HUB_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT,
+                                    above=True)
     restarted = False
     attempt = 0
     try:
         while True:
             resumed = tmp.exists() and tmp.stat().st_size > 0
             try:
-                got = _attempt(url, tmp, timeout=timeout, expected_size=size, progress=progress,
-                               desc=desc or tmp.name)
+                got = _attempt(url, tmp, timeout=timeout, connect_timeout=connect_timeout,
+                               expected_size=size, progress=progress, desc=desc or tmp.name,
+                               resumable=resumable)
             except _Transient as exc:
-                if attempt >= (min(retries, DNS_RETRIES) if exc.unresolved else retries):
+                fast = exc.unresolved or exc.unreachable  # no way out: do not insist
+                if attempt >= (min(retries, DNS_RETRIES) if fast else retries):
                     kept = tmp.stat().st_size if tmp.exists() else 0
                     more = (f" {kept} bytes are kept in {tmp} and the next attempt resumes from "
                             "there." if kept and resumable else "")
-                    fix = ("This machine looks offline (or the host name is wrong): fetch the "
-                           "file with trex-download where there is network and set "
-                           "TREX_HUB_OFFLINE=1 here, or point TREX_HUB_BASE_URL at a mirror "
-                           "this machine reaches." if exc.unresolved else
-                           "Check the network or use a mirror (TREX_HUB_BASE_URL).")
+                    fix = way_out(url, unresolved=exc.unresolved, unreachable=exc.unreachable,
+                                  proxy=exc.proxy)
                     raise DownloadError(
                         f"{url}: giving up after {attempt + 1} attempts ({exc}).{more} "
                         f"{fix}") from None

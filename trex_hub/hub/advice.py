@@ -1,0 +1,100 @@
+"""What a failed download tells the user to do: the texts of the transport's final errors.
+
+One place for the fixes that :mod:`trex_hub.hub.http` (and the cache) append to their one-line
+errors: which setting chose the failing server, the offline way out when nothing can be reached
+(never "use a mirror" when the server already is that mirror), the proxy's fix when it refused
+the request, and the room a download needs when the disk is full. Texts only: the errors are
+raised by their callers.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import urllib.parse
+from pathlib import Path
+from typing import Optional
+
+from .connect import Proxy, unused_proxy_note
+
+#: write errors that mean "no room" (disk, quota, file size limit): the partial is kept for a rerun
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def mirror_hint(url: str) -> str:
+    """Where to look when the server at ``url`` failed: the setting that chose that server."""
+    env = os.environ.get("TREX_HUB_BASE_URL", "")
+    if env and url.startswith(env.rstrip("/") + "/"):
+        return f"check the mirror setting TREX_HUB_BASE_URL (now {env!r})"
+    return ("check the base URL it was built from: --base-url / base_url= or set_mirror() where "
+            "given, else TREX_HUB_BASE_URL" + (f" ({env!r})" if env else
+                                               " (unset: the official server)"))
+
+
+def way_out(url: str, *, unresolved: Optional[str], unreachable: Optional[str],
+            proxy: Optional[Proxy]) -> str:
+    """What to do once ``url`` failed for good: the offline way out when the host did not
+    resolve (``unresolved``) or could not be connected to (``unreachable``), naming ``proxy``
+    when the failure was the proxy's; else the network or a mirror."""
+    env = os.environ.get("TREX_HUB_BASE_URL", "")
+    mirror = f"the mirror in TREX_HUB_BASE_URL ({env!r})" \
+        if env and url.startswith(env.rstrip("/") + "/") else ""
+    if not (unresolved or unreachable):
+        return (f"Check the network, or that {mirror} is up." if mirror
+                else "Check the network or use a mirror (TREX_HUB_BASE_URL).")
+    offline = ("fetch the file with trex-download where there is network and set "
+               "TREX_HUB_OFFLINE=1 here")
+    if proxy is not None:
+        return (f"Check that proxy and {proxy.var} (no_proxy lists the hosts reached "
+                f"directly), or {offline}.")
+    what = ("This machine looks offline (or the host name is wrong)" if unresolved
+            else f"This machine cannot reach {unreachable} (no way out, a firewall, or no server "
+            "there)")
+    other = (f"or check that {mirror} is up and reachable from here" if mirror
+             else "or point TREX_HUB_BASE_URL at a mirror this machine reaches")
+    return f"{what}: {offline}, {other}.{unused_proxy_note(url)}"
+
+
+def proxy_refused(url: str, proxy: Optional[Proxy], code: int, reason: str) -> str:
+    """The error text for a proxy that answered ``code`` instead of forwarding the request:
+    407 asks for credentials (never shown back), others refuse the host."""
+    where = str(proxy) if proxy else "the proxy"
+    if code == 407:
+        var = proxy.var if proxy else "https_proxy / http_proxy"
+        if proxy is not None and proxy.has_credentials:
+            return (f"{url}: {where} rejects the credentials in {var} (HTTP 407 {reason}); "
+                    "correct the user and password in that URL.")
+        hostport = proxy.hostport if proxy else "host:port"
+        return (f"{url}: {where} asks for credentials (HTTP 407 {reason}); put them in the "
+                f"proxy URL: {var}=http://USER:PASSWORD@{hostport}")
+    return (f"{url}: {where} refused to connect to {urllib.parse.urlsplit(url).netloc} (HTTP "
+            f"{code} {reason}); check the proxy setting, or add the host to no_proxy.")
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def no_space(tmp: Path, exc: OSError, total: Optional[int], resumable: bool) -> str:
+    """The error text for a partial download ``tmp`` that could not be written (``exc``, an
+    errno of :data:`NO_SPACE`): what is needed and free, and how to go on."""
+    have = tmp.stat().st_size if tmp.exists() else 0
+    facts = [f"{human(total - have)} more needed"] if total is not None and total > have else []
+    try:
+        facts.append(f"{human(shutil.disk_usage(tmp.parent).free)} free in {tmp.parent}")
+    except OSError:
+        pass
+    if exc.errno == errno.EFBIG:
+        facts.append("a limit on file size: ulimit -f, or the file system's own")
+    detail = f" ({'; '.join(facts)})" if facts else ""
+    then = (f"run again to resume from the {have} bytes kept" if resumable and have
+            else "run again")
+    return (f"cannot write {tmp}: {exc.strerror or exc}{detail}; free space or set "
+            f"TREX_HUB_CACHE to a folder with room, then {then}.")
+
+
+__all__ = ["NO_SPACE", "human", "mirror_hint", "no_space", "proxy_refused", "way_out"]
