@@ -568,3 +568,165 @@ def test_offline_with_an_empty_cache_is_one_line(tmp_path, monkeypatch, capsys):
     assert "Traceback" not in err[0] and "unexpected" not in err[0], err
     assert not out.exists()
     assert sorted(p.name for p in cache.rglob("*") if p.is_file()) == []
+
+
+# --------------------------------------------------------------------------------------------
+# shared machines: full disks for real, locks of other users, runs in progress (review H)
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_short_write_under_a_file_size_limit_keeps_what_was_committed(ckpt, tmp_path, capsys):
+    """numpy's np.save into a real file says "N requested and M written" (no errno) when the
+    disk fills up: that used to be a bare "cannot write ...parts: ..." without the --resume
+    advice. Real, not injected: a subprocess under RLIMIT_FSIZE (Python ignores SIGXFSZ) whose
+    first segment (one row: its second image is broken) fits and whose second one does not."""
+    import resource
+    import subprocess
+    import sys
+
+    root = _images(tmp_path / "d", 4)
+    (root / "1.png").write_bytes(b"not an image")
+    opts = ["-b", "2", "--chunk-size", "2", "-j", "0", "--no-progress", "--threads", "1"]
+    ref = tmp_path / "ref.npy"
+    assert run(ckpt, root, "-o", ref, *opts) == 0
+    # segment files: 128-byte header + rows x 512 floats: 2176 bytes, then 4224
+    limit = 3000
+    out = tmp_path / "f.npy"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+               PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "trex_hub.cli.extract", str(ckpt), str(root), "-o", str(out),
+         *opts], env=env, capture_output=True, text=True, timeout=120,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE,
+                                              (limit, resource.RLIM_INFINITY)))
+    assert proc.returncode == 1, proc.stderr
+    line = one_line(proc.stderr)
+    assert "unexpected" not in line and "numpy wrote" in line, line
+    assert "committed chunks are kept: free space (or move the output) and rerun with " \
+           "--resume" in line, line
+    assert sorted(p.name for p in (tmp_path / "f.npy.parts").glob("part-*")) == [
+        "part-0000000000-0000000002.jsonl", "part-0000000000-0000000002.npy"]
+    assert run(ckpt, root, "-o", out, *opts, "--resume") == 0
+    assert out.read_bytes() == ref.read_bytes()
+
+
+def test_a_second_plain_run_is_told_another_process_writes_the_output(ckpt, tmp_path, capsys):
+    """It was told to pass --resume or --overwrite (which were then refused): the lock is tried
+    before the parts folder is taken for an unfinished run."""
+    root = _images(tmp_path / "d", 4)
+    out = tmp_path / "f.npy"
+    parts = _unfinished(ckpt, root, out)
+    fd = os.open(parts / "lock", os.O_RDWR | os.O_CREAT)  # another process writing the output
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        before = snapshot(tmp_path)
+        assert run(ckpt, root, "-o", out, "-b", "2", "--chunk-size", "2") == 1
+        assert one_line(capsys.readouterr().err) == (
+            f"trex-extract: error: another trex-extract process is writing {out} (it holds "
+            f"{parts / 'lock'}); wait for it to finish, or stop it and rerun with --resume")
+        assert snapshot(tmp_path) == before
+    finally:
+        os.close(fd)
+    # nobody holds it: an unfinished run, as before
+    assert run(ckpt, root, "-o", out, "-b", "2", "--chunk-size", "2") == 1
+    assert "holds an unfinished run; pass --resume" in one_line(capsys.readouterr().err)
+
+
+def test_the_parts_lock_follows_the_umask(ckpt, tmp_path):
+    """The lock was created 0644 whatever the umask: in a group-shared folder (umask 002) a
+    teammate could neither --resume nor --overwrite the run."""
+    old = os.umask(0o002)
+    try:
+        parts = _unfinished(ckpt, _images(tmp_path / "d", 4), tmp_path / "f.npy")
+    finally:
+        os.umask(old)
+    assert (parts / "lock").stat().st_mode & 0o777 == 0o664
+    assert (parts / "state.json").stat().st_mode & 0o777 == 0o664
+
+
+def _lock_refused(monkeypatch, also_reading=False):
+    """os.open of a parts lock refused for writing (a lock of another user, 0644), and for
+    reading too with ``also_reading`` (root ignores permission bits)."""
+    from trex_hub import run_state
+
+    real = os.open
+
+    def refusing(path, flags, *a, **kw):
+        p = os.fspath(path)
+        if p.endswith(".parts/lock") and (also_reading or flags & (os.O_RDWR | os.O_WRONLY)):
+            raise PermissionError(errno.EACCES, "Permission denied", p)
+        return real(path, flags, *a, **kw)
+
+    monkeypatch.setattr(run_state.os, "open", refusing)
+
+
+def test_resume_and_overwrite_with_a_lock_file_of_another_user(ckpt, tmp_path, monkeypatch,
+                                                               capsys):
+    """flock needs no write access: the lock is opened read-only when it cannot be opened for
+    writing. The message blamed the folder ("choose an -o path in a folder you can write to")."""
+    root = _images(tmp_path / "d", 4)
+    opts = ["-b", "2", "--chunk-size", "2"]
+    ref = tmp_path / "ref.npy"
+    assert run(ckpt, root, "-o", ref, *opts) == 0
+    for flag in ("--resume", "--overwrite"):
+        out = tmp_path / f"f{flag[2:]}.npy"
+        parts = _unfinished(ckpt, root, out)
+        with monkeypatch.context() as m:
+            _lock_refused(m)
+            assert run(ckpt, root, "-o", out, *opts, flag) == 0, capsys.readouterr().err
+        assert out.read_bytes() == ref.read_bytes()
+        assert not parts.exists()
+    out = tmp_path / "g.npy"
+    parts = _unfinished(ckpt, root, out)
+    _lock_refused(monkeypatch, also_reading=True)
+    assert run(ckpt, root, "-o", out, *opts, "--resume") == 1
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"trex-extract: error: cannot open {parts / 'lock'}: Permission "
+                           "denied (owner uid ") and "chmod a+r" in line, line
+    assert "choose an -o path" not in line
+
+
+def test_rank_and_world_size_without_master_addr_is_one_line(ckpt, tmp_path, monkeypatch,
+                                                             capsys):
+    """A job script exporting RANK / WORLD_SIZE without torchrun: "unexpected ValueError: ...
+    env:// rendezvous ..." before."""
+    for var in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+                "TORCHELASTIC_USE_AGENT_STORE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert run(ckpt, _images(tmp_path / "d", 1), "-o", tmp_path / "f.npy") == 1
+    line = one_line(capsys.readouterr().err)
+    assert line == ("trex-extract: error: WORLD_SIZE=2 and RANK=0 are set but MASTER_ADDR is "
+                    "not: launch with torchrun (or srun + torchrun), set MASTER_ADDR and "
+                    "MASTER_PORT (the address and a free port of the rank-0 machine), or unset "
+                    "WORLD_SIZE and RANK to run one process [rank 0]")
+    assert not list(tmp_path.glob("f.npy*"))
+
+
+@pytest.mark.timeout(60)
+def test_missing_peers_are_waited_for_with_a_word_and_a_bound(ckpt, tmp_path, monkeypatch,
+                                                              capsys):
+    """MASTER_ADDR set but the other process never comes: it waited silently for the
+    collectives' timeout (3 days). Now it says so once and gives up after
+    TREX_HUB_RENDEZVOUS_TIMEOUT seconds."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for var in ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", str(port)), ("TREX_HUB_RENDEZVOUS_TIMEOUT", "1.5")):
+        monkeypatch.setenv(var, value)
+    t = time.monotonic()
+    assert run(ckpt, _images(tmp_path / "d", 1), "-o", tmp_path / "f.npy") == 1
+    assert time.monotonic() - t < 20
+    err = capsys.readouterr().err
+    assert err.count(f"trex-extract: waiting for 1 more process at 127.0.0.1:{port} "
+                     "(WORLD_SIZE=2, this is RANK=0); giving up after 1.5 s "
+                     "(TREX_HUB_RENDEZVOUS_TIMEOUT)") == 1, err
+    line = one_line(err)
+    assert f"only 1 of the 2 processes of this run (WORLD_SIZE=2) reached 127.0.0.1:{port} " \
+           "within 1.5 s" in line and "torchrun" in line and "unexpected" not in line, line

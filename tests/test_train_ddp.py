@@ -234,3 +234,82 @@ def test_an_error_before_the_group_exists_reaches_torchruns_summary(monkeypatch,
         train(args)
     recorded = json.loads(error_file.read_text())["message"]["message"]
     assert "--device cuda was asked for but CUDA is not available" in recorded
+
+
+def _no_launcher(monkeypatch, **env):
+    for var in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+                "TORCHELASTIC_USE_AGENT_STORE", "LOCAL_RANK", "TORCHELASTIC_ERROR_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_rank_and_world_size_without_master_addr_is_one_line(monkeypatch, tmp_path, capsys):
+    """A SLURM script exporting RANK / WORLD_SIZE without torchrun: "unexpected ValueError:
+    ... env:// rendezvous ..." before."""
+    from trex_hub.cli.train import main
+
+    _no_launcher(monkeypatch, WORLD_SIZE="2", RANK="0")
+    data = make_pattern_folder(tmp_path / "data", n_train=1, n_val=1)
+    assert main(small_args(data, tmp_path / "run")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["trex-train: error: WORLD_SIZE=2 and RANK=0 are set but MASTER_ADDR is not: "
+                   "launch with torchrun (or srun + torchrun), set MASTER_ADDR and MASTER_PORT "
+                   "(the address and a free port of the rank-0 machine), or unset WORLD_SIZE "
+                   "and RANK to run one process [rank 0]"], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_processes_meet_with_a_bounded_wait_and_keep_the_long_timeout(monkeypatch):
+    """Without torchrun the processes meet on a TCPStore of their own: a late one is waited
+    for (said once), a missing one given up on after TREX_HUB_RENDEZVOUS_TIMEOUT (the
+    collectives' timeout, days for trex-extract, used to be the wait), and the store then takes
+    the collectives' timeout. Two ranks in two threads here."""
+    import threading
+    import time
+    from datetime import timedelta
+
+    from trex_hub import rendezvous
+
+    port = _free_port()
+    _no_launcher(monkeypatch, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    said, stores = [], {}
+
+    def rank(r, delay):
+        time.sleep(delay)
+        stores[r] = rendezvous.meet(r, 2, timedelta(days=3), said.append, wait_s=20)
+
+    monkeypatch.setattr(rendezvous, "GRACE_S", 0.3)
+    threads = [threading.Thread(target=rank, args=(0, 0)),
+               threading.Thread(target=rank, args=(1, 1.0))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert {r: s.timeout for r, s in stores.items()} == {0: timedelta(days=3),
+                                                         1: timedelta(days=3)}
+    assert said == [f"waiting for 1 more process at 127.0.0.1:{port} (WORLD_SIZE=2, this is "
+                    "RANK=0); giving up after 20 s (TREX_HUB_RENDEZVOUS_TIMEOUT)"]
+    stores.clear()
+    # nobody hosts the meeting point: rank 1 gives up too
+    port = _free_port()
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("TREX_HUB_RENDEZVOUS_TIMEOUT", "1")
+    t = time.monotonic()
+    with pytest.raises(rendezvous.RendezvousError,
+                       match=f"^the rank-0 process of this run did not answer at "
+                             f"127.0.0.1:{port} within 1 s; .*torchrun"):
+        rendezvous.meet(1, 2, timedelta(days=3), said.append)
+    assert time.monotonic() - t < 10
+    assert said[-1].startswith("waiting for the rank-0 process at ")
+    monkeypatch.setenv("TREX_HUB_RENDEZVOUS_TIMEOUT", "soon")
+    with pytest.raises(rendezvous.RendezvousError, match="TREX_HUB_RENDEZVOUS_TIMEOUT='soon'"):
+        rendezvous.meet(0, 2, timedelta(days=3), said.append)

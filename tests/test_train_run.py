@@ -3,7 +3,10 @@ bit-for-bit, non-finite loss, and learning a generated image folder."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -325,9 +328,9 @@ def test_a_new_run_never_replaces_an_earlier_one_unasked(straight_run, folder, t
 
 def test_an_epoch_saved_but_not_logged_is_logged_on_resume(folder, tmp_path, monkeypatch):
     """Killed right after a checkpoint was written: the log already holds that epoch."""
-    import trex_hub.train.loop as loop
+    import trex_hub.train.outputs as outputs
 
-    real = loop.save_checkpoint
+    real = outputs.save_checkpoint
 
     def save_then_die(obj, path):
         real(obj, path)
@@ -335,12 +338,84 @@ def test_an_epoch_saved_but_not_logged_is_logged_on_resume(folder, tmp_path, mon
             raise KeyboardInterrupt
 
     out = tmp_path / "killed"
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(outputs, "save_checkpoint", save_then_die)
     assert main(small_args(folder, out)) == 130
-    monkeypatch.setattr(loop, "save_checkpoint", real)
+    monkeypatch.setattr(outputs, "save_checkpoint", real)
     assert main(small_args(folder, out, "--resume")) == 0
     log = [json.loads(r) for r in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_any_epoch(folder, tmp_path,
+                                                                          monkeypatch, capsys):
+    """It trained a whole epoch, then failed with "unexpected PermissionError" at the first
+    write (the log). Now a probe file is made and removed before the data is read. Tests run
+    as root, whom permission bits do not stop: the folder refuses through open()."""
+    import builtins
+
+    out = tmp_path / "shared" / "run"
+    out.mkdir(parents=True)
+    real_open, real_os_open = builtins.open, os.open
+
+    def refused(path):
+        return Path(os.fspath(path)).parent == out
+
+    def deny(path):
+        raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **kw: deny(f) if isinstance(
+        f, (str, os.PathLike)) and refused(f) else real_open(f, *a, **kw))
+    monkeypatch.setattr(os, "open", lambda f, *a, **kw: deny(f) if refused(f)
+                        else real_os_open(f, *a, **kw))
+    assert main(small_args(folder, out, "--epochs", "1")) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        f"trex-train: error: --output-dir {out}: cannot write there (Permission denied); give "
+        "a folder you can write to"], err
+    assert list(out.iterdir()) == []
+    monkeypatch.undo()
+    # a path under a regular file: NotADirectoryError, "unexpected" before
+    (tmp_path / "notes.txt").write_text("x")
+    assert main(small_args(folder, tmp_path / "notes.txt" / "run")) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        f"trex-train: error: --output-dir {tmp_path / 'notes.txt' / 'run'}: cannot write there "
+        f"({tmp_path / 'notes.txt'} is a file, not a folder); give a folder you can write to"]
+
+
+def test_a_full_disk_at_the_checkpoint_is_one_line_and_keeps_the_last(folder, tmp_path):
+    """torch's zip writer reports a full disk (or a file size limit) as "[enforce fail at
+    inline_container.cc:...] unexpected pos ...": that was "unexpected RuntimeError". Real,
+    not injected: the resumed run's checkpoint is written under RLIMIT_FSIZE (Python ignores
+    SIGXFSZ), in a subprocess."""
+    import hashlib
+    import resource
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    assert main(small_args(folder, out, "--stop-after-epoch", "1")) == 0
+    digest = hashlib.md5((out / "checkpoint.pth").read_bytes()).hexdigest()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+               PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
+    limit = (out / "checkpoint.pth").stat().st_size // 2
+    proc = subprocess.run(
+        [sys.executable, "-m", "trex_hub.cli.train", *small_args(folder, out, "--resume")],
+        env=env, capture_output=True, text=True, timeout=120,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE,
+                                              (limit, resource.RLIM_INFINITY)))
+    assert proc.returncode == 1, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("trex-train: error")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    line = lines[0]
+    assert line.startswith(f"trex-train: error: cannot write {out / 'checkpoint.pth'}: ") and \
+        "unexpected" not in line, line
+    assert line.endswith(f"the last checkpoint ({out / 'checkpoint.pth'}, epoch 1) is kept: "
+                         "free space (or move the run) and rerun with --resume"), line
+    assert hashlib.md5((out / "checkpoint.pth").read_bytes()).hexdigest() == digest
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pth", "log.jsonl"]
+    assert main(small_args(folder, out, "--resume")) == 0  # space again: it goes on
+    assert torch_load(out / "checkpoint.pth")["epoch"] == 2
 
 
 def test_resume_refuses_other_settings_naming_each(straight_run, folder, tmp_path, capsys):

@@ -1,6 +1,6 @@
 """Crash-safe file writing (shared by the cache, the checkpoint writer, extraction and training),
-writes behind the caller's back (``WriteBehind``), the `PathLike` alias and the file names of the
-zoo's folder format.
+writes behind the caller's back (``WriteBehind``), a write that ran out of room told in words
+(``no_room``, ``room_words``), the `PathLike` alias and the file names of the zoo's folder format.
 
 ``atomic_write`` writes to a unique temporary file in the destination's folder, flushes it to
 disk, renames it over the destination and syncs the folder: a reader sees the old file or the new
@@ -12,6 +12,7 @@ import errno
 import os
 import queue
 import random
+import re
 import threading
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
@@ -109,6 +110,64 @@ def atomic_write_many(files: Sequence[Tuple[PathLike, Callable[[Any], Any], str]
                 tmp.unlink()
     for folder in dict.fromkeys(Path(path).parent for path, _, _ in files):
         fsync_dir(folder)
+
+
+# Writes that fail for lack of room
+_NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_SHORT_WRITE = re.compile(r"(\d+) requested and (\d+) written")
+
+
+def short_write(exc: BaseException) -> Optional[Tuple[int, int]]:
+    """``(requested, written)`` of numpy's short write (``ndarray.tofile`` / ``np.save`` into a
+    real file raise ``OSError("N requested and M written")`` without an errno when the disk
+    fills up), else ``None``."""
+    match = _SHORT_WRITE.search(str(exc)) if isinstance(exc, OSError) and not exc.errno \
+        else None
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def no_room(exc: BaseException) -> bool:
+    """Whether ``exc`` is a write that failed for lack of room: ENOSPC, EDQUOT or EFBIG (a file
+    size limit), numpy's short write, or torch's zip writer failing under ``torch.save``
+    (``[enforce fail at inline_container.cc...] unexpected pos ...``)."""
+    if isinstance(exc, OSError):
+        return exc.errno in _NO_ROOM_ERRNOS or short_write(exc) is not None
+    return isinstance(exc, RuntimeError) and "inline_container" in str(exc)
+
+
+def size_words(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def free_bytes(path: PathLike) -> Optional[int]:
+    """The bytes free for this user on the disk holding ``path`` (its nearest existing
+    folder), or ``None`` where that cannot be read."""
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def room_words(path: PathLike, needed: Optional[int] = None) -> str:
+    """Why a write at ``path`` ran out of room, in words: "no space left on the device (45.0 MiB
+    needed, 1.2 MiB free)", or, where the disk has room, the quota or file size limit
+    (``ulimit -f``) that must have stopped it."""
+    free = free_bytes(path)
+    need = f"about {size_words(needed)} needed, " if needed else ""
+    if free is None:
+        return f"no space left on the device{f' ({need[:-2]})' if need else ''}"
+    if free < max(needed or 0, 1 << 24):  # less than what it needs, or next to nothing
+        return f"no space left on the device ({need}{size_words(free)} free)"
+    return (f"no room for it ({need}{size_words(free)} free on the disk: a disk quota or a file "
+            "size limit, ulimit -f, stopped the write)")
 
 
 # The zoo's folder format (``save_pretrained``, ``trex-train export``, Hugging Face Hub repos).

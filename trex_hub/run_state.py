@@ -9,11 +9,13 @@ unfinished run in ``OUT.parts/``, "already complete" and a refusal, and takes th
   cases and says in words what differs (:func:`describe_changes`);
 * ``OUT.parts/lock`` is ``flock``-ed by the process writing the parts (released on exit, even
   on SIGKILL; forked decoding workers close their copy at once, so one outliving a killed run
-  cannot keep it): a second ``--resume`` or ``--overwrite`` of the same output while the first runs
-  is refused with a line naming the other run, instead of both writing the same files;
-* :func:`write_errors` turns the ``OSError`` of a write (read-only folder, full disk, parts
-  removed by another process) into one :class:`~trex_hub.featurefile.ExtractError` line that
-  says what to do.
+  cannot keep it; created as the umask allows, and opened read-only where this user may not
+  write it: ``flock`` needs no more): a second run of the same output (plain, ``--resume`` or
+  ``--overwrite``) while the first runs is refused with a line naming the other run, instead of
+  both writing the same files;
+* :func:`write_errors` turns the ``OSError`` of a write (read-only folder, full disk or numpy's
+  short write, parts removed by another process) into one
+  :class:`~trex_hub.featurefile.ExtractError` line that says what to do.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import torch
 
 from .extract import choose_decoding, default_workers
 from .featurefile import FORMAT_VERSION, ExtractError, committed_segments, existing_paths
-from .fileio import atomic_write
+from .fileio import atomic_write, room_words, short_write
 from .imagefiles import Entry
 from .inference import normalisation, resolve_device
 from .model import weights_digest
@@ -210,13 +212,51 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
+def _open_lock(path: Path) -> int:
+    """The lock file, created as every output file is (the umask decides: a group-shared folder
+    gives a group-writable lock); one this user may not write (another user's, under a stricter
+    umask) is opened read-only, which is all ``flock`` needs."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        if not path.exists():  # the folder itself is not writable: write_errors says so
+            raise
+    try:
+        return os.open(path, os.O_RDONLY)
+    except PermissionError as exc:
+        st = path.stat()
+        raise ExtractError(f"cannot open {path}: {exc.strerror} (owner uid {st.st_uid}, mode "
+                           f"{st.st_mode & 0o777:04o}); ask its owner to make it readable "
+                           f"(chmod a+r {path}), or remove it if no trex-extract runs there"
+                           ) from None
+
+
+def _held_elsewhere(parts: Path) -> bool:
+    """Whether another process holds ``parts/lock`` now (nothing created, nothing kept)."""
+    try:
+        import fcntl
+
+        fd = os.open(parts / "lock", os.O_RDONLY)
+    except (ImportError, OSError):  # no lock file (or no locks here): nobody holds it
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
+
+
 def _lock(parts: Path, out: Path) -> Optional[int]:
     """Hold ``parts/lock`` (an fd, ``None`` where file locks are unavailable)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
         return None
-    fd = os.open(parts / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock(parts / "lock")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -309,6 +349,8 @@ def prepare_parts(paths: Dict[str, Path], fp: Dict[str, Any], entries: Sequence[
                     return False, None
                 return True, _fresh(paths, fp)
             if not (resume or overwrite):
+                if _held_elsewhere(parts):  # a run in progress, not an unfinished one
+                    raise _another_run(out, parts)
                 raise ExtractError(f"{parts} holds an unfinished run; pass --resume to continue "
                                    "it or --overwrite to start again")
             fd = _lock(parts, out)
@@ -349,9 +391,14 @@ def write_errors(paths: Dict[str, Path]) -> Iterator[None]:
     except OSError as exc:
         where = exc.filename or paths["parts"]
         why = exc.strerror or str(exc)
+        keep = ("committed chunks are kept: free space (or move the output) and rerun with "
+                "--resume")
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise ExtractError(f"cannot write {where}: {why}; committed chunks are kept: free "
-                               "space (or move the output) and rerun with --resume") from exc
+            raise ExtractError(f"cannot write {where}: {why}; {keep}") from exc
+        cut = short_write(exc)
+        if cut is not None:  # numpy says neither ENOSPC nor the file's name
+            raise ExtractError(f"cannot write {where}: {room_words(paths['parts'])}, numpy "
+                               f"wrote {cut[1]} of {cut[0]} values; {keep}") from exc
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise ExtractError(f"cannot write {where}: {why}; choose an -o path in a folder "
                                "you can write to") from exc

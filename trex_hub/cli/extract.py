@@ -330,8 +330,16 @@ def _main(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> i
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            # gloo is only used to wait for each other; features never cross processes
-            dist.init_process_group("gloo", timeout=datetime.timedelta(days=3))
+            from ..rendezvous import RendezvousError, init_group
+
+            def note(msg: str) -> None:  # every waiting process says so, not rank 0 alone
+                if not args.quiet:
+                    print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
+
+            # gloo is only used to wait for each other; features never cross processes. The
+            # collectives wait for days (rank 0's merge); meeting the others, minutes
+            with failing_on(RendezvousError):
+                init_group("gloo", datetime.timedelta(days=3), rank, world, note)
         barrier = dist.barrier
 
     try:

@@ -7,7 +7,6 @@ from the environment, NCCL is used on GPUs and gloo on CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -26,7 +25,8 @@ from .config import plain_namespace, projector_config
 from .data import (build_train_loader, device_batches, load_data, loader_batches,
                    resolve_aug, worker_kwargs)
 from .module import TrainModule, param_groups
-from .outputs import LOG_NAME, clear_earlier_run, earlier_run, refuse_earlier_run, trim_log
+from .outputs import (LOG_NAME, append_log, clear_earlier_run, earlier_run, prepare_output_dir,
+                      refuse_earlier_run, trim_log, write_checkpoint)
 from .runtime import (CHECKPOINT_NAME, DistEnv, FailedElsewhere, TrainingError, all_gather_cat,
                       all_gather_objects, checkpoint_dict, failure_in_group, linger,
                       record_for_torchrun, reports_alike_errors, resume_from, rng_state,
@@ -215,8 +215,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
 def _train(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
     out_dir = Path(args.output_dir)
     refuse_earlier_run(args, out_dir)
-    if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    if env.is_main:  # writable? (before the data and the network are loaded)
+        prepare_output_dir(out_dir)
     cuda = env.device.type == "cuda"
     if cuda and args.deterministic:  # cuBLAS needs this before its first handle
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -305,6 +305,7 @@ def _train(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
         _start_log(args, env, out_dir, start_epoch)
     guard = LossGuard(env.device, env.distributed)
     last_good = out_dir / CHECKPOINT_NAME
+    saved = start_epoch if start_epoch and last_good.is_file() else None  # the kept epoch
     record: Dict[str, Any] = {}
     epochs = data.epochs(start_epoch, args.epochs)  # one loader iterator for every epoch
     for epoch, epoch_batches in zip(range(start_epoch, args.epochs), epochs):
@@ -364,15 +365,15 @@ def _train(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
         every = max(1, int(args.checkpoint_every))
         keep = bool(args.save_every) and (epoch + 1) % args.save_every == 0
         if env.is_main:  # before the checkpoint: a resume drops a record the checkpoint lacks
-            with open(out_dir / LOG_NAME, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            append_log(out_dir, record, saved)
         if last or stopping or keep or (epoch + 1) % every == 0:
             states = all_gather_objects(rng_state(env.device), env)
             if env.is_main:
                 obj = checkpoint_dict(module, optimizer, scaler, epoch + 1, saved_args, states)
-                save_checkpoint(obj, out_dir / CHECKPOINT_NAME)
+                write_checkpoint(obj, last_good, saved)
+                saved = epoch + 1
                 if keep:
-                    save_checkpoint(obj, out_dir / f"checkpoint{epoch + 1:04d}.pth")
+                    write_checkpoint(obj, out_dir / f"checkpoint{epoch + 1:04d}.pth", saved)
                 del obj
         if env.is_main:
             val = "-" if record["val_top1"] is None else f"{record['val_top1']:.2f}"

@@ -1,18 +1,22 @@
-"""The output folder of a training run, beyond its checkpoints (:mod:`.runtime`): what an
-earlier run left there (refused unless the command continues or replaces it), and the epoch log,
-trimmed to the checkpoint when a run resumes.
+"""The output folder of a training run: checked writable before anything is built, what an
+earlier run left there (refused unless the command continues or replaces it), the epoch log
+(trimmed to the checkpoint when a run resumes), and checkpoint writes (:mod:`.runtime`) whose
+disk is full told in one line.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from pathlib import Path
-from typing import List
+from typing import Any, Dict, List, Optional
 
-from ..fileio import atomic_write
+import torch
+
+from ..fileio import atomic_write, no_room, room_words
 from .config import resumes_in_place
-from .runtime import CHECKPOINT_NAME, TrainingError
+from .runtime import CHECKPOINT_NAME, TrainingError, save_checkpoint
 
 LOG_NAME = "log.jsonl"
 
@@ -41,6 +45,64 @@ def refuse_earlier_run(args: argparse.Namespace, out_dir: Path) -> None:
             f"{out_dir} already holds an earlier run ({', '.join(found)}): add --resume to "
             "continue it, --overwrite to start afresh and replace it, or give another (empty) "
             "--output-dir")
+
+
+def prepare_output_dir(out_dir: Path) -> None:
+    """Main process, before the data and the network: make ``out_dir`` and check that files can
+    be written there (a probe file, made and removed), so that a folder that cannot take the log
+    and the checkpoints is refused at once, not after an epoch."""
+    probe = out_dir / f".trex-train-probe-{os.getpid()}"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as exc:
+        blocker = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
+        why = (f"{blocker} is a file, not a folder" if blocker and not blocker.is_dir() else
+               exc.strerror or str(exc))
+        raise TrainingError(f"--output-dir {out_dir}: cannot write there ({why}); give a "
+                            "folder you can write to") from exc
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _no_room(path: Path, needed: Optional[int], kept: Optional[int]) -> TrainingError:
+    last = path.parent / CHECKPOINT_NAME
+    held = (f"the last checkpoint ({last}, epoch {kept}) is kept" if kept else
+            "no checkpoint of this run was written yet")
+    return TrainingError(f"cannot write {path}: {room_words(path, needed)}; {held}: free space "
+                         "(or move the run) and rerun with --resume")
+
+
+def write_checkpoint(obj: Dict[str, Any], path: Path, kept: Optional[int]) -> None:
+    """:func:`~.runtime.save_checkpoint`; a disk, quota or file size limit too small for it is
+    one line (torch's zip writer says ``unexpected pos``) that names ``kept``, the epoch of the
+    checkpoint left in place (the write is atomic: the old file stays whole)."""
+    try:
+        save_checkpoint(obj, path)
+    except (OSError, RuntimeError) as exc:
+        if not no_room(exc):
+            raise
+        raise _no_room(path, _tensor_bytes(obj), kept) from exc
+
+
+def append_log(out_dir: Path, record: Dict[str, Any], kept: Optional[int]) -> None:
+    """One epoch's record at the end of the log (a full disk: one line, as for checkpoints)."""
+    try:
+        with open(out_dir / LOG_NAME, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+    except OSError as exc:
+        if not no_room(exc):
+            raise
+        raise _no_room(out_dir / LOG_NAME, None, kept) from exc
 
 
 def clear_earlier_run(out_dir: Path) -> None:
@@ -77,4 +139,5 @@ def _log_epoch(line: str) -> float:
     return epoch if isinstance(epoch, int) else float("inf")
 
 
-__all__ = ["LOG_NAME", "earlier_run", "refuse_earlier_run", "clear_earlier_run", "trim_log"]
+__all__ = ["LOG_NAME", "earlier_run", "refuse_earlier_run", "prepare_output_dir",
+           "write_checkpoint", "append_log", "clear_earlier_run", "trim_log"]

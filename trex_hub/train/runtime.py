@@ -69,7 +69,15 @@ def setup_distributed(device: str = "auto") -> DistEnv:
     if world > 1:
         env.backend = "nccl" if use_cuda else "gloo"
         if not dist.is_initialized():
-            dist.init_process_group(backend=env.backend)
+            from ..rendezvous import RendezvousError, init_group
+
+            def note(msg: str) -> None:
+                print(f"[trex-train] {msg}", file=sys.stderr, flush=True)
+
+            try:  # the collectives keep the backend's default timeout
+                init_group(env.backend, None, rank, world, note)
+            except RendezvousError as exc:
+                raise TrainingError(str(exc)) from None
     return env
 
 
