@@ -121,7 +121,9 @@ def child_trex(args: argparse.Namespace) -> Dict[str, Any]:
                         "images_per_s": r["images_per_s"]} for r in log]}
 
 
-PRESET_OPTIONS = {"compile": "--compile", "ahead": "--aug-ahead"}
+PRESET_OPTIONS = {"compile": ["--compile"], "ahead": ["--aug-ahead"],
+                  # how loader workers start (trex-train --loader-start; auto: forkserver on CUDA)
+                  "fork": ["--loader-start", "fork"], "spawn": ["--loader-start", "spawn"]}
 
 
 def split_preset(spec: str):
@@ -131,7 +133,7 @@ def split_preset(spec: str):
     if unknown:
         raise SystemExit(f"train_bench: unknown preset option(s) {unknown} in {spec!r} "
                          f"(known: {', '.join('+' + k for k in PRESET_OPTIONS)})")
-    return preset, [PRESET_OPTIONS[e] for e in extras]
+    return preset, [flag for e in extras for flag in PRESET_OPTIONS[e]]
 
 
 def run_child(side: str, opts: argparse.Namespace, work: Path) -> Dict[str, Any]:

@@ -221,7 +221,8 @@ def test_train_bench_preset_options():
     assert tb.split_preset("trex_star") == ("trex_star", [])
     assert tb.split_preset("trex_star+compile+ahead") == ("trex_star",
                                                           ["--compile", "--aug-ahead"])
-    with pytest.raises(SystemExit, match=r"\+compile, \+ahead"):
+    assert tb.split_preset("trex_star+fork") == ("trex_star", ["--loader-start", "fork"])
+    with pytest.raises(SystemExit, match=r"\+compile, \+ahead, \+fork, \+spawn"):
         tb.split_preset("trex_star+fast")
 
 

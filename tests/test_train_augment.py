@@ -377,7 +377,8 @@ def test_loader_start_method_follows_the_device():
     from trex_hub.train.data import worker_start_method
 
     assert worker_start_method("auto", torch.device("cpu")) is None
-    assert worker_start_method("auto", torch.device("cuda")) == "forkserver"
+    # forkserver hung every t-ReX* benchmark run on an H200; fork trained at 1,538 images/s
+    assert worker_start_method("auto", torch.device("cuda")) is None
     assert worker_start_method("spawn", torch.device("cpu")) == "spawn"
     with pytest.raises(ValueError, match="--loader-start must be one of"):
         worker_start_method("threads", torch.device("cpu"))

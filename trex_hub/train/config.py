@@ -139,9 +139,8 @@ def build_parser(prog: str = "trex-train") -> argparse.ArgumentParser:
                         "process)")
     g.add_argument("--loader-start", choices=LOADER_STARTS,
                    default="auto",
-                   help="how loader workers start (auto: forkserver with CUDA, where forking a "
-                        "process that runs CUDA threads can deadlock a worker; else the "
-                        "platform's default)")
+                   help="how loader workers start (auto: the platform's default, fork on "
+                        "Linux; forkserver hung the t-ReX* benchmark on an H200)")
     g.add_argument("--prefetch-factor", type=_positive, default=4,
                    help="batches each (persistent) loader worker prepares ahead (4)")
     g.add_argument("--loader-timeout", type=_seconds, default=600.0, metavar="SECONDS",

@@ -100,12 +100,12 @@ def multicrop_from_args(args: argparse.Namespace) -> MultiCrop:
 def worker_start_method(choice: str, device: torch.device) -> Optional[str]:
     """How loader workers start: ``None`` for the platform's default, else a start method.
 
-    ``auto`` is ``forkserver`` on CUDA (where the platform has it): by the time the first
-    epoch starts its workers the process runs CUDA's, the pin-memory and the intra-op threads,
-    and a ``fork`` then copies whatever lock one of them holds into the child (Python 3.12 warns
-    about exactly this; a worker stuck on such a lock hangs the run). A forkserver worker starts
-    from a clean single-threaded process and receives the dataset by pickling, once per run
-    (workers are persistent). Elsewhere ``auto`` keeps the platform default."""
+    ``auto`` keeps the platform default (``fork`` on Linux), as a plain ``DataLoader`` does.
+    It was ``forkserver`` on CUDA for a while, against the locks of CUDA's threads that a fork
+    copies; on the H200 of 2026-11-27 every ``--preset trex_star`` run of ``train_bench.py``
+    with forkserver workers hung (three tries), while the same run with ``fork`` workers
+    trained at 1,538 images/s (docs/training.md, "Loader"). ``forkserver`` and ``spawn`` stay
+    to be asked for."""
     import multiprocessing
 
     if choice not in LOADER_STARTS:
@@ -113,7 +113,7 @@ def worker_start_method(choice: str, device: torch.device) -> Optional[str]:
                          f"not {choice!r}")
     available = multiprocessing.get_all_start_methods()
     if choice == "auto":
-        return "forkserver" if device.type == "cuda" and "forkserver" in available else None
+        return None
     if choice not in available:
         raise ValueError(f"--loader-start {choice} is not available on this platform "
                          f"(available: {', '.join(available)})")
