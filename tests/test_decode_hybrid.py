@@ -239,8 +239,9 @@ def test_choose_decoding_hybrid_rules():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert ex.choose_decoding("hybrid", "auto", cuda, "transfer", True, 5000, 16) == "hybrid"
     assert ex.choose_decoding("hybrid", "threads", cpu, "imagenet", True, 1, 0) == "hybrid"
-    # auto never picks it (not measured on a GPU yet)
-    assert ex.choose_decoding("auto", "auto", cuda, "transfer", True, 5000, 16) == "tensor"
+    # auto picks it on CUDA for many files and some workers (H200, 2026-11-27), not on the CPU
+    assert ex.choose_decoding("auto", "auto", cuda, "transfer", True, 5000, 16) == "hybrid"
+    assert ex.choose_decoding("auto", "auto", cpu, "transfer", True, 5000, 16) == "processes"
     with pytest.raises(ValueError, match="decode='hybrid' resizes to a preset"):
         ex.choose_decoding("hybrid", "auto", cpu, None, True, 1, 1)
     with pytest.raises(ValueError, match="pass paths, or use decode='gpu'"):

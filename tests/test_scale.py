@@ -132,10 +132,14 @@ def test_choose_decoding_rules():
     assert choose("auto", "auto", cpu, "transfer", False, 5000, 16) == "threads"  # in memory
     assert choose("auto", "auto", cpu, None, True, 5000, 16) == "threads"  # no fixed size
     assert choose("auto", "auto", cuda, "transfer", True, 10, 2) == "tensor"
-    # auto on CUDA: nvJPEG while the CPU path has fewer than 32 decode workers (16 PIL processes
-    # were 1.5x slower than nvJPEG on an H100; from 32 on the exact path is expected to keep up)
-    assert choose("auto", "auto", cuda, "transfer", True, 5000, 16) == "tensor"
-    assert choose("auto", "auto", cuda, "transfer", True, 5000, 31) == "tensor"
+    # auto on CUDA below 32 decode workers: nvJPEG and worker processes at once where processes
+    # would decode (hybrid beat both alone on an H200, fp16 and fp32), else nvJPEG alone; from
+    # 32 on the exact path is expected to keep up
+    assert choose("auto", "auto", cuda, "transfer", True, 5000, 16) == "hybrid"
+    assert choose("auto", "auto", cuda, "transfer", True, 5000, 31) == "hybrid"
+    assert choose("auto", "auto", cuda, "transfer", True, 5000, 3) == "tensor"
+    assert choose("auto", "auto", cuda, "transfer", True, 100, 16) == "tensor"
+    assert choose("auto", "threads", cuda, "transfer", True, 5000, 16) == "tensor"
     assert choose("auto", "auto", cuda, "transfer", True, 5000, 32) == "processes"
     assert choose("gpu", "auto", cuda, "transfer", True, 5000, 64) == "tensor"
     assert choose("cpu", "threads", cuda, "transfer", True, 5000, 16) == "threads"

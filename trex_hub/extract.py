@@ -36,11 +36,14 @@ from .transforms import Decoder, ImageLoadError, build_transform, resolve_prepro
 
 # "auto" decodes in processes from this many files and this many workers on
 PROCESS_MIN_FILES, PROCESS_MIN_WORKERS = 512, 4
-# decode="auto" on CUDA: nvJPEG below this many CPU decode workers, the exact PIL path from it on.
-# On an H100 with 16 cores (2026-11-27, fp16, two rounds: docs/benchmarks.md) nvJPEG gave
-# 3,110-3,827 images/s and 16 PIL decode processes 2,097-2,394, about 140 each: the CPU path
-# would need some 25 workers to keep up, so from 32 on (a machine with that many cores; not
-# measured) it is taken for its exactness (nvJPEG is 2e-3 to 5e-3 relative from it on photos).
+# decode="auto" on CUDA below this many CPU decode workers: both decoders at once ("hybrid")
+# where worker processes would decode (PROCESS_MIN_*), else nvJPEG; from it on, the exact PIL
+# path. On an H200 with 16 cores (2026-11-27, one round, docs/benchmarks.md) hybrid gave 4,045
+# images/s in fp16 and 2,312 in fp32, nvJPEG 3,235 and 2,182, 15 PIL processes 2,403 and
+# 2,575; on an H100 nvJPEG gave 3,110-3,827 and 16 PIL processes 2,097-2,394, about 140 each:
+# the CPU path alone would need some 25 workers to keep up, so from 32 on (a machine with that
+# many cores; not measured) it is taken for its exactness (nvJPEG is 2e-3 to 5e-3 relative
+# from it on photos).
 GPU_DECODE_BELOW_WORKERS = 32
 
 _SINGLE = (str, os.PathLike)
@@ -135,6 +138,10 @@ def choose_decoding(decode: str, workers_mode: str, device: torch.device,
     if decode in ("gpu", "hybrid") and preprocess is None:
         raise ValueError(f"decode={decode!r} resizes to a preset; pass preprocess='transfer' or "
                          "'imagenet', or decode='cpu'")
+    if decode == "auto" and device.type == "cuda" and preprocess is not None and paths \
+            and workers_mode in ("auto", "processes") and count >= PROCESS_MIN_FILES \
+            and PROCESS_MIN_WORKERS <= workers < GPU_DECODE_BELOW_WORKERS:
+        decode = "hybrid"
     if decode == "hybrid":
         if not paths:
             raise ValueError("decode='hybrid' decodes files in worker processes too: pass paths, "
@@ -275,8 +282,9 @@ def extract_features(model: torch.nn.Module, images: Any, *, batch_size: int = 3
         decode: ``"cpu"`` (PIL, the exact reference), ``"gpu"`` (JPEG files decoded in batches
             by ``decode_jpeg`` on the run's device, nvJPEG on CUDA; other files fall back to
             PIL), ``"hybrid"`` (files only: both at once, each batch to whichever is free; which
-            path decodes a file then depends on timing) or ``"auto"`` (``"gpu"`` for files on
-            CUDA with a preset when fewer than 32 decode workers are at hand, else ``"cpu"``).
+            path decodes a file then depends on timing) or ``"auto"`` (for files on CUDA with
+            a preset and fewer than 32 decode workers: ``"hybrid"`` from 512 files and 4
+            workers, else ``"gpu"``; otherwise ``"cpu"``).
         workers_mode: CPU decoding in ``"threads"``, worker ``"processes"`` (files only, into
             shared memory), or ``"auto"`` (processes for many files and workers).
 

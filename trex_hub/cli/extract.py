@@ -124,8 +124,10 @@ def _add_scale_options(p: argparse.ArgumentParser) -> None:
                         "(otherwise JPEGs at least twice the resize target are decoded at a "
                         "reduced DCT scale, within about 1e-2 of exact); hybrid: both at once, "
                         "each batch to whichever is free (CPU workers at a lower priority); "
-                        "auto: gpu on CUDA with fewer than 32 decode workers, else cpu (about as "
-                        "fast there)")
+                        "auto on CUDA with fewer than 32 decode workers: hybrid for 512 files "
+                        "and 4 workers or more (fastest on an H200; runs may then differ in "
+                        "the last digits: pick gpu or cpu to repeat bit for bit), else gpu; "
+                        "else cpu")
     p.add_argument("--workers-mode", choices=WORKER_MODES, default="auto",
                    help="CPU decoding in threads or in worker processes writing shared memory; "
                         "auto: processes for many files on >= 4 workers")
