@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -214,6 +215,122 @@ def test_a_failing_mirror_setting_is_not_told_to_use_a_mirror(server, cache, mon
     assert ("TREX_HUB_OFFLINE=1" in msg) == (fault == "refused")
 
 
+class Restarting:
+    """A loopback server that answers the first request with ``first`` (a partial body or an
+    error status) and goes away: connections to its port are refused for ``down`` seconds (for
+    ever with ``None``), then it serves ``data`` again on the same port, with ``Range``."""
+
+    def __init__(self, data: bytes, first: bytes, down: Optional[float]):
+        self.data, self.first, self.down, self.ranges = data, first, down, []
+        self.lst = self._listen(0)
+        self.url = f"http://127.0.0.1:{self.lst.getsockname()[1]}/"
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _listen(port: int) -> socket.socket:
+        lst = socket.socket()
+        lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lst.bind(("127.0.0.1", port))
+        lst.listen(8)
+        lst.settimeout(0.05)
+        return lst
+
+    def _head(self, conn: socket.socket) -> str:
+        conn.settimeout(2)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        head = data.decode("latin-1")
+        self.ranges.append(next((line.split(":", 1)[1].strip() for line in head.split("\r\n")
+                                 if line.lower().startswith("range:")), None))
+        return head
+
+    def _accept(self) -> Optional[socket.socket]:
+        while not self.stop.is_set():
+            try:
+                return self.lst.accept()[0]
+            except OSError:
+                continue
+        return None
+
+    def _run(self) -> None:
+        conn = self._accept()
+        if conn is None:
+            return
+        port = self.lst.getsockname()[1]
+        with conn:
+            self._head(conn)
+            self.lst.close()  # from now on: connection refused
+            conn.sendall(self.first)
+        if self.down is None or self.stop.wait(self.down):
+            return
+        self.lst = self._listen(port)
+        while True:
+            conn = self._accept()
+            if conn is None:
+                return
+            with conn:
+                rng = self._head(conn)
+                start = int(rng.split("bytes=")[1].split("-")[0]) if "bytes=" in rng else 0
+                body = self.data[start:]
+                status = (f"206 Partial Content\r\nContent-Range: bytes {start}-"
+                          f"{len(self.data) - 1}/{len(self.data)}" if start else "200 OK")
+                conn.sendall(f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n"
+                             "Connection: close\r\n\r\n".encode() + body)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.lst.close()
+
+
+DATA = BLOB[:200_000]
+PARTIAL = (b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\nConnection: close\r\n\r\n"
+           + DATA[:50_000])
+UNAVAILABLE = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
+
+
+@pytest.mark.parametrize("first", [PARTIAL, UNAVAILABLE], ids=["50000-bytes", "503"])
+def test_a_server_that_answered_and_restarts_gets_every_retry(tmp_path, first):
+    """Review I #4: a server that answered this download (bytes, or an HTTP error) and then
+    refuses connections for a while (a restarting mirror, an overloaded proxy or CDN node) is
+    retried with the back-off of TREX_HUB_RETRIES, not given up on after one retry."""
+    srv = Restarting(DATA, first, down=1.2)
+    try:
+        t0 = time.monotonic()
+        digest, size = hub_http.download(f"{srv.url}f.bin", tmp_path / "f.bin.incomplete",
+                                         retries=5, backoff=0.25, progress=False)
+    finally:
+        srv.close()
+    assert size == 200_000 and (tmp_path / "f.bin.incomplete").read_bytes() == DATA
+    assert srv.ranges[-1] == ("bytes=50000-" if first is PARTIAL else None), srv.ranges
+    assert time.monotonic() - t0 < 8
+
+
+def test_a_server_that_answered_then_went_away_is_not_called_offline(tmp_path, caplog):
+    """Once the server answered, its later refusals use every retry, and the final message
+    says it answered before: not "this machine cannot reach it ... TREX_HUB_OFFLINE=1"."""
+    srv = Restarting(DATA, PARTIAL, down=None)
+    try:
+        with caplog.at_level(logging.WARNING, logger=hub_http.__name__), \
+                pytest.raises(dl.DownloadError) as err:
+            hub_http.download(f"{srv.url}f.bin", tmp_path / "f.bin.incomplete", retries=3,
+                              backoff=0.01, progress=False)
+    finally:
+        srv.close()
+    msg = str(err.value)
+    assert "giving up after 4 attempts" in msg and "ConnectionRefusedError" in msg, msg
+    assert "answered earlier in this download" in msg and "run again later" in msg
+    assert "offline" not in msg.lower() and "cannot reach" not in msg, msg
+    assert "50000 bytes are kept" in msg and "\n" not in msg
+    assert sum("retrying in" in r.getMessage() for r in caplog.records) == 3
+
+
 # --------------------------------------------------------------------------------------------
 # 2. Proxies
 # --------------------------------------------------------------------------------------------
@@ -239,6 +356,30 @@ def test_a_socks_all_proxy_is_said_to_be_unused(cache, monkeypatch):
     with pytest.raises(dl.DownloadError) as err:
         dl.fetch("blob.bin", base_url="http://weights.invalid/", cache_dir=cache, **FAST)
     assert "ALL_PROXY='socks5://127.0.0.1:1080' was not used" in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["socks5h://alice:S3cretPW@127.0.0.1:1080",
+                                   "socks5://alice:S3c/ret@PW@127.0.0.1:1080/",
+                                   "http://alice:S3cretPW@127.0.0.1:notaport"])
+def test_an_unused_proxy_is_shown_without_its_credentials(cache, monkeypatch, value):
+    """Review I #5: the note on a proxy this client does not use shows the variable and
+    scheme://host:port only, never the user and password in its URL."""
+    monkeypatch.setenv("all_proxy", value)
+    with pytest.raises(dl.DownloadError) as err:
+        dl.fetch("blob.bin", base_url="http://weights.invalid/", cache_dir=cache, **FAST)
+    msg = str(err.value)
+    assert "all_proxy='" in msg and "127.0.0.1:" in msg and "was not used" in msg, msg
+    assert "S3c" not in msg and "alice" not in msg and "PW" not in msg, msg
+
+
+def test_a_proxy_with_credentials_is_never_shown_with_them(monkeypatch):
+    from trex_hub.hub import connect
+
+    monkeypatch.setenv("https_proxy", "http://alice:S3cretPW@127.0.0.1:3128")
+    proxy = connect.proxy_for("https://weights.invalid/f.bin")
+    assert proxy is not None and proxy.has_credentials
+    for text in (str(proxy), repr(proxy), f"{proxy!r}"):
+        assert "127.0.0.1:3128" in text and "S3cretPW" not in text and "alice" not in text
 
 
 @pytest.mark.parametrize("scheme", ["https", "http"])
@@ -365,9 +506,10 @@ def test_a_file_size_limit_is_one_error_and_the_partial_resumes(server, cache, t
     partial = cache / "blob.bin.incomplete"
     assert run.returncode == 3, run.stderr[-2000:]
     msg = run.stdout.strip()
-    assert msg.startswith(f"DiskFullError cannot write {partial}: File too large"), msg
+    # worded as extraction and training word it (fileio.room_words): the disk has room here
+    assert msg.startswith(f"DiskFullError cannot write {partial}: no room for it (about "), msg
     assert "TREX_HUB_CACHE" in msg and "run again to resume from the 200000 bytes kept" in msg
-    assert "ulimit -f" in msg and "more needed" in msg
+    assert "ulimit -f" in msg and "KiB needed, " in msg and " free on the disk" in msg
     assert partial.stat().st_size == 200_000
     path = dl.fetch("blob.bin", base_url=server.url, cache_dir=cache, **FAST)
     assert path.read_bytes() == BLOB
@@ -406,9 +548,22 @@ def test_no_space_left_names_what_is_needed_and_free(server, cache, monkeypatch)
         dl.fetch("blob.bin", base_url=server.url, cache_dir=cache, **FAST)
     msg = str(err.value)
     partial = cache / "blob.bin.incomplete"
-    assert f"cannot write {partial}: No space left on device (" in msg, msg
-    assert "more needed" in msg and f"free in {cache}" in msg and "TREX_HUB_CACHE" in msg
+    assert f"cannot write {partial}: " in msg and "KiB needed, " in msg, msg
+    assert " free" in msg and "TREX_HUB_CACHE" in msg and "\n" not in msg
     assert partial.is_file()  # kept: the rerun resumes
+
+
+def test_one_byte_formatter_and_one_no_room_errno_list():
+    """Review I #6: downloads word sizes and "no room" with fileio's helpers, as extraction and
+    training do."""
+    from trex_hub import fileio
+    from trex_hub.hub import advice
+
+    assert not hasattr(advice, "human") and not hasattr(advice, "NO_SPACE")
+    assert [fileio.size_words(n) for n in (512, 1536, 3 << 40)] == ["512 B", "1.5 KiB",
+                                                                     "3.0 TiB"]
+    assert fileio.no_room(OSError(errno.EFBIG, "File too large"))
+    assert not fileio.no_room(OSError(errno.EACCES, "Permission denied"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -704,6 +704,23 @@ def test_rank_and_world_size_without_master_addr_is_one_line(ckpt, tmp_path, mon
     assert not list(tmp_path.glob("f.npy*"))
 
 
+@pytest.mark.parametrize("value", ["soon", "0", "-3", "inf", "nan"])
+def test_a_bad_rendezvous_timeout_is_one_rendezvous_error(monkeypatch, value):
+    """TREX_HUB_RENDEZVOUS_TIMEOUT is read by the one env-number parser (hub.http.env_float)
+    and refused as the run's own error, naming it (inf overflowed TCPStore's timedelta)."""
+    from trex_hub import rendezvous
+
+    monkeypatch.setenv("TREX_HUB_RENDEZVOUS_TIMEOUT", value)
+    with pytest.raises(rendezvous.RendezvousError,
+                       match=f"^TREX_HUB_RENDEZVOUS_TIMEOUT={value!r} is not valid: it takes "
+                             "a number > 0"):
+        rendezvous.rendezvous_timeout()
+    monkeypatch.setenv("TREX_HUB_RENDEZVOUS_TIMEOUT", " 2.5 ")
+    assert rendezvous.rendezvous_timeout() == 2.5
+    monkeypatch.delenv("TREX_HUB_RENDEZVOUS_TIMEOUT")
+    assert rendezvous.rendezvous_timeout() == rendezvous.DEFAULT_TIMEOUT_S == 600
+
+
 @pytest.mark.timeout(60)
 def test_missing_peers_are_waited_for_with_a_word_and_a_bound(ckpt, tmp_path, monkeypatch,
                                                               capsys):

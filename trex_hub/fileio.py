@@ -112,8 +112,8 @@ def atomic_write_many(files: Sequence[Tuple[PathLike, Callable[[Any], Any], str]
         fsync_dir(folder)
 
 
-# Writes that fail for lack of room
-_NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+#: write errors that mean "no room" (disk, quota, file size limit): the one list, downloads included
+NO_ROOM_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EFBIG))
 _SHORT_WRITE = re.compile(r"(\d+) requested and (\d+) written")
 
 
@@ -131,16 +131,17 @@ def no_room(exc: BaseException) -> bool:
     size limit), numpy's short write, or torch's zip writer failing under ``torch.save``
     (``[enforce fail at inline_container.cc...] unexpected pos ...``)."""
     if isinstance(exc, OSError):
-        return exc.errno in _NO_ROOM_ERRNOS or short_write(exc) is not None
+        return exc.errno in NO_ROOM_ERRNOS or short_write(exc) is not None
     return isinstance(exc, RuntimeError) and "inline_container" in str(exc)
 
 
 def size_words(n: float) -> str:
+    """``n`` bytes in words: "512 B", "1.5 MiB", "2.0 TiB" (the one byte formatter of messages)."""
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
+        if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
+    return f"{n:.1f} TiB"
 
 
 def free_bytes(path: PathLike) -> Optional[int]:

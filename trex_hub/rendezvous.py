@@ -32,18 +32,11 @@ class RendezvousError(RuntimeError):
 
 
 def rendezvous_timeout() -> float:
-    """Seconds a process waits for the others to arrive (``TREX_HUB_RENDEZVOUS_TIMEOUT``)."""
-    text = os.environ.get(TIMEOUT_ENV, "").strip()
-    if not text:
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise RendezvousError(f"{TIMEOUT_ENV}={text!r}: give the seconds to wait for the other "
-                              "processes of the run (> 0), or unset it for 600")
-    return value
+    """Seconds a process waits for the others to arrive (``TREX_HUB_RENDEZVOUS_TIMEOUT``, > 0;
+    a bad value is a :class:`RendezvousError` naming it)."""
+    from .hub.http import env_float
+
+    return env_float(TIMEOUT_ENV, DEFAULT_TIMEOUT_S, above=True, error=RendezvousError)
 
 
 def _under_torchrun() -> bool:

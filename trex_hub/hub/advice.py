@@ -8,17 +8,13 @@ raised by their callers.
 """
 from __future__ import annotations
 
-import errno
 import os
-import shutil
 import urllib.parse
 from pathlib import Path
 from typing import Optional
 
+from ..fileio import room_words
 from .connect import Proxy, unused_proxy_note
-
-#: write errors that mean "no room" (disk, quota, file size limit): the partial is kept for a rerun
-NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def mirror_hint(url: str) -> str:
@@ -32,13 +28,20 @@ def mirror_hint(url: str) -> str:
 
 
 def way_out(url: str, *, unresolved: Optional[str], unreachable: Optional[str],
-            proxy: Optional[Proxy]) -> str:
+            proxy: Optional[Proxy], reached: bool = False) -> str:
     """What to do once ``url`` failed for good: the offline way out when the host did not
     resolve (``unresolved``) or could not be connected to (``unreachable``), naming ``proxy``
-    when the failure was the proxy's; else the network or a mirror."""
+    when the failure was the proxy's; else the network or a mirror. ``reached``: the server
+    answered earlier in this download, so this machine has a way out: never "offline"."""
     env = os.environ.get("TREX_HUB_BASE_URL", "")
     mirror = f"the mirror in TREX_HUB_BASE_URL ({env!r})" \
         if env and url.startswith(env.rstrip("/") + "/") else ""
+    if reached and (unresolved or unreachable):
+        who = str(proxy) if proxy is not None else (mirror or "the server")
+        return (f"{who[0].upper()}{who[1:]} answered earlier in this download, then stopped "
+                "(restarting or overloaded?): run again later"
+                + ("" if mirror or proxy is not None else ", or use a mirror (TREX_HUB_BASE_URL)")
+                + ".")
     if not (unresolved or unreachable):
         return (f"Check the network, or that {mirror} is up." if mirror
                 else "Check the network or use a mirror (TREX_HUB_BASE_URL).")
@@ -71,30 +74,16 @@ def proxy_refused(url: str, proxy: Optional[Proxy], code: int, reason: str) -> s
             f"{code} {reason}); check the proxy setting, or add the host to no_proxy.")
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def no_space(tmp: Path, exc: OSError, total: Optional[int], resumable: bool) -> str:
-    """The error text for a partial download ``tmp`` that could not be written (``exc``, an
-    errno of :data:`NO_SPACE`): what is needed and free, and how to go on."""
+def no_space(tmp: Path, total: Optional[int], resumable: bool) -> str:
+    """The error text for a partial download ``tmp`` that could not be written for lack of room
+    (:func:`trex_hub.fileio.no_room`): worded as extraction and training word it
+    (:func:`trex_hub.fileio.room_words`), and how to go on."""
     have = tmp.stat().st_size if tmp.exists() else 0
-    facts = [f"{human(total - have)} more needed"] if total is not None and total > have else []
-    try:
-        facts.append(f"{human(shutil.disk_usage(tmp.parent).free)} free in {tmp.parent}")
-    except OSError:
-        pass
-    if exc.errno == errno.EFBIG:
-        facts.append("a limit on file size: ulimit -f, or the file system's own")
-    detail = f" ({'; '.join(facts)})" if facts else ""
+    needed = total - have if total is not None and total > have else None
     then = (f"run again to resume from the {have} bytes kept" if resumable and have
             else "run again")
-    return (f"cannot write {tmp}: {exc.strerror or exc}{detail}; free space or set "
-            f"TREX_HUB_CACHE to a folder with room, then {then}.")
+    return (f"cannot write {tmp}: {room_words(tmp, needed)}; free space or set TREX_HUB_CACHE "
+            f"to a folder with room, then {then}.")
 
 
-__all__ = ["NO_SPACE", "human", "mirror_hint", "no_space", "proxy_refused", "way_out"]
+__all__ = ["mirror_hint", "no_space", "proxy_refused", "way_out"]

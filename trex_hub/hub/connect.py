@@ -14,10 +14,11 @@ from __future__ import annotations
 import functools
 import http.client
 import os
+import re
 import socket
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds to open a connection (the proxy's, when there is one)
@@ -27,15 +28,25 @@ _LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 @dataclass(frozen=True)
 class Proxy:
-    """The proxy a request goes through: its URL, ``host:port`` and the variable it came from."""
+    """The proxy a request goes through: its URL, ``host:port`` and the variable it came from.
+    Shown (``str``, ``repr``) without the URL, which may hold a user and password."""
 
-    url: str
+    url: str = field(repr=False)
     hostport: str
     var: str
     has_credentials: bool
 
     def __str__(self) -> str:
         return f"the proxy {self.hostport} (from {self.var})"
+
+
+def shown(value: str) -> str:
+    """A proxy setting as it may be printed: ``scheme://host:port``, without the user and
+    password (they end at the last ``@``), the path or the query."""
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        scheme, rest = "", value
+    return scheme + sep + re.split(r"[/?#]", rest.rpartition("@")[2], maxsplit=1)[0]
 
 
 def _proxy_var(scheme: str, value: str) -> str:
@@ -85,8 +96,12 @@ def unused_proxy_note(url: str) -> str:
     value = proxies.get(parts.scheme) or proxies.get("all")
     if not value or _parse(value, parts.scheme) is not None or _bypassed(parts):
         return ""
-    return (f" {_proxy_var(parts.scheme, value)}={value!r} was not used: this client goes "
-            f"through HTTP proxies only (set {parts.scheme}_proxy to one).")
+    var, value_shown = _proxy_var(parts.scheme, value), shown(value)
+    if value_shown.partition("://")[0].lower() in ("", "http", "https"):  # but unreadable
+        return (f" {var}={value_shown!r} was not used: it is not a proxy URL this client can "
+                "read (http://host:port).")
+    return (f" {var}={value_shown!r} was not used: this client goes through HTTP proxies "
+            f"only (set {parts.scheme}_proxy to one).")
 
 
 class ConnectFailure(OSError):
@@ -163,5 +178,5 @@ def opener(url: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
                                        _HTTPSHandler(connect_timeout)), proxy
 
 
-__all__ = ["DEFAULT_CONNECT_TIMEOUT", "ConnectFailure", "Proxy", "opener", "proxy_for",
+__all__ = ["DEFAULT_CONNECT_TIMEOUT", "ConnectFailure", "Proxy", "opener", "proxy_for", "shown",
            "unused_proxy_note"]

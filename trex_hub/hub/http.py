@@ -2,13 +2,15 @@
 
 What this module does: ``Range`` requests to resume a partial file, retries with jittered
 exponential back-off (``Retry-After`` honoured; a host that cannot be resolved or connected to
-is retried once only), a progress bar on a terminal, and a SHA-256 of the complete file checked
-against the expected one. Proxies and the connect timeout: ``hub/connect.py``; the fixes its
-errors name: ``hub/advice.py``. What it does not do: choose where files live, keep manifests or
-locks (``hub/cache.py``), or know which files exist (the registry, above ``hub/``).
+is retried once only, unless it answered earlier in the same download), a progress bar on a
+terminal, and a SHA-256 of the complete file checked against the expected one. Proxies and the
+connect timeout: ``hub/connect.py``; the fixes its errors name: ``hub/advice.py``. What it does
+not do: choose where files live, keep manifests or locks (``hub/cache.py``), or know which files
+exist (the registry, above ``hub/``).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import logging
@@ -26,9 +28,9 @@ import urllib.request
 from pathlib import Path
 from typing import Optional, Tuple
 
-from ..fileio import PathLike
+from ..fileio import PathLike, no_room
 from ..version import __version__
-from .advice import NO_SPACE, mirror_hint, no_space, proxy_refused, way_out
+from .advice import mirror_hint, no_space, proxy_refused, way_out
 from .connect import DEFAULT_CONNECT_TIMEOUT, ConnectFailure, Proxy, opener
 
 CHUNK = 1 << 20
@@ -40,7 +42,9 @@ DEFAULT_BACKOFF = 1.0         # first back-off in seconds; doubles each retry (c
 MAX_BACKOFF = 30.0
 # extra attempts when the host name does not resolve or no connection can be opened (refused,
 # unreachable, no answer within the connect timeout): on a machine without network, or a compute
-# node without a way out, every attempt fails alike and five back-offs would only delay the message
+# node without a way out, every attempt fails alike and five back-offs would only delay the message.
+# Once the server answered in a download (a restarting mirror, an overloaded proxy or CDN node),
+# such failures get every retry of TREX_HUB_RETRIES.
 DNS_RETRIES = 1
 
 log = logging.getLogger(__name__)
@@ -69,11 +73,12 @@ class DiskFullError(DownloadError):
 
 
 def env_float(name: str, default: float, *, low: float = 0.0, above: bool = False,
-              integer: bool = False, finite: bool = True) -> float:
+              integer: bool = False, finite: bool = True,
+              error: type = DownloadError) -> float:
     """The number in ``$name`` (``default`` when unset or empty), checked: ``>= low`` (``> low``
     with ``above``), a whole number with ``integer``, not infinite with ``finite``. A bad value
-    is a :class:`DownloadError` naming the variable and what it takes, not silently the
-    default."""
+    is an ``error`` (:class:`DownloadError` unless given) naming the variable and what it takes,
+    not silently the default."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
@@ -87,8 +92,8 @@ def env_float(name: str, default: float, *, low: float = 0.0, above: bool = Fals
     if not ok:
         kind = "a whole number" if integer else "a number"
         bound = f"> {low:g}" if above else f">= {low:g}"
-        raise DownloadError(f"{name}={raw!r} is not valid: it takes {kind} {bound}; fix or unset "
-                            "it"[:300])
+        raise error(f"{name}={raw!r} is not valid: it takes {kind} {bound}; fix or unset "
+                    "it"[:300])
     return value
 
 
@@ -108,16 +113,27 @@ class _Transient(Exception):
     """A failure worth retrying (connection lost, timeout, 5xx, short body); ``unresolved``
     names the host whose name did not resolve and ``unreachable`` the ``host:port`` that no
     connection could be opened to (both retried :data:`DNS_RETRIES` times only); ``proxy`` is
-    set when that host was the proxy's."""
+    set when that host was the proxy's; ``answered``: the server gave an HTTP response first."""
 
     def __init__(self, message: str, retry_after: Optional[float] = None,
                  unresolved: Optional[str] = None, unreachable: Optional[str] = None,
-                 proxy: Optional[Proxy] = None):
+                 proxy: Optional[Proxy] = None, answered: bool = False):
         super().__init__(message)
         self.retry_after = retry_after
         self.unresolved = unresolved
         self.unreachable = unreachable
         self.proxy = proxy
+        self.answered = answered
+
+
+@contextlib.contextmanager
+def _answered():
+    """Marks the transient failures of its block as coming after an HTTP response."""
+    try:
+        yield
+    except _Transient as exc:
+        exc.answered = True
+        raise
 
 
 def _retry_after(value: Optional[str]) -> Optional[float]:
@@ -174,7 +190,8 @@ def _open(url: str, tmp: Path, offset: int, timeout: float,
             if m and int(m.group(1)) == offset:
                 return offset  # the partial already holds every byte (verified next)
             tmp.unlink()  # our partial is no prefix the server recognises: start over
-            raise _Transient("HTTP 416 for a resumed download; restarting") from None
+            raise _Transient("HTTP 416 for a resumed download; restarting",
+                             answered=True) from None
         if code == 407:  # the proxy's answer (plain HTTP through a proxy)
             raise ProxyError(proxy_refused(url, proxy, code, exc.reason)) from None
         if code in (401, 403, 404, 410):
@@ -182,7 +199,8 @@ def _open(url: str, tmp: Path, offset: int, timeout: float,
                 from None
         if code >= 500 or code in (408, 429):
             raise _Transient(f"HTTP {code} {exc.reason}",
-                             _retry_after(exc.headers.get("Retry-After"))) from None
+                             _retry_after(exc.headers.get("Retry-After")), answered=True) \
+                from None
         raise DownloadError(f"{url}: HTTP {code} {exc.reason}; {mirror_hint(url)}.") \
             from None
     except (urllib.error.URLError, socket.timeout, ConnectionError, http.client.HTTPException,
@@ -241,7 +259,7 @@ def _attempt(url: str, tmp: Path, *, timeout: float, connect_timeout: float,
     resp = _open(url, tmp, offset, timeout, connect_timeout)
     if isinstance(resp, int):
         return resp
-    with resp:
+    with resp, _answered():
         length = resp.headers.get("Content-Length")
         body_len = int(length) if length and length.isdigit() else None
         if resp.status == 206:
@@ -293,8 +311,8 @@ def _stream(resp, tmp: Path, mode: str, offset: int, bar, total: Optional[int] =
             out.flush()
             os.fsync(out.fileno())
     except OSError as exc:  # the reads' errors are _Transient: this is the disk's
-        if exc.errno in NO_SPACE:
-            raise DiskFullError(no_space(tmp, exc, total, resumable)) from None
+        if no_room(exc):
+            raise DiskFullError(no_space(tmp, total, resumable)) from None
         raise
     finally:
         if bar is not None:
@@ -327,6 +345,7 @@ def download(url: str, tmp: PathLike, *, sha256: Optional[str] = None,
                                     above=True)
     restarted = False
     attempt = 0
+    reached = False  # the server answered an attempt of this download: it has a way out
     try:
         while True:
             resumed = tmp.exists() and tmp.stat().st_size > 0
@@ -335,13 +354,15 @@ def download(url: str, tmp: PathLike, *, sha256: Optional[str] = None,
                                expected_size=size, progress=progress, desc=desc or tmp.name,
                                resumable=resumable)
             except _Transient as exc:
-                fast = exc.unresolved or exc.unreachable  # no way out: do not insist
+                reached = reached or exc.answered
+                # no way out (never answered): do not insist; it answered before: a restart
+                fast = (exc.unresolved or exc.unreachable) and not reached
                 if attempt >= (min(retries, DNS_RETRIES) if fast else retries):
                     kept = tmp.stat().st_size if tmp.exists() else 0
                     more = (f" {kept} bytes are kept in {tmp} and the next attempt resumes from "
                             "there." if kept and resumable else "")
                     fix = way_out(url, unresolved=exc.unresolved, unreachable=exc.unreachable,
-                                  proxy=exc.proxy)
+                                  proxy=exc.proxy, reached=reached)
                     raise DownloadError(
                         f"{url}: giving up after {attempt + 1} attempts ({exc}).{more} "
                         f"{fix}") from None
