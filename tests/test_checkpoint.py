@@ -355,11 +355,12 @@ def test_integer_or_bool_weights_are_refused_naming_the_keys(tmp_path, dtype):
     assert "\n" not in str(info.value) and "more" in str(info.value)  # many keys, a few named
 
 
-def test_float_counters_are_refused_and_half_precision_weights_upcast(tmp_path):
+def test_half_precision_weights_upcast_and_non_count_counters_refused(tmp_path):
     torch.manual_seed(0)
     model = trex_hub.TReX("resnet18").eval()
     folder = save_safetensors(model, tmp_path / "export")
-    _rewrite_tensors(folder, lambda k, v: v.float() if k.endswith("num_batches_tracked") else v)
+    _rewrite_tensors(folder, lambda k, v: v.float() + 0.5 if k.endswith("num_batches_tracked")
+                     else v)
     with pytest.raises(CheckpointError, match=r"wrong dtype: backbone\.bn1\.num_batches_tracked "
                                               r"float32 \(expected an integer type\)"):
         trex_hub.load(folder)
@@ -370,3 +371,41 @@ def test_float_counters_are_refused_and_half_precision_weights_upcast(tmp_path):
         want = model.state_dict()["backbone.conv1.weight"].to(half).float()
         assert loaded.backbone.conv1.weight.dtype == torch.float32
         assert torch.equal(loaded.backbone.conv1.weight, want)
+
+
+def _trained_backbone(counter: int) -> dict:
+    sd = fx.backbone_state_dict("resnet18", seed=5)
+    return {k: torch.tensor(counter) if k.endswith("num_batches_tracked") else v
+            for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_a_checkpoint_halved_whole_counters_included_loads(tmp_path, half):
+    """Review I #3: ``{k: v.half() for k, v in sd.items()}`` turns the BatchNorm counters into
+    floats; they are cast back (an fp16-overflowed one restarts at 0) and the features agree
+    with the float copy's within half precision."""
+    sd = _trained_backbone(1000)
+    sd["layer1.0.bn1.num_batches_tracked"] = torch.tensor(70000)  # over float16's 65504: inf
+    torch.save({k: v.to(half) for k, v in sd.items()}, tmp_path / "half.pth")
+    torch.save({k: v.float() if v.is_floating_point() else v for k, v in sd.items()},
+               tmp_path / "float.pth")
+    halved = trex_hub.load(tmp_path / "half.pth").eval()
+    ref = trex_hub.load(tmp_path / "float.pth").eval()
+    bn = halved.backbone.bn1
+    assert bn.num_batches_tracked.dtype == torch.int64 and int(bn.num_batches_tracked) == 1000
+    overflowed = halved.backbone.layer1[0].bn1.num_batches_tracked
+    assert int(overflowed) == (0 if half == torch.float16 else 70144)  # bf16 rounds, never inf
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(halved(x), ref(x), rtol=0.05, atol=0.05)
+
+
+def test_integer_weights_are_still_refused_beside_float_counters(tmp_path):
+    sd = {k: v.half() for k, v in _trained_backbone(10).items()}
+    sd["conv1.weight"] = sd["conv1.weight"].to(torch.int8)
+    torch.save(sd, tmp_path / "q.pth")
+    with pytest.raises(CheckpointError, match=r"wrong dtype: backbone\.conv1\.weight int8 "
+                                              r"\(expected a floating type\) \(integer or bool "
+                                              r"data is not cast into weights") as info:
+        trex_hub.load(tmp_path / "q.pth")
+    assert "num_batches_tracked" not in str(info.value)

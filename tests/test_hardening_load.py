@@ -130,8 +130,8 @@ BAD_CONFIGS = [
     ({"preprocess__resize": 10 ** 9}, "'preprocess.resize' must be an integer from 1 to 4096"),
     ({"preprocess__mean": "grey"}, "'preprocess.mean' must be a list of 3 numbers"),
     ({"name": 5}, "'name' must be a string or null"),
-    ({"license": "mit\nlibrary_name: evil"}, "'license' must be a licence id"),  # into the card
-    ({"license": ["mit"]}, "'license' must be a licence id"),
+    ({"license": "mit\nlibrary_name: evil"}, "'license' must be a licence name"),  # into the card
+    ({"license": ["mit"]}, "'license' must be a licence name"),
     ({"derived_from": {"a": 1}}, "'derived_from' must be a model name"),
 ]
 

@@ -85,7 +85,8 @@ def test_save_pretrained_round_trip_is_bit_identical(exported):
 @pytest.mark.parametrize("name", registry.list_models())
 def test_cards_of_released_models_carry_the_registry_facts(name):
     entry = registry.get_entry(name)
-    cfg = {"arch": "resnet50", "num_features": 2048, "projector": None, "classifier": None}
+    cfg = {"arch": "resnet50", "num_features": 2048, "projector": None, "classifier": None,
+           "release": name}
     card = cards.render_card(cfg, name=name, repo_id=f"org/{name}")
     data = card.data.to_dict()
     assert data["license"] == "cc-by-nc-sa-4.0" and data["library_name"] == "trex_hub"
@@ -97,7 +98,8 @@ def test_cards_of_released_models_carry_the_registry_facts(name):
 
 def test_card_from_registry_facts_when_no_card_file(monkeypatch, tmp_path):
     monkeypatch.setattr(cards, "_CARDS_DIR", tmp_path / "none")
-    cfg = {"arch": "resnet50", "num_features": 2048, "projector": None, "classifier": None}
+    cfg = {"arch": "resnet50", "num_features": 2048, "projector": None, "classifier": None,
+           "release": "trex_star"}
     card = cards.render_card(cfg, name="t-ReX*")
     assert card.data.license == "cc-by-nc-sa-4.0" and "2206.15369" in card.text
     assert {r.metric_value for r in card.data.eval_results} == {80.2, 0.8829}
@@ -404,3 +406,140 @@ def test_offline_touches_no_server_even_in_a_fresh_process(hub, tmp_path):
                          timeout=120)
     assert "not cached" in run.stdout + run.stderr
     assert hub.log == []
+
+
+# --------------------------------------------------------------------------------------------
+# Review I #1: a licence given as text; #2: the release card only for the release's weights
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["trex_hub", "timm"])
+@pytest.mark.parametrize("text", ["CC BY-NC-SA 4.0", "MIT OR Apache-2.0", "other: see # LICENSE"])
+def test_a_licence_given_as_text_loads_back(tmp_path, fmt, text):
+    """What save_pretrained writes, load reads back; the card's YAML keeps it one quoted value
+    and tells the Hub ``license: other`` (it checks ``license`` against its list of ids)."""
+    torch.manual_seed(0)
+    folder = trex_hub.save_pretrained(TReX("resnet18"), tmp_path / "m", license=text,
+                                      format=fmt)
+    loaded = trex_hub.load(folder)
+    assert loaded.pretrained_cfg["license"] == text
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.license == "other" and card.data.license_name
+    assert set(card.data.license_name) <= set("abcdefghijklmnopqrstuvwxyz0123456789-.")
+    assert f"Licence of the weights: {text}." in card.text
+    again = trex_hub.save_pretrained(loaded, tmp_path / "again")  # and on, unchanged
+    assert json.loads((again / "config.json").read_text())["license"] == text
+
+
+def test_a_timm_folder_of_the_previous_version_with_a_text_licence_loads(tmp_path):
+    """Written as the base version (and timm) wrote it: loads, and the error for a licence
+    that cannot be used names timm's field and no fix that writes it again."""
+    torch.manual_seed(0)
+    folder = trex_hub.save_pretrained(TReX("resnet18"), tmp_path / "t", format="timm")
+    config = json.loads((folder / "config.json").read_text())
+    config["pretrained_cfg"]["license"] = "CC BY-NC-SA 4.0"
+    config["trex_hub"] = {"name": None, "arch": "resnet18", "format": "timm"}
+    (folder / "config.json").write_text(json.dumps(config))
+    assert trex_hub.load(folder).pretrained_cfg["license"] == "CC BY-NC-SA 4.0"
+    config["pretrained_cfg"]["license"] = "mit\nlibrary_name: evil"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(trex_hub.CheckpointError, match="config field 'pretrained_cfg.license' "
+                                                       "must be a licence name") as info:
+        trex_hub.load(folder)
+    assert "save_pretrained" not in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("bad", ["mit\nlibrary_name: evil", "x" * 101, "`mit`", " ", 5])
+def test_a_licence_that_would_not_load_back_is_refused_before_anything_is_written(
+        tmp_path, hub, bad):
+    model = small_model()
+    for fmt in ("trex_hub", "timm"):
+        with pytest.raises(ValueError, match=r"^license=.* must be a licence name on one line"):
+            trex_hub.save_pretrained(model, tmp_path / fmt, license=bad, format=fmt)
+        assert not (tmp_path / fmt).exists()
+    n = len(hub.log)
+    with pytest.raises(ValueError, match="license="):
+        trex_hub.push_to_hub(model, "tester/bad", token=hub.token, license=bad)
+    assert len(hub.log) == n and "tester/bad" not in hub.repos
+    model.pretrained_cfg["license"] = bad  # set by hand: named as such
+    with pytest.raises(ValueError, match=r"model\.pretrained_cfg\['license'\]="):
+        trex_hub.save_pretrained(model, tmp_path / "cfg")
+    assert not (tmp_path / "cfg").exists()
+
+
+def test_a_release_saved_reloaded_and_changed_is_derived(trex_star, tmp_path):
+    """Review I #2: the release digest travels in config.json, so a fine-tuned copy of a folder
+    (not of the registry name) is still known to derive from the release."""
+    first = trex_hub.save_pretrained(trex_star, tmp_path / "first")
+    config = json.loads((first / "config.json").read_text())
+    assert config["release"] == "trex_star" and len(config["release_digest"]) == 64
+    reloaded = trex_hub.load(first)
+    assert reloaded.pretrained_cfg["release"] == "trex_star"
+    untouched = trex_hub.save_pretrained(reloaded, tmp_path / "untouched")
+    assert "## Intended use" in (untouched / "README.md").read_text()  # still the release's
+    timm_copy = trex_hub.load(trex_hub.save_pretrained(reloaded, tmp_path / "tm", format="timm"))
+    assert timm_copy.pretrained_cfg["release"] == "trex_star"  # timm folders too
+    with torch.no_grad():
+        reloaded.backbone.conv1.weight.mul_(1.01)
+    for fmt in ("trex_hub", "timm"):
+        tuned = trex_hub.save_pretrained(reloaded, tmp_path / f"tuned_{fmt}", format=fmt)
+        text = (tuned / "README.md").read_text()
+        assert "Intended use" not in text and "80.2" not in text
+        assert "Derived from the released t-ReX model `trex_star`" in text
+    config = json.loads((tmp_path / "tuned_trex_hub" / "config.json").read_text())
+    assert config["derived_from"] == "trex_star" and "release" not in config
+    assert config["license"] == LICENSE
+
+
+def test_a_folder_whose_weights_differ_from_its_recorded_release_is_derived(trex_star,
+                                                                           tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = trex_hub.save_pretrained(trex_star, tmp_path / "edited")
+    state = load_file(str(folder / "model.safetensors"))
+    state["backbone.conv1.weight"] = state["backbone.conv1.weight"] * 1.01
+    save_file(state, str(folder / "model.safetensors"))
+    loaded = trex_hub.load(folder)
+    assert loaded.pretrained_cfg["derived_from"] == "trex_star"
+    assert "release" not in loaded.pretrained_cfg
+    again = trex_hub.save_pretrained(loaded, tmp_path / "again")
+    assert "Intended use" not in (again / "README.md").read_text()
+
+
+def test_a_release_with_its_projector_reloaded_without_it_is_still_the_release(
+        released_files, monkeypatch, tmp_path):
+    with FileServer(released_files) as srv:
+        monkeypatch.setenv("TREX_HUB_BASE_URL", srv.url)
+        full = trex_hub.load("trex_star_repro", projector=True, progress=False)
+    folder = trex_hub.save_pretrained(full, tmp_path / "full")
+    backbone = trex_hub.load(folder)  # projector=False: the heads are left out
+    assert not backbone.has_projector and backbone.pretrained_cfg["release"] == "trex_star_repro"
+    again = trex_hub.save_pretrained(backbone, tmp_path / "backbone")
+    assert "## Intended use" in (again / "README.md").read_text()
+    assert "derived_from" not in json.loads((again / "config.json").read_text())
+
+
+@pytest.mark.parametrize("fmt", ["trex_hub", "timm"])
+def test_random_weights_named_after_a_release_do_not_get_its_card(tmp_path, fmt):
+    torch.manual_seed(0)
+    folder = trex_hub.save_pretrained(TReX("resnet50"), tmp_path / "r", name="trex_star",
+                                      format=fmt)
+    text = (folder / "README.md").read_text()
+    assert "80.2" not in text and "0.8829" not in text and "Intended use" not in text
+    assert "Exported under the name of the released model `trex_star`" in text
+    if fmt == "trex_hub":
+        assert "release" not in json.loads((folder / "config.json").read_text())
+
+
+def test_trex_download_conversions_of_a_release_keep_its_card(released_files, monkeypatch,
+                                                              tmp_path, capsys):
+    """They are the release's weights: build_model knows the cache's vouched-for file."""
+    from trex_hub.cli.download import main
+
+    with FileServer(released_files) as srv:
+        assert main(["trex_star", "-q", "--base-url", srv.url, "--to-safetensors",
+                     str(tmp_path / "st"), "--to-timm", str(tmp_path / "tm")]) == 0
+    for fmt in ("st", "tm"):
+        folder = tmp_path / fmt / "trex_star"
+        text = (folder / "README.md").read_text()
+        assert "80.2" in text and "Exported under the name" not in text
+        assert trex_hub.load(folder).pretrained_cfg["release"] == "trex_star"
+    assert "## Intended use" in (tmp_path / "st" / "trex_star" / "README.md").read_text()

@@ -28,11 +28,15 @@ TIMM_FILES = ("README.md", "config.json", "model.safetensors")
 
 @pytest.fixture(scope="module")
 def released_r50(tmp_path_factory):
-    """A generated ResNet-50 in the released backbone layout, loaded as trex_star's weights."""
+    """A generated ResNet-50 in the released backbone layout, loaded as trex_star's weights
+    (what the loader records for a release: its name and the digest of its weights)."""
+    from trex_hub.model import weights_digest
+
     path = tmp_path_factory.mktemp("r50") / "trexstar.pth"
     fx.write_backbone_file(path, arch="resnet50", seed=7)
     model = trex_hub.load(path)
-    model.pretrained_cfg["name"] = "trex_star"
+    model.pretrained_cfg.update(name="trex_star", release="trex_star",
+                                release_digest=weights_digest(model))
     return model
 
 

@@ -2,18 +2,24 @@
 
 A card is a head followed by sections. The head depends on what the weights are:
 
-* a released model (``name`` in the registry, ``config["arch"]`` the release's architecture and
-  no ``derived_from`` in the config): its hand-written card from ``model_cards/`` (installed as
-  ``trex_hub/model_cards/``), else one built from the registry facts (licence, metrics,
-  citation);
+* a release's weights, unchanged: ``config["release"]`` names a registry model of
+  ``config["arch"]`` and there is no ``derived_from``. Its hand-written card from
+  ``model_cards/`` (installed as ``trex_hub/model_cards/``), else one built from the registry
+  facts (licence, metrics, citation);
 * a model converted from a training checkpoint by ``trex-train export`` (``config.json`` has a
   ``source_checkpoint``): a card that says it is *not* a released model;
 * anything else: a short generic card, with the licence ``config.json`` records and, for weights
-  derived from a release or named after one they are not, a line that says so.
+  derived from a release or merely named after one, a line that says so.
 
-``derived_from`` is written by :func:`provenance`: the loader records the digest of a release's
-weights when it loads them (``pretrained_cfg["release_digest"]``), and weights that no longer
-match it when they are exported (fine-tuned, converted) are the release's derivatives.
+The rule: a release's card, and its metrics, only for weights known to be the release's.
+``config.json`` records ``release`` (with ``release_digest``, the digest of the tensors written)
+only when the model's ``pretrained_cfg`` carries a release's digest and the weights still match
+it; that digest is recorded when a release's file is loaded (``trex_hub.load("trex_star")``,
+``trex-download trex_star --to-*``), and when a folder recording a release is loaded and its
+weights match (:func:`trex_hub.provenance.loaded_facts`). A release changed after it was loaded
+(fine-tuned, converted, edited: the digest differs), also when saved, reloaded from the folder
+and saved again, records ``derived_from``. Weights merely named after a release (``name=``, no
+digest: random or someone else's) get the generic card saying so. See :mod:`trex_hub.provenance`.
 
 A timm-format export (``save_pretrained(format="timm")``) gets :func:`render_timm_card`: the same
 facts, told for a timm user.
@@ -23,12 +29,13 @@ how to load it) and, when present, the training settings.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from . import registry
 from .preprocess import PRESETS, preprocess_from_timm
+from .provenance import card_license
+from .provenance import entry as _entry
 
 
 def _cards_dir() -> Path:
@@ -105,7 +112,7 @@ def _released_head(entry: registry.ModelEntry) -> Tuple[Any, str]:
 def _trained_head(title: str, license: Optional[str]) -> Tuple[Any, str]:
     from huggingface_hub import ModelCardData
 
-    data = ModelCardData(license=license, library_name="trex_hub", tags=TAGS,
+    data = ModelCardData(**card_license(license), library_name="trex_hub", tags=TAGS,
                          pipeline_tag="image-feature-extraction")
     head = (f"# {title}\n\nA model trained with `trex-train` (trex_hub), following the t-ReX "
             "recipe of Sariyildiz et al., *No Reason for No Supervision: Improved "
@@ -114,54 +121,6 @@ def _trained_head(title: str, license: Optional[str]) -> Tuple[Any, str]:
             "authors); the terms of these weights are those of the data they were trained on "
             "and of whoever trained them.\n")
     return data, head
-
-
-def _entry(name: Any) -> Optional[registry.ModelEntry]:
-    return registry.get_entry(name) if isinstance(name, str) and registry.is_known(name) else None
-
-
-def provenance(model: Any, *, name: Optional[str] = None,
-               license: Optional[str] = None) -> Dict[str, Any]:
-    """What an export's ``config.json`` records about where ``model``'s weights come from:
-    ``license`` (``license``, else the one the model was loaded with, else the release's for a
-    model of its architecture named after it) and ``derived_from`` (the release the weights
-    were loaded from when they no longer match the digest the loader recorded, or the
-    ``derived_from`` they were loaded with). Absent values are left out."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    derived = cfg.get("derived_from")
-    digest = cfg.get("release_digest")
-    if derived is None and digest and cfg.get("release"):
-        from .model import weights_digest  # ~0.06 s for a ResNet-50, only for a release
-
-        if weights_digest(model) != digest:
-            derived = cfg["release"]
-    entry = _entry(name or cfg.get("name"))
-    if license is None:
-        license = cfg.get("license")
-    if license is None and entry is not None and entry.arch == getattr(model, "arch", None):
-        license = entry.license
-    return {k: v for k, v in (("license", license), ("derived_from", derived)) if v}
-
-
-#: what an export records about its weights (:func:`trex_hub.cards.provenance`): put into the
-#: card and into ``pretrained_cfg`` by the loader, so short plain text only
-_LICENSE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}")
-
-
-def check_provenance(config: Dict[str, Any]) -> Dict[str, Any]:
-    """``config`` when its ``license`` / ``derived_from`` (untrusted, like the rest of a
-    ``config.json``) are short plain text; else ``ConfigFieldError`` naming the field."""
-    from .configschema import ConfigFieldError
-
-    lic, derived = config.get("license"), config.get("derived_from")
-    if lic is not None and not (isinstance(lic, str) and _LICENSE_RE.fullmatch(lic)):
-        raise ConfigFieldError(f"config field 'license' must be a licence id such as "
-                               f"'cc-by-nc-sa-4.0', found {lic!r}"[:300])
-    if derived is not None and not (isinstance(derived, str) and 0 < len(derived) <= 200
-                                    and derived.isprintable() and "`" not in derived):
-        raise ConfigFieldError(f"config field 'derived_from' must be a model name, found "
-                               f"{derived!r}"[:300])
-    return config
 
 
 def _release_note(entry: Optional[registry.ModelEntry], config: Dict[str, Any],
@@ -177,13 +136,17 @@ def _release_note(entry: Optional[registry.ModelEntry], config: Dict[str, Any],
         return (f"\nExported under the name of the released model `{entry.name}`, but it is a "
                 f"{arch}, not that release's {entry.arch}: the release's card and metrics do not "
                 "describe it.\n")
+    if entry is not None and config.get("release") != entry.name:
+        return (f"\nExported under the name of the released model `{entry.name}`, but these "
+                "weights were not loaded from that release unchanged (random, trained or someone "
+                "else's), so the release's card and metrics do not describe them.\n")
     return ""
 
 
 def _generic_head(title: str, license: Optional[str], note: str = "") -> Tuple[Any, str]:
     from huggingface_hub import ModelCardData
 
-    data = ModelCardData(license=license, library_name="trex_hub", tags=TAGS,
+    data = ModelCardData(**card_license(license), library_name="trex_hub", tags=TAGS,
                          pipeline_tag="image-feature-extraction")
     lic = f"\nLicence of the weights: {license}.\n" if license else ""
     return data, (f"# {title}\n\nA t-ReX-style model exported with trex_hub. Method: "
@@ -195,17 +158,16 @@ def render_card(config: Dict[str, Any], *, name: Optional[str] = None,
     """The :class:`huggingface_hub.ModelCard` of an exported model (see the module doc)."""
     from huggingface_hub import ModelCard
 
-    entry = _entry(name)
+    named, release = _entry(name), _entry(config.get("release"))
     trained = bool(config.get("source_checkpoint"))
     sections = files_section(config, repo_id) + training_section(config)
     title = name or config.get("name") or config["arch"]
     license = license or config.get("license")
-    released = entry is not None and entry.arch == config["arch"] \
-        and not config.get("derived_from")
     if trained:
         data, head = _trained_head(title, license)
-    elif released:
-        assert entry is not None
+    elif release is not None and release.arch == config["arch"] \
+            and not config.get("derived_from"):  # the release's weights (module doc)
+        entry = release
         hand_written = _CARDS_DIR / f"{entry.name}.md"
         if hand_written.is_file():
             card = ModelCard.load(hand_written)
@@ -213,7 +175,7 @@ def render_card(config: Dict[str, Any], *, name: Optional[str] = None,
             return card
         data, head = _released_head(entry)
     else:
-        data, head = _generic_head(title, license, _release_note(entry, config, config["arch"]))
+        data, head = _generic_head(title, license, _release_note(named, config, config["arch"]))
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{head}{sections}")
 
 
@@ -225,13 +187,13 @@ def render_timm_card(config: Dict[str, Any], *, name: Optional[str] = None,
     ``pretrained_cfg``)."""
     from huggingface_hub import ModelCardData
 
-    entry = _entry(name)
     ours = config.get("trex_hub") if isinstance(config.get("trex_hub"), dict) else {}
     arch = ours.get("arch") or str(config["architecture"]).split(".")[0]
-    release_note = _release_note(entry, ours, arch)
-    if release_note:  # not the release's weights: not its figures
-        entry = None
-    data = ModelCardData(license=license, library_name="timm",
+    entry = _entry(ours.get("release"))
+    if entry is None or entry.arch != arch or ours.get("derived_from"):
+        entry = None  # not the release's weights: not its figures (module doc)
+    release_note = "" if entry is not None else _release_note(_entry(name), ours, arch)
+    data = ModelCardData(**card_license(license), library_name="timm",
                          tags=["image-feature-extraction", "timm", "t-rex", "trex_hub"],
                          pipeline_tag="image-feature-extraction")
     target = f"hf-hub:{repo_id}" if repo_id else "hf-hub:ORG/REPO"

@@ -292,8 +292,8 @@ def read_config(path: PathLike, config: Any = None) -> Dict[str, Any]:
     """The ``config.json`` of an exported model (architecture, heads, preprocessing), validated
     against :mod:`trex_hub.configschema` (types, bounds) before anything is built from it;
     ``config`` is its already parsed content, if the caller has it."""
-    from .cards import check_provenance
     from .configschema import ConfigFieldError, validate_config
+    from .provenance import check_provenance
     from .timm_format import config_from_timm, is_timm_config
 
     if config is None:
@@ -301,10 +301,9 @@ def read_config(path: PathLike, config: Any = None) -> Dict[str, Any]:
     try:
         if is_timm_config(config):  # a timm folder's config.json (pretrained=False reads it)
             config = config_from_timm(config)
-        return check_provenance(validate_config(config))
+        return check_provenance(validate_config(config), timm=config.get("format") == "timm")
     except ConfigFieldError as exc:
-        raise CheckpointError(f"{path}: {exc}; fix the file or export the model again with "
-                              "trex_hub.save_pretrained") from None
+        raise CheckpointError(f"{path}: {exc}; {exc.fix}") from None
     except ValueError as exc:  # a timm config of another architecture
         raise CheckpointError(f"{path}: {exc}") from None
 
@@ -346,25 +345,19 @@ def _list(keys: List[str], n: int = 8) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def _dtype_kind(t: torch.Tensor) -> str:
-    return "bool" if t.dtype == torch.bool else "complex" if t.is_complex() else \
-        "floating" if t.is_floating_point() else "integer"
-
-
 def load_into(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: str = "") -> None:
     """Strictly copy ``state`` into ``model``: a missing, unexpected or mis-shaped tensor, or one
-    of the wrong kind (integer / bool for float, or the reverse: ``load_state_dict`` would cast
-    it silently; fp16 / bf16 are cast as usual) is an error naming the keys. (Only BatchNorm
-    ``num_batches_tracked`` counters may be absent.)"""
+    of the wrong kind (integer / bool for float: ``load_state_dict`` would cast it silently;
+    fp16 / bf16 weights and float counters are cast, :mod:`trex_hub.tensorfit`) is an error
+    naming the keys. (Only BatchNorm ``num_batches_tracked`` counters may be absent.)"""
+    from .tensorfit import fit_dtypes
+
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     shapes = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
               for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    dtypes = [f"{k} {str(state[k].dtype).replace('torch.', '')} (expected "
-              f"{'an' if _dtype_kind(v) == 'integer' else 'a'} {_dtype_kind(v)} type)"
-              for k, v in expected.items()
-              if k in state and _dtype_kind(state[k]) != _dtype_kind(v)]
+    state, dtypes = fit_dtypes(expected, state)
     problems = []
     if missing:
         problems.append(f"missing: {_list(missing)}")
@@ -373,7 +366,8 @@ def load_into(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: st
     if shapes:
         problems.append(f"wrong shape: {_list(shapes)}")
     if dtypes:
-        problems.append(f"wrong dtype: {_list(dtypes, 4)}")
+        problems.append(f"wrong dtype: {_list(dtypes, 4)} (integer or bool data is not cast "
+                        "into weights: save the floating-point tensors as float32, fp16 or bf16)")
     if problems:
         raise CheckpointError(f"{source or 'checkpoint'} does not fit the "
                               f"{getattr(model, 'arch', '')} t-ReX model; " + "; ".join(problems))
@@ -400,7 +394,11 @@ def build_model(ckpt: Checkpoint, *, projector: bool = True, name: Optional[str]
         cfg["name"] = name
     model = _uninitialised(cfg)
     load_into(model, state, ckpt.source)
-    model.pretrained_cfg.update({k: cfg[k] for k in ("license", "derived_from") if cfg.get(k)})
+    from .provenance import loaded_facts  # licence and origin (a release's weights?)
+
+    whole = build_model(ckpt) if ckpt.config.get("release_digest") and not projector \
+        and ckpt.has_projector else None  # the recorded digest covers the heads too
+    model.pretrained_cfg.update(loaded_facts(model, cfg, ckpt.source, name, whole))
     return model
 
 
@@ -424,19 +422,20 @@ def save_safetensors(model: TReX, folder: PathLike,
                      extra_config: Optional[Dict[str, Any]] = None, *,
                      name: Optional[str] = None, license: Optional[str] = None) -> Path:
     """Write ``model.safetensors`` (tensors only) + ``config.json`` into ``folder`` atomically;
-    the config records the licence and derivation (:func:`trex_hub.cards.provenance`)."""
+    the config records the licence and origin (:func:`trex_hub.provenance.provenance`; a bad
+    licence is a ``ValueError`` before anything is written)."""
     from safetensors.torch import save
 
-    from .cards import provenance
+    from .provenance import provenance
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     config = model.config()
     config.update({"format": "trex_hub", "format_version": FORMAT_VERSION})
     config.update(provenance(model, name=name, license=license))
     if extra_config:
         config.update(extra_config)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     blob = save(tensors, metadata={"format": "pt"})
     atomic_write(folder / WEIGHTS_NAME, lambda fh: fh.write(blob))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"

@@ -25,7 +25,10 @@ CLASSIFIER_KEYS = {"type", "num_classes", "tau", "class_names", "from"}
 
 
 class ConfigFieldError(ValueError):
-    """One field of a config is invalid (``CheckpointError`` wraps it with the file name)."""
+    """One field of a config is invalid (``CheckpointError`` wraps it with the file name and
+    ``fix``, what to do about it)."""
+
+    fix = "fix the file or export the model again with trex_hub.save_pretrained"
 
 
 def _int(value: Any, field: str, low: int, high: int) -> int:

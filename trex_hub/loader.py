@@ -148,15 +148,17 @@ def _model_name(src: WeightsSource, config: Dict[str, Any]) -> str:
 
 def _record_provenance(model: TReX, src: WeightsSource, config: Dict[str, Any]) -> None:
     """Where the weights come from, on ``model.pretrained_cfg`` for the exporters (cards, timm,
-    ONNX). ``build_model`` has put the checkpoint's own ``license`` / ``derived_from`` there; a
-    release gets the registry's licence, ``release`` and ``release_digest`` (its weights'
+    ONNX). ``build_model`` has put the checkpoint's own ``license`` / ``derived_from`` /
+    ``release`` there (:func:`trex_hub.provenance.loaded_facts`); a release (or its Hub mirror)
+    gets the registry's licence, ``release`` and ``release_digest`` (its weights'
     :func:`~trex_hub.model.weights_digest`, so that an export can tell whether they changed);
     an older export without a licence, named after a release of its architecture, the
     release's licence."""
     cfg = model.pretrained_cfg
     if src.entry is not None:
-        cfg.update(license=src.entry.license, release=src.entry.name,
-                   release_digest=weights_digest(model))
+        if cfg.get("release") != src.entry.name:  # build_model knows a release's cached file
+            cfg.update(release=src.entry.name, release_digest=weights_digest(model))
+        cfg["license"] = src.entry.license
         return
     named = config.get("name")
     entry = registry.get_entry(named) if registry.is_known(named) else None

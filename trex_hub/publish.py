@@ -17,6 +17,7 @@ from .dense import FeatureMaps
 from .fileio import CARD_NAME, CONFIG_NAME, PathLike, atomic_write
 from .hub import hf
 from .model import TReX
+from .provenance import check_license
 
 
 def save_pretrained(model: Any, folder: PathLike, *, name: Optional[str] = None,
@@ -32,8 +33,10 @@ def save_pretrained(model: Any, folder: PathLike, *, name: Optional[str] = None,
     ``config.json`` records the weights' licence (``license``, else the one they were loaded
     with, else the release's) and, for a release's weights changed since they were loaded, that
     they derive from it: the card then says so instead of repeating the release's.
+    A ``license`` that would not load back (not one line of short printable text) is a
+    ``ValueError`` before anything is written.
     """
-    _check_savable(model)
+    _check_savable(model, license)
     if format == "timm":
         from .timm_format import save_timm
 
@@ -50,8 +53,9 @@ def save_pretrained(model: Any, folder: PathLike, *, name: Optional[str] = None,
     return folder
 
 
-def _check_savable(model: Any) -> None:
+def _check_savable(model: Any, license: Optional[str] = None) -> None:
     """One line for what save_pretrained cannot write (before any file is written)."""
+    check_license(license)
     if isinstance(model, FeatureMaps):
         raise ValueError("save_pretrained: this model was loaded with features_only=True (a "
                          "FeatureMaps view of the backbone); save the model loaded without "
@@ -71,7 +75,7 @@ def push_to_hub(model: Any, repo_id: str, *, token: Union[str, bool, None] = Non
     ``revision="branch"``) uploads to that branch, created from ``main`` when it does not exist
     yet; a commit id is refused (an upload is a new commit on a branch)."""
     repo_id, revision = hf.parse_hf_id(repo_id, revision)
-    _check_savable(model)
+    _check_savable(model, license)  # before anything is written or uploaded
     with tempfile.TemporaryDirectory(prefix="trex_hub_push_") as tmp:
         save_pretrained(model, tmp, name=name, repo_id=repo_id, license=license)
         return hf.upload_folder(tmp, repo_id, token=token, private=private, revision=revision,

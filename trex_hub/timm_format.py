@@ -71,9 +71,10 @@ def pretrained_cfg(arch: str, *, name: Optional[str] = None, license: Optional[s
 
 
 def timm_config(model: Any, *, name: Optional[str] = None,
-                license: Optional[str] = None,
-                derived_from: Optional[str] = None) -> Dict[str, Any]:
-    """The ``config.json`` timm reads for ``model``'s backbone."""
+                license: Optional[str] = None, derived_from: Optional[str] = None,
+                **origin: str) -> Dict[str, Any]:
+    """The ``config.json`` timm reads for ``model``'s backbone; ``origin``: ``release`` /
+    ``release_digest`` (:func:`trex_hub.provenance.provenance`)."""
     arch = getattr(model, "arch", None)
     if arch not in TIMM_ARCHITECTURES:
         raise ValueError(f"format='timm' supports {', '.join(TIMM_ARCHITECTURES)} backbones; "
@@ -81,6 +82,7 @@ def timm_config(model: Any, *, name: Optional[str] = None,
     ours: Dict[str, Any] = {"name": name, "arch": arch, "format": "timm"}
     if derived_from:
         ours["derived_from"] = derived_from
+    ours.update(origin)
     return {
         "architecture": TIMM_ARCHITECTURES[arch],
         "num_classes": 0,
@@ -100,18 +102,18 @@ def save_timm(model: Any, folder: PathLike, *, name: Optional[str] = None,
 
     ``name`` (default: the model's own name) names the export. The licence is ``license``, else
     the one the model was loaded with (``pretrained_cfg["license"]``), else the registry's for a
-    model of a release's architecture named after it (:func:`trex_hub.cards.provenance`). A
+    model of a release's architecture named after it (:func:`trex_hub.provenance.provenance`,
+    which refuses a licence that would not load back, before anything is written). A
     projector or classifier is not exported: timm rebuilds the bare backbone.
     """
     from safetensors.torch import save
 
-    from .cards import provenance
+    from .provenance import provenance
 
     name = name or (getattr(model, "pretrained_cfg", None) or {}).get("name")
-    facts = provenance(model, name=name, license=license)
-    license = facts.get("license")
-    config = timm_config(model, name=name, license=license,
-                         derived_from=facts.get("derived_from"))
+    facts = provenance(model, name=name, license=license, backbone_only=True)
+    license = facts.pop("license", None)
+    config = timm_config(model, name=name, license=license, **facts)
     tensors = {k: v.detach().to("cpu").contiguous()
                for k, v in model.backbone.state_dict().items() if not k.startswith("fc.")}
     folder = Path(folder)
@@ -183,11 +185,12 @@ def config_from_timm(config: Dict[str, Any]) -> Dict[str, Any]:
                          f"{type(pre).__name__}")
     extra = config.get("trex_hub") if isinstance(config.get("trex_hub"), dict) else {}
     cfg: Dict[str, Any] = {"arch": ours, "num_features": config.get("num_features"),
-                           "projector": None, "classifier": None,
+                           "projector": None, "classifier": None, "format": "timm",
                            "name": extra.get("name") or pre.get("tag"),
                            "preprocess": preprocess_from_timm(pre)}
     for key, value in (("license", pre.get("license")),
-                       ("derived_from", extra.get("derived_from"))):
+                       *((k, extra.get(k)) for k in ("derived_from", "release",
+                                                     "release_digest"))):
         if value is not None:
             cfg[key] = value  # checked by read_config like our own config.json's
     return cfg
