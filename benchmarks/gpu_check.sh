@@ -36,22 +36,17 @@
 # Everything does not fit one 600 s call; a 15-minute device budget fits two, back to back on the
 # warm machine (the second one's GPU_CHECK_BUDGET set from what is left). On 2026-11-27 the machine
 # started in about 30 s and "tests repro decode bench-gpu" (bench-gpu with --rounds 2) took 510 s.
-# What is still to measure (plan of 2026-11-27, third session; two calls on the warm machine):
-#   1. GPU_CHECK_STAGES="tests bench-gpu"   (the CUDA tests: the truncated-JPEG fix, the CUDA
-#      start thread, decode="hybrid" on CUDA; one round of bench-gpu, 8 processes: the naive
-#      loops and trex-extract with --decode gpu, cpu and hybrid at fp32 / fp16, the phases
-#      table, fp32 in NCHW; about 5 minutes). Then: `auto` from the fp32 / fp16 rows of each
-#      decoder (hybrid, or cpu at fp32, where the GPU is the limit); cudnn.benchmark in
-#      extraction if 10,000 / rate_without - 10,000 / rate_with exceeds its search's time
-#   2. GPU_CHECK_STAGES="aug bench-train" \
-#        TRAIN_BENCH_PRESETS=trex_star,trex_star+ahead,trex_star+compile
-#      (augmentation's share of a t-ReX* step with the fewer kernels of 2026-11-27, and whether a
-#      side stream would hide it; t-ReX* >= 900 img/s and --compile; the baseline's 1.09x is in
-#      hand). Then: if +ahead wins (and "beside the step" is close to the step alone), make
-#      --aug-ahead the default on CUDA; if --compile wins, say so in docs/training.md.
-#      Since 7d91d2f the epochs run back to back (one loader iterator); to see that change
-#      alone: git worktree add .carry/before 2f7fabc, carry .carry, then
-#      benchmarks/epoch_stream_bench.py --baseline .carry/before --device cuda (its --help)
+# Measured on an H200 on 2026-11-27 (eighth session, one round each; docs/benchmarks.md): issue
+# 11's targets with --decode hybrid (now what `auto` picks), issue 12's with the loader's fork
+# workers (forkserver hung t-ReX* every time). What is still to measure (two calls):
+#   1. GPU_CHECK_STAGES="tests bench-gpu" GPU_BENCH_ARGS="--rounds 2" GPU_BENCH_TIMEOUT=500
+#      (confirm the one-round figures with the new `auto`, the order of the sides alternating;
+#      the whole-process margin was 1.57x against 1.5x; split `auto` by precision only if cpu
+#      keeps beating hybrid at fp32)
+#   2. GPU_CHECK_STAGES="aug bench-train" TRAIN_BENCH_ROUNDS=2 \
+#        TRAIN_BENCH_PRESETS=baseline,trex_star,trex_star+ahead,trex_star+compile
+#      (two rounds of the training targets; whether --aug-ahead or --compile pays: if so, make it
+#      the default on CUDA or say so in docs/training.md)
 #   later: GPU_CHECK_STAGES="profile repro" REPRO_RECIPE=gpu LR=0.1  (64 px at the paper's lr)
 # Before a GPU call, dry-run the stages on the CPU (GPU_CHECK_DEVICE=cpu: every stage at tiny
 # sizes but decode, which needs CUDA; the docs are left alone; the exit status is 1 if any stage
