@@ -126,8 +126,10 @@ def provenance(model: Any, *, name: Optional[str] = None, license: Optional[str]
     derived, release, digest = (cfg.get(k) for k in ("derived_from", "release",
                                                      "release_digest"))
     if derived is None and release and digest:
-        if _digest(model) == digest:
-            out.update(release=release, release_digest=_digest(model, backbone_only))
+        now = _digest(model)
+        if now == digest:
+            out.update(release=release,
+                       release_digest=_digest(model, True) if backbone_only else now)
         else:
             derived = release
     check_license(license)
@@ -171,8 +173,9 @@ def loaded_facts(model: Any, config: Dict[str, Any], source: str, name: Optional
     facts = {k: config[k] for k in ("license", "derived_from") if config.get(k)}
     release = config.get("release")
     if release and config.get("release_digest") and not facts.get("derived_from"):
-        if _digest(whole if whole is not None else model) == config["release_digest"]:
-            facts.update(release=release, release_digest=_digest(model))
+        mine = _digest(model)
+        if (_digest(whole) if whole is not None else mine) == config["release_digest"]:
+            facts.update(release=release, release_digest=mine)
         else:  # not the weights that were recorded: changed since
             facts["derived_from"] = release
         return facts
