@@ -66,6 +66,18 @@ def cache(tmp_path):
     return tmp_path / "cache"
 
 
+def read_head(conn: socket.socket) -> str:
+    """What a client sent on ``conn`` up to the end of its request head (2 s at most)."""
+    conn.settimeout(2)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode("latin-1")
+
+
 def closed_port() -> int:
     """A loopback port nothing listens on (connections are refused)."""
     with socket.socket() as s:
@@ -118,14 +130,7 @@ class ProxyStub:
             except OSError:
                 continue
             with conn:
-                conn.settimeout(2)
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    chunk = conn.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
-                self.heads.append(data.split(b"\r\n\r\n")[0].decode("latin-1"))
+                self.heads.append(read_head(conn).split("\r\n\r\n")[0])
                 conn.sendall(f"HTTP/1.1 {self.status} {self.reason}\r\nProxy-Authenticate: "
                              "Basic realm=\"corp\"\r\nContent-Length: 0\r\nConnection: close"
                              "\r\n\r\n".encode())
@@ -238,14 +243,7 @@ class Restarting:
         return lst
 
     def _head(self, conn: socket.socket) -> str:
-        conn.settimeout(2)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = conn.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-        head = data.decode("latin-1")
+        head = read_head(conn)
         self.ranges.append(next((line.split(":", 1)[1].strip() for line in head.split("\r\n")
                                  if line.lower().startswith("range:")), None))
         return head

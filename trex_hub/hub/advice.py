@@ -17,10 +17,16 @@ from ..fileio import room_words
 from .connect import Proxy, unused_proxy_note
 
 
+def _env_mirror(url: str) -> str:
+    """``TREX_HUB_BASE_URL`` when ``url`` is on that mirror, else ``""``."""
+    env = os.environ.get("TREX_HUB_BASE_URL", "")
+    return env if env and url.startswith(env.rstrip("/") + "/") else ""
+
+
 def mirror_hint(url: str) -> str:
     """Where to look when the server at ``url`` failed: the setting that chose that server."""
     env = os.environ.get("TREX_HUB_BASE_URL", "")
-    if env and url.startswith(env.rstrip("/") + "/"):
+    if _env_mirror(url):
         return f"check the mirror setting TREX_HUB_BASE_URL (now {env!r})"
     return ("check the base URL it was built from: --base-url / base_url= or set_mirror() where "
             "given, else TREX_HUB_BASE_URL" + (f" ({env!r})" if env else
@@ -33,9 +39,8 @@ def way_out(url: str, *, unresolved: Optional[str], unreachable: Optional[str],
     resolve (``unresolved``) or could not be connected to (``unreachable``), naming ``proxy``
     when the failure was the proxy's; else the network or a mirror. ``reached``: the server
     answered earlier in this download, so this machine has a way out: never "offline"."""
-    env = os.environ.get("TREX_HUB_BASE_URL", "")
-    mirror = f"the mirror in TREX_HUB_BASE_URL ({env!r})" \
-        if env and url.startswith(env.rstrip("/") + "/") else ""
+    env = _env_mirror(url)
+    mirror = f"the mirror in TREX_HUB_BASE_URL ({env!r})" if env else ""
     if reached and (unresolved or unreachable):
         who = str(proxy) if proxy is not None else (mirror or "the server")
         return (f"{who[0].upper()}{who[1:]} answered earlier in this download, then stopped "

@@ -147,24 +147,26 @@ class _HTTPSConnection(_ConnectTimeout, http.client.HTTPSConnection):
     pass
 
 
-class _HTTPHandler(urllib.request.HTTPHandler):
+class _TimedOpen:
+    """A urllib handler whose connections are ``connection`` with ``connect_timeout``."""
+
+    connection: type
+
     def __init__(self, connect_timeout: float):
         super().__init__()
         self.connect_timeout = connect_timeout
 
     def do_open(self, http_class, req, **kwargs):
-        return super().do_open(functools.partial(
-            _HTTPConnection, connect_timeout=self.connect_timeout), req, **kwargs)
+        return super().do_open(functools.partial(  # type: ignore[misc]
+            self.connection, connect_timeout=self.connect_timeout), req, **kwargs)
 
 
-class _HTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, connect_timeout: float):
-        super().__init__()
-        self.connect_timeout = connect_timeout
+class _HTTPHandler(_TimedOpen, urllib.request.HTTPHandler):
+    connection = _HTTPConnection
 
-    def do_open(self, http_class, req, **kwargs):
-        return super().do_open(functools.partial(
-            _HTTPSConnection, connect_timeout=self.connect_timeout), req, **kwargs)
+
+class _HTTPSHandler(_TimedOpen, urllib.request.HTTPSHandler):
+    connection = _HTTPSConnection
 
 
 def opener(url: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
