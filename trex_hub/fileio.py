@@ -144,6 +144,23 @@ def size_words(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def write_problem(folder: PathLike) -> Optional[str]:
+    """Why files cannot be written in ``folder`` (made when missing), in words, or ``None``:
+    the one check of an output folder before long work (the cache, trex-train's output)."""
+    folder = Path(folder)
+    blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        return f"{blocker} is a file, not a folder"
+    probe = folder / f".trex-hub-probe-{os.getpid()}-{random.getrandbits(32):08x}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 def free_bytes(path: PathLike) -> Optional[int]:
     """The bytes free for this user on the disk holding ``path`` (its nearest existing
     folder), or ``None`` where that cannot be read."""

@@ -25,7 +25,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import shlex
 import stat
 import sys
@@ -34,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
-from ..fileio import PathLike, atomic_write, fsync_dir
+from ..fileio import PathLike, atomic_write, fsync_dir, write_problem
 from .http import DownloadError, IntegrityError, download, mirror_hint, sha256_of
 from .locks import DEFAULT_LOCK_TIMEOUT, LOCK_DIR, file_lock, lock_path
 from .partials import partial_path, private_partial_path, sweep_private_partials
@@ -84,14 +83,10 @@ def _note_read_only(folder: Path, exc: OSError) -> None:
 
 def _require_writable(folder: Path, filename: str) -> None:
     """Raise :class:`ReadOnlyCacheError` unless a file can be created in ``folder``."""
-    probe = folder / f".{filename}.{os.getpid()}.{random.getrandbits(32):08x}.probe"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        os.unlink(probe)
-    except OSError as exc:
+    why = write_problem(folder)
+    if why is not None:
         raise ReadOnlyCacheError(
-            f"the cache {folder} cannot be written ({exc.strerror or exc}) and does not hold "
+            f"the cache {folder} cannot be written ({why}) and does not hold "
             f"'{filename}'; set TREX_HUB_CACHE (or --cache-dir / cache_dir=) to a writable "
             "folder, or copy the file into that cache.") from None
 

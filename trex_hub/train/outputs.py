@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..fileio import atomic_write, no_room, room_words
+from ..fileio import atomic_write, no_room, room_words, write_problem
 from .config import resumes_in_place
 from .runtime import CHECKPOINT_NAME, TrainingError, save_checkpoint
 
@@ -51,17 +50,10 @@ def prepare_output_dir(out_dir: Path) -> None:
     """Main process, before the data and the network: make ``out_dir`` and check that files can
     be written there (a probe file, made and removed), so that a folder that cannot take the log
     and the checkpoints is refused at once, not after an epoch."""
-    probe = out_dir / f".trex-train-probe-{os.getpid()}"
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        probe.unlink()
-    except OSError as exc:
-        blocker = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
-        why = (f"{blocker} is a file, not a folder" if blocker and not blocker.is_dir() else
-               exc.strerror or str(exc))
+    why = write_problem(out_dir)
+    if why is not None:
         raise TrainingError(f"--output-dir {out_dir}: cannot write there ({why}); give a "
-                            "folder you can write to") from exc
+                            "folder you can write to")
 
 
 def _tensor_bytes(obj: Any) -> int:
